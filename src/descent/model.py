@@ -1,0 +1,200 @@
+"""The book's network and the lightning module that trains it, one update per batch_size examples."""
+
+from __future__ import annotations
+
+import math
+import time
+from functools import partial
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class MLP(nn.Sequential):
+    """Dense(512, relu) -> Dense(10); softmax + categorical crossentropy live in F.cross_entropy."""
+
+    def __init__(self, in_features: int = 784, hidden: int = 512, classes: int = 10, init: str = "keras"):
+        super().__init__(nn.Linear(in_features, hidden), nn.ReLU(), nn.Linear(hidden, classes))
+        if init == "keras":  # Dense's defaults: glorot-uniform kernel, zero bias
+            for layer in (self[0], self[2]):
+                nn.init.xavier_uniform_(layer.weight)
+                nn.init.zeros_(layer.bias)
+        elif init != "torch":
+            raise ValueError(f"model.init={init!r}: allowed values are 'keras' and 'torch'")
+
+
+class Diverged(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+def segments(offset: int, length: int, n: int, batch_size: int):
+    """Split examples [offset, offset+length) of an n-example epoch at update boundaries.
+
+    Yields (start, stop, batch_len, ends_batch) relative to the chunk: each segment lies inside one
+    batch; batch_len is that batch's size (the last batch of an epoch may be partial) and
+    ends_batch says whether the optimizer steps after it.
+    """
+    pos, end = offset, offset + length
+    while pos < end:
+        batch_start = pos - pos % batch_size
+        batch_stop = min(batch_start + batch_size, n)
+        stop = min(batch_stop, end)
+        yield pos - offset, stop - offset, batch_stop - batch_start, stop == batch_stop
+        pos = stop
+
+
+class Classifier(pl.LightningModule):
+    """Manual optimization: lightning hands over chunks of examples, the updates happen here.
+
+    Lightning's per-step machinery (~1.5 ms here) would dominate online SGD, so it runs once per
+    chunk; inside, each update is the plain loop: forward, loss, backward, step.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        optimizer: partial,
+        log_every_examples: int = 1200,
+        val_every_examples: int | None = None,
+    ):
+        super().__init__()
+        self.save_hyperparameters(ignore=["net", "optimizer"], logger=False)
+        self.automatic_optimization = False
+        self.net, self.make_optimizer = net, optimizer
+        self.log_every, self.val_every = log_every_examples, val_every_examples
+        # progress, kept in the checkpoint so a resumed run continues the same axes
+        self.examples = 0  # training examples seen: the step of every logged metric
+        self.updates = 0
+        self.train_seconds = 0.0
+        self.last_val_step = -1
+
+    def configure_optimizers(self):
+        return self.make_optimizer(self.net.parameters())
+
+    def forward(self, x):
+        return self.net(x)
+
+    # -- training -----------------------------------------------------------------------------
+
+    def on_train_epoch_start(self) -> None:
+        dm = self.trainer.datamodule
+        self.n_train, self.batch_size = len(dm.x_train), dm.updates_batch_size
+        self.epoch_offset = self.epoch_pos = 0
+        self.opt = self.optimizers().optimizer  # the raw torch optimizer: no wrapper cost per update
+        self.opt.zero_grad(set_to_none=True)
+        self._reset_window()
+        self.next_log = (self.examples // self.log_every + 1) * self.log_every
+        self.next_val = (self.examples // self.val_every + 1) * self.val_every if self.val_every else math.inf
+        self.tic = time.perf_counter()
+
+    def _reset_window(self) -> None:
+        self.win_loss = torch.zeros((), device=self.device)
+        self.win_correct = torch.zeros((), device=self.device, dtype=torch.long)
+        self.win_n = 0
+
+    def training_step(self, chunk, chunk_idx):
+        x, y = chunk
+        net, opt = self.net, self.opt
+        for a, b, batch_len, ends_batch in segments(self.epoch_offset, len(x), self.n_train, self.batch_size):
+            xb, yb = x[a:b], y[a:b]
+            logits = net(xb)
+            if b - a == batch_len:  # the whole batch in one piece: the common case
+                loss = F.cross_entropy(logits, yb)
+                loss.backward()
+                self.win_loss += loss.detach() * batch_len
+            else:  # a piece of a batch too large for one chunk: accumulate the mean gradient
+                loss = F.cross_entropy(logits, yb, reduction="sum")
+                (loss / batch_len).backward()
+                self.win_loss += loss.detach()
+            self.win_correct += (logits.detach().argmax(1) == yb).sum()
+            self.win_n += b - a
+            self.examples += b - a
+            self.epoch_pos = self.epoch_offset + b
+            if ends_batch:
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                self.updates += 1
+                # log at every log_every examples, and at each update when updates are rarer than that
+                if self.examples >= self.next_log or self.batch_size >= self.log_every:
+                    self._log_train()
+                if self.examples >= self.next_val:
+                    self._validate()
+        self.epoch_offset += len(x)
+
+    def on_train_epoch_end(self) -> None:
+        if self.win_n:
+            self._log_train()
+        if self.last_val_step != self.examples:
+            self._validate()
+
+    def _clock(self) -> float:
+        now = time.perf_counter()
+        self.train_seconds += now - self.tic
+        self.tic = now
+        return self.train_seconds
+
+    def _log_train(self) -> None:
+        loss = self.win_loss.item() / self.win_n
+        if not math.isfinite(loss):
+            raise Diverged(f"train/loss became {loss} after {self.examples} examples ({self.updates} updates)")
+        self._log({
+            "train/loss": loss,
+            "train/acc": self.win_correct.item() / self.win_n,
+            "progress/epoch": self.current_epoch + self.epoch_pos / self.n_train,
+            "progress/updates": self.updates,
+            "progress/seconds": self._clock(),
+        })
+        self._reset_window()
+        while self.next_log <= self.examples:
+            self.next_log += self.log_every
+
+    # -- evaluation ---------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self, x: torch.Tensor, y: torch.Tensor, chunk: int = 8192) -> tuple[float, float]:
+        was_training = self.net.training
+        self.net.eval()
+        loss, correct = torch.zeros((), device=x.device), torch.zeros((), device=x.device, dtype=torch.long)
+        for i in range(0, len(x), chunk):
+            logits = self.net(x[i : i + chunk])
+            loss += F.cross_entropy(logits, y[i : i + chunk], reduction="sum")
+            correct += (logits.argmax(1) == y[i : i + chunk]).sum()
+        self.net.train(was_training)
+        return loss.item() / len(x), correct.item() / len(x)
+
+    def _validate(self) -> None:
+        dm = self.trainer.datamodule
+        self._clock()  # validation time is not training time
+        if len(dm.x_val):
+            loss, acc = self.evaluate(dm.x_val, dm.y_val)
+            self._log({"val/loss": loss, "val/acc": acc})
+        self.last_val_step = self.examples
+        self.tic = time.perf_counter()
+        while self.next_val <= self.examples:
+            self.next_val += self.val_every
+
+    def on_test_epoch_start(self) -> None:
+        self.test_loss = torch.zeros((), device=self.device)
+        self.test_correct = torch.zeros((), device=self.device, dtype=torch.long)
+        self.test_n = 0
+
+    def test_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self.net(x)
+        self.test_loss += F.cross_entropy(logits, y, reduction="sum")
+        self.test_correct += (logits.argmax(1) == y).sum()
+        self.test_n += len(x)
+
+    def on_test_epoch_end(self) -> None:
+        self.test_metrics = {
+            "test/loss": self.test_loss.item() / self.test_n,
+            "test/acc": self.test_correct.item() / self.test_n,
+        }
+        self._log(self.test_metrics)
+
+    def _log(self, metrics: dict[str, float]) -> None:
+        # step = training examples seen, for every metric of every regime (see DESIGN.md)
+        for logger in self.loggers:
+            logger.log_metrics(metrics, step=self.examples)
