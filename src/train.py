@@ -48,7 +48,8 @@ def main(cfg: DictConfig) -> float:
         enable_progress_bar=cfg.trainer.progress_bar,
         enable_model_summary=False,
         num_sanity_val_steps=0,
-        limit_val_batches=0,
+        limit_val_batches=0,       # validation happens inside the loop, at fixed intervals in examples
+        log_every_n_steps=1,       # metrics bypass self.log; this only silences a warning
         default_root_dir=out_dir,
     )
     tracking.log_config(logger, cfg, choices)
@@ -58,6 +59,8 @@ def main(cfg: DictConfig) -> float:
         trainer.fit(module, datamodule=datamodule)
         tracking.log_sample_image(logger, datamodule.x_train, datamodule.y_train)
         trainer.test(module, datamodule=datamodule, verbose=False)
+        if cfg.logger.log_checkpoint:
+            logger.experiment.log_artifact(logger.run_id, checkpoint.last_model_path, "checkpoints")
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"

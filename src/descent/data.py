@@ -274,6 +274,8 @@ class MNISTDataModule(pl.LightningDataModule):
         self.source: str | None = None
 
     def prepare_data(self) -> None:
+        if self.source is not None:  # lightning calls this again for test
+            return
         self.source = ensure_mnist(self.root, self.download)
         log.info("MNIST from %s, files in %s", self.source, (self.root / "MNIST" / "raw").resolve())
 

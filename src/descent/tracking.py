@@ -102,7 +102,6 @@ def make_logger(cfg: DictConfig, choices: dict[str, str], launch_dir: str, tags:
         run_name=run_name(choices, cfg.seed),
         tracking_uri=tracking_uri(cfg.logger.tracking_uri, launch_dir),
         tags=tags,
-        log_model=bool(cfg.logger.log_checkpoint),
         flush_seconds=cfg.logger.flush_seconds,
     )
 

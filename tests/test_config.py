@@ -1,0 +1,75 @@
+"""Every option of every config group composes and instantiates; bad options get hydra's list."""
+
+from functools import partial
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+
+from conftest import ROOT, train
+
+CONF = ROOT / "conf"
+GROUPS = {g.name: sorted(p.stem for p in g.glob("*.yaml")) for g in CONF.iterdir() if g.is_dir()}
+
+
+def compose_with(*overrides):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("train", overrides=list(overrides), return_hydra_config=False)
+
+
+def test_groups_are_the_documented_ones():
+    assert GROUPS["optimizer"] == ["adam", "nesterov", "rmsprop", "sgd", "sgd_momentum"]
+    assert GROUPS["batching"] == ["full", "mini", "online"]
+    assert {"data", "model", "experiment"} <= set(GROUPS)
+
+
+def test_defaults_are_the_seed_run():
+    cfg = compose_with()
+    assert cfg.optimizer._target_ == "torch.optim.RMSprop"
+    assert (cfg.optimizer.lr, cfg.optimizer.alpha, cfg.optimizer.eps) == (1e-3, 0.9, 1e-7)  # keras' rmsprop
+    assert cfg.data.batch_size == 128 and cfg.trainer.max_epochs == 5
+    assert cfg.data.val_size == 0 and cfg.data.limit_train is None
+    assert cfg.model.init == "keras"
+    assert compose_with("experiment=chollet") == cfg
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g, opts in GROUPS.items() for o in opts if g != "experiment"])
+def test_every_option_composes_and_instantiates(group, option):
+    cfg = compose_with(f"{group}={option}")
+    net = instantiate(cfg.model)
+    assert sum(p.numel() for p in net.parameters()) == 784 * 512 + 512 + 512 * 10 + 10
+    make_opt = instantiate(cfg.optimizer)
+    assert isinstance(make_opt, partial)
+    opt = make_opt(net.parameters())
+    assert isinstance(opt, torch.optim.Optimizer)
+    dm = instantiate(cfg.data, seed=cfg.seed)
+    assert dm.batch_size == {"mini": 128, "online": 1, "full": None}.get(cfg_choice(group, option, "batching"), 128)
+
+
+def cfg_choice(group, option, wanted):
+    return option if group == wanted else "mini"
+
+
+@pytest.mark.parametrize("preset", GROUPS["experiment"])
+def test_every_experiment_preset_composes(preset):
+    cfg = compose_with(f"experiment={preset}")
+    instantiate(cfg.optimizer)(instantiate(cfg.model).parameters())
+
+
+def test_keras_init_is_glorot_uniform_with_zero_bias():
+    net = instantiate(compose_with().model)
+    w = net[0].weight
+    limit = (6 / (784 + 512)) ** 0.5
+    assert w.abs().max() <= limit and w.abs().max() > 0.95 * limit
+    assert torch.count_nonzero(net[0].bias) == 0 and torch.count_nonzero(net[2].bias) == 0
+
+
+def test_unknown_option_lists_the_available_ones(tmp_path, store):
+    proc = train("optimizer=adamm", cwd=tmp_path, store=store, check=False)
+    assert proc.returncode != 0
+    assert "Could not find 'optimizer/adamm'" in proc.stderr
+    for name in GROUPS["optimizer"]:
+        assert name in proc.stderr
+    assert not (tmp_path / "mlflow.db").exists()  # no run was created

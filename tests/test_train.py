@@ -1,0 +1,70 @@
+"""The real entry point end to end, checked through MlflowClient on a real sqlite store."""
+
+import yaml
+from mlflow import MlflowClient
+
+from conftest import train
+
+
+def runs(store, experiment="descent"):
+    client = MlflowClient(store)
+    exp = client.get_experiment_by_name(experiment)
+    return client, client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"])
+
+
+def test_a_run_records_params_metrics_and_artifacts(tmp_path, store, mnist_root):
+    train("data.limit_train=3000", "data.val_size=1000", "trainer.max_epochs=2",
+          "trainer.val_every_examples=2000", cwd=tmp_path, store=store)
+    client, [run] = runs(store)
+    assert run.info.status == "FINISHED"
+    assert run.info.run_name == "rmsprop-mini-s0"
+
+    params = run.data.params
+    assert {k: params[k] for k in ("optimizer", "batching", "model", "data")} == {
+        "optimizer": "rmsprop", "batching": "mini", "model": "mlp", "data": "mnist"}
+    assert params["optimizer.lr"] == "0.001" and params["data.limit_train"] == "3000"
+    assert params["trainer.max_epochs"] == "2" and params["seed"] == "0"
+    assert len(run.data.tags["mlflow.source.git.commit"]) == 40
+
+    metrics = run.data.metrics
+    for key in ("train/loss", "train/acc", "val/loss", "val/acc", "test/loss", "test/acc",
+                "progress/epoch", "progress/updates", "progress/seconds"):
+        assert key in metrics, key
+    assert metrics["progress/epoch"] == 2.0
+    assert metrics["progress/updates"] == 2 * 24  # ceil(3000 / 128) updates per epoch
+    assert 0.8 < metrics["test/acc"] <= 1.0
+
+    # step = training examples seen, for every metric
+    hist = {k: client.get_metric_history(run.info.run_id, k) for k in ("train/loss", "val/loss", "test/acc", "progress/updates")}
+    steps = [m.step for m in hist["train/loss"]]
+    assert steps == sorted(steps) and steps[-1] == 6000
+    assert all(b - a <= 1200 + 128 for a, b in zip([0] + steps, steps))  # a point at least every 1200 examples
+    assert [m.step for m in hist["val/loss"]] == [2048, 3000, 4024, 6000]  # first update at or after every 2000 examples, and epoch ends
+    assert [m.step for m in hist["test/acc"]] == [6000]
+    updates = {m.step: m.value for m in hist["progress/updates"]}
+    assert all(updates[s] == -(-min(s, 3000) // 128) + (s > 3000) * -(-(s - 3000) // 128) for s in steps)
+
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "train_image_4.png", "checkpoints"} <= artifacts
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")] == ["checkpoints/last.ckpt"]
+    config = yaml.safe_load(open(client.download_artifacts(run.info.run_id, "config.yaml", str(tmp_path))))
+    assert config["data"]["limit_train"] == 3000 and config["optimizer"]["_target_"] == "torch.optim.RMSprop"
+    png = client.download_artifacts(run.info.run_id, "train_image_4.png", str(tmp_path))
+    assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_checkpoint_upload_can_be_switched_off(tmp_path, store, mnist_root):
+    train("data.limit_train=1000", "trainer.max_epochs=1", "logger.log_checkpoint=false", cwd=tmp_path, store=store)
+    client, [run] = runs(store)
+    assert "checkpoints" not in {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert (tmp_path / "outputs" / "run" / "checkpoints" / "last.ckpt").exists()  # still saved locally
+
+
+def test_multirun_records_one_run_per_job(tmp_path, store, mnist_root):
+    train("optimizer=sgd,sgd_momentum,rmsprop", "data.limit_train=1000", "trainer.max_epochs=1",
+          "logger.log_checkpoint=false", cwd=tmp_path, store=store, multirun=True)
+    client, found = runs(store)
+    children = [r for r in found if "mlflow.parentRunId" in r.data.tags or r.data.params.get("optimizer")]
+    assert sorted(r.info.run_name for r in children) == ["rmsprop-mini-s0", "sgd-mini-s0", "sgd_momentum-mini-s0"]
+    assert all(r.info.status == "FINISHED" and "test/acc" in r.data.metrics for r in children)
+    assert {r.data.tags["hydra.job.num"] for r in children} == {"0", "1", "2"}
