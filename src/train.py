@@ -33,6 +33,8 @@ def main(cfg: DictConfig) -> float:
         optimizer=instantiate(cfg.optimizer),
         log_every_examples=cfg.trainer.log_every_examples,
         val_every_examples=cfg.trainer.val_every_examples,
+        compile_optimizer=cfg.trainer.compile_optimizer,
+        flush_denormal=cfg.trainer.flush_denormal,
     )
     logger = tracking.make_logger(
         cfg, choices, hc.runtime.cwd,

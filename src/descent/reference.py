@@ -1,0 +1,27 @@
+"""The plain PyTorch loop (pytorch/examples' mnist style): the yardstick for descent's fast path.
+
+Same data order (epoch_permutation), one update per batch_size examples, the mean loss of each batch.
+The guard test checks that descent performs exactly these updates; the benchmark times both.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+
+from descent.data import epoch_permutation
+
+
+def plain_train(net, optimizer, x, y, batch_size: int, epochs: int, seed: int, max_updates: int | None = None):
+    updates = 0
+    for epoch in range(epochs):
+        perm = epoch_permutation(len(x), seed, epoch, x.device)
+        for i in range(0, len(x), batch_size):
+            idx = perm[i : i + batch_size]
+            loss = F.cross_entropy(net(x[idx]), y[idx])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            updates += 1
+            if max_updates is not None and updates >= max_updates:
+                return updates
+    return updates
