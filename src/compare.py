@@ -1,0 +1,42 @@
+"""Convergence report over MLflow runs: curves and a table per configuration.  `python src/compare.py --help`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description="Plot validation loss/accuracy against epochs, updates and seconds, and tabulate final "
+                    "metrics and time to a target accuracy, one line per configuration (mean over seeds). "
+                    "Writes convergence.png, .md and .csv, and logs them to the sweep's parent run.")
+    parser.add_argument("--experiment", default="descent",
+                        help="MLflow experiment: report its latest sweep, or all its runs if it has none "
+                             "(default: descent)")
+    parser.add_argument("--parent", metavar="RUN_ID", help="report the children of this sweep (parent) run instead")
+    parser.add_argument("--target-acc", type=float, default=0.97,
+                        help="target validation accuracy for the time-to-target columns (default: 0.97; "
+                             "training accuracy when no run has validation data)")
+    parser.add_argument("--out", metavar="DIR",
+                        help="output folder (default: the sweep's folder, else outputs/reports/<timestamp>/)")
+    parser.add_argument("--tracking-uri", metavar="URI",
+                        help="MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)")
+    args = parser.parse_args(argv)
+
+    from descent import report  # mlflow and matplotlib: only once the command line is known to be good
+
+    try:
+        paths = report.make_report(args.tracking_uri, args.parent, args.experiment, args.out, args.target_acc)
+    except report.ReportError as e:
+        print(f"compare.py: {e}", file=sys.stderr)
+        return 2
+    for path in paths.values():
+        print(path)
+    print()
+    print(paths["md"].read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,458 @@
+"""Convergence report over a sweep's MLflow runs: curves against epochs, updates and seconds, and a table.
+
+Used by src/compare.py and, at the end of a multirun, by the sweep's callback (`make_report`).
+It reads MLflow only, with no torch or lightning import, so it starts in about a second.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+TARGET_ACC = 0.97
+DEFAULT_URI = "sqlite:///mlflow.db"
+SWEEP_TAG, SWEEP_DIR_TAG, PARENT_TAG = "descent.sweep", "hydra.sweep.dir", "mlflow.parentRunId"
+
+# config groups in the order of run names (rmsprop-mini-s0); a label starts with the ones that vary
+LABEL_GROUPS = ("optimizer", "batching", "model", "data")
+# params that differ between the seeds of one configuration, or that do not change what is trained
+NOT_CONFIG = {"seed", "resume", "data.root", "data.download", "trainer.progress_bar",
+              "trainer.checkpoint_every_seconds"}
+NOT_CONFIG_PREFIXES = ("logger.", "hydra.")
+
+AXES = {"epochs": "progress/epoch", "updates": "progress/updates", "seconds": "progress/seconds"}
+FINALS = ("train/loss", "train/acc", "val/loss", "val/acc", "test/loss", "test/acc")
+LOG_X_RATIO = 10  # log-scale an x axis when the configurations' extents on it differ by this factor or more
+
+
+class ReportError(RuntimeError):
+    """Nothing to report: no such experiment, run or children."""
+
+
+def resolve_uri(uri: str | None = None, launch_dir: str | Path | None = None) -> str:
+    """--tracking-uri, else MLFLOW_TRACKING_URI, else sqlite:///mlflow.db; a relative sqlite path is
+    relative to the launch directory (the rule of descent.tracking.tracking_uri, which imports lightning)."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        return prefix + str((Path(launch_dir or os.getcwd()) / uri[len(prefix):]).resolve())
+    return uri
+
+
+# ---------------------------------------------------------------------------------------------
+# runs as read from MLflow
+
+@dataclass
+class Run:
+    id: str
+    name: str
+    status: str  # FINISHED | FAILED | KILLED | RUNNING | SCHEDULED
+    params: dict[str, str]
+    tags: dict[str, str]
+    history: dict[str, tuple[np.ndarray, np.ndarray]]  # metric -> (steps, values), step = examples seen
+
+    @property
+    def diverged(self) -> bool:
+        # the tag from train.py; a non-finite loss in the history counts too (runs from before the tag)
+        return self.tags.get("diverged") == "true" or any(
+            not np.isfinite(v).all() for k, (_, v) in self.history.items() if k.endswith("/loss"))
+
+    @property
+    def finished(self) -> bool:
+        return self.status == "FINISHED" and not self.diverged
+
+    def curve(self, key: str) -> tuple[np.ndarray, np.ndarray]:
+        """The metric up to its first non-finite value: a diverged run is drawn up to where it stopped."""
+        steps, values = self.history.get(key, (np.zeros(0), np.zeros(0)))
+        bad = ~np.isfinite(values)
+        n = int(np.argmax(bad)) if bad.any() else len(values)
+        return steps[:n], values[:n]
+
+    @property
+    def diverged_at(self) -> int | None:
+        """Examples seen when the loss became non-finite (train.py's tag), if known."""
+        examples = self.tags.get("diverged.examples", "")
+        return int(examples) if examples.isdigit() else None
+
+    def progress(self, axis: str, steps) -> np.ndarray:
+        """Epochs, updates or training seconds at the given steps, interpolated on the examples axis
+        (val points need not fall on the steps where progress/* was logged)."""
+        s, v = self.history.get(AXES[axis], (np.zeros(0), np.zeros(0)))
+        if not len(s) and axis == "updates" and self.diverged_at:
+            # diverged before its first log point: train.py's tags still give one point
+            s, v = np.array([float(self.diverged_at)]), np.array([float(self.tags["diverged.updates"])])
+        if not len(s):
+            return np.full(len(np.atleast_1d(steps)), np.nan)
+        if s[0] > 0:  # every counter is 0 before the first example
+            s, v = np.r_[0.0, s], np.r_[0.0, v]
+        return np.interp(steps, s, v)
+
+    def final(self, key: str) -> float | None:
+        values = self.history.get(key, (None, ()))[1]
+        return float(values[-1]) if len(values) and np.isfinite(values[-1]) else None
+
+
+def _search(client, experiment_ids: list[str], filter_string: str = "") -> list:
+    runs, token = [], None
+    while True:
+        page = client.search_runs(experiment_ids, filter_string, max_results=1000,
+                                  order_by=["attributes.start_time ASC"], page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def _history(client, run_id: str, key: str) -> tuple[np.ndarray, np.ndarray]:
+    points = sorted(client.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp))
+    last = {m.step: m.value for m in points}  # one value per step: the latest written
+    return np.array(list(last), dtype=float), np.array(list(last.values()), dtype=float)
+
+
+def select_runs(client, parent_run_id: str | None = None, experiment: str = "descent"):
+    """(parent run or None, child runs): the parent's children; else the experiment's latest sweep;
+    else, in an experiment without sweeps, all its runs."""
+    from mlflow.exceptions import MlflowException
+
+    if parent_run_id:
+        try:
+            parent = client.get_run(parent_run_id)
+        except MlflowException as e:
+            raise ReportError(f"no run {parent_run_id!r} in {client.tracking_uri}") from e
+        experiment_ids = [parent.info.experiment_id]
+    else:
+        exp = client.get_experiment_by_name(experiment)
+        if exp is None:
+            raise ReportError(f"no experiment named {experiment!r} in {client.tracking_uri}")
+        experiment_ids = [exp.experiment_id]
+        sweeps = client.search_runs(experiment_ids, f"tags.`{SWEEP_TAG}` = 'true'",
+                                    order_by=["attributes.start_time DESC"], max_results=1)
+        parent = sweeps[0] if sweeps else None
+    found = _search(client, experiment_ids, f"tags.`{PARENT_TAG}` = '{parent.info.run_id}'" if parent else "")
+    if not found:
+        where = f"sweep run {parent.info.run_id}" if parent else f"experiment {experiment!r}"
+        raise ReportError(f"no runs to report in {where}")
+    if parent:  # the sweep's job order (parallel jobs may start out of order)
+        found.sort(key=lambda r: int(r.data.tags.get("hydra.job.num", 0)))
+    keys = set(FINALS) | set(AXES.values())
+    runs = [
+        Run(r.info.run_id, r.info.run_name or r.info.run_id[:8], r.info.status, dict(r.data.params),
+            dict(r.data.tags), {k: _history(client, r.info.run_id, k) for k in r.data.metrics if k in keys})
+        for r in found
+    ]
+    return parent, runs
+
+
+# ---------------------------------------------------------------------------------------------
+# configurations: the runs that differ only by seed
+
+@dataclass
+class Config:
+    label: str
+    values: dict[str, str | None]  # the params that tell it apart from the others
+    runs: list[Run]
+
+    @property
+    def finished(self) -> list[Run]:
+        return [r for r in self.runs if r.finished]
+
+    def status(self) -> dict[str, int]:
+        counts = {"finished": 0, "diverged": 0, "failed": 0, "killed": 0, "running": 0}
+        for r in self.runs:
+            kind = ("diverged" if r.diverged else "finished" if r.status == "FINISHED" else
+                    "failed" if r.status == "FAILED" else "killed" if r.status == "KILLED" else "running")
+            counts[kind] += 1
+        return counts
+
+
+def status_text(counts: dict[str, int], n: int, diverged_at: str = "") -> str:
+    """ok, or how many of the n seeds did not finish and why: 1/3 diverged (at 1280 examples)."""
+    kinds = [k for k in ("diverged", "failed", "killed", "running") if counts.get(k)]
+    at = f" (at {diverged_at.replace(' ', ', ')} examples)" if diverged_at else ""
+    return "ok" if not kinds else ", ".join(f"{counts[k]}/{n} {k}" + at * (k == "diverged") for k in kinds)
+
+
+def _not_config(key: str) -> bool:
+    return key in NOT_CONFIG or key.endswith(".seed") or key.startswith(NOT_CONFIG_PREFIXES)
+
+
+def group(runs: list[Run]) -> tuple[list[str], list[Config]]:
+    """Group by the config-group params that vary (optimizer, batching, ...), then by any other varying
+    param that those do not already determine (optimizer.lr follows from optimizer=sgd, unless the
+    sweep varied it too). Configurations keep the order of their first run (the sweep's job order)."""
+    keys = sorted({k for r in runs for k in r.params})
+    varying = [k for k in keys if not _not_config(k) and len({r.params.get(k) for r in runs}) > 1]
+    groups = [g for g in LABEL_GROUPS if g in varying]
+    by = list(groups)
+    for key in varying:
+        if key in groups:
+            continue
+        seen: dict[tuple, set] = {}
+        for r in runs:
+            seen.setdefault(tuple(r.params.get(g) for g in groups), set()).add(r.params.get(key))
+        if any(len(values) > 1 for values in seen.values()):
+            by.append(key)
+
+    configs: dict[tuple, Config] = {}
+    for r in runs:
+        values = {b: r.params.get(b) for b in by}
+        if (key := tuple(values.values())) not in configs:
+            configs[key] = Config(_label(values, r), values, [])
+        configs[key].runs.append(r)
+    return by, list(configs.values())
+
+
+def _label(values: dict[str, str | None], run: Run) -> str:
+    """Like the run names (sgd-mini), then what else tells the configuration apart (optimizer.lr=0.1)."""
+    name = [run.params[g] for g in ("optimizer", "batching") if g in run.params]
+    name += [str(v) for k, v in values.items() if k in LABEL_GROUPS and k not in ("optimizer", "batching")]
+    others = [f"{k}={v}" for k, v in values.items() if k not in LABEL_GROUPS]
+    return " ".join(["-".join(name) or "runs", *others])
+
+
+# ---------------------------------------------------------------------------------------------
+# numbers: final metrics and time to target
+
+def mean_std(values: list[float]) -> tuple[float, float] | None:
+    """Mean and sample std (ddof=1; nan for a single seed)."""
+    if not values:
+        return None
+    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else float("nan")
+
+
+def time_to_target(run: Run, key: str, target: float) -> dict[str, float] | None:
+    """Epochs, updates and training seconds at the first logged point where `key` >= target."""
+    steps, values = run.curve(key)
+    hits = np.nonzero(values >= target)[0]
+    if not len(hits):
+        return None
+    step = steps[hits[0]]
+    return {axis: float(run.progress(axis, [step])[0]) for axis in AXES}
+
+
+def summarize(config: Config, target_key: str, target: float) -> dict:
+    """One table row; final metrics over the seeds that finished, time to target over all seeds."""
+    row = {"configuration": config.label, **config.values, "seeds": len(config.runs), **config.status(),
+           "diverged_at_examples": " ".join(str(r.diverged_at) for r in config.runs if r.diverged and r.diverged_at)}
+    for key in FINALS:
+        finals = [v for r in config.finished if (v := r.final(key)) is not None]
+        name = key.replace("/", "_")
+        row[f"{name}_mean"], row[f"{name}_std"] = mean_std(finals) or (None, None)
+        row[f"{name}_n"] = len(finals)
+    hits = [t for r in config.runs if (t := time_to_target(r, target_key, target)) is not None]
+    row.update(target_metric=target_key, target=target, reached=len(hits))
+    for axis in AXES:
+        stats = mean_std([h[axis] for h in hits if np.isfinite(h[axis])])
+        row[f"{axis}_to_target_mean"], row[f"{axis}_to_target_std"] = stats or (None, None)
+    return row
+
+
+# ---------------------------------------------------------------------------------------------
+# the figure: loss (top) and accuracy (bottom) against epochs, updates and seconds
+
+def mean_curve(runs: list[Run], key: str, axis: str):
+    """x, mean, min, max over the runs, on the steps they all reached (x: mean over runs)."""
+    curves = [(r, *r.curve(key)) for r in runs]
+    curves = [(r, s, v) for r, s, v in curves if len(s)]
+    if not curves:
+        return None
+    lo, hi = max(s[0] for _, s, _ in curves), min(s[-1] for _, s, _ in curves)
+    grid = np.unique(np.concatenate([s for _, s, _ in curves]))
+    grid = grid[(grid >= lo) & (grid <= hi)]
+    ys = np.array([np.interp(grid, s, v) for _, s, v in curves])
+    xs = np.array([r.progress(axis, grid) for r, _, _ in curves])
+    if np.isnan(xs).all():
+        return None
+    return np.nanmean(xs, axis=0), ys.mean(axis=0), ys.min(axis=0), ys.max(axis=0)
+
+
+def plot(configs: list[Config], source: str = "val", title: str = ""):
+    from matplotlib import colormaps
+    from matplotlib.figure import Figure  # object API, no pyplot: no global backend state to disturb
+    from matplotlib.lines import Line2D
+
+    fig = Figure(figsize=(15, 9), layout="constrained")
+    axes = fig.subplots(2, len(AXES), squeeze=False)
+    palette = colormaps["tab10" if len(configs) <= 10 else "tab20"]  # 5 optimizers x 3 regimes = 15 lines
+    colors = [palette(i % palette.N) for i in range(len(configs))]
+    what = "validation loss and accuracy" if source == "val" else "training loss and accuracy (no validation data)"
+    extents: dict[str, list[float]] = {axis: [] for axis in AXES}
+    handles, any_diverged, any_unfinished = [], False, False
+
+    for config, color in zip(configs, colors):
+        for row, metric in enumerate(("loss", "acc")):
+            key = f"{source}/{metric}"
+            for col, axis in enumerate(AXES):
+                ax = axes[row, col]
+                curve = mean_curve(config.finished, key, axis)
+                if curve is not None:
+                    x, mean, lo, hi = curve
+                    ax.plot(x, mean, color=color, lw=1.6, marker="." if len(x) <= 30 else None)
+                    ax.fill_between(x, lo, hi, color=color, alpha=0.18, lw=0)
+                    extents[axis].append(np.nanmax(x))
+                for run in config.runs:  # the rest one by one: diverged, failed, killed, still running
+                    if run.finished:
+                        continue
+                    steps, values = run.curve(key)
+                    x = run.progress(axis, steps)
+                    if len(steps) and not np.isnan(x).all():
+                        any_unfinished = True
+                        ax.plot(x, values, color=color, lw=1, ls="--", alpha=0.8)
+                        extents[axis].append(np.nanmax(x))
+                        if run.diverged:
+                            any_diverged = True
+                            ax.plot(x[-1], values[-1], "x", color=color, ms=10, mew=2.5)
+                    elif run.diverged and run.diverged_at:
+                        # no finite point to draw: mark where it diverged, on the top edge
+                        x_at = run.progress(axis, [run.diverged_at])[0]
+                        if np.isfinite(x_at):
+                            any_diverged = True
+                            ax.plot([x_at], [0.98], "x", color=color, ms=10, mew=2.5, clip_on=False,
+                                    transform=ax.get_xaxis_transform())
+                            extents[axis].append(x_at)
+        status = status_text(config.status(), len(config.runs))
+        label = config.label + ("" if status == "ok" else f" ({status})")
+        handles.append(Line2D([], [], color=color, lw=1.6, label=f"{label}, n={len(config.runs)}"))
+
+    for col, axis in enumerate(AXES):
+        ext = [e for e in extents[axis] if np.isfinite(e) and e > 0]
+        log_x = len(ext) > 1 and max(ext) / min(ext) >= LOG_X_RATIO
+        for row, metric in enumerate(("loss", "acc")):
+            ax = axes[row, col]
+            if log_x:
+                ax.set_xscale("log")
+                _plain_log_ticks(ax.xaxis)
+            if metric == "loss":
+                ax.set_yscale("log")  # losses span decades, and a diverging run's more so
+                _plain_log_ticks(ax.yaxis)
+            ax.set_xlabel({"epochs": "epochs", "updates": "optimizer updates",
+                           "seconds": "training wall time (s)"}[axis] + (" (log scale)" if log_x else ""))
+            ax.set_ylabel(f"{source} {metric}" + ("" if source == "val" else " (no validation data)"))
+            ax.grid(True, which="major", alpha=0.3)
+    if any_unfinished:
+        handles.append(Line2D([], [], color="gray", lw=1, ls="--", label="a seed that did not finish"))
+    if any_diverged:
+        handles.append(Line2D([], [], color="gray", ls="", marker="x", ms=10, mew=2.5,
+                              label="diverged: at its last finite point, or on the top edge if it had none"))
+    wide = max(len(h.get_label()) for h in handles) > 40
+    fig.legend(handles=handles, loc="outside lower center", ncols=1 if wide else min(4, len(handles)), frameon=False)
+    fig.suptitle(f"{title}\n{what}: line = mean over the seeds that finished, band = min–max over those seeds")
+    return fig
+
+
+def _plain_log_ticks(axis) -> None:
+    """Ticks as 0.5, 1, 2, 100 rather than 5×10^-1; minor ticks labelled on short axes only."""
+    from matplotlib.ticker import FuncFormatter
+
+    def minor(v, _):
+        lo, hi = sorted(axis.get_view_interval())
+        mantissa = round(v / 10 ** np.floor(np.log10(v)))
+        span = hi / lo if lo > 0 else np.inf
+        return f"{v:g}" if span < 4 or (span < 100 and mantissa in (2, 5)) else ""
+
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    axis.set_minor_formatter(FuncFormatter(minor))
+
+
+# ---------------------------------------------------------------------------------------------
+# the table: Markdown for people, CSV for programs
+
+def _num(x: float) -> str:  # epochs, updates, seconds
+    return f"{x:.0f}" if abs(x) >= 1000 else f"{x:.4g}"
+
+
+def _metric(x: float) -> str:  # a loss or an accuracy
+    return f"{x:.4f}" if abs(x) < 1000 else f"{x:.4g}"
+
+
+def _pm(mean, std, fmt=_num, fmt_std=lambda s: f"{s:.2g}") -> str:
+    if mean is None:
+        return "—"
+    return fmt(mean) if std is None or np.isnan(std) else f"{fmt(mean)} ± {fmt_std(std)}"
+
+
+def markdown(rows: list[dict], header: str) -> str:
+    target_key, target = rows[0]["target_metric"], rows[0]["target"]
+    to = f"to {target_key.replace('/', ' ')} ≥ {target:g}"
+    cols = ["configuration", "seeds", "status", *[k.replace("/", " ") for k in FINALS],
+            f"epochs {to}", f"updates {to}", f"seconds {to}"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for row in rows:
+        status = status_text(row, row["seeds"], row["diverged_at_examples"])
+        cells = [row["configuration"].replace("|", "\\|"), str(row["seeds"]), status]
+        for key in FINALS:
+            name = key.replace("/", "_")
+            cells.append(_pm(row[f"{name}_mean"], row[f"{name}_std"], _metric, _metric))
+        for axis in AXES:
+            if not row["reached"]:
+                cells.append("not reached")
+                continue
+            cell = _pm(row[f"{axis}_to_target_mean"], row[f"{axis}_to_target_std"])
+            if row["reached"] < row["seeds"]:
+                cell += f" ({row['reached']}/{row['seeds']} seeds)"
+            cells.append(cell)
+        lines.append("| " + " | ".join(cells) + " |")
+    notes = (
+        f"Final values: mean ± sample std over the seeds that finished (one seed: its value; — : none finished). "
+        f"Time to target: the first logged point where {target_key} ≥ {target:g}, mapped to epochs, updates and "
+        f"training seconds by interpolating the progress/* metrics on the examples-seen axis; mean ± std over "
+        f"the seeds that reached it."
+    )
+    return f"{header}\n\n" + "\n".join(lines) + f"\n\n{notes}\n\n![convergence](convergence.png)\n"
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    fields = list(dict.fromkeys(k for row in rows for k in row))
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fields)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: "" if v is None or (isinstance(v, float) and np.isnan(v)) else v
+                             for k, v in row.items()})
+
+
+# ---------------------------------------------------------------------------------------------
+
+def default_out(parent) -> Path:
+    sweep_dir = parent.data.tags.get(SWEEP_DIR_TAG) if parent else None
+    return Path(sweep_dir) if sweep_dir else Path("outputs/reports") / time.strftime("%Y-%m-%d_%H-%M-%S")
+
+
+def make_report(tracking_uri: str | None = None, parent_run_id: str | None = None, experiment: str = "descent",
+                out_dir: str | Path | None = None, target_acc: float = TARGET_ACC) -> dict[str, Path]:
+    """Write convergence.{png,md,csv} and, when the runs belong to a sweep, log them to its parent run
+    under report/. Returns {"png", "md", "csv"} -> path."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(resolve_uri(tracking_uri))
+    parent, runs = select_runs(client, parent_run_id, experiment)
+    by, configs = group(runs)
+    source = "val" if any("val/acc" in r.history for r in runs) else "train"
+    rows = [summarize(c, f"{source}/acc", target_acc) for c in configs]
+
+    if parent:
+        what = f"Sweep `{parent.info.run_name}` (run `{parent.info.run_id}`)"
+        if parent.data.tags.get(SWEEP_DIR_TAG):
+            what += f" ({parent.data.tags[SWEEP_DIR_TAG]})"
+    else:
+        what = f"All runs of experiment `{experiment}` (no sweep found)"
+    grouped = ", ".join(by) if by else "nothing varies"
+    header = (f"# Convergence report\n\n{what}: {len(runs)} runs in {len(configs)} configurations "
+              f"(grouped by {grouped}); target {source}/acc ≥ {target_acc:g}.")
+
+    out = (Path(out_dir) if out_dir is not None else default_out(parent)).absolute()
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"png": out / "convergence.png", "md": out / "convergence.md", "csv": out / "convergence.csv"}
+    title = what.replace("`", "") + f" — {len(runs)} runs, {len(configs)} configurations"
+    plot(configs, source, title).savefig(paths["png"], dpi=100)
+    paths["md"].write_text(markdown(rows, header))
+    write_csv(rows, paths["csv"])
+    if parent:
+        for path in paths.values():
+            client.log_artifact(parent.info.run_id, str(path), "report")
+    return paths
