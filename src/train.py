@@ -3,30 +3,43 @@
 from __future__ import annotations
 
 import logging
+import signal
+import sys
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger("descent")
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
-def main(cfg: DictConfig) -> float:
+def main(cfg: DictConfig) -> float | None:
     # lightning's import is the slow part of start-up: only after hydra has parsed the command line
     import pytorch_lightning as pl
     from pytorch_lightning.callbacks import ModelCheckpoint
 
     from descent import tracking
-    from descent.model import Classifier
+    from descent.model import Classifier, Diverged, SafetyCheckpoints
+    from descent.sweep import parent_run_id
 
     hc = HydraConfig.get()
-    out_dir = Path(hc.runtime.output_dir)
+    multirun = hc.mode == RunMode.MULTIRUN
+    launch_dir, out_dir = hc.runtime.cwd, Path(hc.runtime.output_dir)
     choices = {g: hc.runtime.choices[g] for g in tracking.GROUPS if g in hc.runtime.choices}
-    pl.seed_everything(cfg.seed, verbose=False)
 
+    run_id = ckpt_path = None
+    if cfg.resume:  # continue a run from its last checkpoint, with its own config, into the same MLflow run
+        run_id, out_dir, recorded, choices = tracking.find_resume(
+            str(cfg.resume), tracking.tracking_uri(cfg.logger.tracking_uri, launch_dir))
+        ckpt_path = out_dir / "checkpoints" / "last.ckpt"
+        cfg = OmegaConf.merge(recorded, {"resume": cfg.resume})
+        log.info("resuming MLflow run %s from %s", run_id, ckpt_path)
+
+    pl.seed_everything(cfg.seed, verbose=False)
     datamodule = instantiate(cfg.data, seed=cfg.seed)
     module = Classifier(
         net=instantiate(cfg.model),
@@ -36,39 +49,74 @@ def main(cfg: DictConfig) -> float:
         compile_optimizer=cfg.trainer.compile_optimizer,
         flush_denormal=cfg.trainer.flush_denormal,
     )
-    logger = tracking.make_logger(
-        cfg, choices, hc.runtime.cwd,
-        tags={"hydra.output_dir": str(out_dir), "hydra.job.num": str(hc.job.num) if hc.mode.name == "MULTIRUN" else None},
-    )
-    checkpoint = ModelCheckpoint(dirpath=out_dir / "checkpoints", save_last=True, save_top_k=0)
+    tags = {"hydra.output_dir": str(out_dir)}
+    if multirun:
+        tags |= {"hydra.job.num": str(hc.job.num), "mlflow.parentRunId": parent_run_id(hc.sweep.dir)}
+    logger = tracking.make_logger(cfg, choices, launch_dir, tags=tags if run_id is None else {}, run_id=run_id)
+    (out_dir / "mlflow_run_id").write_text(logger.run_id)
+    if run_id is None:
+        tracking.log_config(logger, cfg, choices)
+    else:
+        logger.experiment.update_run(run_id, status="RUNNING")  # also corrects a stale RUNNING/KILLED
+
+    checkpoint = ModelCheckpoint(dirpath=out_dir / "checkpoints", save_last=True, save_top_k=0, every_n_epochs=1,
+                                 enable_version_counter=False)  # one last.ckpt, also across resumes
     trainer = pl.Trainer(
         max_epochs=cfg.trainer.max_epochs,
         accelerator=cfg.trainer.accelerator,
         devices=1,
         logger=logger,
-        callbacks=[checkpoint],
+        callbacks=[checkpoint, SafetyCheckpoints(checkpoint, cfg.trainer.checkpoint_every_seconds)],
         enable_progress_bar=cfg.trainer.progress_bar,
         enable_model_summary=False,
         num_sanity_val_steps=0,
-        limit_val_batches=0,       # validation happens inside the loop, at fixed intervals in examples
-        log_every_n_steps=1,       # metrics bypass self.log; this only silences a warning
+        limit_val_batches=0,  # validation happens inside the loop, at fixed intervals in examples
+        log_every_n_steps=1,  # metrics bypass self.log; this only silences a warning
         default_root_dir=out_dir,
     )
-    tracking.log_config(logger, cfg, choices)
 
-    status = "FAILED"
+    # Ctrl-C and SIGTERM stop at the next chunk boundary (lightning's SIGTERM path), with a checkpoint;
+    # a second Ctrl-C interrupts at once
+    received = []
+
+    def stop(signum, frame):
+        received.append(signum)
+        trainer._signal_connector.received_sigterm = True  # lightning's own SIGTERM flag
+        signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+
     try:
-        trainer.fit(module, datamodule=datamodule)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+        if received or trainer.received_sigterm:
+            raise SystemExit  # stopped inside the last chunk: lightning ended fit quietly
         tracking.log_sample_image(logger, datamodule.x_train, datamodule.y_train)
         trainer.test(module, datamodule=datamodule, verbose=False)
         if cfg.logger.log_checkpoint:
             logger.experiment.log_artifact(logger.run_id, checkpoint.last_model_path, "checkpoints")
-        status = "FINISHED"
-    except KeyboardInterrupt:
-        status = "KILLED"
+    except Diverged as e:
+        logger.end("FAILED")
+        for key, value in {"diverged": "true", "diverged.examples": module.examples,
+                           "diverged.updates": module.updates}.items():
+            logger.experiment.set_tag(logger.run_id, key, str(value))
+        log.error("diverged: %s; run %s marked FAILED", e, logger.run_id)
+        if multirun:
+            return None  # the sweep goes on with its next job; the report shows this run as diverged
+        sys.exit(3)
+    except SystemExit:  # lightning's SIGTERMException, or our own stop above
+        if not (received or trainer.received_sigterm):
+            logger.end("FAILED")
+            raise
+        logger.end("KILLED")
+        signum = received[0] if received else signal.SIGTERM
+        log.error("stopped by %s: checkpoint %s; continue with: python src/train.py resume=%s",
+                  signal.Signals(signum).name, checkpoint.last_model_path or "(none)", logger.run_id)
+        sys.exit(128 + signum)
+    except BaseException:
+        logger.end("FAILED")
         raise
-    finally:
-        logger.end(status)
+    logger.end("FINISHED")
     log.info("MLflow run %s (%s): %s", logger.run_id, logger._run_name, module.test_metrics)
     return module.test_metrics["test/acc"]
 

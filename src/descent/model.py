@@ -62,6 +62,35 @@ def segments(offset: int, length: int, n: int, batch_size: int):
         pos = stop
 
 
+class SafetyCheckpoints(pl.Callback):
+    """last.ckpt every `seconds` of training (so SIGKILL loses little) and when SIGINT/SIGTERM stops
+    the run (lightning raises SIGTERMException between chunks). Epoch ends are ModelCheckpoint's."""
+
+    def __init__(self, checkpoint, seconds: float):
+        self.checkpoint, self.seconds = checkpoint, seconds
+        self.last = time.monotonic()
+
+    def _save(self, trainer) -> None:
+        path = os.path.join(self.checkpoint.dirpath, "last.ckpt")
+        trainer.save_checkpoint(path)
+        self.checkpoint.last_model_path = path
+        self.last = time.monotonic()
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if time.monotonic() - self.last >= self.seconds:
+            self._save(trainer)
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+        if isinstance(exception, SIGTERMException) and trainer.state.fn == "fit":
+            self._save(trainer)
+
+
+# what a checkpoint must carry so that a resumed run continues the same axes and data order
+PROGRESS = ("examples", "updates", "train_seconds", "last_val_step", "epoch_offset")
+
+
 class Window:
     """Training loss and accuracy since the last log point, reduced only when it is logged."""
 
@@ -111,6 +140,8 @@ class Classifier(pl.LightningModule):
         self.updates = 0
         self.train_seconds = 0.0
         self.last_val_step = -1
+        self.epoch_offset = 0  # examples of the current epoch already trained on
+        self.resumed_epoch: int | None = None
 
     def configure_optimizers(self):
         return self.make_optimizer(self.net.parameters())
@@ -131,14 +162,34 @@ class Classifier(pl.LightningModule):
         if self.compile_optimizer:  # one fused kernel instead of ~5 passes (RMSprop: 0.29 -> 0.06 ms a step)
             self.opt_step = torch.compile(self.opt.step)
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["descent"] = {k: getattr(self, k) for k in PROGRESS} | {"epoch": self.current_epoch}
+        # metric points become durable together with the checkpoint that can reproduce them, so a
+        # run resumed after a crash continues its metrics with no gap and no duplicate
+        for logger in self.loggers:
+            getattr(logger, "flush", logger.save)()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint["descent"]
+        for k in PROGRESS:
+            setattr(self, k, state[k])
+        self.resumed_epoch = state["epoch"]
+
     def on_train_start(self) -> None:
         self.startup_seconds = seconds_since_process_start()
         log.info("first update %.2f s after the process started", self.startup_seconds)
+        self._prepare()  # lightning resuming mid-epoch skips on_train_epoch_start
 
     def on_train_epoch_start(self) -> None:
+        if self.resumed_epoch != self.current_epoch:  # a fresh epoch (or a checkpoint from an epoch's end)
+            self.epoch_offset = 0
+        self.resumed_epoch = None
+        self._prepare()
+
+    def _prepare(self) -> None:
         dm = self.trainer.datamodule
         self.n_train, self.batch_size = len(dm.x_train), dm.updates_batch_size
-        self.epoch_offset = self.epoch_pos = 0
+        self.epoch_pos = self.epoch_offset
         self.opt.zero_grad(set_to_none=True)
         self.window = Window()
         self.next_log = (self.examples // self.log_every + 1) * self.log_every
@@ -149,7 +200,8 @@ class Classifier(pl.LightningModule):
         # the hot loop: locals only, two small ops of bookkeeping per update (loss.detach, argmax)
         x, y = chunk
         net, opt, step, window, cross_entropy = self.net, self.opt, self.opt_step, self.window, F.cross_entropy
-        examples, offset = self.examples, self.epoch_offset
+        examples, offset, updates = self.examples, self.epoch_offset, self.updates
+        updates_before = updates
         for a, b, batch_len, ends_batch in segments(offset, len(x), self.n_train, self.batch_size):
             xb, yb = x[a:b], y[a:b]
             logits = net(xb)
@@ -165,15 +217,18 @@ class Classifier(pl.LightningModule):
             if ends_batch:
                 step()
                 opt.zero_grad(set_to_none=True)
-                self.updates += 1
+                updates += 1
                 # log at every log_every examples, and at each update when updates are rarer than that
                 if examples >= self.next_log or batch_len >= self.log_every or examples >= self.next_val:
-                    self.examples, self.epoch_pos = examples, offset + b
+                    self.examples, self.updates, self.epoch_pos = examples, updates, offset + b
                     if examples >= self.next_log or batch_len >= self.log_every:
                         self._log_train()
                     if examples >= self.next_val:
                         self._validate()
-        self.examples = examples
+        # lightning counts optimizer steps only through its own wrapper; tell it ours, so that
+        # trainer.global_step, max_steps and step-based checkpointing work
+        self.trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress.increment_by(updates - updates_before)
+        self.examples, self.updates = examples, updates
         self.epoch_offset = self.epoch_pos = offset + len(x)
 
     def on_train_epoch_end(self) -> None:
@@ -190,8 +245,6 @@ class Classifier(pl.LightningModule):
 
     def _log_train(self) -> None:
         loss, acc = self.window.pop()
-        if not math.isfinite(loss):
-            raise Diverged(f"train/loss became {loss} after {self.examples} examples ({self.updates} updates)")
         self._log({
             "train/loss": loss,
             "train/acc": acc,
@@ -199,6 +252,8 @@ class Classifier(pl.LightningModule):
             "progress/updates": self.updates,
             "progress/seconds": self._clock(),
         })
+        if not math.isfinite(loss):  # the point above is recorded: the report marks where it happened
+            raise Diverged(f"train/loss became {loss} after {self.examples} examples ({self.updates} updates)")
         while self.next_log <= self.examples:
             self.next_log += self.log_every
 

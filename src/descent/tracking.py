@@ -44,66 +44,130 @@ def git_commit(cwd: str | Path) -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
+def retry(fn, *args, attempts: int = 8, **kwargs):
+    """sqlite lets one writer in at a time: parallel jobs back off and retry "database is locked"."""
+    for attempt in range(attempts):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:
+            if "locked" not in str(e).lower() or attempt == attempts - 1:
+                raise
+            time.sleep(0.2 * 2**attempt)
+
+
+def experiment_id(client, name: str) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None and exp.lifecycle_stage == "active":
+        return exp.experiment_id
+    if exp is not None:
+        raise RuntimeError(f"logger.experiment_name={name!r} names a deleted MLflow experiment; "
+                           "restore it (mlflow experiments restore) or choose another name")
+    try:
+        return client.create_experiment(name)
+    except Exception:  # another process created it first
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
 class Logger(MLFlowLogger):
     """Lightning's MLflow logger, with metric points buffered and written in a few log_batch calls.
 
-    One synchronous DB write per log point would cost more than an epoch of the seed run; here the
-    points go out every `flush_seconds`, at each checkpoint and at the end. The run's final status
-    is set by train.py (FINISHED, FAILED or KILLED), not by lightning's finalize after fit.
+    One synchronous DB write per log point would cost more than an epoch of the seed run. Points
+    are written when a checkpoint is saved (save(), called by the module; periodic and at epoch
+    ends), at the end, and on a crash: what the store holds is always what a checkpoint can resume.
+    The run's final status is set by train.py (FINISHED, FAILED or KILLED), not by lightning.
     """
 
-    def __init__(self, *args, flush_seconds: float = 10.0, **kwargs):
+    def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.flush_seconds = flush_seconds
         self.pending: list = []
-        self.last_flush = time.monotonic()
 
     def log_metrics(self, metrics, step=None) -> None:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         self.pending.extend(Metric(k, float(v), now, int(step or 0)) for k, v in metrics.items())
-        if time.monotonic() - self.last_flush > self.flush_seconds:
-            self.flush()
 
     def flush(self) -> None:
-        for i in range(0, len(self.pending), MAX_BATCH):
-            self.experiment.log_batch(self.run_id, metrics=self.pending[i : i + MAX_BATCH])
-        self.pending.clear()
-        self.last_flush = time.monotonic()
+        while self.pending:  # what was written leaves the buffer; a failure keeps the rest
+            retry(self.experiment.log_batch, self.run_id, metrics=self.pending[:MAX_BATCH])
+            del self.pending[:MAX_BATCH]
 
     def save(self) -> None:
-        self.flush()
+        pass  # lightning calls this after every training batch; we flush with checkpoints instead
 
     def finalize(self, status: str = "success") -> None:
         if not self._initialized:
             return
         self.flush()
         if status != "success":  # a crash inside lightning: record it now, the process may not get further
-            self.experiment.set_terminated(self.run_id, "FAILED")
+            retry(self.experiment.set_terminated, self.run_id, "FAILED")
 
     def end(self, status: str) -> None:
         if self._initialized:
             self.flush()
-            self.experiment.set_terminated(self.run_id, status)
+            retry(self.experiment.set_terminated, self.run_id, status)
+
+
+def find_resume(target: str, uri: str):
+    """resume= an output folder or an MLflow run id -> (run id, output folder, config, group choices).
+
+    The config and choices come from the MLflow run itself (config.yaml and params), the record of
+    what actually ran.
+    """
+    import tempfile
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    path = Path(target)
+    if path.is_dir():
+        id_file = path / "mlflow_run_id"
+        if not id_file.is_file():
+            raise ValueError(f"resume={target!r}: {path.resolve()} is not a descent run folder (no mlflow_run_id file)")
+        target = id_file.read_text().strip()
+    try:
+        run = client.get_run(target)
+    except Exception:
+        raise ValueError(f"resume={str(path)!r}: neither a run folder nor a run id in {uri}") from None
+    out = Path(run.data.tags.get("hydra.output_dir", ""))
+    if not (out / "checkpoints" / "last.ckpt").is_file():
+        raise ValueError(f"resume={str(path)!r}: no checkpoint at {out / 'checkpoints' / 'last.ckpt'}")
+    with tempfile.TemporaryDirectory() as tmp:
+        config = OmegaConf.load(client.download_artifacts(run.info.run_id, "config.yaml", tmp))
+    choices = {g: run.data.params[g] for g in GROUPS if g in run.data.params}
+    return run.info.run_id, out, config, choices
 
 
 def run_name(choices: dict[str, str], seed: int) -> str:
     return f"{choices.get('optimizer', 'opt')}-{choices.get('batching', 'batch')}-s{seed}"
 
 
-def make_logger(cfg: DictConfig, choices: dict[str, str], launch_dir: str, tags: dict[str, str]) -> Logger:
+def make_logger(cfg: DictConfig, choices: dict[str, str], launch_dir: str, tags: dict[str, str],
+                run_id: str | None = None) -> Logger:
+    """A new run, or (run_id given) the run being resumed."""
     tags = {k: v for k, v in tags.items() if v is not None}
     commit = git_commit(launch_dir)
     if commit:
         tags["mlflow.source.git.commit"] = commit
-    return Logger(
+    logger = Logger(
         experiment_name=cfg.logger.experiment_name,
         run_name=run_name(choices, cfg.seed),
         tracking_uri=tracking_uri(cfg.logger.tracking_uri, launch_dir),
         tags=tags,
-        flush_seconds=cfg.logger.flush_seconds,
+        run_id=run_id,
     )
+    if run_id is None:
+        from mlflow import MlflowClient
+
+        # the experiment exists before lightning looks it up (parallel jobs race to create it)
+        logger._experiment_id = experiment_id(MlflowClient(logger._tracking_uri), cfg.logger.experiment_name)
+    else:
+        for key, value in tags.items():
+            logger.experiment.set_tag(run_id, key, value)
+    return logger
 
 
 def log_config(logger: Logger, cfg: DictConfig, choices: dict[str, str]) -> None:

@@ -1,0 +1,75 @@
+"""Hydra callback: one MLflow parent run per multirun, and the convergence report when it ends."""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+from pathlib import Path
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+PARENT_FILE = "mlflow_parent_run_id"  # in the sweep dir: how each job (in any launcher) finds its parent
+
+
+def parent_run_id(sweep_dir: str | Path) -> str | None:
+    path = Path(sweep_dir) / PARENT_FILE
+    return path.read_text().strip() if path.is_file() else None
+
+
+class MLflowSweep(Callback):
+    def __init__(self, target_acc: float = 0.97, report: bool = True):
+        self.target_acc, self.report = target_acc, report
+        self.client = self.run_id = None
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        from mlflow import MlflowClient
+
+        from descent import tracking
+
+        self.uri = tracking.tracking_uri(config.logger.tracking_uri, os.getcwd())
+        self.sweep_dir = Path(str(config.hydra.sweep.dir)).resolve()
+        self.sweep_dir.mkdir(parents=True, exist_ok=True)
+        # creating the store, the experiment and the parent here, before any job starts, keeps
+        # parallel jobs from racing on sqlite's schema set-up and on experiment creation
+        self.client = MlflowClient(self.uri)
+        experiment_id = tracking.experiment_id(self.client, config.logger.experiment_name)
+        tags = {"descent.sweep": "true", "hydra.sweep.dir": str(self.sweep_dir)}
+        if commit := tracking.git_commit(os.getcwd()):
+            tags["mlflow.source.git.commit"] = commit
+        name = f"{config.logger.experiment_name}-{self.sweep_dir.parent.name}_{self.sweep_dir.name}"
+        run = self.client.create_run(experiment_id, run_name=name, tags=tags)
+        self.run_id = run.info.run_id
+        params = {"overrides": " ".join(config.hydra.overrides.task) or "(none)"}
+        sweeper_params = OmegaConf.select(config, "hydra.sweeper.params")
+        if sweeper_params:
+            params.update({f"sweep.{k}": str(v) for k, v in sweeper_params.items()})
+        for key, value in params.items():
+            self.client.log_param(self.run_id, key, value[:6000])
+        (self.sweep_dir / PARENT_FILE).write_text(self.run_id)
+        atexit.register(self._end_if_open)  # a sweep that dies still ends its parent run
+        log.info("MLflow parent run %s (%s) for sweep %s", self.run_id, name, self.sweep_dir)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        if self.run_id is None:
+            return
+        if self.report:
+            try:
+                from descent.report import make_report
+
+                paths = make_report(self.uri, parent_run_id=self.run_id, out_dir=self.sweep_dir,
+                                    target_acc=self.target_acc)
+                log.info("convergence report: %s", ", ".join(str(p) for p in paths.values()))
+            except Exception as e:  # the runs are recorded: a failed report must not lose them
+                log.error("the convergence report failed (%s: %s); rerun it with python src/compare.py --parent %s",
+                          type(e).__name__, e, self.run_id)
+        self.client.set_terminated(self.run_id, "FINISHED")
+        self.run_id = None
+
+    def _end_if_open(self) -> None:
+        if self.run_id is not None:
+            self.client.set_terminated(self.run_id, "KILLED")
+            self.run_id = None

@@ -1,0 +1,141 @@
+"""Faults lose nothing: signals, SIGKILL, divergence, with real subprocesses and real sqlite stores."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from mlflow import MlflowClient
+
+from conftest import DATA, ROOT, train
+
+# long enough to be interrupted mid-epoch: online SGD, 2 epochs of 12000 examples, chunks of 1024
+# (a stop request is served at the next chunk boundary)
+LONG = ["batching=online", "optimizer=sgd", "data.limit_train=12000", "data.chunk_size=1024",
+        "trainer.max_epochs=2", "trainer.log_every_examples=1000", "data.val_size=1000",
+        "logger.log_checkpoint=false"]
+
+
+def start(cwd, store, *overrides):
+    args = [sys.executable, str(ROOT / "src" / "train.py"), f"data.root={DATA}", "trainer.progress_bar=false",
+            f"hydra.run.dir={cwd}/outputs/run", *overrides]
+    return subprocess.Popen(args, cwd=cwd, env={**os.environ, "MLFLOW_TRACKING_URI": store},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for(proc, text, timeout=120):
+    lines, deadline = [], time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line and proc.poll() is not None:
+            break
+        lines.append(line)
+        if text in line:
+            return lines
+    raise AssertionError(f"never saw {text!r}:\n{''.join(lines)[-3000:]}")
+
+
+def only_run(store):
+    client = MlflowClient(store)
+    [run] = client.search_runs([client.get_experiment_by_name("descent").experiment_id])
+    return client, run
+
+
+def steps(client, run_id, key):
+    return [m.step for m in client.get_metric_history(run_id, key)]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, mnist_root):
+    """The same run without faults: what a resumed run must reproduce."""
+    cwd = tmp_path_factory.mktemp("reference")
+    store = f"sqlite:///{cwd / 'mlflow.db'}"
+    train(*LONG, cwd=cwd, store=store)
+    client, run = only_run(store)
+    return {k: steps(client, run.info.run_id, k) for k in ("train/loss", "val/loss")} | {"metrics": run.data.metrics}
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_saves_a_checkpoint_marks_killed_and_resume_continues_the_same_run(tmp_path, store, signum, uninterrupted):
+    proc = start(tmp_path, store, *LONG)
+    wait_for(proc, "first update")
+    time.sleep(1.5)
+    sent = time.monotonic()
+    proc.send_signal(signum)
+    out, _ = proc.communicate(timeout=60)
+    assert time.monotonic() - sent < 30, "the process must exit promptly"  # generous: CI machines are noisy
+    assert proc.returncode == 128 + signum
+    client, run = only_run(store)
+    assert run.info.status == "KILLED"
+    assert f"resume={run.info.run_id}" in out
+    assert (tmp_path / "outputs" / "run" / "checkpoints" / "last.ckpt").exists()
+    stopped_at = run.data.metrics["progress/epoch"]
+    assert 0 < stopped_at < 2, "interrupted mid-run"
+
+    train(f"resume={run.info.run_id}", cwd=tmp_path, store=store,
+          env={})  # hydra.run.dir differs from the first run's: the checkpoint is found through the run id
+    client, resumed = only_run(store)
+    assert resumed.info.run_id == run.info.run_id and resumed.info.status == "FINISHED"
+    # metric steps continue with no gap and no duplicate: exactly the uninterrupted run's steps
+    assert steps(client, run.info.run_id, "train/loss") == uninterrupted["train/loss"]
+    assert steps(client, run.info.run_id, "val/loss") == uninterrupted["val/loss"]
+    # the same data order and updates: the same final model
+    for key in ("test/loss", "test/acc", "progress/updates", "progress/epoch"):
+        assert resumed.data.metrics[key] == pytest.approx(uninterrupted["metrics"][key], rel=1e-5), key
+
+
+def test_sigkill_resumes_from_the_last_periodic_checkpoint(tmp_path, store, uninterrupted):
+    proc = start(tmp_path, store, *LONG, "trainer.checkpoint_every_seconds=1")
+    wait_for(proc, "first update")
+    ckpt = tmp_path / "outputs" / "run" / "checkpoints" / "last.ckpt"
+    deadline = time.monotonic() + 60
+    while not ckpt.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(0.5)
+    proc.kill()
+    proc.wait(timeout=30)
+    client, run = only_run(store)
+    assert run.info.status == "RUNNING"  # nobody could mark it: resume corrects it
+    assert run.data.metrics["progress/epoch"] < 2
+
+    train(f"resume={tmp_path / 'outputs' / 'run'}", cwd=tmp_path, store=store)  # by output folder this time
+    client, resumed = only_run(store)
+    assert resumed.info.status == "FINISHED"
+    assert steps(client, run.info.run_id, "train/loss") == uninterrupted["train/loss"]
+    assert resumed.data.metrics["test/loss"] == pytest.approx(uninterrupted["metrics"]["test/loss"], rel=1e-5)
+
+
+def test_resume_of_something_unknown_is_a_clear_error(tmp_path, store, mnist_root):
+    proc = train("resume=0123456789abcdef", cwd=tmp_path, store=store, check=False)
+    assert proc.returncode != 0
+    assert "resume='0123456789abcdef': neither a run folder nor a run id" in proc.stderr + proc.stdout
+
+
+def test_divergence_stops_the_run_and_marks_it_failed(tmp_path, store, mnist_root):
+    proc = train("optimizer=sgd", "optimizer.lr=1e20", "data.limit_train=4000", "trainer.max_epochs=3",
+                 cwd=tmp_path, store=store, check=False)
+    assert proc.returncode == 3
+    out = proc.stdout + proc.stderr
+    assert "diverged: train/loss became nan" in out or "diverged: train/loss became inf" in out
+    assert "Traceback" not in out
+    client, run = only_run(store)
+    assert run.info.status == "FAILED"
+    tags = run.data.tags
+    assert tags["diverged"] == "true" and int(tags["diverged.examples"]) <= 1200 + 128
+    assert int(tags["diverged.updates"]) >= 1
+    assert "test/acc" not in run.data.metrics
+
+
+def test_a_diverged_job_does_not_stop_the_sweep(tmp_path, store, mnist_root):
+    train("optimizer=sgd", "optimizer.lr=1e20,0.01", "data.limit_train=2000", "trainer.max_epochs=1",
+          "logger.log_checkpoint=false", cwd=tmp_path, store=store, multirun=True)
+    client = MlflowClient(store)
+    runs = client.search_runs([client.get_experiment_by_name("descent").experiment_id])
+    [parent] = [r for r in runs if r.data.tags.get("descent.sweep") == "true"]
+    children = {r.data.params["optimizer.lr"]: r for r in runs if r is not parent}
+    assert children["1e+20"].info.status == "FAILED" and children["1e+20"].data.tags["diverged"] == "true"
+    assert children["0.01"].info.status == "FINISHED" and "test/acc" in children["0.01"].data.metrics
+    assert parent.info.status == "FINISHED"
+    assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in children.values())
