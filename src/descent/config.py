@@ -1,0 +1,240 @@
+"""Check the composed config before anything is built and before any MLflow run exists.
+
+Every problem is reported at once, one per line, naming the key, the value given and what is allowed.
+A `_target_` is imported only from torch.optim, torch.nn or descent, and only after that check.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import math
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import InterpolationResolutionError
+
+TARGET_PREFIXES = ("torch.optim.", "torch.nn.", "descent.")
+N_TRAIN = 60000  # MNIST's training examples, which val_size and limit_train divide up
+
+
+class ConfigError(ValueError):
+    """The config asks for something we refuse; one problem per line."""
+
+
+# a rule is (test of the resolved value, what is allowed in words)
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def integer(lo: int, hi: int | None = None, why: str = ""):
+    words = f"an integer >= {lo}" if hi is None else f"an integer in [{lo}, {hi}]"
+    return (lambda v: _is_int(v) and lo <= v and (hi is None or v <= hi)), words + (f" ({why})" if why else "")
+
+
+def nullable(rule, meaning: str):
+    test, words = rule
+    return (lambda v: v is None or test(v)), f"null ({meaning}) or {words}"
+
+
+BOOLEAN = (lambda v: isinstance(v, bool), "true or false")
+BOOLEAN_OR_AUTO = (lambda v: v is None or isinstance(v, bool), "null (torch chooses), true or false")
+STRING = (lambda v: isinstance(v, str) and v != "", "a non-empty string")
+NUMBER = (_is_number, "a finite number")
+POSITIVE = (lambda v: _is_number(v) and v > 0, "a finite number > 0")
+NON_NEGATIVE = (lambda v: _is_number(v) and v >= 0, "a finite number >= 0")
+FRACTION = (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)")
+ANY = (lambda v: True, "anything")  # checked elsewhere, together with other keys
+LR_TABLE = (lambda v: isinstance(v, dict) and all(POSITIVE[0](lr) for lr in v.values()),
+            "a mapping of option names to learning rates > 0")
+
+TOP = {
+    "seed": integer(0, 2**32 - 1),  # lightning's seed_everything refuses the rest
+    "resume": nullable(STRING, "a new run"),
+    "lr_by_batching": LR_TABLE,     # experiment presets: a learning rate per option, picked by interpolation
+    "lr_by_optimizer": LR_TABLE,
+}
+OPTIONAL = {"lr_by_batching", "lr_by_optimizer"}
+SECTIONS = ("trainer", "logger", "data", "model", "optimizer")
+
+TRAINER = {
+    "max_epochs": integer(1),
+    "accelerator": STRING,
+    "log_every_examples": integer(1),
+    "val_every_examples": nullable(integer(1), "at epoch ends only"),
+    "progress_bar": BOOLEAN,
+    "compile_optimizer": BOOLEAN,
+    "flush_denormal": BOOLEAN,
+    "checkpoint_every_seconds": POSITIVE,
+}
+LOGGER = {"experiment_name": STRING, "tracking_uri": STRING, "log_checkpoint": BOOLEAN}
+
+# data, model and optimizer accept the parameters of their _target_'s __init__; these are the ones
+# with limits; the others must match the type of their default.
+TARGET_RULES = {
+    "data": {"name": STRING, "root": STRING, "download": BOOLEAN, "chunk_size": integer(1),
+             "val_size": ANY, "limit_train": ANY, "batch_size": ANY},  # see _data_sizes
+    "model": {"in_features": integer(1), "hidden": integer(1), "classes": integer(1),
+              "init": (lambda v: v in ("keras", "torch"), "one of keras, torch")},
+    "optimizer": {
+        "_partial_": (lambda v: v is True, "true (the module calls it on the model's parameters)"),
+        "lr": POSITIVE,
+        "momentum": FRACTION,
+        "dampening": (lambda v: _is_number(v) and 0 <= v <= 1, "a number in [0, 1]"),
+        "betas": (lambda v: isinstance(v, list) and len(v) == 2 and all(map(FRACTION[0], v)),
+                  "a pair of numbers, each in [0, 1)"),
+        "eps": POSITIVE,
+        "alpha": FRACTION,  # RMSprop's decay of the mean squared gradient (keras' rho)
+        "weight_decay": NON_NEGATIVE,
+        "foreach": BOOLEAN_OR_AUTO,
+        "fused": BOOLEAN_OR_AUTO,
+    },
+}
+SUPPLIED = {"data": {"seed"}, "optimizer": {"params"}}  # arguments train.py and the module pass themselves
+
+
+def _show(v) -> str:
+    if v is None or isinstance(v, bool):
+        return {None: "null", True: "true", False: "false"}[v]
+    return repr(v)
+
+
+def _why(e: Exception) -> str:
+    return str(e).splitlines()[0]
+
+
+def _refused_targets(cfg: DictConfig) -> list[str]:
+    """Every _target_ outside the allowed packages, found without importing or resolving anything else."""
+    problems = []
+
+    def walk(node, path):
+        for key in node.keys() if isinstance(node, DictConfig) else range(len(node)):
+            if key == "_target_":
+                try:
+                    target = node[key]
+                except InterpolationResolutionError as e:
+                    target = f"<cannot be resolved: {_why(e)}>"
+                if not (isinstance(target, str) and target.startswith(TARGET_PREFIXES)):
+                    problems.append(f"{path}_target_={_show(target)}: refused; "
+                                    "_target_ must be in torch.optim, torch.nn or descent")
+            elif OmegaConf.is_interpolation(node, key) or OmegaConf.is_missing(node, key):
+                continue  # a value we need not resolve here (containers are walked where they are defined)
+            elif OmegaConf.is_config(child := node[key]):
+                walk(child, f"{path}{key}.")
+
+    walk(cfg, "")
+    return problems
+
+
+def check_targets(cfg: DictConfig) -> None:
+    if problems := _refused_targets(cfg):
+        raise ConfigError("\n".join(problems))
+
+
+def _check(node: DictConfig, prefix: str, rules: dict, required, where: str, problems: list) -> dict:
+    """Unknown and missing keys, then each value (resolved) against its rule; returns the values checked."""
+    values = {}
+    for key in node:
+        name = prefix + str(key)
+        if key not in rules:
+            allowed = ", ".join(k for k in rules if not k.startswith("_"))
+            problems.append(f"{name}: unknown key; allowed keys{where}: {allowed}")
+        elif rules.get(key) is not None and not OmegaConf.is_missing(node, key):
+            try:
+                value = node[key]
+                value = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+            except InterpolationResolutionError as e:
+                problems.append(f"{name}: cannot be resolved: {_why(e)}")
+                continue
+            values[key] = value
+            test, words = rules[key]
+            if not test(value):
+                problems.append(f"{name}={_show(value)}: must be {words}")
+    for key in required:
+        if key not in node or OmegaConf.is_missing(node, key):
+            problems.append(f"{prefix}{key}: missing; must be {rules[key][1]}")
+    return values
+
+
+def _target_rules(name: str, node: DictConfig, problems: list) -> tuple[dict, list, str] | None:
+    """The keys the section's _target_ accepts, with their rules; None when it has no usable target."""
+    if "_target_" not in node:
+        problems.append(f"{name}._target_: missing; must name a class in torch.optim, torch.nn or descent")
+        return None
+    target = OmegaConf.select(node, "_target_", throw_on_resolution_failure=False)
+    if not (isinstance(target, str) and target.startswith(TARGET_PREFIXES)):
+        return None  # refused by _refused_targets, and never imported
+    module, _, attr = target.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as e:
+        problems.append(f"{name}._target_={_show(target)}: cannot be imported ({_why(e)})")
+        return None
+    if not inspect.isclass(cls):
+        problems.append(f"{name}._target_={_show(target)}: must name a class")
+        return None
+    params = [p for p in inspect.signature(cls).parameters.values()
+              if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and p.name not in SUPPLIED.get(name, ())]
+    # a parameter without a rule of ours must at least have the type of its default
+    by_default = {p.name: BOOLEAN if isinstance(p.default, bool) else NUMBER if _is_number(p.default) else None
+                  for p in params}
+    rules = {"_target_": None, **({"_partial_": None} if name == "optimizer" else {}), **by_default}
+    rules |= {k: rule for k, rule in TARGET_RULES[name].items() if k in rules}
+    required = [p.name for p in params if p.default is p.empty] + (["_partial_"] if name == "optimizer" else [])
+    return rules, required, f" for {target}"
+
+
+def _data_sizes(data: dict) -> list[str]:
+    """val_size, limit_train and batch_size bound each other: each is checked against those before it."""
+    problems = []
+    rule = integer(0, N_TRAIN - 1, f"the {N_TRAIN} training examples, minus at least one for training")
+    val_size = data.get("val_size", 0)
+    if not rule[0](val_size):
+        problems.append(f"data.val_size={_show(val_size)}: must be {rule[1]}")
+        val_size = 0  # judge the others as if nothing were held out
+    n = N_TRAIN - val_size
+    rule = nullable(integer(1, n, "the training examples left after data.val_size"), "all of them")
+    limit = data.get("limit_train")
+    if not rule[0](limit):
+        problems.append(f"data.limit_train={_show(limit)}: must be {rule[1]}")
+    elif limit is not None:
+        n = limit
+    rule = nullable(integer(1, n, "the training examples after val_size and limit_train"), "the whole training set")
+    if "batch_size" in data and not rule[0](data["batch_size"]):
+        problems.append(f"data.batch_size={_show(data['batch_size'])}: must be {rule[1]}")
+    return problems
+
+
+def _nesterov(opt: dict) -> list[str]:
+    momentum, dampening = opt.get("momentum", 0), opt.get("dampening", 0)
+    if opt.get("nesterov") is True and not (_is_number(momentum) and momentum > 0 and dampening == 0):
+        return [f"optimizer.nesterov=true: must be false unless optimizer.momentum > 0 and optimizer.dampening = 0 "
+                f"(momentum is {_show(momentum)}, dampening {_show(dampening)})"]
+    return []
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise ConfigError listing every problem of the config; import only allowed _target_s."""
+    problems = _refused_targets(cfg)
+    top_rules = {**TOP, **dict.fromkeys(SECTIONS)}
+    _check(cfg, "", top_rules, [k for k in TOP if k not in OPTIONAL], " at the top level", problems)
+    for name in SECTIONS:
+        node = cfg.get(name)
+        if not isinstance(node, DictConfig):
+            problems.append(f"{name}={_show(node)}: must be a mapping of {name}.* keys")
+            continue
+        if name in ("trainer", "logger"):
+            rules = TRAINER if name == "trainer" else LOGGER
+            _check(node, f"{name}.", rules, list(rules), "", problems)
+        elif accepted := _target_rules(name, node, problems):
+            values = _check(node, f"{name}.", *accepted, problems)
+            if name == "data":
+                problems += _data_sizes(values)
+            if name == "optimizer":
+                problems += _nesterov(values)
+    if problems:
+        raise ConfigError("\n".join(problems))
