@@ -1,0 +1,588 @@
+"""descent's loop against the plain PyTorch loop and Keras 3, on the MNIST runs of ch. 2.
+
+    make bench                                   # full run: ~8 minutes on 2 cores
+    make bench ARGS="--quick --no-keras"         # smoke test: tiny sizes, under a minute
+    make bench ARGS="--out benchmarks/RESULTS.md"
+
+How it measures (the same on every row):
+- every (regime, contender) trains in a fresh subprocess on the real MNIST cache: one warm-up epoch
+  (the first iterations in a process are several times slower here), then timed epochs; the set runs
+  `--rounds` times with the contender order reversed each round, and the table gives medians over
+  all timed epochs. --quick runs all torch jobs in one process instead (faster, memory less clean).
+- same model (descent.model.MLP, keras init, seed 0), same data order (descent.data.epoch_permutation),
+  same hyperparameters (conf/optimizer/*.yaml); flush-denormal on for descent and the plain loop.
+- descent = a real pytorch_lightning.Trainer fitting descent.model.Classifier on MNISTDataModule, built
+  from conf/ as src/train.py builds it; its time is the Classifier's own clock (train_seconds: from
+  on_train_epoch_start to the epoch's last update, lightning's per-chunk overhead included).
+- plain = descent.reference.plain_train with torch's default optimizer (for-loop, not fused, eager).
+- peak memory = the process's resident-set high-water mark (VmHWM) over the job, and in brackets its
+  growth over the resident set after imports (torch + lightning alone hold ~900 MiB here).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+HERE = Path(__file__).resolve().parent
+SEED = 0
+FIRST_UPDATE = re.compile(r"first update ([0-9.]+) s after the process started")
+
+
+@dataclass(frozen=True)
+class Regime:
+    key: str                  # row label
+    title: str
+    optimizer: str            # conf/optimizer/<name>.yaml
+    batching: str             # conf/batching/<name>.yaml
+    limit: int | None         # first N training examples; None = all 60000
+    epochs: int               # warm-up epoch included
+    contenders: tuple[str, ...]
+    target: float             # descent's median must be <= target x the plain loop's
+
+
+def regimes(quick: bool, keras: bool) -> list[Regime]:
+    seed = ("plain", "descent", "descent-compiled", "descent-mlflow") + (("keras",) if keras else ())
+    online_n = 100 if quick else 2000
+    return [
+        Regime("seed", "rmsprop, batch 128", "rmsprop", "mini", 2048 if quick else None, 3 if quick else 5, seed, 0.8),
+        Regime("online-sgd", f"sgd lr 0.01, batch 1, first {online_n}", "sgd", "online", online_n,
+               3 if quick else 4, ("plain", "descent"), 1.0),
+        Regime("online-rmsprop", f"rmsprop, batch 1, first {online_n}", "rmsprop", "online", online_n,
+               3 if quick else 4, ("plain", "descent", "descent-compiled"), 1.0),
+        Regime("full-batch", "sgd lr 0.01, batch = all", "sgd", "full", 2048 if quick else None,
+               3 if quick else 6, ("plain", "descent"), 1.1),
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# the worker: runs jobs in this process and writes one JSON result per job
+
+def rss_mib(field_name: str) -> float:
+    for line in open("/proc/self/status"):
+        if line.startswith(field_name + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+class Others:
+    """CPU that other processes (and the hypervisor's steal) took while we ran, as a share of all cores.
+
+    /proc/stat's busy time minus this process's own CPU time, between two calls of share(). On a shared
+    2-core machine this is what explains an outlier: 2 intra-op threads wait on each other at every
+    parallel op, and one of them descheduled costs a whole time slice.
+    """
+
+    def __init__(self):
+        self.last = self.sample()
+
+    @staticmethod
+    def sample() -> tuple[float, float, float]:
+        with open("/proc/stat") as f:
+            ticks = [int(v) for v in f.readline().split()[1:9]]  # user nice system idle iowait irq softirq steal
+        busy = (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+        return time.perf_counter(), busy, time.process_time()
+
+    def share(self) -> float:
+        (w0, b0, own0), (w1, b1, own1) = self.last, self.sample()
+        self.last = (w1, b1, own1)
+        return max(0.0, (b1 - b0) - (own1 - own0)) / max(w1 - w0, 1e-9) / os.cpu_count()
+
+
+def reset_peak_rss() -> bool:
+    try:  # linux >= 4.0: "5" resets VmHWM to the current resident set
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def flush_denormal() -> None:
+    import numpy as np
+    import torch
+
+    np.finfo(np.float32), np.finfo(np.float64)  # as Classifier.on_fit_start: numpy caches its limits first
+    torch.set_flush_denormal(True)
+
+
+def compose(job: dict):
+    from hydra import compose as hydra_compose, initialize_config_dir
+
+    compiled = job["contender"] == "descent-compiled"
+    overrides = [
+        f"optimizer={job['optimizer']}", f"batching={job['batching']}", f"seed={SEED}",
+        f"data.root={job['data']}", f"data.limit_train={job['limit'] if job['limit'] else 'null'}",
+        f"trainer.max_epochs={job['epochs']}", f"trainer.compile_optimizer={str(compiled).lower()}",
+        "logger.experiment_name=bench",
+    ]
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return hydra_compose("train", overrides=overrides)
+
+
+def accuracy(net, x, y) -> float:
+    import torch
+
+    with torch.no_grad():
+        net.eval()
+        correct = sum(int((net(x[i : i + 8192]).argmax(1) == y[i : i + 8192]).sum()) for i in range(0, len(x), 8192))
+        net.train()
+    return correct / len(x)
+
+
+def run_plain(job: dict, cfg) -> dict:
+    import torch
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from descent.data import ensure_mnist, epoch_permutation, load_split
+    from descent.reference import plain_train
+
+    ensure_mnist(cfg.data.root, download=False)
+    x, y = load_split(cfg.data.root, train=True)
+    n = cfg.data.limit_train or len(x)
+    x, y = x[:n].contiguous(), y[:n]
+    batch = cfg.data.batch_size or n
+    torch.manual_seed(cfg.seed)  # what pl.seed_everything does for torch: the same initial weights
+    net = instantiate(cfg.model)
+    # torch's default implementation (on CPU the for-loop one): drop the config's `fused: true`
+    hyper = {k: v for k, v in OmegaConf.to_container(cfg.optimizer).items() if k not in ("fused", "foreach")}
+    optimizer = instantiate(hyper)(net.parameters())
+    flush_denormal()
+
+    seconds, updates, others = [], [], []
+    perm0 = epoch_permutation(n, cfg.seed, 0)
+    for epoch in range(cfg.trainer.max_epochs):
+        # plain_train(epochs=1) always draws epoch 0's permutation; feeding it x[q] with q[perm0] = perm
+        # makes it visit exactly epoch `epoch`'s order (the reordering is outside the clock)
+        q = torch.empty_like(perm0)
+        q[perm0] = epoch_permutation(n, cfg.seed, epoch)
+        xe, ye = x[q], y[q]
+        busy = Others()
+        tic = time.perf_counter()
+        k = plain_train(net, optimizer, xe, ye, batch_size=batch, epochs=1, seed=cfg.seed)
+        seconds.append(time.perf_counter() - tic)
+        updates.append(k)
+        others.append(busy.share())
+    result = {"seconds": seconds, "updates": updates, "others": others}
+    if job["regime"] == "seed":
+        xt, yt = load_split(cfg.data.root, train=False)
+        result["test_acc"] = accuracy(net, xt, yt)
+    return result
+
+
+def run_descent(job: dict, cfg) -> dict:
+    import pytorch_lightning as pl
+    from hydra.utils import instantiate
+
+    from descent import tracking
+    from descent.model import Classifier
+
+    class EpochClock(pl.Callback):
+        """Reads the Classifier's clock and update count at each epoch boundary; times the first compiled steps."""
+
+        def __init__(self):
+            self.marks, self.wall, self.others, self.compile_s, self.calls = [], [], [], 0.0, 0
+            self.busy = Others()
+
+        def on_train_start(self, trainer, module):
+            if not module.compile_optimizer:
+                return
+            compiled = module.opt_step
+
+            def first_steps(*args, **kwargs):  # compiling happens inside the first calls (state init, then steady)
+                tic = time.perf_counter()
+                out = compiled(*args, **kwargs)
+                if self.calls < 3:
+                    self.compile_s += time.perf_counter() - tic
+                    self.calls += 1
+                    if self.calls == 3:
+                        module.opt_step = compiled
+                return out
+
+            module.opt_step = first_steps
+
+        def on_train_epoch_start(self, trainer, module):  # runs before the module's hook: the last epoch is closed
+            self.mark(module)
+
+        def on_train_end(self, trainer, module):
+            self.mark(module)
+
+        def mark(self, module):
+            self.marks.append((module.train_seconds, module.updates))
+            self.wall.append(time.perf_counter())
+            self.others.append(self.busy.share())
+
+    def timed(logger, name: str) -> None:
+        """Add the time spent in logger.<name> (outermost calls only) to logger.bench_seconds."""
+        fn = getattr(logger, name)
+
+        def wrapper(*args, **kwargs):
+            logger.bench_depth += 1
+            tic = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                logger.bench_depth -= 1
+                if logger.bench_depth == 0:
+                    logger.bench_seconds += time.perf_counter() - tic
+
+        setattr(logger, name, wrapper)  # an instance attribute: self.flush() inside the logger finds it too
+
+    pl.seed_everything(cfg.seed, verbose=False)
+    datamodule = instantiate(cfg.data, seed=cfg.seed)
+    module = Classifier(
+        net=instantiate(cfg.model),
+        optimizer=instantiate(cfg.optimizer),
+        log_every_examples=cfg.trainer.log_every_examples,
+        val_every_examples=cfg.trainer.val_every_examples,
+        compile_optimizer=cfg.trainer.compile_optimizer,
+        flush_denormal=cfg.trainer.flush_denormal,
+    )
+    logger = False
+    if job["contender"] == "descent-mlflow":  # built as train.py builds it, against a temporary sqlite store
+        os.environ["MLFLOW_TRACKING_URI"] = job["store"]
+        choices = {"data": "mnist", "model": "mlp", "optimizer": job["optimizer"], "batching": job["batching"]}
+        logger = tracking.make_logger(cfg, choices, str(ROOT), {})
+        logger.experiment  # the store and the run exist before fit, as in train.py (a one-off, not per epoch)
+        logger.bench_seconds, logger.bench_depth = 0.0, 0
+        for name in ("log_metrics", "flush", "save"):
+            timed(logger, name)
+    clock = EpochClock()
+    trainer = pl.Trainer(
+        max_epochs=cfg.trainer.max_epochs, accelerator="cpu", devices=1, logger=logger, callbacks=[clock],
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        num_sanity_val_steps=0, limit_val_batches=0, log_every_n_steps=1,
+    )
+    tic = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule)
+    fit_s = time.perf_counter() - tic
+    if logger:
+        logger.end("FINISHED")
+
+    marks = clock.marks
+    result = {
+        "seconds": [b[0] - a[0] for a, b in zip(marks, marks[1:])],
+        "updates": [b[1] - a[1] for a, b in zip(marks, marks[1:])],
+        "wall_seconds": [b - a for a, b in zip(clock.wall, clock.wall[1:])],
+        "others": clock.others[1:],
+        "fit_seconds": fit_s,
+    }
+    if module.compile_optimizer:
+        result["compile_seconds"] = clock.compile_s
+    if logger:
+        result["logger_seconds"] = logger.bench_seconds
+        result["train_seconds"] = module.train_seconds
+    if job["regime"] == "seed":
+        result["test_acc"] = module.evaluate(datamodule.x_test, datamodule.y_test)[1]
+    return result
+
+
+def worker(jobs_file: str) -> None:
+    jobs = json.loads(Path(jobs_file).read_text())
+    import torch  # noqa: F401  (imports first: the baseline below is "torch and friends loaded")
+    import pytorch_lightning  # noqa: F401
+
+    import descent.data  # noqa: F401
+    import descent.model  # noqa: F401
+
+    for job in jobs:
+        cfg = compose(job)
+        base = rss_mib("VmRSS")
+        clean = reset_peak_rss()
+        run = run_plain if job["contender"] == "plain" else run_descent
+        result = run(job, cfg)
+        result.update(
+            peak_rss_mib=rss_mib("VmHWM") if clean else float("nan"), base_rss_mib=base,
+            torch=torch.__version__, threads=torch.get_num_threads(),
+            interop_threads=torch.get_num_interop_threads(),
+        )
+        Path(job["result"]).write_text(json.dumps(result))
+
+
+# ---------------------------------------------------------------------------------------------
+# the driver
+
+@dataclass
+class Row:
+    regime: Regime
+    contender: str
+    seconds: list[float] = field(default_factory=list)   # per timed epoch
+    updates: list[int] = field(default_factory=list)
+    others: list[float] = field(default_factory=list)   # other processes' share of the cores, per timed epoch
+    extra: dict[str, list] = field(default_factory=dict)
+
+    def add(self, result: dict, warmup: int = 1) -> None:
+        self.seconds += result["seconds"][warmup:]
+        self.updates += result["updates"][warmup:]
+        self.others += result["others"][warmup:]
+        for k, v in result.items():
+            if k not in ("seconds", "updates", "others"):
+                self.extra.setdefault(k, []).append(v)
+
+    @property
+    def ms_per_update(self) -> list[float]:
+        return [1000 * s / u for s, u in zip(self.seconds, self.updates)]
+
+    def median_epoch(self) -> float:
+        """Seconds per epoch of all 60000 examples, extrapolated from the subset when the regime uses one."""
+        n = self.regime.limit or 60000
+        return statistics.median(s * 60000 / n for s in self.seconds)
+
+
+def wait_quiet(max_seconds: float, threshold: float = 0.15) -> float:
+    """Wait (up to max_seconds) for a second in which other processes use < threshold of the cores."""
+    tic = time.perf_counter()
+    busy = Others()
+    while time.perf_counter() - tic < max_seconds:
+        time.sleep(1.0)
+        if busy.share() < threshold:
+            break
+    return time.perf_counter() - tic
+
+
+def run_checked(args: list[str], env: dict, timeout: float, what: str, cwd: Path) -> subprocess.CompletedProcess:
+    # cwd: a temporary folder, so that nothing (MLflow's ./mlruns artifacts above all) lands in the project
+    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        sys.exit(f"{what} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def run_jobs(jobs: list[dict], tmp: Path, env: dict) -> None:
+    spec = tmp / f"jobs-{time.monotonic_ns()}.json"
+    spec.write_text(json.dumps(jobs))
+    what = ", ".join(f"{j['regime']}/{j['contender']}" for j in jobs)
+    run_checked([sys.executable, str(Path(__file__).resolve()), "--worker", str(spec)], env, 1200, what, tmp)
+
+
+def run_keras(regime: Regime, data: str, tmp: Path, env: dict) -> dict:
+    out = tmp / f"keras-{time.monotonic_ns()}.json"
+    run_checked(
+        [sys.executable, str(HERE / "keras_seed.py"), "--data", data, "--epochs", str(regime.epochs),
+         "--limit", str(regime.limit or 0), "--seed", str(SEED), "--out", str(out)],
+        {**env, "KERAS_BACKEND": "torch"}, 1200, "keras", tmp,
+    )
+    return json.loads(out.read_text())
+
+
+def first_update_seconds(runs: int, data: str, tmp: Path, env: dict) -> tuple[list[float], list[float]]:
+    """`python src/train.py ...` as a user types it: seconds from process start to the first update, and to exit."""
+    firsts, walls = [], []
+    run_env = {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'startup' / 'mlflow.db'}"}
+    (tmp / "startup").mkdir(exist_ok=True)
+    for i in range(runs):
+        run_dir = tmp / "startup" / f"run{i}"
+        args = [sys.executable, str(ROOT / "src" / "train.py"), "trainer.max_epochs=1", "data.limit_train=1024",
+                "trainer.progress_bar=false", "logger.log_checkpoint=false", f"data.root={data}",
+                f"hydra.run.dir={run_dir}"]
+        tic = time.perf_counter()
+        proc = run_checked(args, run_env, 600, "src/train.py", tmp / "startup")
+        walls.append(time.perf_counter() - tic)
+        text = proc.stdout + proc.stderr + "".join(p.read_text() for p in run_dir.glob("*.log"))
+        match = FIRST_UPDATE.search(text)
+        if not match:
+            sys.exit(f"src/train.py did not log 'first update ... s after the process started':\n{text[-3000:]}")
+        firsts.append(float(match.group(1)))
+    return firsts, walls
+
+
+def machine(info: dict) -> list[str]:
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
+    return [
+        f"- CPU: {cpu}, {os.cpu_count()} logical cores ({len(os.sched_getaffinity(0))} usable); "
+        f"{platform.system()} {platform.release()}; Python {platform.python_version()}",
+        f"- torch {info.get('torch', '?')}, {info.get('threads', '?')} intra-op threads, "
+        f"{info.get('interop_threads', '?')} inter-op; flush-denormal on for descent and the plain loop"
+        + (f"; keras {info['keras']} (torch backend, flush-denormal off: as a user gets it)" if "keras" in info
+           else "; Keras not run (--no-keras, or not installed: pip install -e '.[bench]')"),
+        f"- load average at start / end: {info['load_start']} / {info['load_end']} (another user shares this machine)",
+    ]
+
+
+def fmt(x: float, digits: int = 3) -> str:
+    if x != x:  # nan
+        return "-"
+    return f"{x:.{digits}g}" if abs(x) < 1000 else f"{x:.0f}"
+
+
+def verdict(ratio: float, target: float, what: str) -> str:
+    return f"<= {target:g}x {what}: {'met' if ratio <= target else 'MISSED'} ({ratio:.2f}x)"
+
+
+def table(rows: dict[tuple[str, str], Row], regs: list[Regime]) -> list[str]:
+    head = ["regime", "contender", "n", "s / epoch of 60000", "ms / update", "x plain", "x Keras",
+            "peak RSS MiB (+ over imports)", "test acc", "others' CPU %", "target", "notes"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for reg in regs:
+        plain = rows[reg.key, "plain"]
+        keras = rows.get((reg.key, "keras"))
+        for name in reg.contenders:
+            row = rows[reg.key, name]
+            epoch = row.median_epoch()
+            per_update = statistics.median(row.ms_per_update)
+            ratio = statistics.median(row.ms_per_update) / statistics.median(plain.ms_per_update)
+            vs_keras = epoch / keras.median_epoch() if keras else float("nan")
+            peaks, bases = row.extra.get("peak_rss_mib", [float("nan")]), row.extra.get("base_rss_mib", [float("nan")])
+            peak = max(peaks)
+            grown = max(p - b for p, b in zip(peaks, bases))
+            acc = statistics.median(row.extra["test_acc"]) if "test_acc" in row.extra else float("nan")
+            target = ""
+            if name.startswith("descent") and name != "descent-mlflow":
+                target = verdict(ratio, reg.target, "plain")
+                if reg.key == "seed" and keras:
+                    target += "; " + verdict(vs_keras, 0.5, "Keras")
+            spread = row.seconds if reg.batching != "online" else row.ms_per_update
+            unit = "s" if reg.batching != "online" else "ms/update"
+            notes = [f"range {fmt(min(spread))}-{fmt(max(spread))} {unit}"]
+            if "compile_seconds" in row.extra:
+                notes.append("compile " + ", ".join(f"{c:.1f}" for c in row.extra["compile_seconds"]) + " s (excluded)")
+            if "wall_seconds" in row.extra and reg.batching != "online":
+                walls = [w for ws in row.extra["wall_seconds"] for w in ws[1:]]
+                notes.append(f"lightning wall {fmt(statistics.median(walls))} s/epoch")
+            lines.append("| " + " | ".join([
+                f"{reg.key} ({reg.title})", name, str(len(row.seconds)), fmt(epoch), fmt(per_update),
+                f"{ratio:.2f}", "-" if vs_keras != vs_keras else f"{vs_keras:.2f}",
+                f"{peak:.0f} (+{grown:.0f})" if peak == peak else "-", "-" if acc != acc else f"{acc:.4f}",
+                f"{100 * statistics.median(row.others):.0f} (max {100 * max(row.others):.0f})",
+                target, "; ".join(notes),
+            ]) + " |")
+    return lines
+
+
+def overheads(rows: dict[tuple[str, str], Row], firsts: list[float], walls: list[float]) -> list[str]:
+    lines = ["| overhead | median | values | notes |", "|---|---|---|---|"]
+    if ("seed", "descent-mlflow") in rows:
+        mlflow = rows["seed", "descent-mlflow"]
+        share = [100 * lg / tr for lg, tr in zip(mlflow.extra["logger_seconds"], mlflow.extra["train_seconds"])]
+        diff = 100 * (mlflow.median_epoch() / rows["seed", "descent"].median_epoch() - 1)
+        lines.append(
+            f"| MLflow logging, % of seed-epoch time | {statistics.median(share):.2f} % | "
+            + ", ".join(f"{s:.2f}" for s in share)
+            + " | time inside descent.tracking.Logger's log_metrics/flush/save (sqlite store, final flush included) "
+            f"over the Classifier's training seconds; epoch medians with vs without the logger differ by {diff:+.1f} % |"
+        )
+    if firsts:
+        lines.append(
+            f"| start-up to first update, s | {statistics.median(firsts):.2f} s | "
+            + ", ".join(f"{s:.2f}" for s in firsts)
+            + " | `src/train.py trainer.max_epochs=1 data.limit_train=1024` (descent's own log line); whole command "
+            f"{statistics.median(walls):.1f} s; the first run creates the sqlite store |"
+        )
+    return lines + [""] if len(lines) > 2 else []
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="tiny sizes, one worker process: a smoke test (< 60 s)")
+    p.add_argument("--no-keras", action="store_true", help="skip the Keras 3 contender")
+    p.add_argument("--out", help="also write the Markdown report to this file")
+    p.add_argument("--rounds", type=int, help="repetitions of the whole set, contender order reversed each time "
+                   "(default 2, --quick 1)")
+    p.add_argument("--max-wait", type=float, help="seconds to wait before each job for the other processes "
+                   "on this machine to go quiet (default 30, --quick 0)")
+    p.add_argument("--only", help="comma-separated regimes to run (seed, online-sgd, online-rmsprop, full-batch, "
+                   "startup); default all")
+    p.add_argument("--data", type=lambda d: str(Path(d).resolve()), default=str(ROOT / "data"), help="MNIST root (IDX files under <data>/MNIST/raw)")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        return worker(args.worker)
+
+    t_start = time.perf_counter()
+    started = datetime.datetime.now().astimezone()
+    keras = not args.no_keras and _has_keras()
+    rounds = args.rounds or (1 if args.quick else 2)
+    max_wait = args.max_wait if args.max_wait is not None else (0 if args.quick else 30)
+    waited = 0.0
+    only = set(args.only.split(",")) if args.only else None
+    regs = [r for r in regimes(args.quick, keras) if only is None or r.key in only]
+    rows = {(r.key, c): Row(r, c) for r in regs for c in r.contenders}
+    info: dict = {"load_start": open("/proc/loadavg").read().split()[0]}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in [str(ROOT / "src"), os.environ.get("PYTHONPATH")] if p)}
+
+    with tempfile.TemporaryDirectory(prefix="descent-bench-") as tmp_name:
+        tmp = Path(tmp_name)
+        store = f"sqlite:///{tmp / 'mlflow.db'}"
+        for rnd in range(rounds):
+            pending = []
+            for reg in regs:
+                order = reg.contenders if rnd % 2 == 0 else reg.contenders[::-1]
+                for name in order:
+                    if not args.quick:
+                        waited += wait_quiet(max_wait) if max_wait > 0 else 0.0
+                    if name == "keras":
+                        print(f"round {rnd + 1}/{rounds}: {reg.key} / keras", file=sys.stderr, flush=True)
+                        result = run_keras(reg, args.data, tmp, env)
+                        info["keras"] = result.pop("keras")
+                        rows[reg.key, name].add(result)
+                        continue
+                    job = {"regime": reg.key, "contender": name, "optimizer": reg.optimizer, "batching": reg.batching,
+                           "limit": reg.limit, "epochs": reg.epochs, "data": args.data, "store": store,
+                           "result": str(tmp / f"{reg.key}-{name}-{rnd}.json")}
+                    pending.append(job)
+                    if not args.quick:  # one process per job: a clean peak-memory reading, no state shared
+                        print(f"round {rnd + 1}/{rounds}: {reg.key} / {name}", file=sys.stderr, flush=True)
+                        run_jobs(pending, tmp, env)
+                        pending = []
+            if pending:
+                print(f"round {rnd + 1}/{rounds}: {len(pending)} jobs in one process", file=sys.stderr, flush=True)
+                run_jobs(pending, tmp, env)
+            for reg in regs:
+                for name in reg.contenders:
+                    path = tmp / f"{reg.key}-{name}-{rnd}.json"
+                    if path.exists():
+                        result = json.loads(path.read_text())
+                        info.update({k: result[k] for k in ("torch", "threads", "interop_threads")})
+                        rows[reg.key, name].add(result)
+
+        firsts = walls = []
+        if only is None or "startup" in only:
+            print("start-up: src/train.py", file=sys.stderr, flush=True)
+            firsts, walls = first_update_seconds(1 if args.quick else 3, args.data, tmp, env)
+    info["load_end"] = open("/proc/loadavg").read().split()[0]
+
+    command = "python benchmarks/bench.py" + "".join(" " + shlex.quote(a) for a in (argv or sys.argv[1:]))
+    report = [
+        f"# descent benchmark, {started:%Y-%m-%d %H:%M %Z}",
+        "",
+        f"`{command}` — {rounds} round(s), {time.perf_counter() - t_start:.0f} s in all "
+        f"({waited:.0f} s of it waiting for other processes to go quiet)",
+        "",
+        *machine(info),
+        "",
+        *table(rows, regs),
+        "",
+        *overheads(rows, firsts, walls),
+        "Times: descent = Classifier.train_seconds per epoch (lightning's per-chunk overhead included; "
+        "'lightning wall' = epoch start to epoch start, from a Callback); plain = around plain_train(epochs=1); "
+        "Keras = a Callback's perf_counter from on_epoch_begin to on_epoch_end. Online rows time a subset and "
+        "extrapolate s/epoch to 60000 examples. Medians over timed epochs after one warm-up epoch per process.",
+    ]
+    text = "\n".join(report) + "\n"
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text)
+
+
+def _has_keras() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("keras") is not None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+"""The benchmark's smoke run: every regime and contender measured, every number finite and positive."""
+
+import math
+import subprocess
+import sys
+
+from conftest import ROOT
+
+CONTENDERS = {
+    "seed": {"plain", "descent", "descent-compiled", "descent-mlflow"},
+    "online-sgd": {"plain", "descent"},
+    "online-rmsprop": {"plain", "descent", "descent-compiled"},
+    "full-batch": {"plain", "descent"},
+}
+
+
+def cells(line: str) -> list[str]:
+    return [c.strip() for c in line.strip().strip("|").split("|")]
+
+
+def test_quick_bench_reports_every_regime(tmp_path, mnist_root):
+    out = tmp_path / "bench.md"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench.py"), "--quick", "--no-keras", "--out", str(out)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    text = out.read_text()
+    assert text in proc.stdout  # printed and written alike
+    assert "torch " in text and "intra-op threads" in text and "CPU:" in text
+
+    lines = text.splitlines()
+    head = next(i for i, line in enumerate(lines) if line.startswith("| regime |"))
+    columns = cells(lines[head])
+    seen: dict[str, set[str]] = {}
+    for line in lines[head + 2 :]:
+        if not line.startswith("|"):
+            break
+        row = dict(zip(columns, cells(line)))
+        regime = row["regime"].split()[0]
+        seen.setdefault(regime, set()).add(row["contender"])
+        for key in ("s / epoch of 60000", "ms / update", "x plain"):
+            value = float(row[key])
+            assert math.isfinite(value) and value > 0, (key, line)
+        assert float(row["peak RSS MiB (+ over imports)"].split()[0]) > 0, line
+        if row["contender"].startswith("descent") and row["contender"] != "descent-mlflow":
+            assert "x plain:" in row["target"], line
+        if regime == "seed":
+            assert 0 < float(row["test acc"]) <= 1, line
+    assert seen == CONTENDERS
+
+    overheads = {cells(line)[0]: cells(line) for line in lines if line.startswith("| MLflow") or line.startswith("| start-up")}
+    assert set(overheads) == {"MLflow logging, % of seed-epoch time", "start-up to first update, s"}
+    for name, row in overheads.items():
+        value = float(row[1].split()[0])
+        assert math.isfinite(value) and value > 0, (name, row)
