@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -13,12 +14,37 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from descent.config import ConfigError, validate
+
 log = logging.getLogger("descent")
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    # lightning's import is the slow part of start-up: only after hydra has parsed the command line
+    hc = HydraConfig.get()
+    launch_dir, out_dir = hc.runtime.cwd, Path(hc.runtime.output_dir)
+    try:  # every problem at once, before anything is built and before any MLflow run exists
+        validate(cfg)
+        from descent import tracking  # imports lightning: the slow part of start-up, after the check
+
+        uri = tracking.tracking_uri(cfg.logger.tracking_uri, launch_dir)
+        tracking.check_store(uri)
+        choices = {g: hc.runtime.choices[g] for g in tracking.GROUPS if g in hc.runtime.choices}
+        run_id = ckpt_path = None
+        if cfg.resume:  # continue a run from its last checkpoint, with its own config, into the same MLflow run
+            run_id, out_dir, recorded, choices = tracking.find_resume(str(cfg.resume), uri)
+            ckpt_path = out_dir / "checkpoints" / "last.ckpt"
+            cfg = OmegaConf.merge(recorded, {"resume": cfg.resume})
+            log.info("resuming MLflow run %s from %s", run_id, ckpt_path)
+    except ConfigError as e:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        log.error("invalid config, nothing was run:\n%s", e)
+        sys.exit(2)
+    return train(cfg, hc, launch_dir, out_dir, choices, run_id, ckpt_path)
+
+
+def train(cfg, hc, launch_dir, out_dir, choices, run_id, ckpt_path) -> float | None:
     import pytorch_lightning as pl
     from pytorch_lightning.callbacks import ModelCheckpoint
 
@@ -26,19 +52,7 @@ def main(cfg: DictConfig) -> float | None:
     from descent.model import Classifier, Diverged, SafetyCheckpoints
     from descent.sweep import parent_run_id
 
-    hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
-    launch_dir, out_dir = hc.runtime.cwd, Path(hc.runtime.output_dir)
-    choices = {g: hc.runtime.choices[g] for g in tracking.GROUPS if g in hc.runtime.choices}
-
-    run_id = ckpt_path = None
-    if cfg.resume:  # continue a run from its last checkpoint, with its own config, into the same MLflow run
-        run_id, out_dir, recorded, choices = tracking.find_resume(
-            str(cfg.resume), tracking.tracking_uri(cfg.logger.tracking_uri, launch_dir))
-        ckpt_path = out_dir / "checkpoints" / "last.ckpt"
-        cfg = OmegaConf.merge(recorded, {"resume": cfg.resume})
-        log.info("resuming MLflow run %s from %s", run_id, ckpt_path)
-
     pl.seed_everything(cfg.seed, verbose=False)
     datamodule = instantiate(cfg.data, seed=cfg.seed)
     module = Classifier(

@@ -139,3 +139,16 @@ def test_a_diverged_job_does_not_stop_the_sweep(tmp_path, store, mnist_root):
     assert children["0.01"].info.status == "FINISHED" and "test/acc" in children["0.01"].data.metrics
     assert parent.info.status == "FINISHED"
     assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in children.values())
+
+
+@pytest.mark.parametrize("uri,message", [
+    ("sqlite:////nonexistent/folder/mlflow.db", "the folder /nonexistent/folder does not exist"),
+    ("http://127.0.0.1:9", "the MLflow server does not answer"),
+])
+def test_an_unusable_tracking_store_is_reported_before_training(tmp_path, mnist_root, uri, message):
+    proc = train("data.limit_train=1000", cwd=tmp_path, store=uri, check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2
+    assert f"logger.tracking_uri={uri!r}: {message}" in out
+    assert "first update" not in out and "Traceback" not in out
+

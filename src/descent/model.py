@@ -72,7 +72,7 @@ class SafetyCheckpoints(pl.Callback):
 
     def _save(self, trainer) -> None:
         path = os.path.join(self.checkpoint.dirpath, "last.ckpt")
-        trainer.save_checkpoint(path)
+        trainer.save_checkpoint(path, weights_only=False)  # with the optimizer state, to resume
         self.checkpoint.last_model_path = path
         self.last = time.monotonic()
 

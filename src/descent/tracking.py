@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import time
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import MLFlowLogger
+
+from descent.config import ConfigError
 
 # the config groups whose chosen option becomes a param of its own, for "group by" in the UI
 GROUPS = ("data", "model", "optimizer", "batching")
@@ -20,6 +23,25 @@ def tracking_uri(uri: str, launch_dir: str | Path) -> str:
     if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
         return prefix + str((Path(launch_dir) / uri[len(prefix):]).resolve())
     return uri
+
+
+def check_store(uri: str) -> None:
+    """Fail before training, with a clear message, when the tracking store cannot be reached or written."""
+    import urllib.error
+    import urllib.request
+
+    if uri.startswith("sqlite:///"):
+        path = Path(uri[len("sqlite:///"):])
+        target = path if path.exists() else path.parent
+        if not target.exists():
+            raise ConfigError(f"logger.tracking_uri={uri!r}: the folder {path.parent} does not exist")
+        if not os.access(target, os.W_OK):
+            raise ConfigError(f"logger.tracking_uri={uri!r}: {target} is not writable")
+    elif uri.startswith(("http://", "https://")):
+        try:
+            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5).close()
+        except (urllib.error.URLError, OSError) as e:
+            raise ConfigError(f"logger.tracking_uri={uri!r}: the MLflow server does not answer ({e})") from None
 
 
 def flatten(cfg: DictConfig) -> dict[str, str]:
@@ -126,15 +148,15 @@ def find_resume(target: str, uri: str):
     if path.is_dir():
         id_file = path / "mlflow_run_id"
         if not id_file.is_file():
-            raise ValueError(f"resume={target!r}: {path.resolve()} is not a descent run folder (no mlflow_run_id file)")
+            raise ConfigError(f"resume={target!r}: {path.resolve()} is not a descent run folder (no mlflow_run_id file)")
         target = id_file.read_text().strip()
     try:
         run = client.get_run(target)
     except Exception:
-        raise ValueError(f"resume={str(path)!r}: neither a run folder nor a run id in {uri}") from None
+        raise ConfigError(f"resume={str(path)!r}: neither a run folder nor a run id in {uri}") from None
     out = Path(run.data.tags.get("hydra.output_dir", ""))
     if not (out / "checkpoints" / "last.ckpt").is_file():
-        raise ValueError(f"resume={str(path)!r}: no checkpoint at {out / 'checkpoints' / 'last.ckpt'}")
+        raise ConfigError(f"resume={str(path)!r}: no checkpoint at {out / 'checkpoints' / 'last.ckpt'}")
     with tempfile.TemporaryDirectory() as tmp:
         config = OmegaConf.load(client.download_artifacts(run.info.run_id, "config.yaml", tmp))
     choices = {g: run.data.params[g] for g in GROUPS if g in run.data.params}
