@@ -39,6 +39,7 @@ def seconds_since_process_start() -> float:
 
 
 _IMPORTED = time.perf_counter()
+_FIRST_FIT = True
 log = logging.getLogger(__name__)
 
 
@@ -176,8 +177,10 @@ class Classifier(pl.LightningModule):
         self.resumed_epoch = state["epoch"]
 
     def on_train_start(self) -> None:
-        self.startup_seconds = seconds_since_process_start()
-        log.info("first update %.2f s after the process started", self.startup_seconds)
+        global _FIRST_FIT
+        if _FIRST_FIT:  # start-up cost: only meaningful for the first run of a process (a sweep runs many)
+            _FIRST_FIT = False
+            log.info("first update %.2f s after the process started", seconds_since_process_start())
         self._prepare()  # lightning resuming mid-epoch skips on_train_epoch_start
 
     def on_train_epoch_start(self) -> None:
