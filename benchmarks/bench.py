@@ -39,6 +39,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 HERE = Path(__file__).resolve().parent
 SEED = 0
+CONTENDED = 0.2  # other processes' median share of the cores above which a row's timing is flagged
 FIRST_UPDATE = re.compile(r"first update ([0-9.]+) s after the process started")
 
 
@@ -119,6 +120,11 @@ def flush_denormal() -> None:
     torch.set_flush_denormal(True)
 
 
+def over_budget(job: dict, start: float) -> bool:
+    """The job has used its share of the run's time (checked after warm-up + 1 timed epoch)."""
+    return bool(job.get("budget")) and time.perf_counter() - start > job["budget"]
+
+
 def compose(job: dict):
     from hydra import compose as hydra_compose, initialize_config_dir
 
@@ -148,8 +154,8 @@ def run_plain(job: dict, cfg) -> dict:
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
+    import descent.reference as reference
     from descent.data import ensure_mnist, epoch_permutation, load_split
-    from descent.reference import plain_train
 
     ensure_mnist(cfg.data.root, download=False)
     x, y = load_split(cfg.data.root, train=True)
@@ -164,19 +170,20 @@ def run_plain(job: dict, cfg) -> dict:
     flush_denormal()
 
     seconds, updates, others = [], [], []
-    perm0 = epoch_permutation(n, cfg.seed, 0)
+    start = time.perf_counter()
     for epoch in range(cfg.trainer.max_epochs):
-        # plain_train(epochs=1) always draws epoch 0's permutation; feeding it x[q] with q[perm0] = perm
-        # makes it visit exactly epoch `epoch`'s order (the reordering is outside the clock)
-        q = torch.empty_like(perm0)
-        q[perm0] = epoch_permutation(n, cfg.seed, epoch)
-        xe, ye = x[q], y[q]
+        if epoch >= 2 and over_budget(job, start):
+            break
+        # plain_train(epochs=1) asks for epoch 0's order; answer with epoch `epoch`'s, so that the plain loop
+        # visits the same order as descent's epoch (its code is untouched, and no copy of the data is made)
+        reference.epoch_permutation = lambda n, seed, _, device="cpu", e=epoch: epoch_permutation(n, seed, e, device)
         busy = Others()
         tic = time.perf_counter()
-        k = plain_train(net, optimizer, xe, ye, batch_size=batch, epochs=1, seed=cfg.seed)
+        k = reference.plain_train(net, optimizer, x, y, batch_size=batch, epochs=1, seed=cfg.seed)
         seconds.append(time.perf_counter() - tic)
         updates.append(k)
         others.append(busy.share())
+    reference.epoch_permutation = epoch_permutation
     result = {"seconds": seconds, "updates": updates, "others": others}
     if job["regime"] == "seed":
         xt, yt = load_split(cfg.data.root, train=False)
@@ -196,7 +203,7 @@ def run_descent(job: dict, cfg) -> dict:
 
         def __init__(self):
             self.marks, self.wall, self.others, self.compile_s, self.calls = [], [], [], 0.0, 0
-            self.busy = Others()
+            self.busy, self.start = Others(), time.perf_counter()
 
         def on_train_start(self, trainer, module):
             if not module.compile_optimizer:
@@ -217,6 +224,10 @@ def run_descent(job: dict, cfg) -> dict:
 
         def on_train_epoch_start(self, trainer, module):  # runs before the module's hook: the last epoch is closed
             self.mark(module)
+
+        def on_train_epoch_end(self, trainer, module):  # the epoch still ends whole; lightning stops after it
+            if trainer.current_epoch >= 1 and over_budget(job, self.start):
+                trainer.should_stop = True
 
         def on_train_end(self, trainer, module):
             self.mark(module)
@@ -369,14 +380,12 @@ def run_jobs(jobs: list[dict], tmp: Path, env: dict) -> None:
     run_checked([sys.executable, str(Path(__file__).resolve()), "--worker", str(spec)], env, 1200, what, tmp)
 
 
-def run_keras(regime: Regime, data: str, tmp: Path, env: dict) -> dict:
-    out = tmp / f"keras-{time.monotonic_ns()}.json"
+def run_keras(job: dict, tmp: Path, env: dict) -> None:
     run_checked(
-        [sys.executable, str(HERE / "keras_seed.py"), "--data", data, "--epochs", str(regime.epochs),
-         "--limit", str(regime.limit or 0), "--seed", str(SEED), "--out", str(out)],
+        [sys.executable, str(HERE / "keras_seed.py"), "--data", job["data"], "--epochs", str(job["epochs"]),
+         "--limit", str(job["limit"] or 0), "--seed", str(SEED), "--budget", str(job["budget"]), "--out", job["result"]],
         {**env, "KERAS_BACKEND": "torch"}, 1200, "keras", tmp,
     )
-    return json.loads(out.read_text())
 
 
 def first_update_seconds(runs: int, data: str, tmp: Path, env: dict) -> tuple[list[float], list[float]]:
@@ -400,13 +409,28 @@ def first_update_seconds(runs: int, data: str, tmp: Path, env: dict) -> tuple[li
     return firsts, walls
 
 
+def contention(rows: dict) -> list[str]:
+    others = [o for row in rows.values() for o in row.others]
+    if not others or statistics.median(others) <= CONTENDED and max(others) <= 2 * CONTENDED:
+        return []
+    return [
+        f"**Other processes used {100 * statistics.median(others):.0f} % of the cores (median over timed epochs, max "
+        f"{100 * max(others):.0f} %) while this ran.** With torch's 2 intra-op threads on 2 cores, every parallel op "
+        "waits for a descheduled thread: times of CONTENDED rows can be several times too long and erratic. "
+        "Rerun on a quiet machine, or compare with `--threads 1`, which such load barely disturbs.",
+        "",
+    ]
+
+
 def machine(info: dict) -> list[str]:
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
     return [
         f"- CPU: {cpu}, {os.cpu_count()} logical cores ({len(os.sched_getaffinity(0))} usable); "
         f"{platform.system()} {platform.release()}; Python {platform.python_version()}",
         f"- torch {info.get('torch', '?')}, {info.get('threads', '?')} intra-op threads, "
-        f"{info.get('interop_threads', '?')} inter-op; flush-denormal on for descent and the plain loop"
+        f"{info.get('interop_threads', '?')} inter-op" + (f" (OMP_NUM_THREADS={info['omp']})" if info.get("omp") else "")
+        + "; flush-denormal on for descent and the plain loop, set as descent sets it (after the data is loaded;"
+        " torch's flag is per thread, so it reaches the main thread only)"
         + (f"; keras {info['keras']} (torch backend, flush-denormal off: as a user gets it)" if "keras" in info
            else "; Keras not run (--no-keras, or not installed: pip install -e '.[bench]')"),
         f"- load average at start / end: {info['load_start']} / {info['load_end']} (another user shares this machine)",
@@ -448,6 +472,8 @@ def table(rows: dict[tuple[str, str], Row], regs: list[Regime]) -> list[str]:
             spread = row.seconds if reg.batching != "online" else row.ms_per_update
             unit = "s" if reg.batching != "online" else "ms/update"
             notes = [f"range {fmt(min(spread))}-{fmt(max(spread))} {unit}"]
+            if statistics.median(row.others) > CONTENDED:
+                notes.insert(0, "CONTENDED")
             if "compile_seconds" in row.extra:
                 notes.append("compile " + ", ".join(f"{c:.1f}" for c in row.extra["compile_seconds"]) + " s (excluded)")
             if "wall_seconds" in row.extra and reg.batching != "online":
@@ -493,7 +519,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rounds", type=int, help="repetitions of the whole set, contender order reversed each time "
                    "(default 2, --quick 1)")
     p.add_argument("--max-wait", type=float, help="seconds to wait before each job for the other processes "
-                   "on this machine to go quiet (default 30, --quick 0)")
+                   "on this machine to go quiet (default 15, --quick 0)")
+    p.add_argument("--threads", type=int, help="intra-op threads for every contender (sets OMP_NUM_THREADS); "
+                   "default torch's own (one per core). 1 is far less disturbed by other processes on the machine")
+    p.add_argument("--budget", type=float, help="seconds for the whole run (default 540, --quick: no limit): "
+                   "under load, jobs stop after fewer timed epochs (at least one) to stay within it")
     p.add_argument("--only", help="comma-separated regimes to run (seed, online-sgd, online-rmsprop, full-batch, "
                    "startup); default all")
     p.add_argument("--data", type=lambda d: str(Path(d).resolve()), default=str(ROOT / "data"), help="MNIST root (IDX files under <data>/MNIST/raw)")
@@ -506,48 +536,51 @@ def main(argv: list[str] | None = None) -> None:
     started = datetime.datetime.now().astimezone()
     keras = not args.no_keras and _has_keras()
     rounds = args.rounds or (1 if args.quick else 2)
-    max_wait = args.max_wait if args.max_wait is not None else (0 if args.quick else 30)
+    if args.budget is None:
+        args.budget = 0 if args.quick else 540
+    max_wait = args.max_wait if args.max_wait is not None else (0 if args.quick else 15)
     waited = 0.0
     only = set(args.only.split(",")) if args.only else None
     regs = [r for r in regimes(args.quick, keras) if only is None or r.key in only]
     rows = {(r.key, c): Row(r, c) for r in regs for c in r.contenders}
     info: dict = {"load_start": open("/proc/loadavg").read().split()[0]}
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in [str(ROOT / "src"), os.environ.get("PYTHONPATH")] if p)}
+    if args.threads:
+        env["OMP_NUM_THREADS"] = info["omp"] = str(args.threads)
 
     with tempfile.TemporaryDirectory(prefix="descent-bench-") as tmp_name:
         tmp = Path(tmp_name)
         store = f"sqlite:///{tmp / 'mlflow.db'}"
-        for rnd in range(rounds):
-            pending = []
-            for reg in regs:
-                order = reg.contenders if rnd % 2 == 0 else reg.contenders[::-1]
-                for name in order:
-                    if not args.quick:
-                        waited += wait_quiet(max_wait) if max_wait > 0 else 0.0
-                    if name == "keras":
-                        print(f"round {rnd + 1}/{rounds}: {reg.key} / keras", file=sys.stderr, flush=True)
-                        result = run_keras(reg, args.data, tmp, env)
-                        info["keras"] = result.pop("keras")
-                        rows[reg.key, name].add(result)
-                        continue
-                    job = {"regime": reg.key, "contender": name, "optimizer": reg.optimizer, "batching": reg.batching,
-                           "limit": reg.limit, "epochs": reg.epochs, "data": args.data, "store": store,
-                           "result": str(tmp / f"{reg.key}-{name}-{rnd}.json")}
-                    pending.append(job)
-                    if not args.quick:  # one process per job: a clean peak-memory reading, no state shared
-                        print(f"round {rnd + 1}/{rounds}: {reg.key} / {name}", file=sys.stderr, flush=True)
-                        run_jobs(pending, tmp, env)
-                        pending = []
-            if pending:
-                print(f"round {rnd + 1}/{rounds}: {len(pending)} jobs in one process", file=sys.stderr, flush=True)
-                run_jobs(pending, tmp, env)
-            for reg in regs:
-                for name in reg.contenders:
-                    path = tmp / f"{reg.key}-{name}-{rnd}.json"
-                    if path.exists():
-                        result = json.loads(path.read_text())
-                        info.update({k: result[k] for k in ("torch", "threads", "interop_threads")})
-                        rows[reg.key, name].add(result)
+        schedule = [(rnd, reg, name) for rnd in range(rounds) for reg in regs
+                    for name in (reg.contenders if rnd % 2 == 0 else reg.contenders[::-1])]
+        startup_runs = 0 if only is not None and "startup" not in only else 1 if args.quick else 3
+        deadline = time.perf_counter() + args.budget - 20 * startup_runs if args.budget else None
+        pending = []
+        for i, (rnd, reg, name) in enumerate(schedule):
+            if not args.quick and max_wait > 0:
+                waited += wait_quiet(max_wait)
+            # what is left of the run's budget, shared by the jobs still to come (never below warm-up + 1 epoch)
+            budget = max(0.0, (deadline - time.perf_counter()) / (len(schedule) - i)) if deadline else 0.0
+            result_path = tmp / f"{reg.key}-{name}-{rnd}.json"
+            job = {"regime": reg.key, "contender": name, "optimizer": reg.optimizer, "batching": reg.batching,
+                   "limit": reg.limit, "epochs": reg.epochs, "data": args.data, "store": store,
+                   "budget": budget, "result": str(result_path)}
+            if name == "keras":
+                print(f"round {rnd + 1}/{rounds}: {reg.key} / keras", file=sys.stderr, flush=True)
+                run_keras(job, tmp, env)
+            elif args.quick:  # all torch jobs in one process, started after the loop
+                pending.append(job)
+                continue
+            else:  # one process per job: a clean peak-memory reading, no state shared
+                print(f"round {rnd + 1}/{rounds}: {reg.key} / {name}", file=sys.stderr, flush=True)
+                run_jobs([job], tmp, env)
+        if pending:
+            print(f"{len(pending)} jobs in one process", file=sys.stderr, flush=True)
+            run_jobs(pending, tmp, env)
+        for rnd, reg, name in schedule:
+            result = json.loads((tmp / f"{reg.key}-{name}-{rnd}.json").read_text())
+            info.update({k: result.pop(k) for k in ("torch", "threads", "interop_threads", "keras") if k in result})
+            rows[reg.key, name].add(result)
 
         firsts = walls = []
         if only is None or "startup" in only:
@@ -564,6 +597,7 @@ def main(argv: list[str] | None = None) -> None:
         "",
         *machine(info),
         "",
+        *contention(rows),
         *table(rows, regs),
         "",
         *overheads(rows, firsts, walls),

@@ -42,6 +42,8 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--limit", type=int, default=0, help="first N training examples; 0 = all")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--budget", type=float, default=0, help="stop after the epoch that passes this many seconds "
+                   "(never before warm-up + 1 timed epoch); 0 = run all epochs")
     p.add_argument("--out", required=True)
     args = p.parse_args()
     assert keras.backend.backend() == "torch", keras.backend.backend()
@@ -68,7 +70,10 @@ def main() -> None:
         dense.set_weights([linear.weight.detach().T.numpy(), linear.bias.detach().numpy()])
 
     timer = EpochTimer()
+    start = time.perf_counter()
     for epoch in range(args.epochs):
+        if epoch >= 2 and args.budget and time.perf_counter() - start > args.budget:
+            break
         perm = epoch_permutation(len(x), args.seed, epoch).numpy()
         model.fit(x[perm], y[perm], batch_size=128, initial_epoch=epoch, epochs=epoch + 1, shuffle=False,
                   verbose=0, callbacks=[timer])
