@@ -54,8 +54,19 @@ def cfg_choice(group, option, wanted):
 
 @pytest.mark.parametrize("preset", GROUPS["experiment"])
 def test_every_experiment_preset_composes(preset):
-    cfg = compose_with(f"experiment={preset}")
-    instantiate(cfg.optimizer)(instantiate(cfg.model).parameters())
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=[f"experiment={preset}"], return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)  # the presets' lr interpolations read hydra:runtime.choices
+    try:
+        with open_dict(cfg):
+            del cfg["hydra"]
+        opt = instantiate(cfg.optimizer)(instantiate(cfg.model).parameters())
+        assert opt.defaults["lr"] > 0
+    finally:
+        HydraConfig.instance().cfg = None
 
 
 def test_keras_init_is_glorot_uniform_with_zero_bias():
