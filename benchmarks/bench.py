@@ -1,8 +1,8 @@
 """descent's loop against the plain PyTorch loop and Keras 3, on the MNIST runs of ch. 2.
 
-    make bench                                   # full run: ~8 minutes on 2 cores
+    make bench                                   # full run: ~10 minutes on 2 cores
     make bench ARGS="--quick --no-keras"         # smoke test: tiny sizes, under a minute
-    make bench ARGS="--out benchmarks/RESULTS.md"
+    make bench ARGS="--threads 1 --out FILE"     # one intra-op thread: steady when the machine is shared
 
 How it measures (the same on every row):
 - every (regime, contender) trains in a fresh subprocess on the real MNIST cache: one warm-up epoch
@@ -17,6 +17,8 @@ How it measures (the same on every row):
 - plain = descent.reference.plain_train with torch's default optimizer (for-loop, not fused, eager).
 - peak memory = the process's resident-set high-water mark (VmHWM) over the job, and in brackets its
   growth over the resident set after imports (torch + lightning alone hold ~900 MiB here).
+- other processes' share of the cores is measured over every timed epoch (/proc/stat); rows where it
+  was high are flagged CONTENDED. Before each job the run waits a little for the machine to go quiet.
 """
 
 from __future__ import annotations
@@ -65,7 +67,7 @@ def regimes(quick: bool, keras: bool) -> list[Regime]:
         Regime("online-rmsprop", f"rmsprop, batch 1, first {online_n}", "rmsprop", "online", online_n,
                3 if quick else 4, ("plain", "descent", "descent-compiled"), 1.0),
         Regime("full-batch", "sgd lr 0.01, batch = all", "sgd", "full", 2048 if quick else None,
-               3 if quick else 6, ("plain", "descent"), 1.1),
+               3 if quick else 5, ("plain", "descent"), 1.1),
     ]
 
 
@@ -255,14 +257,7 @@ def run_descent(job: dict, cfg) -> dict:
 
     pl.seed_everything(cfg.seed, verbose=False)
     datamodule = instantiate(cfg.data, seed=cfg.seed)
-    module = Classifier(
-        net=instantiate(cfg.model),
-        optimizer=instantiate(cfg.optimizer),
-        log_every_examples=cfg.trainer.log_every_examples,
-        val_every_examples=cfg.trainer.val_every_examples,
-        compile_optimizer=cfg.trainer.compile_optimizer,
-        flush_denormal=cfg.trainer.flush_denormal,
-    )
+    module = Classifier.from_config(cfg)
     logger = False
     if job["contender"] == "descent-mlflow":  # built as train.py builds it, against a temporary sqlite store
         os.environ["MLFLOW_TRACKING_URI"] = job["store"]
@@ -411,13 +406,15 @@ def first_update_seconds(runs: int, data: str, tmp: Path, env: dict) -> tuple[li
 
 def contention(rows: dict) -> list[str]:
     others = [o for row in rows.values() for o in row.others]
-    if not others or statistics.median(others) <= CONTENDED and max(others) <= 2 * CONTENDED:
+    if not others or max(others) <= CONTENDED:
         return []
+    flagged = [f"{key[0]}/{key[1]}" for key, row in rows.items() if statistics.median(row.others) > CONTENDED]
     return [
-        f"**Other processes used {100 * statistics.median(others):.0f} % of the cores (median over timed epochs, max "
-        f"{100 * max(others):.0f} %) while this ran.** With torch's 2 intra-op threads on 2 cores, every parallel op "
-        "waits for a descheduled thread: times of CONTENDED rows can be several times too long and erratic. "
-        "Rerun on a quiet machine, or compare with `--threads 1`, which such load barely disturbs.",
+        f"**Other processes were busy during some timed epochs: a median {100 * statistics.median(others):.0f} % of "
+        f"the cores, {100 * max(others):.0f} % at most; rows flagged CONTENDED: {', '.join(flagged) or 'none'}.** "
+        "With torch's intra-op threads on every core, each parallel op waits for whichever thread is descheduled, "
+        "so contended epochs can be several times too long; the ranges in the notes show it. Rerun on a quiet "
+        "machine, or compare with `--threads 1`, which such load barely disturbs.",
         "",
     ]
 
@@ -518,8 +515,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", help="also write the Markdown report to this file")
     p.add_argument("--rounds", type=int, help="repetitions of the whole set, contender order reversed each time "
                    "(default 2, --quick 1)")
-    p.add_argument("--max-wait", type=float, help="seconds to wait before each job for the other processes "
-                   "on this machine to go quiet (default 15, --quick 0)")
+    p.add_argument("--max-wait", type=float, help="seconds in all that the run may spend waiting, before jobs (15 s "
+                   "at most each), for the other processes on this machine to go quiet (default 60, --quick 0)")
     p.add_argument("--threads", type=int, help="intra-op threads for every contender (sets OMP_NUM_THREADS); "
                    "default torch's own (one per core). 1 is far less disturbed by other processes on the machine")
     p.add_argument("--budget", type=float, help="seconds for the whole run (default 540, --quick: no limit): "
@@ -538,7 +535,7 @@ def main(argv: list[str] | None = None) -> None:
     rounds = args.rounds or (1 if args.quick else 2)
     if args.budget is None:
         args.budget = 0 if args.quick else 540
-    max_wait = args.max_wait if args.max_wait is not None else (0 if args.quick else 15)
+    max_wait = args.max_wait if args.max_wait is not None else (0 if args.quick else 60)
     waited = 0.0
     only = set(args.only.split(",")) if args.only else None
     regs = [r for r in regimes(args.quick, keras) if only is None or r.key in only]
@@ -557,8 +554,8 @@ def main(argv: list[str] | None = None) -> None:
         deadline = time.perf_counter() + args.budget - 20 * startup_runs if args.budget else None
         pending = []
         for i, (rnd, reg, name) in enumerate(schedule):
-            if not args.quick and max_wait > 0:
-                waited += wait_quiet(max_wait)
+            if max_wait > waited:
+                waited += wait_quiet(min(15.0, max_wait - waited))
             # what is left of the run's budget, shared by the jobs still to come (never below warm-up + 1 epoch)
             budget = max(0.0, (deadline - time.perf_counter()) / (len(schedule) - i)) if deadline else 0.0
             result_path = tmp / f"{reg.key}-{name}-{rnd}.json"

@@ -55,14 +55,7 @@ def train(cfg, hc, launch_dir, out_dir, choices, run_id, ckpt_path) -> float | N
     multirun = hc.mode == RunMode.MULTIRUN
     pl.seed_everything(cfg.seed, verbose=False)
     datamodule = instantiate(cfg.data, seed=cfg.seed)
-    module = Classifier(
-        net=instantiate(cfg.model),
-        optimizer=instantiate(cfg.optimizer),
-        log_every_examples=cfg.trainer.log_every_examples,
-        val_every_examples=cfg.trainer.val_every_examples,
-        compile_optimizer=cfg.trainer.compile_optimizer,
-        flush_denormal=cfg.trainer.flush_denormal,
-    )
+    module = Classifier.from_config(cfg)
     tags = {"hydra.output_dir": str(out_dir)}
     if multirun:
         tags |= {"hydra.job.num": str(hc.job.num), "mlflow.parentRunId": parent_run_id(hc.sweep.dir)}

@@ -144,6 +144,20 @@ class Classifier(pl.LightningModule):
         self.epoch_offset = 0  # examples of the current epoch already trained on
         self.resumed_epoch: int | None = None
 
+    @classmethod
+    def from_config(cls, cfg) -> "Classifier":
+        """The module as conf/ describes it (src/train.py and the benchmark build it this way)."""
+        from hydra.utils import instantiate
+
+        return cls(
+            net=instantiate(cfg.model),
+            optimizer=instantiate(cfg.optimizer),
+            log_every_examples=cfg.trainer.log_every_examples,
+            val_every_examples=cfg.trainer.val_every_examples,
+            compile_optimizer=cfg.trainer.compile_optimizer,
+            flush_denormal=cfg.trainer.flush_denormal,
+        )
+
     def configure_optimizers(self):
         return self.make_optimizer(self.net.parameters())
 
