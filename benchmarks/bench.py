@@ -9,9 +9,9 @@ How it measures (the same on every row):
   (the first iterations in a process are several times slower here), then timed epochs; the set runs
   `--rounds` times with the contender order reversed each round, and the table gives medians over
   all timed epochs. --quick runs all torch jobs in one process instead (faster, memory less clean).
-- same model (descent.model.MLP, keras init, seed 0), same data order (descent.data.epoch_permutation),
+- same model (descent.nets.MLP, keras init, seed 0), same data order (descent.data.epoch_permutation),
   same hyperparameters (conf/optimizer/*.yaml); flush-denormal on for descent and the plain loop.
-- descent = a real pytorch_lightning.Trainer fitting descent.model.Classifier on MNISTDataModule, built
+- descent = a real pytorch_lightning.Trainer fitting descent.loop.Classifier on MNISTDataModule, built
   from conf/ as src/train.py builds it; its time is the Classifier's own clock (train_seconds: from
   on_train_epoch_start to the epoch's last update, lightning's per-chunk overhead included).
 - plain = descent.reference.plain_train with torch's default optimizer (for-loop, not fused, eager).
@@ -198,7 +198,7 @@ def run_descent(job: dict, cfg) -> dict:
     from hydra.utils import instantiate
 
     from descent import tracking
-    from descent.model import Classifier
+    from descent.loop import Classifier
 
     class EpochClock(pl.Callback):
         """Reads the Classifier's clock and update count at each epoch boundary; times the first compiled steps."""
@@ -303,7 +303,7 @@ def worker(jobs_file: str) -> None:
     import pytorch_lightning  # noqa: F401
 
     import descent.data  # noqa: F401
-    import descent.model  # noqa: F401
+    import descent.loop  # noqa: F401
 
     for job in jobs:
         cfg = compose(job)

@@ -1,7 +1,7 @@
 """The book's seed listing in Keras 3 on the torch backend, timed per epoch; run by bench.py in its own process.
 
 Same data (descent.data.load_split), same data order (epoch_permutation, one fit call per epoch with
-shuffle=False), same initial weights (descent.model.MLP with keras init, seed 0) as the other contenders.
+shuffle=False), same initial weights (descent.nets.MLP with keras init, seed 0) as the other contenders.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import keras  # noqa: E402
 import torch  # noqa: E402
 
 from descent.data import ensure_mnist, epoch_permutation, load_split  # noqa: E402
-from descent.model import MLP  # noqa: E402
+from descent.nets import MLP  # noqa: E402
 
 from bench import Others, rss_mib  # noqa: E402  (benchmarks/ is this script's folder, first on sys.path)
 

@@ -49,7 +49,7 @@ def train(cfg, hc, launch_dir, out_dir, choices, run_id, ckpt_path) -> float | N
     from pytorch_lightning.callbacks import ModelCheckpoint
 
     from descent import tracking
-    from descent.model import Classifier, Diverged, SafetyCheckpoints
+    from descent.loop import Classifier, Diverged, SafetyCheckpoints
     from descent.sweep import parent_run_id
 
     multirun = hc.mode == RunMode.MULTIRUN

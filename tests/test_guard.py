@@ -10,7 +10,7 @@ from hydra.utils import instantiate
 
 from conftest import ROOT
 from descent.data import MNISTDataModule
-from descent.model import Classifier, segments
+from descent.loop import Classifier, segments
 from descent.reference import plain_train
 
 N, EPOCHS, SEED = 600, 2, 7
@@ -29,7 +29,7 @@ CASES.append(("rmsprop", 128, True))  # one compiled optimizer step: compiling c
                          ids=[f"{o}-{ {1: 'online', 128: 'mini', None: 'full'}[b]}{'-compiled' * c}" for o, b, c in CASES])
 def test_fast_path_matches_plain_loop(mnist_root, opt_name, batch_size, compiled):
     torch.manual_seed(0)
-    net = instantiate({"_target_": "descent.model.MLP"})
+    net = instantiate({"_target_": "descent.nets.MLP"})
     reference, initial = copy.deepcopy(net), copy.deepcopy(net)
 
     # chunk_size 256 puts several updates in a chunk (mini), and splits the full batch of 600 in 3 pieces

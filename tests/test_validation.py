@@ -96,7 +96,7 @@ BAD = {
     "model.init=xavier": "model.init='xavier': must be one of keras, torch",
     "model.hidden=0": "model.hidden=0: must be an integer >= 1",
     "+model.hiden=3":
-        "model.hiden: unknown key; allowed keys for descent.model.MLP: in_features, hidden, classes, init",
+        "model.hiden: unknown key; allowed keys for descent.nets.MLP: in_features, hidden, classes, init",
     # trainer, logger, top level
     "trainer.max_epochs=five": "trainer.max_epochs='five': must be an integer >= 1",
     "trainer.max_epochs=2.5": "trainer.max_epochs=2.5: must be an integer >= 1",

@@ -1,4 +1,4 @@
-"""The book's network and the lightning module that trains it, one update per batch_size examples."""
+"""The lightning module that trains a network, one update per batch_size examples, and its helpers."""
 
 from __future__ import annotations
 
@@ -13,19 +13,6 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-
-class MLP(nn.Sequential):
-    """Dense(512, relu) -> Dense(10); softmax + categorical crossentropy live in F.cross_entropy."""
-
-    def __init__(self, in_features: int = 784, hidden: int = 512, classes: int = 10, init: str = "keras"):
-        super().__init__(nn.Linear(in_features, hidden), nn.ReLU(), nn.Linear(hidden, classes))
-        if init == "keras":  # Dense's defaults: glorot-uniform kernel, zero bias
-            for layer in (self[0], self[2]):
-                nn.init.xavier_uniform_(layer.weight)
-                nn.init.zeros_(layer.bias)
-        elif init != "torch":
-            raise ValueError(f"model.init={init!r}: allowed values are 'keras' and 'torch'")
 
 
 def seconds_since_process_start() -> float:
