@@ -4,11 +4,11 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: train test bench clean
+.PHONY: train test bench clean server server-stop
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev,server]'
 	touch $(STAMP)
 
 train: $(STAMP)
@@ -16,6 +16,13 @@ train: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# the team tracking server: PostgreSQL + MLflow on 127.0.0.1:5000, state in outputs/tracking/ (see README)
+server: $(STAMP)
+	$(BIN)/python -m descent.server start $(ARGS)
+
+server-stop: $(STAMP)
+	$(BIN)/python -m descent.server stop $(ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench.py $(ARGS)
