@@ -69,6 +69,7 @@ TRAINER = {
     "progress_bar": BOOLEAN,
     "compile_optimizer": BOOLEAN,
     "flush_denormal": BOOLEAN,
+    "cuda_graphs": (lambda v: v is True or v is False or v == "auto", "auto, true or false"),
     "checkpoint_every_seconds": POSITIVE,
 }
 LOGGER = {"experiment_name": STRING, "tracking_uri": STRING, "log_checkpoint": BOOLEAN}

@@ -14,6 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from descent import graphs
+from descent.data import epoch_permutation
+
 
 def seconds_since_process_start() -> float:
     """Wall time since this process was created (Linux /proc; elsewhere since this module was imported)."""
@@ -116,6 +119,7 @@ class Classifier(pl.LightningModule):
         val_every_examples: int | None = None,
         compile_optimizer: bool = False,
         flush_denormal: bool = True,
+        cuda_graphs: bool | str = "auto",
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["net", "optimizer"], logger=False)
@@ -123,6 +127,8 @@ class Classifier(pl.LightningModule):
         self.net, self.make_optimizer = net, optimizer
         self.log_every, self.val_every = log_every_examples, val_every_examples
         self.compile_optimizer, self.flush_denormal = compile_optimizer, flush_denormal
+        self.cuda_graphs = cuda_graphs  # "auto", True or False: see descent/graphs.py
+        self.graph: graphs.GraphStep | None = None
         # progress, kept in the checkpoint so a resumed run continues the same axes
         self.examples = 0  # training examples seen: the step of every logged metric
         self.updates = 0
@@ -143,10 +149,12 @@ class Classifier(pl.LightningModule):
             val_every_examples=cfg.trainer.val_every_examples,
             compile_optimizer=cfg.trainer.compile_optimizer,
             flush_denormal=cfg.trainer.flush_denormal,
+            cuda_graphs=cfg.trainer.cuda_graphs,
         )
 
     def configure_optimizers(self):
-        return self.make_optimizer(self.net.parameters())
+        capture = graphs.wanted(self.cuda_graphs, self.device) and self.device.type == "cuda"
+        return self.make_optimizer(self.net.parameters(), **graphs.optimizer_kwargs(self.make_optimizer, capture))
 
     def forward(self, x):
         return self.net(x)
@@ -163,6 +171,13 @@ class Classifier(pl.LightningModule):
         self.opt_step = self.opt.step
         if self.compile_optimizer:  # one fused kernel instead of ~5 passes (RMSprop: 0.29 -> 0.06 ms a step)
             self.opt_step = torch.compile(self.opt.step)
+        if graphs.wanted(self.cuda_graphs, self.device):  # the graph path: descent/graphs.py
+            dm, capture = self.trainer.datamodule, self.device.type == "cuda"
+            self.graph = graphs.GraphStep(self.net, self.opt, dm.x_train, dm.y_train, capture=capture)
+            if capture:  # batches are gathered by index inside the graph, so chunks only pace lightning
+                # (~1.5 ms of its machinery each): one per epoch; signals and timed checkpoints are then
+                # served at epoch ends (0.1 s apart for the seed run, a few s for online SGD)
+                dm.chunk_size = max(dm.chunk_size, len(dm.x_train))
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["descent"] = {k: getattr(self, k) for k in PROGRESS} | {"epoch": self.current_epoch}
@@ -182,6 +197,7 @@ class Classifier(pl.LightningModule):
         if _FIRST_FIT:  # start-up cost: only meaningful for the first run of a process (a sweep runs many)
             _FIRST_FIT = False
             log.info("first update %.2f s after the process started", seconds_since_process_start())
+        graphs.match_capturable(self.opt, self.graph is not None and self.graph.capture)  # after a checkpoint's load
         self._prepare()  # lightning resuming mid-epoch skips on_train_epoch_start
 
     def on_train_epoch_start(self) -> None:
@@ -198,9 +214,14 @@ class Classifier(pl.LightningModule):
         self.window = Window()
         self.next_log = (self.examples // self.log_every + 1) * self.log_every
         self.next_val = (self.examples // self.val_every + 1) * self.val_every if self.val_every else math.inf
+        if self.graph is not None:  # the epoch's order on the device; the window's sums move there too
+            perm = epoch_permutation(self.n_train, self.trainer.datamodule.seed, self.current_epoch, self.device)
+            self.window = self.graph.start_epoch(perm, self.window, pending=self.epoch_offset % self.batch_size)
         self.tic = time.perf_counter()
 
     def training_step(self, chunk, chunk_idx):
+        if self.graph is not None:
+            return self._train_graphed(len(chunk[0]))
         # the hot loop: locals only, two small ops of bookkeeping per update (loss.detach, argmax)
         x, y = chunk
         net, opt, step, window, cross_entropy = self.net, self.opt, self.opt_step, self.window, F.cross_entropy
@@ -234,6 +255,28 @@ class Classifier(pl.LightningModule):
         self.trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress.increment_by(updates - updates_before)
         self.examples, self.updates = examples, updates
         self.epoch_offset = self.epoch_pos = offset + len(x)
+
+    def _train_graphed(self, length: int) -> None:
+        # the graph path: the same segments and log points as training_step, but the chunk's examples
+        # are not read: each update gathers its whole batch by epoch position (a full batch spanning
+        # several chunks is one update at its last piece, on data already on the device)
+        graph, examples, offset, updates = self.graph, self.examples, self.epoch_offset, self.updates
+        updates_before = updates
+        self.epoch_closed = False
+        for a, b, batch_len, ends_batch in segments(offset, length, self.n_train, self.batch_size):
+            examples += b - a
+            if ends_batch:
+                graph.update(offset + b - batch_len, offset + b)
+                updates += 1
+                if examples >= self.next_log or batch_len >= self.log_every or examples >= self.next_val:
+                    self.examples, self.updates, self.epoch_pos = examples, updates, offset + b
+                    if examples >= self.next_log or batch_len >= self.log_every:
+                        self._log_train()
+                    if examples >= self.next_val:
+                        self._validate()
+        self.trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress.increment_by(updates - updates_before)
+        self.examples, self.updates = examples, updates
+        self.epoch_offset = self.epoch_pos = offset + length
 
     def on_train_epoch_end(self) -> None:
         if self.window.n:
