@@ -4,11 +4,11 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: train test bench clean server server-stop
+.PHONY: train test bench clean server server-stop ray ray-stop slurm slurm-stop
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev,server]'
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev,server,ray,slurm]'
 	touch $(STAMP)
 
 train: $(STAMP)
@@ -23,6 +23,20 @@ server: $(STAMP)
 
 server-stop: $(STAMP)
 	$(BIN)/python -m descent.server stop $(ARGS)
+
+# single-node clusters for hydra/launcher=ray|slurm (see README, "Sweeps on a cluster"): a Ray head and one
+# worker node (state in outputs/ray/), SLURM's munged + slurmctld + slurmd as root (outputs/slurm/)
+ray: $(STAMP)
+	$(BIN)/python -m descent.cluster ray start $(ARGS)
+
+ray-stop: $(STAMP)
+	$(BIN)/python -m descent.cluster ray stop $(ARGS)
+
+slurm: $(STAMP)
+	$(BIN)/python -m descent.cluster slurm start $(ARGS)
+
+slurm-stop: $(STAMP)
+	$(BIN)/python -m descent.cluster slurm stop $(ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench.py $(ARGS)

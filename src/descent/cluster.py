@@ -178,6 +178,11 @@ class Ray:
         active = out.split("Active:", 1)[-1].split("Pending:", 1)[0] if "Active:" in out else ""
         return sum(1 for line in active.splitlines() if "node_" in line)
 
+    @staticmethod
+    def node_up(log: Path) -> bool:
+        # `ray start --block` says so once its node has joined the cluster (cheaper than `ray status`)
+        return log.is_file() and "block forever" in log.read_text(errors="replace")
+
     def start(self) -> str:
         self.dir.mkdir(parents=True, exist_ok=True)
         if running(read_state(self.dir)):
@@ -199,15 +204,17 @@ class Ray:
         head = [self.ray(), "start", "--head", f"--port={self.port}", f"--temp-dir={tmp}",
                 "--include-dashboard=false", f"--ray-client-server-port={free_port()}", *node_args()]
         logs = [self.dir / "head.log"] + [self.dir / f"worker{i}.log" for i in range(self.workers)]
+        for log in logs:
+            log.unlink(missing_ok=True)
         state["pids"]["head"] = spawn(head, logs[0], env=env, cwd=self.dir)
         write_state(self.dir, state)
         try:
-            wait_for(lambda: port_open(self.port), f"the Ray head on {self.address}", logs, state["pids"])
+            wait_for(lambda: self.node_up(logs[0]), f"the Ray head on {self.address}", logs, state["pids"])
             for i in range(self.workers):
                 worker = [self.ray(), "start", f"--address={self.address}", *node_args()]
                 state["pids"][f"worker{i}"] = spawn(worker, logs[i + 1], env=env, cwd=self.dir)
                 write_state(self.dir, state)
-            wait_for(lambda: self.nodes_alive() == 1 + self.workers, f"{1 + self.workers} Ray nodes", logs,
+            wait_for(lambda: all(self.node_up(log) for log in logs), f"{1 + self.workers} Ray nodes", logs,
                      state["pids"])
         except BaseException:
             self.stop()
@@ -238,6 +245,8 @@ SlurmctldPort={ctld_port}
 SlurmdPort={slurmd_port}
 SlurmUser=root
 SlurmdUser=root
+# bind the daemons to their own addresses above (127.0.0.1), not to every interface
+CommunicationParameters=NoInAddrAny,NoCtldInAddrAny
 AuthType=auth/munge
 CredType=cred/munge
 AuthInfo=socket={dir}/munge/munge.socket

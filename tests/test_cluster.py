@@ -1,0 +1,109 @@
+"""The same small study on real single-node clusters: Ray (hydra/launcher=ray) and SLURM (hydra/launcher=slurm).
+
+Both clusters are started by descent.cluster, as `make ray` / `make slurm` start them, on free loopback
+ports with their state under pytest's temp folder, and stopped at the end whatever happens. The jobs log
+to a real MLflow tracking server over http, as jobs on other nodes would.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from conftest import train
+from descent import cluster
+
+STUDY = ["experiment=gd_vs_sgd", "batching=full,mini", "seed=0", "data.limit_train=2000", "data.val_size=1000",
+         "trainer.max_epochs=2", "trainer.log_every_examples=500", "trainer.val_every_examples=1000",
+         "logger.log_checkpoint=false", "logger.system_metrics=false"]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory) -> str:
+    """An MLflow tracking server (sqlite backend, proxied artifacts) on a free loopback port."""
+    dir = tmp_path_factory.mktemp("mlflow")
+    port = cluster.free_port()
+    uri = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    pid = cluster.spawn([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+                         "--workers", "1", "--backend-store-uri", f"sqlite:///{dir / 'mlflow.db'}",
+                         "--artifacts-destination", str(dir / "artifacts")], dir / "mlflow.log", env=env, cwd=dir)
+
+    def healthy() -> bool:
+        try:
+            return urllib.request.urlopen(uri + "/health", timeout=2).status == 200
+        except OSError:
+            return False
+
+    try:
+        cluster.wait_for(healthy, f"the MLflow server on {uri}", [dir / "mlflow.log"], {"mlflow": pid})
+        yield uri
+    finally:
+        cluster.kill_group(pid)
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(tmp_path_factory):
+    ray = cluster.Ray(tmp_path_factory.mktemp("ray"), port=cluster.free_port())
+    try:
+        ray.start()
+        yield ray
+    finally:
+        ray.stop()
+
+
+@pytest.fixture(scope="module")
+def slurm_cluster(tmp_path_factory):
+    if os.geteuid() != 0:
+        pytest.skip("the single-node SLURM runs its daemons as root")
+    slurm = cluster.Slurm(tmp_path_factory.mktemp("slurm"), cluster.free_port(), cluster.free_port())
+    try:
+        slurm.start()
+        yield slurm
+    finally:
+        slurm.stop()
+
+
+def sweep_runs(uri: str, experiment: str):
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    parents = [r for r in runs if r.data.tags.get("descent.sweep") == "true"]
+    children = [r for r in runs if r.data.tags.get("descent.sweep") != "true"]
+    return client, parents, children
+
+
+def check_study(uri: str, experiment: str, tmp_path: Path) -> None:
+    client, [parent], children = sweep_runs(uri, experiment)
+    assert parent.info.status == "FINISHED"
+    assert sorted(r.info.run_name for r in children) == ["sgd-full-s0", "sgd-mini-s0"]
+    for run in children:
+        assert run.info.status == "FINISHED", run.info.run_name
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert run.data.params["batching"] in ("full", "mini") and run.data.metrics["test/acc"] > 0.5
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")][-1] == 4000
+    logged = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
+    assert {"report/convergence.png", "report/convergence.md", "report/convergence.csv"} <= logged
+    # on one machine the sweep folder is shared: each job's outputs are where the driver looks
+    assert {p.name for p in (tmp_path / "outputs" / "sweep").iterdir()} >= {"0", "1", "convergence.md"}
+
+
+def test_a_study_on_ray(tmp_path, server, ray_cluster, mnist_root):
+    train(*STUDY, "hydra/launcher=ray", "logger.experiment_name=on-ray", cwd=tmp_path, store=server,
+          multirun=True, env=ray_cluster.env(), timeout=600)
+    check_study(server, "on-ray", tmp_path)
+
+
+def test_a_study_on_slurm(tmp_path, server, slurm_cluster, mnist_root):
+    train(*STUDY, "hydra/launcher=slurm", "logger.experiment_name=on-slurm", cwd=tmp_path, store=server,
+          multirun=True, env=slurm_cluster.env(), timeout=600)
+    check_study(server, "on-slurm", tmp_path)
+    # every job went through SLURM: submitit keeps each one's sbatch script and logs, named by job id
+    assert len(list((tmp_path / "outputs" / "sweep" / ".submitit").glob("*/*_log.out"))) == 2
