@@ -15,6 +15,11 @@ How it measures (the same on every row):
   from conf/ as src/train.py builds it; its time is the Classifier's own clock (train_seconds: from
   on_train_epoch_start to the epoch's last update, lightning's per-chunk overhead included).
 - plain = descent.reference.plain_train with torch's default optimizer (for-loop, not fused, eager).
+- with CUDA, gpu-* rows (--no-gpu skips them): descent as configured (trainer.cuda_graphs=auto: one CUDA
+  graph replay per update), descent-eager (cuda_graphs=false), plain on the GPU, and bare-graph: a
+  captured loop with nothing around it (no lightning, no metrics), the floor for descent's graph path.
+  GPU times are taken after torch.cuda.synchronize(); descent's clock stops at its last log point of
+  the epoch, which reads the device (a sync).
 - peak memory = the process's resident-set high-water mark (VmHWM) over the job, and in brackets its
   growth over the resident set after imports (torch + lightning alone hold ~900 MiB here).
 - other processes' share of the cores is measured over every timed epoch (/proc/stat); rows where it
@@ -55,12 +60,24 @@ class Regime:
     epochs: int               # warm-up epoch included
     contenders: tuple[str, ...]
     target: float             # descent's median must be <= target x the plain loop's
+    device: str = "cpu"
 
 
-def regimes(quick: bool, keras: bool) -> list[Regime]:
+def regimes(quick: bool, keras: bool, gpu: bool = False) -> list[Regime]:
     seed = ("plain", "descent", "descent-compiled", "descent-mlflow") + (("keras",) if keras else ())
     online_n = 100 if quick else 2000
-    return [
+    # issue 11's targets on an H200, as ratios to the plain loop it measured there (0.734 s/epoch seed,
+    # 0.99 ms/update online); full batch: <= 1.5x plain
+    graph, gpu_n = ("plain", "descent", "descent-eager", "bare-graph"), 500 if quick else 10000
+    gpus = [
+        Regime("gpu-seed", "rmsprop, batch 128, CUDA; H200 target 0.10 s/epoch", "rmsprop", "mini",
+               2048 if quick else None, 3 if quick else 6, graph, 0.136, "cuda"),
+        Regime("gpu-online-sgd", f"sgd lr 0.01, batch 1, first {gpu_n}, CUDA; H200 target 0.07 ms/update", "sgd",
+               "online", gpu_n, 3 if quick else 4, graph, 0.071, "cuda"),
+        Regime("gpu-full-batch", "sgd lr 0.01, batch = all, CUDA", "sgd", "full", 2048 if quick else None,
+               3 if quick else 6, graph, 1.5, "cuda"),
+    ] if gpu else []
+    return gpus + [
         Regime("seed", "rmsprop, batch 128", "rmsprop", "mini", 2048 if quick else None, 3 if quick else 5, seed, 0.8),
         Regime("online-sgd", f"sgd lr 0.01, batch 1, first {online_n}", "sgd", "online", online_n,
                3 if quick else 4, ("plain", "descent"), 1.0),
@@ -136,7 +153,7 @@ def compose(job: dict):
         f"data.root={job['data']}", f"data.limit_train={job['limit'] if job['limit'] else 'null'}",
         f"trainer.max_epochs={job['epochs']}", f"trainer.compile_optimizer={str(compiled).lower()}",
         "logger.experiment_name=bench",
-    ]
+    ] + (["trainer.cuda_graphs=false"] if job["contender"] == "descent-eager" else [])
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         return hydra_compose("train", overrides=overrides)
 
@@ -160,12 +177,14 @@ def run_plain(job: dict, cfg) -> dict:
     from descent.data import ensure_mnist, epoch_permutation, load_split
 
     ensure_mnist(cfg.data.root, download=False)
+    device = torch.device(job.get("device", "cpu"))
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     x, y = load_split(cfg.data.root, train=True)
     n = cfg.data.limit_train or len(x)
-    x, y = x[:n].contiguous(), y[:n]
+    x, y = x[:n].contiguous().to(device), y[:n].to(device)
     batch = cfg.data.batch_size or n
     torch.manual_seed(cfg.seed)  # what pl.seed_everything does for torch: the same initial weights
-    net = instantiate(cfg.model)
+    net = instantiate(cfg.model).to(device)
     # torch's default implementation (on CPU the for-loop one): drop the config's `fused: true`
     hyper = {k: v for k, v in OmegaConf.to_container(cfg.optimizer).items() if k not in ("fused", "foreach")}
     optimizer = instantiate(hyper)(net.parameters())
@@ -180,17 +199,77 @@ def run_plain(job: dict, cfg) -> dict:
         # visits the same order as descent's epoch (its code is untouched, and no copy of the data is made)
         reference.epoch_permutation = lambda n, seed, _, device="cpu", e=epoch: epoch_permutation(n, seed, e, device)
         busy = Others()
+        sync()
         tic = time.perf_counter()
         k = reference.plain_train(net, optimizer, x, y, batch_size=batch, epochs=1, seed=cfg.seed)
+        sync()
         seconds.append(time.perf_counter() - tic)
         updates.append(k)
         others.append(busy.share())
     reference.epoch_permutation = epoch_permutation
     result = {"seconds": seconds, "updates": updates, "others": others}
-    if job["regime"] == "seed":
+    if job["regime"].endswith("seed"):
         xt, yt = load_split(cfg.data.root, train=False)
-        result["test_acc"] = accuracy(net, xt, yt)
+        result["test_acc"] = accuracy(net, xt.to(device), yt.to(device))
     return result
+
+
+def run_bare_graph(job: dict, cfg) -> dict:
+    """Issue 11's "whole step in one CUDA graph": capture per batch shape, replay per update, nothing else."""
+    import torch
+    import torch.nn.functional as F
+    from hydra.utils import instantiate
+
+    from descent.data import ensure_mnist, epoch_permutation, load_split
+    from descent.graphs import optimizer_kwargs
+
+    ensure_mnist(cfg.data.root, download=False)
+    device = torch.device("cuda")
+    x, y = load_split(cfg.data.root, train=True)
+    n = cfg.data.limit_train or len(x)
+    x, y = x[:n].contiguous().to(device), y[:n].to(device)
+    batch = cfg.data.batch_size or n
+    torch.manual_seed(cfg.seed)
+    net = instantiate(cfg.model).to(device)
+    make = instantiate(cfg.optimizer)
+    opt = make(net.parameters(), **optimizer_kwargs(make, capture=True))
+
+    def step(index):
+        F.cross_entropy(net(x[index]), y[index]).backward()
+        opt.step()
+
+    graphs = {}
+    for size in {batch, n % batch} - {0}:  # warm-up steps train too: this loop's weights are not compared
+        index = torch.arange(size, device=device)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                step(index)
+                opt.zero_grad(set_to_none=True)
+        torch.cuda.current_stream().wait_stream(side)
+        graphs[size] = (index, torch.cuda.CUDAGraph())
+        with torch.cuda.graph(graphs[size][1]):
+            step(index)
+
+    seconds, updates, others = [], [], []
+    start = time.perf_counter()
+    for epoch in range(cfg.trainer.max_epochs):
+        if epoch >= 2 and over_budget(job, start):
+            break
+        busy = Others()
+        torch.cuda.synchronize()
+        tic = time.perf_counter()
+        perm = epoch_permutation(n, cfg.seed, epoch, device)
+        for i in range(0, n, batch):
+            index, graph = graphs[min(batch, n - i)]
+            index.copy_(perm[i : i + batch])
+            graph.replay()
+        torch.cuda.synchronize()
+        seconds.append(time.perf_counter() - tic)
+        updates.append(-(-n // batch))
+        others.append(busy.share())
+    return {"seconds": seconds, "updates": updates, "others": others}
 
 
 def run_descent(job: dict, cfg) -> dict:
@@ -269,7 +348,8 @@ def run_descent(job: dict, cfg) -> dict:
             timed(logger, name)
     clock = EpochClock()
     trainer = pl.Trainer(
-        max_epochs=cfg.trainer.max_epochs, accelerator="cpu", devices=1, logger=logger, callbacks=[clock],
+        max_epochs=cfg.trainer.max_epochs, accelerator=job.get("device", "cpu"), devices=1, logger=logger,
+        callbacks=[clock],
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         num_sanity_val_steps=0, limit_val_batches=0, log_every_n_steps=1,
     )
@@ -292,7 +372,7 @@ def run_descent(job: dict, cfg) -> dict:
     if logger:
         result["logger_seconds"] = logger.bench_seconds
         result["train_seconds"] = module.train_seconds
-    if job["regime"] == "seed":
+    if job["regime"].endswith("seed"):
         result["test_acc"] = module.evaluate(datamodule.x_test, datamodule.y_test)[1]
     return result
 
@@ -309,11 +389,12 @@ def worker(jobs_file: str) -> None:
         cfg = compose(job)
         base = rss_mib("VmRSS")
         clean = reset_peak_rss()
-        run = run_plain if job["contender"] == "plain" else run_descent
+        run = {"plain": run_plain, "bare-graph": run_bare_graph}.get(job["contender"], run_descent)
         result = run(job, cfg)
         result.update(
             peak_rss_mib=rss_mib("VmHWM") if clean else float("nan"), base_rss_mib=base,
             torch=torch.__version__, threads=torch.get_num_threads(),
+            gpu=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             interop_threads=torch.get_num_interop_threads(),
         )
         Path(job["result"]).write_text(json.dumps(result))
@@ -431,7 +512,7 @@ def machine(info: dict) -> list[str]:
         + (f"; keras {info['keras']} (torch backend, flush-denormal off: as a user gets it)" if "keras" in info
            else "; Keras not run (--no-keras, or not installed: pip install -e '.[bench]')"),
         f"- load average at start / end: {info['load_start']} / {info['load_end']} (another user shares this machine)",
-    ]
+    ] + ([f"- GPU: {info['gpu']} (gpu-* rows)"] if info.get("gpu") else [])
 
 
 def fmt(x: float, digits: int = 3) -> str:
@@ -462,7 +543,7 @@ def table(rows: dict[tuple[str, str], Row], regs: list[Regime]) -> list[str]:
             grown = max(p - b for p, b in zip(peaks, bases))
             acc = statistics.median(row.extra["test_acc"]) if "test_acc" in row.extra else float("nan")
             target = ""
-            if name.startswith("descent") and name != "descent-mlflow":
+            if name in ("descent", "descent-compiled"):
                 target = verdict(ratio, reg.target, "plain")
                 if reg.key == "seed" and keras:
                     target += "; " + verdict(vs_keras, 0.5, "Keras")
@@ -522,7 +603,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--budget", type=float, help="seconds for the whole run (default 540, --quick: no limit): "
                    "under load, jobs stop after fewer timed epochs (at least one) to stay within it")
     p.add_argument("--only", help="comma-separated regimes to run (seed, online-sgd, online-rmsprop, full-batch, "
-                   "startup); default all")
+                   "startup, and with CUDA gpu-seed, gpu-online-sgd, gpu-full-batch); default all")
+    p.add_argument("--no-gpu", action="store_true", help="skip the gpu-* rows even where CUDA is available")
     p.add_argument("--data", type=lambda d: str(Path(d).resolve()), default=str(ROOT / "data"), help="MNIST root (IDX files under <data>/MNIST/raw)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -538,7 +620,8 @@ def main(argv: list[str] | None = None) -> None:
     max_wait = args.max_wait if args.max_wait is not None else (0 if args.quick else 60)
     waited = 0.0
     only = set(args.only.split(",")) if args.only else None
-    regs = [r for r in regimes(args.quick, keras) if only is None or r.key in only]
+    gpu = not args.no_gpu and _has_cuda()
+    regs = [r for r in regimes(args.quick, keras, gpu) if only is None or r.key in only]
     rows = {(r.key, c): Row(r, c) for r in regs for c in r.contenders}
     info: dict = {"load_start": open("/proc/loadavg").read().split()[0]}
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in [str(ROOT / "src"), os.environ.get("PYTHONPATH")] if p)}
@@ -560,7 +643,7 @@ def main(argv: list[str] | None = None) -> None:
             budget = max(0.0, (deadline - time.perf_counter()) / (len(schedule) - i)) if deadline else 0.0
             result_path = tmp / f"{reg.key}-{name}-{rnd}.json"
             job = {"regime": reg.key, "contender": name, "optimizer": reg.optimizer, "batching": reg.batching,
-                   "limit": reg.limit, "epochs": reg.epochs, "data": args.data, "store": store,
+                   "limit": reg.limit, "epochs": reg.epochs, "data": args.data, "store": store, "device": reg.device,
                    "budget": budget, "result": str(result_path)}
             if name == "keras":
                 print(f"round {rnd + 1}/{rounds}: {reg.key} / keras", file=sys.stderr, flush=True)
@@ -576,7 +659,7 @@ def main(argv: list[str] | None = None) -> None:
             run_jobs(pending, tmp, env)
         for rnd, reg, name in schedule:
             result = json.loads((tmp / f"{reg.key}-{name}-{rnd}.json").read_text())
-            info.update({k: result.pop(k) for k in ("torch", "threads", "interop_threads", "keras") if k in result})
+            info.update({k: result.pop(k) for k in ("torch", "threads", "interop_threads", "keras", "gpu") if k in result})
             rows[reg.key, name].add(result)
 
         firsts = walls = []
@@ -607,6 +690,12 @@ def main(argv: list[str] | None = None) -> None:
     print(text)
     if args.out:
         Path(args.out).write_text(text)
+
+
+def _has_cuda() -> bool:
+    import torch  # ~2 s in the driver, which otherwise stays light
+
+    return torch.cuda.is_available()
 
 
 def _has_keras() -> bool:
