@@ -107,3 +107,35 @@ def test_a_study_on_slurm(tmp_path, server, slurm_cluster, mnist_root):
     check_study(server, "on-slurm", tmp_path)
     # every job went through SLURM: submitit keeps each one's sbatch script and logs, named by job id
     assert len(list((tmp_path / "outputs" / "sweep" / ".submitit").glob("*/*_log.out"))) == 2
+
+
+def test_a_job_killed_on_slurm_ends_failed_not_running(tmp_path, server, slurm_cluster, mnist_root):
+    """SIGKILL (what the out-of-memory killer or a lost node amounts to) leaves the job no word to say:
+    its sweep records it FAILED when the launcher gives up on it."""
+    import threading
+
+    import psutil
+
+    done = {}
+    driver = threading.Thread(target=lambda: done.update(proc=train(
+        "seed=0", "optimizer=sgd", "data.limit_train=2000", "trainer.max_epochs=1000", "logger.log_checkpoint=false",
+        "logger.system_metrics=false", "logger.experiment_name=killed", "hydra/launcher=slurm",
+        cwd=tmp_path, store=server, multirun=True, check=False, env=slurm_cluster.env(), timeout=600)))
+    driver.start()
+    deadline = time.monotonic() + 300
+    job = None
+    while job is None and time.monotonic() < deadline and driver.is_alive():
+        time.sleep(1)
+        runs = MlflowClient(server).search_runs(
+            [e.experiment_id for e in MlflowClient(server).search_experiments(filter_string="name = 'killed'")])
+        if any(r.info.status == "RUNNING" and "descent.sweep" not in r.data.tags for r in runs):
+            # the job's own process, as SLURM started it: submitit's runner on this test's sweep folder
+            job = next((p for p in psutil.process_iter(["cmdline"]) if "submitit.core._submit" in p.info["cmdline"]
+                        and any(str(tmp_path) in arg for arg in p.info["cmdline"])), None)
+    assert job is not None, "the job never ran"
+    job.send_signal(signal.SIGKILL)
+    driver.join(timeout=400)
+    assert not driver.is_alive() and done["proc"].returncode != 0
+    client, [parent], [child] = sweep_runs(server, "killed")
+    assert child.info.status == "FAILED" and child.data.tags["descent.ended_by"] == "sweep"
+    assert parent.info.status == "KILLED"

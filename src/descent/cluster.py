@@ -270,10 +270,30 @@ MpiDefault=none
 ReturnToService=2
 MailProg=/bin/true
 KillWait=10
+DefMemPerCPU=1024         # MB, for a job that asks for no memory (else it would take the whole node)
+MinJobAge=3600            # finished jobs stay in slurmctld's memory for an hour: what bin/sacct reads
 SlurmctldTimeout=30
 SlurmdTimeout=30
 NodeName=localhost NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={mem_mb} State=UNKNOWN
 PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
+"""
+
+
+# submitit follows its jobs with `sacct -o JobID,State,NodeList --parsable2 -j ID...`; without slurmdbd sacct
+# has nothing, and a job that died before writing its result would be waited for forever. This sacct
+# answers that question from slurmctld's memory (squeue -t all); `start` puts it first on the PATH it prints.
+SACCT = """\
+#!/bin/sh
+# written by python -m descent.cluster slurm start: sacct for a cluster without slurmdbd (see cluster.py)
+ids=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    -j|--jobs) ids="$ids${ids:+,}$2"; shift 2 ;;
+    *) shift ;;
+  esac
+done
+echo "JobID|State|NodeList"
+exec squeue -h -t all ${ids:+-j "$ids"} -o "%i|%T|%N"
 """
 
 
@@ -290,7 +310,7 @@ class Slurm:
         self.conf = self.dir / "slurm.conf"
 
     def env(self) -> dict[str, str]:
-        return {"SLURM_CONF": str(self.conf)}
+        return {"SLURM_CONF": str(self.conf), "PATH": f"{self.dir / 'bin'}:{os.environ['PATH']}"}
 
     def node_state(self) -> str:
         out = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], capture_output=True, text=True, timeout=30,
@@ -308,8 +328,10 @@ class Slurm:
                 raise ClusterError(f"port {port} is taken (another SLURM?); choose others with --ports")
         ensure_apt(["slurmctld", "slurmd", "munged", "sbatch"], ["slurm-wlm", "munge"])
         ensure_extra("slurm", "hydra_plugins.hydra_submitit_launcher")
-        for sub in ("munge", "ctld", "spool"):
+        for sub in ("munge", "ctld", "spool", "bin"):
             (self.dir / sub).mkdir(parents=True, exist_ok=True)
+        (self.dir / "bin" / "sacct").write_text(SACCT)
+        (self.dir / "bin" / "sacct").chmod(0o755)
         munge = self.dir / "munge"
         munge.chmod(0o700)
         key = munge / "munge.key"
@@ -326,7 +348,7 @@ class Slurm:
         daemons = {
             "munged": ["munged", "--foreground", "--force", f"--key-file={key}", f"--socket={munge}/munge.socket",
                        f"--pid-file={munge}/munged.pid", f"--log-file={logs[0]}", f"--seed-file={munge}/munged.seed"],
-            "slurmctld": ["slurmctld", "-D", "-i", "-f", str(self.conf)],  # -i: no state from a previous start
+            "slurmctld": ["slurmctld", "-D", "-i", "-f", str(self.conf)],  # -i: start even on damaged saved state
             "slurmd": ["slurmd", "-D", "-N", "localhost", "-f", str(self.conf)],
         }
         try:
@@ -375,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
             cluster.start()
             print(f"{args.engine} {'already running' if already else 'started'} (state in {cluster.dir})")
             for key, value in cluster.env().items():
-                print(f"export {key}={value}")
+                print(f"export {key}={value.replace(os.environ.get('PATH', '-'), '$PATH')}")
         elif args.command == "stop":
             cluster.stop()
             print(f"stopped the {args.engine} cluster of {cluster.dir}")

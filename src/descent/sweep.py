@@ -56,6 +56,7 @@ class MLflowSweep(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         if self.run_id is None:
             return
+        self._end_orphans()
         if self.report:
             try:
                 from descent.report import make_report
@@ -71,5 +72,22 @@ class MLflowSweep(Callback):
 
     def _end_if_open(self) -> None:
         if self.run_id is not None:
+            self._end_orphans()
             self.client.set_terminated(self.run_id, "KILLED")
             self.run_id = None
+
+    def _end_orphans(self) -> None:
+        """Children still RUNNING when their sweep ends died without a word (SIGKILL, out of memory, a lost
+        node): every launcher has waited for its jobs by then, so they end FAILED, never RUNNING. (A SLURM job
+        that outlives a driver stopped with Ctrl-C sets its own status again when it ends.)"""
+        try:
+            experiment_id = self.client.get_run(self.run_id).info.experiment_id
+            orphans = self.client.search_runs(
+                [experiment_id], f"tags.`mlflow.parentRunId` = '{self.run_id}' and attributes.status = 'RUNNING'")
+            for run in orphans:
+                self.client.set_tag(run.info.run_id, "descent.ended_by", "sweep")
+                self.client.set_terminated(run.info.run_id, "FAILED")
+                log.error("run %s (%s) was still RUNNING when its sweep ended (its job died without a word): "
+                          "marked FAILED", run.info.run_id, run.info.run_name)
+        except Exception as e:  # the store is away: the sweep's own end must still be recorded if it can
+            log.error("could not check the sweep's runs for jobs that died (%s: %s)", type(e).__name__, e)
