@@ -25,14 +25,15 @@ def main(cfg: DictConfig) -> float | None:
     launch_dir, out_dir = hc.runtime.cwd, Path(hc.runtime.output_dir)
     try:  # every problem at once, before anything is built and before any MLflow run exists
         validate(cfg)
-        from descent import tracking  # imports lightning: the slow part of start-up, after the check
+        from descent import store
 
-        uri = tracking.tracking_uri(cfg.logger.tracking_uri, launch_dir)
-        tracking.check_store(uri)
-        choices = {g: hc.runtime.choices[g] for g in tracking.GROUPS if g in hc.runtime.choices}
+        uri = store.tracking_uri(cfg.logger.tracking_uri, launch_dir)
+        store.check_store(uri)
+        choices = {g: hc.runtime.choices[g] for g in store.GROUPS if g in hc.runtime.choices}
         run_id = ckpt_path = None
         if cfg.resume:  # continue a run from its last checkpoint, with its own config, into the same MLflow run
-            run_id, out_dir, recorded, choices = tracking.find_resume(str(cfg.resume), uri)
+            # (the checkpoint comes from the run's artifacts when this machine lacks its output folder)
+            run_id, out_dir, recorded, choices = store.find_resume(str(cfg.resume), uri, out_dir)
             ckpt_path = out_dir / "checkpoints" / "last.ckpt"
             cfg = OmegaConf.merge(recorded, {"resume": cfg.resume})
             log.info("resuming MLflow run %s from %s", run_id, ckpt_path)
@@ -58,8 +59,11 @@ def train(cfg, hc, launch_dir, out_dir, choices, run_id, ckpt_path) -> float | N
     module = Classifier.from_config(cfg)
     tags = {"hydra.output_dir": str(out_dir)}
     if multirun:
-        tags |= {"hydra.job.num": str(hc.job.num), "mlflow.parentRunId": parent_run_id(hc.sweep.dir)}
-    logger = tracking.make_logger(cfg, choices, launch_dir, tags=tags if run_id is None else {}, run_id=run_id)
+        # the parent run is looked up in the tracking store: a job on another node sees no sweep folder
+        tags |= {"hydra.job.num": str(hc.job.num),
+                 "mlflow.parentRunId": parent_run_id(cfg, launch_dir, hc.sweep.dir)}
+    logger = tracking.make_logger(cfg, choices, launch_dir, run_id=run_id, out_dir=out_dir,
+                                  tags=tags if run_id is None else {"hydra.output_dir": str(out_dir)})
     (out_dir / "mlflow_run_id").write_text(logger.run_id)
     if run_id is None:
         tracking.log_config(logger, cfg, choices)
@@ -73,7 +77,9 @@ def train(cfg, hc, launch_dir, out_dir, choices, run_id, ckpt_path) -> float | N
         accelerator=cfg.trainer.accelerator,
         devices=1,
         logger=logger,
-        callbacks=[checkpoint, SafetyCheckpoints(checkpoint, cfg.trainer.checkpoint_every_seconds)],
+        callbacks=[checkpoint, SafetyCheckpoints(checkpoint, cfg.trainer.checkpoint_every_seconds),
+                   tracking.StoreWatch(logger, checkpoint)],  # a tracking server away: wait, or stop past a bound
+        plugins=[tracking.UploadCheckpoints(logger)],  # every checkpoint also to the run's artifacts
         enable_progress_bar=cfg.trainer.progress_bar,
         enable_model_summary=False,
         num_sanity_val_steps=0,
@@ -100,8 +106,6 @@ def train(cfg, hc, launch_dir, out_dir, choices, run_id, ckpt_path) -> float | N
             raise SystemExit  # stopped inside the last chunk: lightning ended fit quietly
         tracking.log_sample_image(logger, datamodule.x_train, datamodule.y_train)
         trainer.test(module, datamodule=datamodule, verbose=False)
-        if cfg.logger.log_checkpoint:
-            logger.experiment.log_artifact(logger.run_id, checkpoint.last_model_path, "checkpoints")
     except Diverged as e:
         logger.end("FAILED")
         for key, value in {"diverged": "true", "diverged.examples": module.examples,
@@ -111,6 +115,9 @@ def train(cfg, hc, launch_dir, out_dir, choices, run_id, ckpt_path) -> float | N
         if multirun:
             return None  # the sweep goes on with its next job; the report shows this run as diverged
         sys.exit(3)
+    except tracking.StoreUnavailable as e:  # the server stayed away: checkpoint kept here, run resumable
+        log.error("%s", e)
+        sys.exit(75)  # EX_TEMPFAIL
     except SystemExit:  # lightning's SIGTERMException, or our own stop above
         if not (received or trainer.received_sigterm):
             logger.end("FAILED")

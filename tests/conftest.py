@@ -1,10 +1,14 @@
-"""Shared fixtures: the real MNIST cache, the real entry point in a subprocess, a real sqlite store."""
+"""Shared fixtures: the real MNIST cache, the real entry point in a subprocess, a real sqlite store,
+a real tracking server (PostgreSQL + MLflow)."""
 
 from __future__ import annotations
 
 import os
+import shutil
+import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -24,6 +28,34 @@ def mnist_root() -> Path:
 @pytest.fixture
 def store(tmp_path) -> str:
     return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def tracking_server_dir():
+    """State folder of the session's tracking server; under /tmp, where PostgreSQL's own user can reach it
+    (pytest's tmp_path is private to root)."""
+    path = Path(tempfile.mkdtemp(prefix="descent-tracking-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def tracking_server(tracking_server_dir) -> str:
+    """A real PostgreSQL + MLflow tracking server, started as `make server` does (descent.server), on a
+    free loopback port; yields its http URI and stops both processes at the end of the session."""
+    from descent import server
+
+    try:
+        yield server.start(tracking_server_dir, free_port())
+    finally:
+        server.stop(tracking_server_dir)
 
 
 def train(*overrides: str, cwd: Path, store: str, multirun: bool = False, check: bool = True,

@@ -109,7 +109,7 @@ BAD = {
     "trainer.progress_bar=maybe": "trainer.progress_bar='maybe': must be true or false",
     "+trainer.max_epoch=3": "trainer.max_epoch: unknown key; allowed keys: max_epochs, accelerator,",
     "+logger.experiment=x":
-        "logger.experiment: unknown key; allowed keys: experiment_name, tracking_uri, log_checkpoint",
+        "logger.experiment: unknown key; allowed keys: experiment_name, tracking_uri, log_checkpoint, outage_seconds",
     "logger.experiment_name=": "logger.experiment_name='': must be a non-empty string",
     "logger.experiment_name=${oc.env:DESCENT_TEST_UNSET}": "logger.experiment_name: cannot be resolved: ",
     "seed=-1": "seed=-1: must be an integer in [0, 4294967295]",

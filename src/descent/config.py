@@ -72,7 +72,7 @@ TRAINER = {
     "cuda_graphs": (lambda v: v is True or v is False or v == "auto", "auto, true or false"),
     "checkpoint_every_seconds": POSITIVE,
 }
-LOGGER = {"experiment_name": STRING, "tracking_uri": STRING, "log_checkpoint": BOOLEAN}
+LOGGER = {"experiment_name": STRING, "tracking_uri": STRING, "log_checkpoint": BOOLEAN, "outage_seconds": POSITIVE}
 
 # data, model and optimizer accept the parameters of their _target_'s __init__; these are the ones
 # with limits; the others must match the type of their default.

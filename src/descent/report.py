@@ -7,16 +7,15 @@ It reads MLflow only, with no torch or lightning import, so it starts in about a
 from __future__ import annotations
 
 import csv
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from descent.store import PARENT_TAG, SWEEP_DIR_TAG, SWEEP_TAG, resolve_uri
+
 TARGET_ACC = 0.97
-DEFAULT_URI = "sqlite:///mlflow.db"
-SWEEP_TAG, SWEEP_DIR_TAG, PARENT_TAG = "descent.sweep", "hydra.sweep.dir", "mlflow.parentRunId"
 
 # config groups in the order of run names (rmsprop-mini-s0); a label starts with the ones that vary
 LABEL_GROUPS = ("optimizer", "batching", "model", "data")
@@ -32,16 +31,6 @@ LOG_X_RATIO = 10  # log-scale an x axis when the configurations' extents on it d
 
 class ReportError(RuntimeError):
     """Nothing to report: no such experiment, run or children."""
-
-
-def resolve_uri(uri: str | None = None, launch_dir: str | Path | None = None) -> str:
-    """--tracking-uri, else MLFLOW_TRACKING_URI, else sqlite:///mlflow.db; a relative sqlite path is
-    relative to the launch directory (the rule of descent.tracking.tracking_uri, which imports lightning)."""
-    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
-    prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
-        return prefix + str((Path(launch_dir or os.getcwd()) / uri[len(prefix):]).resolve())
-    return uri
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,12 +12,15 @@ from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger(__name__)
 
-PARENT_FILE = "mlflow_parent_run_id"  # in the sweep dir: how each job (in any launcher) finds its parent
 
+def parent_run_id(cfg: DictConfig, launch_dir: str, sweep_dir: str) -> str | None:
+    """A job's parent run, found in the tracking store (a job on another node sees no sweep folder)."""
+    from mlflow import MlflowClient
 
-def parent_run_id(sweep_dir: str | Path) -> str | None:
-    path = Path(sweep_dir) / PARENT_FILE
-    return path.read_text().strip() if path.is_file() else None
+    from descent import store
+
+    client = MlflowClient(store.tracking_uri(cfg.logger.tracking_uri, launch_dir))
+    return store.retry(store.find_parent, client, cfg.logger.experiment_name, str(sweep_dir))
 
 
 class MLflowSweep(Callback):
@@ -28,17 +31,19 @@ class MLflowSweep(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         from mlflow import MlflowClient
 
-        from descent import tracking
+        from descent import store
 
-        self.uri = tracking.tracking_uri(config.logger.tracking_uri, os.getcwd())
+        self.uri = store.tracking_uri(config.logger.tracking_uri, os.getcwd())
         self.sweep_dir = Path(str(config.hydra.sweep.dir)).resolve()
         self.sweep_dir.mkdir(parents=True, exist_ok=True)
         # creating the store, the experiment and the parent here, before any job starts, keeps
         # parallel jobs from racing on sqlite's schema set-up and on experiment creation
         self.client = MlflowClient(self.uri)
-        experiment_id = tracking.experiment_id(self.client, config.logger.experiment_name)
-        tags = {"descent.sweep": "true", "hydra.sweep.dir": str(self.sweep_dir)}
-        if commit := tracking.git_commit(os.getcwd()):
+        experiment_id = store.experiment_id(self.client, config.logger.experiment_name)
+        # jobs look their parent up by the sweep folder as configured: the same string in every job
+        tags = {store.SWEEP_TAG: "true", store.SWEEP_DIR_TAG: str(self.sweep_dir),
+                store.SWEEP_KEY_TAG: str(config.hydra.sweep.dir)}
+        if commit := store.git_commit(os.getcwd()):
             tags["mlflow.source.git.commit"] = commit
         name = f"{config.logger.experiment_name}-{self.sweep_dir.parent.name}_{self.sweep_dir.name}"
         run = self.client.create_run(experiment_id, run_name=name, tags=tags)
@@ -49,7 +54,6 @@ class MLflowSweep(Callback):
             params.update({f"sweep.{k}": str(v) for k, v in sweeper_params.items()})
         for key, value in params.items():
             self.client.log_param(self.run_id, key, value[:6000])
-        (self.sweep_dir / PARENT_FILE).write_text(self.run_id)
         atexit.register(self._end_if_open)  # a sweep that dies still ends its parent run
         log.info("MLflow parent run %s (%s) for sweep %s", self.run_id, name, self.sweep_dir)
 

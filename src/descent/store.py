@@ -1,0 +1,165 @@
+"""The MLflow tracking store: where it is, whether it answers, and the lookups runs and sweeps make in it.
+
+No torch or lightning import here (report.py and the sweep callback use it in a second of start-up).
+Jobs on other machines share no filesystem with the driver: whatever they need (the sweep's parent
+run, a checkpoint to resume) they find through the store.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from descent.config import ConfigError
+
+DEFAULT_URI = "sqlite:///mlflow.db"
+# tags: a sweep's parent run, the folder it writes to, the key its jobs look it up by, a child's parent
+SWEEP_TAG, SWEEP_DIR_TAG, SWEEP_KEY_TAG = "descent.sweep", "hydra.sweep.dir", "descent.sweep.key"
+PARENT_TAG = "mlflow.parentRunId"
+CHECKPOINT = "checkpoints/last.ckpt"  # in a run's output folder and in its artifacts alike
+# the config groups whose chosen option becomes a param of its own, for "group by" in the UI
+GROUPS = ("data", "model", "optimizer", "batching")
+
+
+def tracking_uri(uri: str, launch_dir: str | Path) -> str:
+    """A relative sqlite path is relative to the launch directory, where `mlflow ui` opens it."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        return prefix + str((Path(launch_dir) / uri[len(prefix):]).resolve())
+    return uri
+
+
+def resolve_uri(uri: str | None = None, launch_dir: str | Path | None = None) -> str:
+    """An explicit URI, else MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the launch directory."""
+    return tracking_uri(uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI, launch_dir or os.getcwd())
+
+
+def is_server(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
+
+
+def reachable(uri: str, timeout: float = 2) -> bool:
+    """A quick look at a server's /health (MLflow's own client retries for minutes before it gives up)."""
+    if not is_server(uri):
+        return True
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).close()
+        return True
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def check_store(uri: str) -> None:
+    """Fail before training, with a clear message, when the tracking store cannot be reached or written."""
+    if uri.startswith("sqlite:///"):
+        path = Path(uri[len("sqlite:///"):])
+        target = path if path.exists() else path.parent
+        if not target.exists():
+            raise ConfigError(f"logger.tracking_uri={uri!r}: the folder {path.parent} does not exist")
+        if not os.access(target, os.W_OK):
+            raise ConfigError(f"logger.tracking_uri={uri!r}: {target} is not writable")
+    elif is_server(uri):
+        try:
+            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5).close()
+        except (urllib.error.URLError, OSError) as e:
+            raise ConfigError(f"logger.tracking_uri={uri!r}: the MLflow server does not answer ({e}); "
+                              "start one with `make server`") from None
+
+
+def retry(fn, *args, attempts: int = 8, **kwargs):
+    """sqlite lets one writer in at a time: parallel jobs back off and retry "database is locked"."""
+    for attempt in range(attempts):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:
+            if "locked" not in str(e).lower() or attempt == attempts - 1:
+                raise
+            time.sleep(0.2 * 2**attempt)
+
+
+def git_commit(cwd: str | Path) -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
+    except OSError:
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def experiment_id(client, name: str) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None and exp.lifecycle_stage == "active":
+        return exp.experiment_id
+    if exp is not None:
+        raise RuntimeError(f"logger.experiment_name={name!r} names a deleted MLflow experiment; "
+                           "restore it (mlflow experiments restore) or choose another name")
+    try:
+        return client.create_experiment(name)
+    except Exception:  # another process created it first
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def find_parent(client, experiment_name: str, sweep_key: str) -> str | None:
+    """The running sweep's parent run, looked up by the sweep key its callback tagged it with.
+
+    The key is the sweep folder as configured (hydra.sweep.dir): every job of a sweep is handed the
+    same string, wherever it runs. Two sweeps into one folder: the one running, the latest started.
+    """
+    exp = client.get_experiment_by_name(experiment_name)
+    if exp is None:
+        return None
+    key = sweep_key.replace("'", "\\'")
+    runs = client.search_runs([exp.experiment_id],
+                              f"tags.`{SWEEP_KEY_TAG}` = '{key}' and attributes.status = 'RUNNING'",
+                              order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0].info.run_id if runs else None
+
+
+def find_resume(target: str, uri: str, out_dir: str | Path):
+    """resume= an output folder or an MLflow run id -> (run id, output folder, config, group choices).
+
+    The config and choices come from the MLflow run itself (config.yaml and params), the record of
+    what actually ran. The checkpoint is the run's own output folder's when this machine has it,
+    else the one in the run's artifacts, downloaded into out_dir (the new run folder): a run killed
+    on one machine continues on another.
+    """
+    import tempfile
+
+    from mlflow import MlflowClient
+    from omegaconf import OmegaConf
+
+    client = MlflowClient(uri)
+    path = Path(target)
+    if path.is_dir():
+        id_file = path / "mlflow_run_id"
+        if not id_file.is_file():
+            raise ConfigError(f"resume={target!r}: {path.resolve()} is not a descent run folder (no mlflow_run_id file)")
+        target = id_file.read_text().strip()
+    try:
+        run = client.get_run(target)
+    except Exception:
+        raise ConfigError(f"resume={str(path)!r}: neither a run folder nor a run id in {uri}") from None
+    run_id = run.info.run_id
+    local = Path(run.data.tags.get("hydra.output_dir", ""))
+    if path.is_dir() or (local / CHECKPOINT).is_file():
+        out = path if path.is_dir() else local
+        if not (out / CHECKPOINT).is_file():
+            raise ConfigError(f"resume={str(path)!r}: no checkpoint at {out / CHECKPOINT}")
+    else:
+        out = Path(out_dir)
+        try:
+            client.download_artifacts(run_id, CHECKPOINT, str(out))
+        except Exception as e:
+            why = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ConfigError(f"resume={str(path)!r}: no checkpoint in {local} on this machine, "
+                              f"nor in the run's artifacts ({why})") from None
+    with tempfile.TemporaryDirectory() as tmp:
+        config = OmegaConf.load(client.download_artifacts(run_id, "config.yaml", tmp))
+    choices = {g: run.data.params[g] for g in GROUPS if g in run.data.params}
+    return run_id, out, config, choices

@@ -1,0 +1,196 @@
+"""The team tracking server (descent.server): real PostgreSQL, real `mlflow server`, real train.py runs.
+
+A sweep with parallel jobs, resume on "another machine" (another folder, no local outputs), and the
+server going away in the middle of a run: for a few seconds (survived) and for good (stopped, resumable).
+"""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from conftest import DATA, ROOT, train
+from descent import server
+
+# 3 epochs of 100 batches of 128, a checkpoint every second (each one writes the metric points and
+# uploads the checkpoint); stop requests are served every 1280 examples
+LONG = ["optimizer=sgd", "data.limit_train=12800", "data.chunk_size=1280", "trainer.max_epochs=3",
+        "trainer.log_every_examples=1280", "data.val_size=1000", "trainer.checkpoint_every_seconds=1"]
+TRAIN_STEPS = list(range(1280, 38401, 1280))  # train/loss every 10 batches, exactly once each
+VAL_STEPS = [12800, 25600, 38400]  # epoch ends
+
+
+def start(cwd, uri, *overrides):
+    args = [sys.executable, str(ROOT / "src" / "train.py"), f"data.root={DATA}", "trainer.progress_bar=false",
+            f"hydra.run.dir={cwd}/outputs/run", *overrides]
+    return subprocess.Popen(args, cwd=cwd, env={**os.environ, "MLFLOW_TRACKING_URI": uri},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finish(proc, timeout=300) -> str:
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    return out
+
+
+def run_of(client, experiment, timeout=120, until=lambda run: True):
+    """The experiment's only run, once `until` holds for it."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        exp = client.get_experiment_by_name(experiment)
+        runs = client.search_runs([exp.experiment_id]) if exp else []
+        if len(runs) == 1 and until(runs[0]):
+            return runs[0]
+        time.sleep(0.5)
+    raise AssertionError(f"no run in {experiment!r} reached the expected state in {timeout} s")
+
+
+def steps(client, run_id, key):
+    return [m.step for m in client.get_metric_history(run_id, key)]
+
+
+def has_checkpoint(client, run):
+    return any(a.path == "checkpoints/last.ckpt" for a in client.list_artifacts(run.info.run_id, "checkpoints"))
+
+
+def assert_complete(client, run_id):
+    """Every metric point exactly once, at the steps an uninterrupted run logs."""
+    assert client.get_run(run_id).info.status == "FINISHED"
+    train_steps = steps(client, run_id, "train/loss")
+    assert train_steps == TRAIN_STEPS
+    for key in ("train/acc", "progress/epoch", "progress/updates", "progress/seconds"):
+        assert steps(client, run_id, key) == train_steps, key
+    assert steps(client, run_id, "val/loss") == VAL_STEPS
+    assert steps(client, run_id, "test/acc") == [38400]
+
+
+def kill_mlflow(dir: Path) -> None:
+    """The MLflow server dies (PostgreSQL stays): SIGKILL to its whole process group."""
+    pid = server.mlflow_pid(dir)
+    assert pid is not None
+    os.killpg(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while server.healthy(server.tracking_uri(server._state(dir)["port"]), timeout=0.5):
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+
+
+def restart(dir: Path, uri: str) -> None:
+    assert server.start(dir) == uri
+
+
+def test_start_is_idempotent_and_reports_the_uri(tracking_server, tracking_server_dir):
+    out = subprocess.run([sys.executable, "-m", "descent.server", "start", "--dir", str(tracking_server_dir)],
+                         capture_output=True, text=True, timeout=60, check=True).stdout
+    assert "already running" in out and f"export MLFLOW_TRACKING_URI={tracking_server}" in out
+    status = subprocess.run([sys.executable, "-m", "descent.server", "status", "--dir", str(tracking_server_dir)],
+                            capture_output=True, text=True, timeout=60)
+    assert status.returncode == 0 and "postgresql: running" in status.stdout
+    assert server.backend_uri(tracking_server_dir).startswith("postgresql+psycopg2://")
+
+
+def test_a_parallel_sweep_nests_its_jobs_under_one_parent_with_the_report(tmp_path, tracking_server, mnist_root):
+    train("seed=0,1", "optimizer=sgd", "data.limit_train=2000", "data.val_size=1000", "trainer.max_epochs=2",
+          "trainer.log_every_examples=500", "logger.experiment_name=server_sweep", "hydra/launcher=joblib",
+          "hydra.launcher.n_jobs=2", cwd=tmp_path, store=tracking_server, multirun=True)
+    client = MlflowClient(tracking_server)
+    runs = client.search_runs([client.get_experiment_by_name("server_sweep").experiment_id])
+    [parent] = [r for r in runs if r.data.tags.get("descent.sweep") == "true"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert parent.info.status == "FINISHED"
+    assert sorted(r.info.run_name for r in children) == ["sgd-mini-s0", "sgd-mini-s1"]
+    assert not (tmp_path / "outputs" / "sweep" / "mlflow_parent_run_id").exists()  # found through the store
+    for run in children:
+        assert run.info.status == "FINISHED"
+        assert steps(client, run.info.run_id, "train/loss") == [512, 1024, 1536, 2000, 2512, 3024, 3536, 4000]
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"config.yaml", "train_image_4.png", "checkpoints"} <= artifacts
+        assert has_checkpoint(client, run)
+    report = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
+    assert {"report/convergence.png", "report/convergence.csv"} <= report
+    # the report tool reads the server too
+    out = subprocess.run([sys.executable, str(ROOT / "src" / "compare.py"), "--tracking-uri", tracking_server,
+                          "--parent", parent.info.run_id, "--out", str(tmp_path / "report")],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "report" / "convergence.csv").is_file()
+
+
+def test_a_killed_run_resumes_in_another_folder_from_the_artifact_checkpoint(tmp_path, tracking_server, mnist_root):
+    client = MlflowClient(tracking_server)
+    first, elsewhere = tmp_path / "machine1", tmp_path / "machine2"
+    first.mkdir(), elsewhere.mkdir()
+    proc = start(first, tracking_server, *LONG, "logger.experiment_name=server_resume")
+    try:  # SIGKILL once a periodic checkpoint (not the final one) has reached the artifact store
+        run = run_of(client, "server_resume", until=lambda r: "train/loss" in r.data.metrics
+                     and has_checkpoint(client, r))
+        proc.kill()
+    finally:
+        out = finish(proc)
+    assert proc.returncode == -signal.SIGKILL, out
+    assert len(steps(client, run.info.run_id, "train/loss")) < len(TRAIN_STEPS)
+    shutil.rmtree(first)  # nothing of the first machine is left
+    train(f"resume={run.info.run_id}", cwd=elsewhere, store=tracking_server)
+    assert (elsewhere / "outputs" / "run" / "checkpoints" / "last.ckpt").is_file()
+    assert_complete(client, run.info.run_id)
+    assert client.get_run(run.info.run_id).data.tags["hydra.output_dir"] == str(elsewhere / "outputs" / "run")
+
+
+def test_the_server_away_for_seconds_mid_run_loses_no_point(tmp_path, tracking_server, tracking_server_dir,
+                                                             mnist_root):
+    client = MlflowClient(tracking_server)
+    proc = start(tmp_path, tracking_server, *LONG, "logger.experiment_name=server_outage")
+    try:
+        run = run_of(client, "server_outage", until=lambda r: "train/loss" in r.data.metrics)
+        kill_mlflow(tracking_server_dir)
+        time.sleep(5)
+        assert proc.poll() is None  # training goes on without the server
+        restart(tracking_server_dir, tracking_server)
+    finally:
+        out = finish(proc)
+    assert proc.returncode == 0, out[-4000:]
+    assert "does not answer" in out and "is back" in out, out[-4000:]
+    assert_complete(client, run.info.run_id)
+
+
+def test_the_server_away_past_the_bound_stops_the_run_which_resumes_here(tmp_path, tracking_server,
+                                                                        tracking_server_dir, mnist_root):
+    client = MlflowClient(tracking_server)
+    proc = start(tmp_path, tracking_server, *LONG, "logger.outage_seconds=3", "logger.experiment_name=server_gone")
+    try:
+        run = run_of(client, "server_gone", until=lambda r: "train/loss" in r.data.metrics)
+        kill_mlflow(tracking_server_dir)
+        out = finish(proc, timeout=120)
+    finally:
+        restart(tracking_server_dir, tracking_server)
+    assert proc.returncode == 75, out[-4000:]
+    assert f"resume={run.info.run_id}" in out and "Nothing is lost" in out, out[-4000:]
+    checkpoints = tmp_path / "outputs" / "run" / "checkpoints"
+    assert (checkpoints / "last.ckpt").is_file()
+    assert client.get_run(run.info.run_id).info.status == "RUNNING"  # the server was not there to be told
+    # same machine: the local checkpoint, and the points kept beside it written first
+    train(f"resume={run.info.run_id}", cwd=tmp_path, store=tracking_server)
+    assert not (checkpoints / "unsent_metrics.json").exists()
+    assert_complete(client, run.info.run_id)
+
+
+def test_data_survive_a_stop_and_start(tracking_server, tracking_server_dir):
+    client = MlflowClient(tracking_server)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    before = {r.info.run_id for r in client.search_runs(experiments)}
+    assert before
+    server.stop(tracking_server_dir)
+    assert server.status(tracking_server_dir) == {"postgresql": "stopped", "mlflow": "stopped", "uri": None,
+                                                  "healthy": False}
+    assert server.start(tracking_server_dir) == tracking_server
+    assert {r.info.run_id for r in client.search_runs(experiments)} == before
