@@ -206,13 +206,15 @@ class Ray:
         logs = [self.dir / "head.log"] + [self.dir / f"worker{i}.log" for i in range(self.workers)]
         for log in logs:
             log.unlink(missing_ok=True)
-        state["pids"]["head"] = spawn(head, logs[0], env=env, cwd=self.dir)
+        # the nodes' jobs start in this folder (Ray's workers inherit it): started from the project folder,
+        # as the make target does, relative paths (data/, outputs/) mean there what they mean to the driver
+        state["pids"]["head"] = spawn(head, logs[0], env=env)
         write_state(self.dir, state)
         try:
             wait_for(lambda: self.node_up(logs[0]), f"the Ray head on {self.address}", logs, state["pids"])
             for i in range(self.workers):
                 worker = [self.ray(), "start", f"--address={self.address}", *node_args()]
-                state["pids"][f"worker{i}"] = spawn(worker, logs[i + 1], env=env, cwd=self.dir)
+                state["pids"][f"worker{i}"] = spawn(worker, logs[i + 1], env=env)
                 write_state(self.dir, state)
             wait_for(lambda: all(self.node_up(log) for log in logs), f"{1 + self.workers} Ray nodes", logs,
                      state["pids"])
