@@ -227,33 +227,26 @@ def chunk_length(batch_size: int, chunk_size: int) -> int:
 class EpochChunks:
     """An iterable of (x, y) slices of the shuffled training set; lightning treats it as a dataloader.
 
-    It is stateful for lightning's checkpoints: the state is how far the module has consumed the
-    current epoch (not how far lightning's prefetcher has read), so a run resumed mid-epoch goes on
-    with the same order from the next unseen example.
+    Where an epoch starts is the module's position (epoch, examples of it already trained on), read
+    when lightning starts iterating: a resumed run goes on with the same order from the next unseen
+    example. The module's checkpoint is the one record of it (lightning's prefetcher reads ahead).
     """
 
-    def __init__(self, x, y, batch_size: int, chunk_size: int, seed: int, epoch_fn, consumed_fn=lambda: 0):
-        self.x, self.y, self.seed, self.epoch_fn, self.consumed_fn = x, y, seed, epoch_fn, consumed_fn
+    def __init__(self, x, y, batch_size: int, chunk_size: int, seed: int, epoch_fn, position_fn=lambda: (0, 0)):
+        self.x, self.y, self.seed, self.epoch_fn, self.position_fn = x, y, seed, epoch_fn, position_fn
         self.step = chunk_length(batch_size, chunk_size)
-        self.resume: dict | None = None
 
     def __len__(self) -> int:
         return -(-len(self.x) // self.step)
 
     def __iter__(self):
         epoch = self.epoch_fn()
-        start = self.resume["consumed"] if self.resume and self.resume["epoch"] == epoch else 0
-        self.resume = None
+        at_epoch, consumed = self.position_fn()
+        start = consumed if at_epoch == epoch else 0
         perm = epoch_permutation(len(self.x), self.seed, epoch, self.x.device)
         for i in range(start, len(perm), self.step):
             idx = perm[i : i + self.step]
             yield self.x[idx], self.y[idx]
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch_fn(), "consumed": self.consumed_fn()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.resume = state
 
 
 class Split:
@@ -316,7 +309,7 @@ class MNISTDataModule(pl.LightningDataModule):
         return EpochChunks(
             self.x_train, self.y_train, self.updates_batch_size, self.chunk_size, self.seed,
             epoch_fn=lambda: trainer.current_epoch,
-            consumed_fn=lambda: trainer.lightning_module.epoch_offset,
+            position_fn=lambda: (trainer.lightning_module.offset_epoch, trainer.lightning_module.epoch_offset),
         )
 
     def test_dataloader(self):

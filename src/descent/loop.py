@@ -37,6 +37,10 @@ class Diverged(RuntimeError):
     """The training loss became NaN or infinite."""
 
 
+class ResumeError(RuntimeError):
+    """A checkpoint that does not fit the run it is asked to continue."""
+
+
 def segments(offset: int, length: int, n: int, batch_size: int):
     """Split examples [offset, offset+length) of an n-example epoch at update boundaries.
 
@@ -44,8 +48,11 @@ def segments(offset: int, length: int, n: int, batch_size: int):
     batch; batch_len is that batch's size (the last batch of an epoch may be partial) and
     ends_batch says whether the optimizer steps after it.
     """
+    if not (0 <= offset <= offset + length <= n) or batch_size < 1:
+        raise ValueError(f"examples [{offset}, {offset + length}) in batches of {batch_size} do not lie "
+                         f"inside an epoch of {n} examples")
     pos, end = offset, offset + length
-    while pos < end:
+    while pos < end:  # each turn moves pos forward: pos < end <= n, so batch_stop > pos
         batch_start = pos - pos % batch_size
         batch_stop = min(batch_start + batch_size, n)
         stop = min(batch_stop, end)
@@ -78,15 +85,26 @@ class SafetyCheckpoints(pl.Callback):
             self._save(trainer)
 
 
-# what a checkpoint must carry so that a resumed run continues the same axes and data order
-PROGRESS = ("examples", "updates", "train_seconds", "last_val_step", "epoch_offset")
+# what a checkpoint must carry so that a resumed run continues the same axes and data order:
+# the next example is epoch_offset of epoch offset_epoch; epoch_closed says whether that epoch's
+# end (its last train point and validation) has been logged
+PROGRESS = ("examples", "updates", "train_seconds", "last_val_step", "epoch_offset", "offset_epoch", "epoch_closed")
+# what the data must match for a checkpoint to be resumed (same examples, same order, same updates)
+DATA_KEYS = ("n_train", "val_size", "limit_train", "batch_size")
+
+
+def data_signature(dm) -> dict:
+    return {"n_train": len(dm.x_train), "val_size": dm.val_size, "limit_train": dm.limit_train,
+            "batch_size": dm.updates_batch_size}
 
 
 class Window:
     """Training loss and accuracy since the last log point, reduced only when it is logged."""
 
-    def __init__(self):
-        self.losses, self.weights, self.preds, self.targets, self.n = [], [], [], [], 0
+    def __init__(self, loss_sum: float = 0.0, correct: int = 0, n: int = 0):
+        self.losses, self.weights, self.preds, self.targets = [], [], [], []
+        self.carried = (loss_sum, correct)  # from a checkpoint written inside this window
+        self.n = n
 
     def add(self, loss, weight, logits, targets) -> None:
         self.losses.append(loss)
@@ -95,13 +113,20 @@ class Window:
         self.targets.append(targets)
         self.n += len(targets)
 
+    def state(self) -> dict:
+        """Sums so far: a checkpoint written inside a window carries them, so no example is lost."""
+        loss_sum, correct = self.carried
+        if self.losses:
+            losses = torch.stack(self.losses)
+            weights = torch.tensor(self.weights, dtype=losses.dtype, device=losses.device)
+            loss_sum += float(losses @ weights)
+            correct += int((torch.cat(self.preds) == torch.cat(self.targets)).sum())
+        return {"loss_sum": loss_sum, "correct": correct, "n": self.n}
+
     def pop(self) -> tuple[float, float]:
-        losses = torch.stack(self.losses)
-        weights = torch.tensor(self.weights, dtype=losses.dtype, device=losses.device)
-        loss = float(losses @ weights) / self.n
-        acc = float((torch.cat(self.preds) == torch.cat(self.targets)).sum()) / self.n
+        state = self.state()
         self.__init__()
-        return loss, acc
+        return state["loss_sum"] / state["n"], state["correct"] / state["n"]
 
 
 class Classifier(pl.LightningModule):
@@ -134,8 +159,10 @@ class Classifier(pl.LightningModule):
         self.updates = 0
         self.train_seconds = 0.0
         self.last_val_step = -1
-        self.epoch_offset = 0  # examples of the current epoch already trained on
-        self.resumed_epoch: int | None = None
+        self.epoch_offset = 0  # examples of epoch offset_epoch already trained on
+        self.offset_epoch = 0
+        self.epoch_closed = True
+        self.resumed: dict | None = None  # the descent part of the checkpoint being resumed
 
     @classmethod
     def from_config(cls, cfg) -> "Classifier":
@@ -180,40 +207,71 @@ class Classifier(pl.LightningModule):
                 dm.chunk_size = max(dm.chunk_size, len(dm.x_train))
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["descent"] = {k: getattr(self, k) for k in PROGRESS} | {"epoch": self.current_epoch}
+        grads = [p.grad for p in self.net.parameters()]  # a batch larger than a chunk, half accumulated
+        checkpoint["descent"] = {k: getattr(self, k) for k in PROGRESS} | {
+            "window": self.window.state(),
+            "grads": None if all(g is None for g in grads) else grads,
+            "data": data_signature(self.trainer.datamodule),
+        }
         # metric points become durable together with the checkpoint that can reproduce them, so a
         # run resumed after a crash continues its metrics with no gap and no duplicate
         for logger in self.loggers:
             getattr(logger, "flush", logger.save)()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        state = checkpoint["descent"]
+        state = checkpoint.get("descent", {})
+        missing = [k for k in (*PROGRESS, "window", "grads", "data") if k not in state]
+        if missing:
+            raise ResumeError(f"checkpoint {self.trainer.ckpt_path} lacks {', '.join(missing)} (written by an "
+                              "older descent?): it cannot be resumed exactly")
         for k in PROGRESS:
             setattr(self, k, state[k])
-        self.resumed_epoch = state["epoch"]
+        self.resumed = state
 
     def on_train_start(self) -> None:
         global _FIRST_FIT
         if _FIRST_FIT:  # start-up cost: only meaningful for the first run of a process (a sweep runs many)
             _FIRST_FIT = False
             log.info("first update %.2f s after the process started", seconds_since_process_start())
+        dm = self.trainer.datamodule
+        self.n_train, self.batch_size = len(dm.x_train), dm.updates_batch_size
+        self.opt.zero_grad(set_to_none=True)
         graphs.match_capturable(self.opt, self.graph is not None and self.graph.capture)  # after a checkpoint's load
+        self.window = Window()
+        if self.resumed is not None:
+            self._restore(self.resumed)
+            self.resumed = None
         self._prepare()  # lightning resuming mid-epoch skips on_train_epoch_start
 
+    def _restore(self, state: dict) -> None:
+        found = data_signature(self.trainer.datamodule)
+        differ = [f"{k} {state['data'][k]} in the checkpoint, {found[k]} now" for k in DATA_KEYS
+                  if state["data"][k] != found[k]]
+        if differ:
+            raise ResumeError(f"checkpoint {self.trainer.ckpt_path} was written for other data: " + "; ".join(differ))
+        self.window = Window(**state["window"])
+        if state["grads"] is not None:
+            for p, g in zip(self.net.parameters(), state["grads"]):
+                p.grad = None if g is None else g.to(p.device)
+
     def on_train_epoch_start(self) -> None:
-        if self.resumed_epoch != self.current_epoch:  # a fresh epoch (or a checkpoint from an epoch's end)
-            self.epoch_offset = 0
-        self.resumed_epoch = None
         self._prepare()
 
     def _prepare(self) -> None:
-        dm = self.trainer.datamodule
-        self.n_train, self.batch_size = len(dm.x_train), dm.updates_batch_size
+        """Find the next example (reconciling a resumed position with lightning's epoch) and the next log points."""
         self.epoch_pos = self.epoch_offset
-        self.opt.zero_grad(set_to_none=True)
-        self.window = Window()
         self.next_log = (self.examples // self.log_every + 1) * self.log_every
         self.next_val = (self.examples // self.val_every + 1) * self.val_every if self.val_every else math.inf
+        self.tic = time.perf_counter()
+        epoch = self.current_epoch
+        if self.offset_epoch != epoch:
+            if not (self.offset_epoch == epoch - 1 and self.epoch_offset == self.n_train):
+                raise ResumeError(f"checkpoint {self.trainer.ckpt_path}: it stopped at example {self.epoch_offset} "
+                                  f"of epoch {self.offset_epoch} ({self.n_train} per epoch), lightning resumes epoch "
+                                  f"{epoch}; the two do not fit together")
+            if not self.epoch_closed:  # lightning resumed past an epoch end it never ran
+                self._close_epoch()
+            self.offset_epoch, self.epoch_offset, self.epoch_pos = epoch, 0, 0
         if self.graph is not None:  # the epoch's order on the device; the window's sums move there too
             perm = epoch_permutation(self.n_train, self.trainer.datamodule.seed, self.current_epoch, self.device)
             self.window = self.graph.start_epoch(perm, self.window, pending=self.epoch_offset % self.batch_size)
@@ -227,6 +285,7 @@ class Classifier(pl.LightningModule):
         net, opt, step, window, cross_entropy = self.net, self.opt, self.opt_step, self.window, F.cross_entropy
         examples, offset, updates = self.examples, self.epoch_offset, self.updates
         updates_before = updates
+        self.epoch_closed = False
         for a, b, batch_len, ends_batch in segments(offset, len(x), self.n_train, self.batch_size):
             xb, yb = x[a:b], y[a:b]
             logits = net(xb)
@@ -279,10 +338,14 @@ class Classifier(pl.LightningModule):
         self.epoch_offset = self.epoch_pos = offset + length
 
     def on_train_epoch_end(self) -> None:
+        self._close_epoch()
+
+    def _close_epoch(self) -> None:
         if self.window.n:
             self._log_train()
         if self.last_val_step != self.examples:
             self._validate()
+        self.epoch_closed = True
 
     def _clock(self) -> float:
         now = time.perf_counter()
@@ -292,10 +355,11 @@ class Classifier(pl.LightningModule):
 
     def _log_train(self) -> None:
         loss, acc = self.window.pop()
+        self.last_train_loss = loss  # for the progress bar (descent/progress.py)
         self._log({
             "train/loss": loss,
             "train/acc": acc,
-            "progress/epoch": self.current_epoch + self.epoch_pos / self.n_train,
+            "progress/epoch": self.offset_epoch + self.epoch_pos / self.n_train,
             "progress/updates": self.updates,
             "progress/seconds": self._clock(),
         })

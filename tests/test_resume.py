@@ -1,0 +1,156 @@
+"""A stop at any chunk boundary resumes into the same run with the same result (issue 8).
+
+Each chain stops one run at the first chunk, an epoch's last chunk, a middle chunk and the run's last
+chunk (alternating SIGTERM and SIGINT, delivered by tests/stop_at.py at exactly that boundary), resumes
+it after every stop, and compares the result with the same run left alone: the same metric steps, the
+same values, the same final weights.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from conftest import DATA, ROOT, train
+
+SMALL = ["data.limit_train=1000", "data.val_size=200", "data.chunk_size=250", "trainer.max_epochs=2",
+         "trainer.log_every_examples=100", "logger.log_checkpoint=false"]
+REGIMES = {  # examples per chunk: 250 (online, full batch: 4 chunks per update), 256 (mini: 2 batches)
+    "online": (["batching=online", "optimizer=sgd", "optimizer.lr=0.01"], [250, 1000, 1500, 2000]),
+    "mini": (["batching=mini", "data.chunk_size=256", "optimizer=rmsprop"], [256, 1000, 1512, 2000]),
+    "full": (["batching=full", "optimizer=sgd_momentum", "optimizer.lr=0.5"], [250, 1000, 1500, 2000]),
+}
+FIRST = {"online": "SIGTERM", "mini": "SIGINT", "full": "SIGTERM"}
+
+
+def stop_at(cwd, store, overrides, env):
+    """tests/stop_at.py: the real entry point, stopped by a real signal at a chosen boundary."""
+    flags = [o for o in overrides if o.startswith("-")]  # -m goes first
+    args = [sys.executable, str(ROOT / "tests" / "stop_at.py"), *flags, f"data.root={DATA}",
+            "trainer.progress_bar=false", f"hydra.run.dir={cwd}/outputs/run", *(o for o in overrides if o not in flags)]
+    return subprocess.run(args, cwd=cwd, env={**os.environ, "MLFLOW_TRACKING_URI": store, **env},
+                          capture_output=True, text=True, timeout=300)
+
+
+def record(store, run_id, out_dir):
+    client = MlflowClient(store)
+    run = client.get_run(run_id)
+    history = {k: [(m.step, m.value) for m in client.get_metric_history(run_id, k)] for k in run.data.metrics}
+    weights = torch.load(out_dir / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    return run, history, weights
+
+
+def only_run_id(store):
+    client = MlflowClient(store)
+    [run] = client.search_runs([client.get_experiment_by_name("descent").experiment_id])
+    return run.info.run_id
+
+
+def assert_same(resumed, reference):
+    run, history, weights = resumed
+    ref_run, ref_history, ref_weights = reference
+    assert run.info.status == "FINISHED"
+    history = {k: v for k, v in history.items() if not k.startswith("system/")}  # the machine's, not the run's
+    ref_history = {k: v for k, v in ref_history.items() if not k.startswith("system/")}
+    assert sorted(history) == sorted(ref_history)
+    for key in history:
+        if key == "progress/seconds":  # wall time: only its steps must match
+            assert [s for s, _ in history[key]] == [s for s, _ in ref_history[key]]
+            continue
+        assert [s for s, _ in history[key]] == [s for s, _ in ref_history[key]], f"{key}: steps differ"
+        assert [v for _, v in history[key]] == pytest.approx([v for _, v in ref_history[key]], rel=1e-5), key
+    for name, tensor in ref_weights.items():
+        torch.testing.assert_close(weights[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("regime", REGIMES)
+def test_a_run_stopped_at_every_kind_of_boundary_resumes_to_the_same_result(tmp_path, mnist_root, regime):
+    overrides, boundaries = REGIMES[regime]
+    overrides = SMALL + overrides
+    ref_dir = tmp_path / "reference"
+    ref_dir.mkdir()
+    ref_store = f"sqlite:///{ref_dir / 'mlflow.db'}"
+    train(*overrides, cwd=ref_dir, store=ref_store)
+    reference = record(ref_store, only_run_id(ref_store), ref_dir / "outputs" / "run")
+
+    cwd = tmp_path / "stopped"
+    cwd.mkdir()
+    store = f"sqlite:///{cwd / 'mlflow.db'}"
+    names = [FIRST[regime], "SIGINT" if FIRST[regime] == "SIGTERM" else "SIGTERM"] * 2
+    env = {"DESCENT_STOP_AT": ",".join(map(str, boundaries)), "DESCENT_STOP_SIGNALS": ",".join(names)}
+    args, run_id = overrides, None
+    for boundary, name in zip(boundaries, names):
+        proc = stop_at(cwd, store, args, env)
+        out = proc.stdout + proc.stderr
+        assert proc.returncode == 128 + signal.Signals[name], f"stop at {boundary} by {name}:\n{out[-3000:]}"
+        run_id = run_id or only_run_id(store)
+        run = MlflowClient(store).get_run(run_id)
+        assert run.info.status == "KILLED", boundary
+        assert f"resume={run_id}" in out
+        assert int(run.data.metrics["progress/updates"]) >= 0
+        args = [f"resume={run_id}"]
+    proc = stop_at(cwd, store, args, env)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert only_run_id(store) == run_id, "one MLflow run from start to end"
+    assert_same(record(store, run_id, cwd / "outputs" / "run"), reference)
+
+
+def test_sigkill_right_after_an_epoch_end_checkpoint_resumes_to_the_same_result(tmp_path, mnist_root):
+    overrides = SMALL + REGIMES["online"][0]
+    ref_dir = tmp_path / "reference"
+    ref_dir.mkdir()
+    ref_store = f"sqlite:///{ref_dir / 'mlflow.db'}"
+    train(*overrides, cwd=ref_dir, store=ref_store)
+    reference = record(ref_store, only_run_id(ref_store), ref_dir / "outputs" / "run")
+
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    proc = stop_at(tmp_path, store, overrides, {"DESCENT_KILL_AFTER_SAVE": "1000"})
+    assert proc.returncode == -signal.SIGKILL
+    run_id = only_run_id(store)
+    assert MlflowClient(store).get_run(run_id).info.status == "RUNNING"  # nobody could mark it
+    train(f"resume={run_id}", cwd=tmp_path, store=store)
+    assert_same(record(store, run_id, tmp_path / "outputs" / "run"), reference)
+
+
+def test_a_checkpoint_for_other_data_is_refused_and_the_run_stays_resumable(tmp_path, mnist_root):
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    overrides = SMALL + REGIMES["online"][0]
+    proc = stop_at(tmp_path, store, overrides, {"DESCENT_STOP_AT": "500", "DESCENT_STOP_SIGNALS": "SIGTERM"})
+    assert proc.returncode == 128 + signal.SIGTERM
+    run_id = only_run_id(store)
+    # another run's checkpoint, on 600 examples, lands in this run's folder
+    other = tmp_path / "other"
+    other.mkdir()
+    stop_at(other, f"sqlite:///{other / 'mlflow.db'}", [*overrides, "data.limit_train=600"],
+            {"DESCENT_STOP_AT": "500", "DESCENT_STOP_SIGNALS": "SIGTERM"})
+    ckpt = tmp_path / "outputs" / "run" / "checkpoints" / "last.ckpt"
+    ckpt.write_bytes((other / "outputs" / "run" / "checkpoints" / "last.ckpt").read_bytes())
+    proc = train(f"resume={run_id}", cwd=tmp_path, store=store, check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, out[-3000:]
+    assert "was written for other data: n_train 600 in the checkpoint, 1000 now; limit_train 600 in the " \
+           "checkpoint, 1000 now" in out
+    assert "Traceback" not in out
+    assert MlflowClient(store).get_run(run_id).info.status == "KILLED"
+
+
+def test_ctrl_c_between_the_jobs_of_a_sweep_stops_the_sweep_at_once(tmp_path, mnist_root):
+    """The job's own handlers (stop at the next chunk) are gone when it ends: Ctrl-C is Ctrl-C again."""
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    proc = stop_at(tmp_path, store, ["-m", "seed=0,1,2", "data.limit_train=500", "trainer.max_epochs=1",
+                                     "logger.log_checkpoint=false", f"hydra.sweep.dir={tmp_path}/sweep"],
+                   {"DESCENT_SIGINT_AFTER_JOB": "0"})
+    out = proc.stdout + proc.stderr
+    assert proc.returncode in (-signal.SIGINT, 128 + signal.SIGINT, 1), out[-3000:]
+    assert "KeyboardInterrupt" in out
+    client = MlflowClient(store)
+    runs = client.search_runs([client.get_experiment_by_name("descent").experiment_id])
+    [parent] = [r for r in runs if r.data.tags.get("descent.sweep") == "true"]
+    children = [r for r in runs if r is not parent]
+    assert [r.data.params["seed"] for r in children] == ["0"], "job #1 never started"
+    assert children[0].info.status == "FINISHED"
+    assert parent.info.status == "KILLED"
