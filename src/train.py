@@ -50,7 +50,7 @@ def train(cfg, hc, launch_dir, out_dir, choices, run_id, ckpt_path) -> float | N
     from pytorch_lightning.callbacks import ModelCheckpoint
 
     from descent import tracking
-    from descent.loop import Classifier, Diverged, SafetyCheckpoints
+    from descent.loop import Classifier, Diverged, ResumeError, SafetyCheckpoints
     from descent.sweep import parent_run_id
 
     multirun = hc.mode == RunMode.MULTIRUN
@@ -97,9 +97,7 @@ def train(cfg, hc, launch_dir, out_dir, choices, run_id, ckpt_path) -> float | N
         trainer._signal_connector.received_sigterm = True  # lightning's own SIGTERM flag
         signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
 
-    signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGTERM, stop)
-
+    previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         if received or trainer.received_sigterm:
@@ -115,6 +113,10 @@ def train(cfg, hc, launch_dir, out_dir, choices, run_id, ckpt_path) -> float | N
         if multirun:
             return None  # the sweep goes on with its next job; the report shows this run as diverged
         sys.exit(3)
+    except ResumeError as e:  # the checkpoint does not fit: nothing trained, the run stays resumable
+        logger.end("KILLED")
+        log.error("cannot resume run %s: %s", logger.run_id, e)
+        sys.exit(2)
     except tracking.StoreUnavailable as e:  # the server stayed away: checkpoint kept here, run resumable
         log.error("%s", e)
         sys.exit(75)  # EX_TEMPFAIL
@@ -130,6 +132,9 @@ def train(cfg, hc, launch_dir, out_dir, choices, run_id, ckpt_path) -> float | N
     except BaseException:
         logger.end("FAILED")
         raise
+    finally:  # the next job of a sweep (or the sweep itself) gets Ctrl-C back
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     logger.end("FINISHED")
     log.info("MLflow run %s (%s): %s", logger.run_id, logger._run_name, module.test_metrics)
     return module.test_metrics["test/acc"]

@@ -233,3 +233,19 @@ def test_an_unknown_option_keeps_hydras_list_of_available_ones(tmp_path, store):
     for name in GROUPS["optimizer"]:
         assert name in proc.stderr
     assert no_run_created(tmp_path, store)
+
+
+@pytest.mark.parametrize("sweep,bad", [
+    ("optimizer.lr=0.1,-1", {"job #1 (optimizer.lr=-1)": "optimizer.lr=-1: must be a finite number > 0"}),
+    ("data.batch_size=128,0", {"job #1 (data.batch_size=0)": "data.batch_size=0: must be null"}),
+])
+def test_a_sweep_with_a_bad_job_is_refused_before_its_first_job(tmp_path, store, sweep, bad):
+    proc = train(sweep, "data.limit_train=500", cwd=tmp_path, store=store, multirun=True, check=False, timeout=180)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, out[-3000:]
+    assert "1 of the sweep's 2 jobs are invalid; no job was started" in out
+    for job, problem in bad.items():
+        assert f"{job}:\n  {problem}" in out
+    assert "job #0" not in out and "Traceback" not in out
+    assert "Launching" not in out  # hydra's basic launcher never started
+    assert no_run_created(tmp_path, store)  # neither the parent nor a child

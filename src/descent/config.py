@@ -239,3 +239,40 @@ def validate(cfg: DictConfig) -> None:
                 problems += _nesterov(values)
     if problems:
         raise ConfigError("\n".join(problems))
+
+
+def validate_sweep(config: DictConfig) -> None:
+    """Compose and check every job of a multirun before the first one starts (BasicSweeper's grid).
+
+    A sweep of a hundred jobs should not run ninety and stop at a typo; each bad job is named by its
+    overrides, with its problems.
+    """
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    if not str(OmegaConf.select(config, "hydra.sweeper._target_", default="")).endswith(".BasicSweeper"):
+        return  # another sweeper picks its jobs as it goes: each job checks itself
+    loader = GlobalHydra.instance().config_loader()
+    params = [f"{k}={v}" for k, v in (OmegaConf.select(config, "hydra.sweeper.params") or {}).items()]
+    parsed = OverridesParser.create(config_loader=loader).parse_overrides(params + list(config.hydra.overrides.task))
+    swept = {o.get_key_element() for o in parsed if o.is_sweep_override()}
+    [jobs] = BasicSweeper.split_arguments(parsed, None)
+    problems, hydra_config = [], HydraConfig.instance()
+    saved = hydra_config.cfg
+    try:
+        for num, overrides in enumerate(jobs):
+            name = " ".join(o for o in overrides if o.split("=", 1)[0] in swept) or " ".join(overrides)
+            try:
+                job = loader.load_sweep_config(config, list(overrides))
+                hydra_config.set_config(job)  # the presets' ${hydra:runtime.choices...} resolve per job
+                validate(OmegaConf.masked_copy(job, [k for k in job if k != "hydra"]))
+            except (ConfigError, HydraException) as e:
+                problems.append(f"job #{num} ({name}):\n  " + str(e).replace("\n", "\n  "))
+    finally:
+        hydra_config.cfg = saved
+    if problems:
+        raise ConfigError(f"{len(problems)} of the sweep's {len(jobs)} jobs are invalid; no job was started:\n"
+                          + "\n".join(problems))

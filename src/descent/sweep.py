@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import sys
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
@@ -31,6 +32,15 @@ class MLflowSweep(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         from mlflow import MlflowClient
 
+        from descent.config import ConfigError, validate_sweep
+
+        try:  # every job, before any of them starts and before any MLflow run exists
+            validate_sweep(config)
+        except ConfigError as e:
+            if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                raise
+            log.error("invalid sweep, nothing was run:\n%s", e)
+            sys.exit(2)
         from descent import store
 
         self.uri = store.tracking_uri(config.logger.tracking_uri, os.getcwd())
