@@ -49,7 +49,7 @@ def train(cfg, hc, launch_dir, out_dir, choices, run_id, ckpt_path) -> float | N
     import pytorch_lightning as pl
     from pytorch_lightning.callbacks import ModelCheckpoint
 
-    from descent import tracking
+    from descent import record, tracking
     from descent.loop import Classifier, Diverged, ResumeError, SafetyCheckpoints
     from descent.sweep import parent_run_id
 
@@ -78,7 +78,9 @@ def train(cfg, hc, launch_dir, out_dir, choices, run_id, ckpt_path) -> float | N
         devices=1,
         logger=logger,
         callbacks=[checkpoint, SafetyCheckpoints(checkpoint, cfg.trainer.checkpoint_every_seconds),
-                   tracking.StoreWatch(logger, checkpoint)],  # a tracking server away: wait, or stop past a bound
+                   tracking.StoreWatch(logger, checkpoint),  # a tracking server away: wait, or stop past a bound
+                   # datasets, system metrics, the model after the test; the progress bar in examples
+                   *record.callbacks(cfg, hc, logger, choices, resumed=run_id is not None)],
         plugins=[tracking.UploadCheckpoints(logger)],  # every checkpoint also to the run's artifacts
         enable_progress_bar=cfg.trainer.progress_bar,
         enable_model_summary=False,

@@ -7,6 +7,7 @@ It reads MLflow only, with no torch or lightning import, so it starts in about a
 from __future__ import annotations
 
 import csv
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -407,6 +408,11 @@ def write_csv(rows: list[dict], path: Path) -> None:
 
 # ---------------------------------------------------------------------------------------------
 
+def launch_relative(path: str) -> str:
+    """A folder as named from the launch directory (the tags hold this machine's absolute paths)."""
+    return os.path.relpath(path) if Path(path).is_absolute() else path
+
+
 def default_out(parent) -> Path:
     sweep_dir = parent.data.tags.get(SWEEP_DIR_TAG) if parent else None
     return Path(sweep_dir) if sweep_dir else Path("outputs/reports") / time.strftime("%Y-%m-%d_%H-%M-%S")
@@ -427,7 +433,7 @@ def make_report(tracking_uri: str | None = None, parent_run_id: str | None = Non
     if parent:
         what = f"Sweep `{parent.info.run_name}` (run `{parent.info.run_id}`)"
         if parent.data.tags.get(SWEEP_DIR_TAG):
-            what += f" ({parent.data.tags[SWEEP_DIR_TAG]})"
+            what += f" ({launch_relative(parent.data.tags[SWEEP_DIR_TAG])})"
     else:
         what = f"All runs of experiment `{experiment}` (no sweep found)"
     grouped = ", ".join(by) if by else "nothing varies"
