@@ -2,16 +2,14 @@
 
 Both clusters are started by descent.cluster, as `make ray` / `make slurm` start them, on free loopback
 ports with their state under pytest's temp folder, and stopped at the end whatever happens. The jobs log
-to a real MLflow tracking server over http, as jobs on other nodes would.
+to the real tracking server (PostgreSQL + MLflow, `tracking_server`) over http, as jobs on other nodes would.
 """
 
 from __future__ import annotations
 
 import os
 import signal
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -23,31 +21,6 @@ from descent import cluster
 STUDY = ["experiment=gd_vs_sgd", "batching=full,mini", "seed=0", "data.limit_train=2000", "data.val_size=1000",
          "trainer.max_epochs=2", "trainer.log_every_examples=500", "trainer.val_every_examples=1000",
          "logger.log_checkpoint=false", "logger.system_metrics=false"]
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory) -> str:
-    """An MLflow tracking server (sqlite backend, proxied artifacts) on a free loopback port."""
-    dir = tmp_path_factory.mktemp("mlflow")
-    port = cluster.free_port()
-    uri = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    pid = cluster.spawn([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-                         "--workers", "1", "--backend-store-uri", f"sqlite:///{dir / 'mlflow.db'}",
-                         "--artifacts-destination", str(dir / "artifacts")], dir / "mlflow.log", env=env, cwd=dir)
-
-    def healthy() -> bool:
-        try:
-            return urllib.request.urlopen(uri + "/health", timeout=2).status == 200
-        except OSError:
-            return False
-
-    try:
-        cluster.wait_for(healthy, f"the MLflow server on {uri}", [dir / "mlflow.log"], {"mlflow": pid})
-        yield uri
-    finally:
-        cluster.kill_group(pid)
 
 
 @pytest.fixture(scope="module")
@@ -95,21 +68,21 @@ def check_study(uri: str, experiment: str, tmp_path: Path) -> None:
     assert {p.name for p in (tmp_path / "outputs" / "sweep").iterdir()} >= {"0", "1", "convergence.md"}
 
 
-def test_a_study_on_ray(tmp_path, server, ray_cluster, mnist_root):
-    train(*STUDY, "hydra/launcher=ray", "logger.experiment_name=on-ray", cwd=tmp_path, store=server,
+def test_a_study_on_ray(tmp_path, tracking_server, ray_cluster, mnist_root):
+    train(*STUDY, "hydra/launcher=ray", "logger.experiment_name=on-ray", cwd=tmp_path, store=tracking_server,
           multirun=True, env=ray_cluster.env(), timeout=600)
-    check_study(server, "on-ray", tmp_path)
+    check_study(tracking_server, "on-ray", tmp_path)
 
 
-def test_a_study_on_slurm(tmp_path, server, slurm_cluster, mnist_root):
-    train(*STUDY, "hydra/launcher=slurm", "logger.experiment_name=on-slurm", cwd=tmp_path, store=server,
-          multirun=True, env=slurm_cluster.env(), timeout=600)
-    check_study(server, "on-slurm", tmp_path)
+def test_a_study_on_slurm(tmp_path, tracking_server, slurm_cluster, mnist_root):
+    train(*STUDY, "hydra/launcher=slurm", "logger.experiment_name=on-slurm", cwd=tmp_path,
+          store=tracking_server, multirun=True, env=slurm_cluster.env(), timeout=600)
+    check_study(tracking_server, "on-slurm", tmp_path)
     # every job went through SLURM: submitit keeps each one's sbatch script and logs, named by job id
     assert len(list((tmp_path / "outputs" / "sweep" / ".submitit").glob("*/*_log.out"))) == 2
 
 
-def test_a_job_killed_on_slurm_ends_failed_not_running(tmp_path, server, slurm_cluster, mnist_root):
+def test_a_job_killed_on_slurm_ends_failed_not_running(tmp_path, tracking_server, slurm_cluster, mnist_root):
     """SIGKILL (what the out-of-memory killer or a lost node amounts to) leaves the job no word to say:
     its sweep records it FAILED when the launcher gives up on it."""
     import threading
@@ -120,14 +93,14 @@ def test_a_job_killed_on_slurm_ends_failed_not_running(tmp_path, server, slurm_c
     driver = threading.Thread(target=lambda: done.update(proc=train(
         "seed=0", "optimizer=sgd", "data.limit_train=2000", "trainer.max_epochs=1000", "logger.log_checkpoint=false",
         "logger.system_metrics=false", "logger.experiment_name=killed", "hydra/launcher=slurm",
-        cwd=tmp_path, store=server, multirun=True, check=False, env=slurm_cluster.env(), timeout=600)))
+        cwd=tmp_path, store=tracking_server, multirun=True, check=False, env=slurm_cluster.env(), timeout=600)))
     driver.start()
     deadline = time.monotonic() + 300
     job = None
     while job is None and time.monotonic() < deadline and driver.is_alive():
         time.sleep(1)
-        runs = MlflowClient(server).search_runs(
-            [e.experiment_id for e in MlflowClient(server).search_experiments(filter_string="name = 'killed'")])
+        client = MlflowClient(tracking_server)
+        runs = client.search_runs([e.experiment_id for e in client.search_experiments(filter_string="name = 'killed'")])
         if any(r.info.status == "RUNNING" and "descent.sweep" not in r.data.tags for r in runs):
             # the job's own process, as SLURM started it: submitit's runner on this test's sweep folder
             job = next((p for p in psutil.process_iter(["cmdline"]) if "submitit.core._submit" in p.info["cmdline"]
@@ -136,6 +109,6 @@ def test_a_job_killed_on_slurm_ends_failed_not_running(tmp_path, server, slurm_c
     job.send_signal(signal.SIGKILL)
     driver.join(timeout=400)
     assert not driver.is_alive() and done["proc"].returncode != 0
-    client, [parent], [child] = sweep_runs(server, "killed")
+    client, [parent], [child] = sweep_runs(tracking_server, "killed")
     assert child.info.status == "FAILED" and child.data.tags["descent.ended_by"] == "sweep"
     assert parent.info.status == "KILLED"
