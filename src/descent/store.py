@@ -154,7 +154,8 @@ def find_resume(target: str, uri: str, out_dir: str | Path):
     else:
         out = Path(out_dir)
         try:
-            client.download_artifacts(run_id, CHECKPOINT, str(out))
+            (out / CHECKPOINT).parent.mkdir(parents=True, exist_ok=True)
+            client.download_artifacts(run_id, CHECKPOINT, str((out / CHECKPOINT).parent))  # the file lands there
         except Exception as e:
             why = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise ConfigError(f"resume={str(path)!r}: no checkpoint in {local} on this machine, "

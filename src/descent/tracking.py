@@ -220,6 +220,10 @@ def make_logger(cfg: DictConfig, choices: dict[str, str], launch_dir: str, tags:
                 run_id: str | None = None, out_dir: str | Path | None = None) -> Logger:
     """A new run, or (run_id given) the run being resumed from the checkpoint in out_dir."""
     tags = {k: v for k, v in tags.items() if v is not None}
+    if store.is_server(cfg.logger.tracking_uri):
+        # MLflow's client retries a refused connection for ~4 min by default, blocking the caller (a
+        # thread of system metrics, a callback); outages are this logger's job (buffer, then the bound)
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")  # ~20 s: rides out a server restart
     commit = store.git_commit(launch_dir)
     if commit:
         tags["mlflow.source.git.commit"] = commit
