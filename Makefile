@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: train test bench clean server server-stop ray ray-stop slurm slurm-stop
+.PHONY: train test bench clean ui server server-stop ray ray-stop slurm slurm-stop
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -16,6 +16,12 @@ train: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# the MLflow UI on 127.0.0.1:$(UI_PORT) over the project's store (or $$MLFLOW_TRACKING_URI), one worker and no
+# job-execution workers (descent/ui.py; the browser test starts it the same way)
+UI_PORT ?= 5000
+ui: $(STAMP)
+	$(BIN)/python -m descent.ui --port $(UI_PORT)
 
 # the team tracking server: PostgreSQL + MLflow on 127.0.0.1:5000, state in outputs/tracking/ (see README)
 server: $(STAMP)

@@ -76,3 +76,16 @@ def train(*overrides: str, cwd: Path, store: str, multirun: bool = False, check:
     if check and proc.returncode != 0:
         raise AssertionError(f"train.py exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-4000:]}")
     return proc
+
+
+@pytest.fixture(scope="session")
+def small_sweep(tmp_path_factory, mnist_root):
+    """A 2-job sweep (sgd, rmsprop) with validation data, the progress bar on and models registered, in
+    its own sqlite store: tests/test_record.py reads its record, tests/test_ui.py shows it in a browser.
+    Returns (launch dir, store URI, train.py's output)."""
+    tmp = tmp_path_factory.mktemp("small_sweep")
+    store = f"sqlite:///{tmp / 'mlflow.db'}"
+    proc = train("optimizer=sgd,rmsprop", "data.limit_train=2000", "data.val_size=1000", "trainer.max_epochs=1",
+                 "trainer.val_every_examples=500", "trainer.progress_bar=true", "logger.register_model=mnist-mlp",
+                 cwd=tmp, store=store, multirun=True, env={"MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"})
+    return tmp, store, proc.stdout + proc.stderr

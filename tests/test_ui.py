@@ -1,0 +1,108 @@
+"""The MLflow UI in a real browser (Debian's chromium driven by Playwright) on a store holding a small sweep:
+the "Model training" view, the sweep's parent expanding to its jobs, the Dataset and Models columns filled,
+and a val/loss chart drawn. Screenshots go to docs/ (the README shows them)."""
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from conftest import ROOT, free_port
+
+CHROMIUM = "/usr/bin/chromium"
+# no sandbox (root in a container), nothing fetched from the network by the browser itself
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+TIMEOUT_MS = 60_000  # the UI's first load compiles a lot of JavaScript on 2 busy cores
+
+
+def chromium() -> str:
+    """Debian's chromium, installed with apt when missing and we are root (the browser test needs no download)."""
+    if not os.path.exists(CHROMIUM) and os.geteuid() == 0 and shutil.which("apt-get"):
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        install = ["apt-get", "install", "-y", "-q", "--no-install-recommends", "chromium"]
+        if subprocess.run(install, env=env, capture_output=True, timeout=900).returncode != 0:
+            subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True, timeout=600)  # stale lists
+            subprocess.run(install, env=env, capture_output=True, timeout=900)
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(f"no {CHROMIUM}, and `apt-get install chromium` was not possible here (needs root and apt)")
+    return CHROMIUM
+
+
+@pytest.fixture
+def mlflow_ui(small_sweep, tmp_path):
+    """`mlflow ui` as `make ui` starts it (descent.ui), on the sweep's store and a free loopback port."""
+    from descent import ui
+
+    launch_dir, store, _ = small_sweep
+    proc, url = ui.start(store, free_port(), cwd=launch_dir, log=tmp_path / "mlflow_ui.log")
+    try:
+        yield url
+    finally:
+        ui.stop(proc)
+
+
+def test_sweep_in_the_mlflow_ui(small_sweep, mlflow_ui):
+    playwright = pytest.importorskip("playwright.sync_api", reason="playwright is in the dev extra")
+    executable = chromium()
+    _, store, _ = small_sweep
+    client = MlflowClient(store)
+    exp = client.get_experiment_by_name("descent")
+    runs = client.search_runs([exp.experiment_id])
+    [parent] = [r for r in runs if r.data.tags.get("descent.sweep") == "true"]
+    children = sorted(r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id)
+    assert children == ["rmsprop-mini-s0", "sgd-mini-s0"]
+
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 760})
+            page.set_default_timeout(TIMEOUT_MS)
+            page.goto(f"{mlflow_ui}/#/experiments/{exp.experiment_id}")
+
+            # MLflow 3 opens an experiment on its GenAI pages; a first-visit tip may cover them
+            toggle = page.get_by_text("Model training", exact=True)
+            toggle.wait_for()
+            got_it = page.get_by_role("button", name="Got it")
+            try:
+                got_it.wait_for(timeout=5000)
+                got_it.click()
+            except playwright.TimeoutError:
+                pass
+            toggle.click()
+            assistant = page.get_by_role("button", name="Close")  # the assistant's side panel, if it opened
+            if assistant.count():
+                assistant.first.click()
+
+            # the sweep's parent run expands to its two jobs
+            row = page.locator("[role=row]").filter(has_text=parent.info.run_name).first
+            row.locator("button[data-component-id*=runnamecellrenderer]").click()
+            for name in children:
+                page.locator("[role=gridcell]").filter(has_text=name).first.wait_for()
+
+            # Dataset and Models columns: ag-grid lays the pinned name column and the others out as separate
+            # rows, in the same order; the jobs' cells come after the parent's
+            datasets = page.locator("[role=gridcell][col-id='attributes.`Dataset`']")
+            models = page.locator("[role=gridcell][col-id='attributes.`Models`']")
+            datasets.nth(2).wait_for()
+            texts = [c.inner_text() for c in datasets.all()]
+            assert sum("mnist (train, 2000×784)" in t for t in texts) == 2, texts
+            assert sum("mnist (validation, 1000×784)" in t for t in texts) == 2, texts
+            # each job's model, shown by its registered name and version (logger.register_model=mnist-mlp)
+            cells = [" ".join(c.inner_text().split()) for c in models.all()]
+            assert sorted(cells) == ["-", "mnist-mlp v1", "mnist-mlp v2"], cells
+            page.screenshot(path=str(ROOT / "docs" / "mlflow_runs.png"))
+
+            # charts: val/loss against the step (= training examples seen), one line per job
+            page.locator("label:has(input[value=CHART])").click()
+            page.get_by_placeholder("Search metric charts").fill("val/loss")
+            chart = page.locator(".js-plotly-plot").first
+            chart.wait_for()
+            page.get_by_text("val/loss", exact=True).first.wait_for()
+            assert chart.locator(".scatterlayer .trace").count() >= 2
+            page.screenshot(path=str(ROOT / "docs" / "mlflow_val_loss.png"))
+        finally:
+            browser.close()
