@@ -139,6 +139,7 @@ class Logger(MLFlowLogger):
 
     def give_up(self, checkpoint: str | None) -> StoreUnavailable:
         """The server stayed away: keep what it never got beside the checkpoint, say how to go on."""
+        self._went_away("giving up")
         # test metrics are not kept: a resume from the end-of-training checkpoint tests again
         points = [m for m in self.pending if not m.key.startswith("test/")]
         where = ""
@@ -173,10 +174,20 @@ class Logger(MLFlowLogger):
             retry(self.experiment.set_terminated, self.run_id, "FAILED")
 
     def end(self, status: str) -> None:
-        if self._initialized:
-            self.wait_for_store()
-            self.flush()
-            retry(self.experiment.set_terminated, self.run_id, status)
+        if not self._initialized:
+            return
+        try:
+            if status == "FINISHED":
+                self.wait_for_store()
+            elif not store.reachable(self._tracking_uri):  # a stop (SIGTERM, a failure) is not held up
+                raise self.give_up(self.unsent_checkpoint)
+        except StoreUnavailable as e:
+            log.error("%s", e)
+            if status == "FINISHED":
+                raise SystemExit(75) from None  # as train.py exits when the bound passes in training
+            return  # the caller says how the run ended; the server will show it RUNNING until resumed
+        self.flush()
+        retry(self.experiment.set_terminated, self.run_id, status)
 
 
 class UploadCheckpoints(TorchCheckpointIO):
