@@ -251,7 +251,7 @@ def stop_mlflow(dir: Path) -> None:
 
 def start(dir: str | Path = DEFAULT_DIR, port: int | None = None, workers: int = WORKERS) -> str:
     """Start what is not running (PostgreSQL, then MLflow); returns the tracking URI."""
-    dir = Path(dir)
+    dir = Path(dir).resolve()
     dir.mkdir(parents=True, exist_ok=True)
     port = port or _state(dir).get("port") or DEFAULT_PORT
     ensure_postgresql()
@@ -261,17 +261,17 @@ def start(dir: str | Path = DEFAULT_DIR, port: int | None = None, workers: int =
 
 
 def stop(dir: str | Path = DEFAULT_DIR) -> None:
-    dir = Path(dir)
+    dir = Path(dir).resolve()
     stop_mlflow(dir)
     stop_postgres(dir)
 
 
 def status(dir: str | Path = DEFAULT_DIR) -> dict:
-    dir = Path(dir)
+    dir = Path(dir).resolve()
     port = _state(dir).get("port")
     pid = mlflow_pid(dir)
     return {
-        "postgresql": "running" if (dir / "postgres" / "PG_VERSION").is_file() and pg_running(dir) else "stopped",
+        "postgresql": "running" if pg_running(dir) else "stopped",
         "mlflow": f"running (pid {pid})" if pid else "stopped",
         "uri": tracking_uri(port) if pid and port else None,
         "healthy": bool(pid and port and healthy(tracking_uri(port))),
