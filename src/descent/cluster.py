@@ -3,7 +3,8 @@
     python -m descent.cluster ray start|stop|status [--dir outputs/ray] [--port 6379]
     python -m descent.cluster slurm start|stop|status [--dir outputs/slurm]
 
-Ray: a head node plus one worker node (two raylets, as on a real cluster), 1 CPU each, on 127.0.0.1.
+Ray: a head node plus one worker node (two raylets, as on a real cluster), 1 CPU each, on 127.0.0.1 only
+(Ray's loopback mode, see LOOPBACK below; a driver needs the RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 that `start` prints).
 SLURM: Debian's munged, slurmctld and slurmd as root, one node `localhost`, partition `debug`; sbatch and
 squeue find it through the SLURM_CONF that `start` prints. Every daemon is a child in its own session
 whose pid is kept in the state folder; stop ends those process groups and nothing else. The make
@@ -151,8 +152,38 @@ def wait_for(ready, what: str, logs: list[Path], pids: dict) -> None:
 # ---------------------------------------------------------------------------------------------
 # Ray
 
+# Ray on loopback only. Ray's C++ servers (GCS, raylet and its object manager, every worker's gRPC server) and its
+# agents listen on 127.0.0.1 exactly when their node's IP address is the string "127.0.0.1", and on 0.0.0.0
+# otherwise (GrpcServer's listen_to_localhost_only). But `ray start --node-ip-address=127.0.0.1` and an address
+# 127.0.0.1:PORT are rewritten by services.resolve_ip_for_localhost to the host's address (the source address of
+# a route to 8.8.8.8, 192.0.2.2 here), unless RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0: then get_node_ip_address is
+# 127.0.0.1 in every Ray process (its mode for laptops, ray_constants.ENABLE_RAY_CLUSTER). Every process of the
+# cluster and every driver gets that variable (env(), which `start` prints). Two more things, which RAY_START
+# (`ray start` in a wrapper) lifts and nothing else:
+# - the mode's one refusal is `ray start --address` (a worker node, scripts.py: "Multi-node Ray clusters are not
+#   supported on Windows and OSX"), a check in the CLI alone; nodes on one host sharing one IP address is what
+#   Ray's own multi-node tests (cluster_utils) do;
+# - the head's dashboard process runs even with --include-dashboard=false (only UsageStatsHead then), and that
+#   module asks the clouds' metadata servers (169.254.169.254, metadata.google.internal) who hosts it, usage
+#   stats disabled or not (usage_lib.get_cluster_config_to_report): the head starts no dashboard process.
+#   `ray status`, jobs as Ray tasks and the Hydra launcher do not need it (Ray's job and state APIs would).
+LOOPBACK = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+
+RAY_START = """\
+import sys, types
+import ray._private.ray_constants as constants
+import ray._private.services as services
+import ray.scripts.scripts as scripts
+# the CLI's own view of the constants allows a worker node; services.py keeps the real (loopback) one
+scripts.ray_constants = types.SimpleNamespace(**{**vars(constants), "ENABLE_RAY_CLUSTER": True})
+services.start_api_server = lambda *args, **kwargs: (None, None)  # no dashboard process (node.py allows None)
+sys.argv[0] = "ray"
+sys.exit(scripts.main())
+"""
+
+
 class Ray:
-    """A head (GCS on `port`) and `workers` more nodes on 127.0.0.1, each a `ray start --block`."""
+    """A head (GCS on `port`) and `workers` more nodes on 127.0.0.1 only, each a `ray start --block`."""
 
     default_dir, default_port = Path("outputs/ray"), 6379
 
@@ -167,14 +198,14 @@ class Ray:
         return f"127.0.0.1:{self.port}"
 
     def env(self) -> dict[str, str]:
-        return {"RAY_ADDRESS": self.address}
+        return {"RAY_ADDRESS": self.address, **LOOPBACK}  # without LOOPBACK a driver dials 192.0.2.2:PORT
 
     def ray(self) -> str:
         return str(Path(sys.executable).with_name("ray"))
 
     def nodes_alive(self) -> int:
         out = subprocess.run([self.ray(), "status", f"--address={self.address}"], capture_output=True, text=True,
-                             timeout=60).stdout
+                             timeout=60, env={**os.environ, **LOOPBACK}).stdout
         active = out.split("Active:", 1)[-1].split("Pending:", 1)[0] if "Active:" in out else ""
         return sum(1 for line in active.splitlines() if "node_" in line)
 
@@ -192,7 +223,7 @@ class Ray:
         ensure_extra("ray", "hydra_plugins.hydra_ray_launcher")
         # Ray's sockets live in its temp dir, and a unix socket path has at most 107 bytes: keep it short
         tmp = Path(f"/tmp/descent-ray-{self.port}")
-        env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+        env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", **LOOPBACK}
         env.pop("RAY_ADDRESS", None)
 
         def node_args() -> list[str]:  # per node: fixed default ports that two nodes on one machine would share
@@ -201,7 +232,7 @@ class Ray:
                     f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}"]
 
         state = {"address": self.address, "port": self.port, "temp_dir": str(tmp), "pids": {}}
-        head = [self.ray(), "start", "--head", f"--port={self.port}", f"--temp-dir={tmp}",
+        head = [sys.executable, "-c", RAY_START, "start", "--head", f"--port={self.port}", f"--temp-dir={tmp}",
                 "--include-dashboard=false", f"--ray-client-server-port={free_port()}", *node_args()]
         logs = [self.dir / "head.log"] + [self.dir / f"worker{i}.log" for i in range(self.workers)]
         for log in logs:
@@ -213,7 +244,7 @@ class Ray:
         try:
             wait_for(lambda: self.node_up(logs[0]), f"the Ray head on {self.address}", logs, state["pids"])
             for i in range(self.workers):
-                worker = [self.ray(), "start", f"--address={self.address}", *node_args()]
+                worker = [sys.executable, "-c", RAY_START, "start", f"--address={self.address}", *node_args()]
                 state["pids"][f"worker{i}"] = spawn(worker, logs[i + 1], env=env)
                 write_state(self.dir, state)
             wait_for(lambda: all(self.node_up(log) for log in logs), f"{1 + self.workers} Ray nodes", logs,
