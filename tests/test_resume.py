@@ -91,7 +91,6 @@ def test_a_run_stopped_at_every_kind_of_boundary_resumes_to_the_same_result(tmp_
         run = MlflowClient(store).get_run(run_id)
         assert run.info.status == "KILLED", boundary
         assert f"resume={run_id}" in out
-        assert int(run.data.metrics["progress/updates"]) >= 0
         args = [f"resume={run_id}"]
     proc = stop_at(cwd, store, args, env)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]

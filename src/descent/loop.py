@@ -12,6 +12,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from pytorch_lightning.callbacks import Checkpoint
 from torch import nn
 
 from descent import graphs
@@ -60,9 +61,14 @@ def segments(offset: int, length: int, n: int, batch_size: int):
         pos = stop
 
 
-class SafetyCheckpoints(pl.Callback):
-    """last.ckpt every `seconds` of training (so SIGKILL loses little) and when SIGINT/SIGTERM stops
-    the run (lightning raises SIGTERMException between chunks). Epoch ends are ModelCheckpoint's."""
+class SafetyCheckpoints(Checkpoint):
+    """last.ckpt at every epoch end, every `seconds` of training (so SIGKILL loses little) and when
+    SIGINT/SIGTERM stops the run (lightning raises SIGTERMException between chunks).
+
+    A Checkpoint, so lightning calls its on_train_epoch_end after the module's (the epoch's last train
+    point and validation are in the checkpoint). ModelCheckpoint with save_top_k=0 writes no epoch-end
+    last.ckpt in lightning 2.6: it saves "last" only after a top-k save.
+    """
 
     def __init__(self, checkpoint, seconds: float):
         self.checkpoint, self.seconds = checkpoint, seconds
@@ -77,6 +83,9 @@ class SafetyCheckpoints(pl.Callback):
     def on_train_batch_end(self, trainer, *args) -> None:
         if time.monotonic() - self.last >= self.seconds:
             self._save(trainer)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self._save(trainer)
 
     def on_exception(self, trainer, pl_module, exception) -> None:
         from pytorch_lightning.utilities.exceptions import SIGTERMException
