@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 import pytorch_lightning as pl
-from hydra._internal.core_plugins import basic_launcher
+import hydra.core.utils
 
 from descent.loop import Classifier
 
@@ -54,8 +54,9 @@ def interrupted_run_job(*args, config, **kwargs):
     return ret
 
 
-run_job = basic_launcher.run_job
-basic_launcher.run_job = interrupted_run_job
+# hydra's plugin scan loads the basic launcher afresh, which then imports run_job from here
+run_job = hydra.core.utils.run_job
+hydra.core.utils.run_job = interrupted_run_job
 Classifier.training_step = stopping_training_step
 pl.Trainer.save_checkpoint = killing_save_checkpoint
 train_py = Path(__file__).resolve().parents[1] / "src" / "train.py"
