@@ -67,6 +67,7 @@ def train(*overrides: str, cwd: Path, store: str, multirun: bool = False, check:
     args += [
         f"data.root={DATA}",
         "trainer.progress_bar=false",
+        "logger.log_model=false",  # 3-4 s per process; tests/test_record.py and test_ui.py switch it on
         f"hydra.run.dir={cwd}/outputs/run",
         f"hydra.sweep.dir={cwd}/outputs/sweep",
         *overrides,
@@ -86,6 +87,7 @@ def small_sweep(tmp_path_factory, mnist_root):
     tmp = tmp_path_factory.mktemp("small_sweep")
     store = f"sqlite:///{tmp / 'mlflow.db'}"
     proc = train("optimizer=sgd,rmsprop", "data.limit_train=2000", "data.val_size=1000", "trainer.max_epochs=1",
-                 "trainer.val_every_examples=500", "trainer.progress_bar=true", "logger.register_model=mnist-mlp",
-                 cwd=tmp, store=store, multirun=True, env={"MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"})
+                 "trainer.val_every_examples=500", "trainer.progress_bar=true", "logger.log_model=true",
+                 "logger.register_model=mnist-mlp", cwd=tmp, store=store, multirun=True,
+                 env={"MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"})
     return tmp, store, proc.stdout + proc.stderr

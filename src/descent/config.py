@@ -73,7 +73,7 @@ TRAINER = {
     "checkpoint_every_seconds": POSITIVE,
 }
 LOGGER = {"experiment_name": STRING, "tracking_uri": STRING, "log_checkpoint": BOOLEAN, "outage_seconds": POSITIVE,
-          "register_model": nullable(STRING, "not registered"), "system_metrics": BOOLEAN}
+          "log_model": BOOLEAN, "register_model": nullable(STRING, "not registered"), "system_metrics": BOOLEAN}
 
 # data, model and optimizer accept the parameters of their _target_'s __init__; these are the ones
 # with limits; the others must match the type of their default.

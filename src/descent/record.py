@@ -142,9 +142,10 @@ class Record(pl.Callback):
     fails, diverges or is stopped gets no model, and its system metrics end where it ended.
     """
 
-    def __init__(self, logger, data_name: str, register_model: str | None = None, system_metrics: bool = True,
-                 resumed: bool = False, sampling_interval: float = 10):
-        self.logger, self.data_name, self.register_model = logger, data_name, register_model
+    def __init__(self, logger, data_name: str, log_model: bool = True, register_model: str | None = None,
+                 system_metrics: bool = True, resumed: bool = False, sampling_interval: float = 10):
+        self.logger, self.data_name = logger, data_name
+        self.log_model, self.register_model = log_model, register_model
         self.machine = SystemMetrics(logger.run_id, logger._tracking_uri, sampling_interval, resumed) \
             if system_metrics else None
 
@@ -154,9 +155,10 @@ class Record(pl.Callback):
         self.digests = log_datasets(self.logger, trainer.datamodule, self.data_name)
 
     def on_test_end(self, trainer, pl_module) -> None:
-        tic = time.perf_counter()
-        log_model(self.logger, pl_module.net, trainer.datamodule.x_test, pl_module.examples, self.register_model)
-        log.info("model logged in %.1f s: runs:/%s/model", time.perf_counter() - tic, self.logger.run_id)
+        if self.log_model or self.register_model:  # registering needs the model
+            tic = time.perf_counter()
+            log_model(self.logger, pl_module.net, trainer.datamodule.x_test, pl_module.examples, self.register_model)
+            log.info("model logged in %.1f s: runs:/%s/model", time.perf_counter() - tic, self.logger.run_id)
         self.finish()
 
     def on_exception(self, trainer, pl_module, exception) -> None:
@@ -173,7 +175,8 @@ def callbacks(cfg, hc, logger, choices: dict[str, str], resumed: bool) -> list[p
     from descent.progress import ExamplesProgressBar
 
     name = choices.get("data", str(cfg.data.name).lower())  # the config group's option: "mnist"
-    found = [Record(logger, name, cfg.logger.register_model, cfg.logger.system_metrics, resumed)]
+    found = [Record(logger, name, cfg.logger.log_model, cfg.logger.register_model, cfg.logger.system_metrics,
+                    resumed)]
     if cfg.trainer.progress_bar:  # lightning refuses a bar among the callbacks when it is switched off
         found.append(ExamplesProgressBar.for_job(hc, logger._run_name))
     return found
