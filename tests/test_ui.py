@@ -1,6 +1,7 @@
 """The MLflow UI in a real browser (Debian's chromium driven by Playwright) on a store holding a small sweep:
 the "Model training" view, the sweep's parent expanding to its jobs, the Dataset and Models columns filled,
-and a val/loss chart drawn. Screenshots go to docs/ (the README shows them)."""
+and a val/loss chart drawn. Screenshots go to the test's folder; with DESCENT_SCREENSHOTS=docs they
+replace the README's in docs/."""
 
 import os
 import shutil
@@ -45,8 +46,9 @@ def mlflow_ui(small_sweep, tmp_path):
         ui.stop(proc)
 
 
-def test_sweep_in_the_mlflow_ui(small_sweep, mlflow_ui):
+def test_sweep_in_the_mlflow_ui(small_sweep, mlflow_ui, tmp_path):
     playwright = pytest.importorskip("playwright.sync_api", reason="playwright is in the dev extra")
+    shots = ROOT / "docs" if os.environ.get("DESCENT_SCREENSHOTS") == "docs" else tmp_path
     executable = chromium()
     _, store, _ = small_sweep
     client = MlflowClient(store)
@@ -94,7 +96,7 @@ def test_sweep_in_the_mlflow_ui(small_sweep, mlflow_ui):
             # each job's model, shown by its registered name and version (logger.register_model=mnist-mlp)
             cells = [" ".join(c.inner_text().split()) for c in models.all()]
             assert sorted(cells) == ["-", "mnist-mlp v1", "mnist-mlp v2"], cells
-            page.screenshot(path=str(ROOT / "docs" / "mlflow_runs.png"))
+            page.screenshot(path=str(shots / "mlflow_runs.png"))
 
             # charts: val/loss against the step (= training examples seen), one line per job
             page.locator("label:has(input[value=CHART])").click()
@@ -103,6 +105,6 @@ def test_sweep_in_the_mlflow_ui(small_sweep, mlflow_ui):
             lines = page.locator(".js-plotly-plot .scatterlayer .trace")
             lines.nth(1).wait_for()  # plotly draws a trace per run with points (each job; the parent has none)
             assert lines.count() >= 2
-            page.screenshot(path=str(ROOT / "docs" / "mlflow_val_loss.png"))
+            page.screenshot(path=str(shots / "mlflow_val_loss.png"))
         finally:
             browser.close()

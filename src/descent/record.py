@@ -119,13 +119,15 @@ class SystemMetrics:
         self.monitor.start()
         return self
 
-    def finish(self) -> None:
+    def finish(self, publish: bool = True) -> None:
         m = self.monitor
         if m._process is None:
             return
         m._shutdown_event.set()
         m._process.join()
         m._process = None
+        if not publish:
+            return
         if not any(mon.metrics for mon in m.monitors):
             m.collect_metrics()  # stopped before its first sample was published
         try:
@@ -162,11 +164,12 @@ class Record(pl.Callback):
         self.finish()
 
     def on_exception(self, trainer, pl_module, exception) -> None:
-        self.finish()
+        # with the tracking server gone, publishing the last points would only wait for it
+        self.finish(publish=not getattr(self.logger, "away", False))
 
-    def finish(self) -> None:
+    def finish(self, publish: bool = True) -> None:
         if self.machine:
-            self.machine.finish()
+            self.machine.finish(publish)
             self.machine = None
 
 
