@@ -313,11 +313,7 @@ class Classifier(pl.LightningModule):
                 updates += 1
                 # log at every log_every examples, and at each update when updates are rarer than that
                 if examples >= self.next_log or batch_len >= self.log_every or examples >= self.next_val:
-                    self.examples, self.updates, self.epoch_pos = examples, updates, offset + b
-                    if examples >= self.next_log or batch_len >= self.log_every:
-                        self._log_train()
-                    if examples >= self.next_val:
-                        self._validate()
+                    self._log_point(examples, updates, offset + b, batch_len)
         # lightning counts optimizer steps only through its own wrapper; tell it ours, so that
         # trainer.global_step, max_steps and step-based checkpointing work
         self.trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress.increment_by(updates - updates_before)
@@ -337,14 +333,17 @@ class Classifier(pl.LightningModule):
                 graph.update(offset + b - batch_len, offset + b)
                 updates += 1
                 if examples >= self.next_log or batch_len >= self.log_every or examples >= self.next_val:
-                    self.examples, self.updates, self.epoch_pos = examples, updates, offset + b
-                    if examples >= self.next_log or batch_len >= self.log_every:
-                        self._log_train()
-                    if examples >= self.next_val:
-                        self._validate()
+                    self._log_point(examples, updates, offset + b, batch_len)
         self.trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress.increment_by(updates - updates_before)
         self.examples, self.updates = examples, updates
         self.epoch_offset = self.epoch_pos = offset + length
+
+    def _log_point(self, examples: int, updates: int, epoch_pos: int, batch_len: int) -> None:
+        self.examples, self.updates, self.epoch_pos = examples, updates, epoch_pos
+        if examples >= self.next_log or batch_len >= self.log_every:
+            self._log_train()
+        if examples >= self.next_val:
+            self._validate()
 
     def on_train_epoch_end(self) -> None:
         self._close_epoch()
