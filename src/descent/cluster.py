@@ -27,6 +27,8 @@ import sys
 import time
 from pathlib import Path
 
+from descent.server import kill_group
+
 ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT = 120  # s, for a cluster to answer after its daemons were started
 
@@ -97,23 +99,6 @@ def alive(pid: int) -> bool:
         return False
     stat = Path(f"/proc/{pid}/stat")
     return not (stat.is_file() and stat.read_text().rsplit(")", 1)[-1].split()[0] == "Z")
-
-
-def kill_group(pid: int, timeout: float = 30) -> None:
-    """SIGTERM to the daemon's process group, SIGKILL to what is left after `timeout`."""
-    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5)):
-        try:
-            os.killpg(pid, sig)
-        except ProcessLookupError:
-            return
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            alive(pid)  # reaps it when it is our child
-            try:
-                os.killpg(pid, 0)
-            except ProcessLookupError:
-                return
-            time.sleep(0.2)
 
 
 def read_state(dir: Path) -> dict:

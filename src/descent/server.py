@@ -213,14 +213,15 @@ def start_mlflow(dir: Path, port: int, workers: int = WORKERS) -> str:
     deadline = time.monotonic() + START_TIMEOUT
     while not healthy(uri):
         if proc.poll() is not None or time.monotonic() > deadline:
-            _kill_group(proc.pid)
+            kill_group(proc.pid)
             tail = (dir / "mlflow.log").read_text(errors="replace")[-3000:]
             raise ServerError(f"the MLflow server did not come up on {uri}; {dir / 'mlflow.log'} ends with:\n{tail}")
         time.sleep(0.5)
     return uri
 
 
-def _kill_group(pid: int, timeout: float = 20) -> None:
+def kill_group(pid: int, timeout: float = 20) -> None:
+    """SIGTERM to a daemon's process group, SIGKILL to what is left after `timeout` (also descent.cluster's)."""
     for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5)):
         try:
             os.killpg(pid, sig)
@@ -242,7 +243,7 @@ def _kill_group(pid: int, timeout: float = 20) -> None:
 def stop_mlflow(dir: Path) -> None:
     pid = mlflow_pid(dir)
     if pid is not None:
-        _kill_group(pid)
+        kill_group(pid)
     (dir / "mlflow.pid").unlink(missing_ok=True)
 
 
