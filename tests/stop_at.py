@@ -6,7 +6,9 @@ handlers, lightning's stop path and the checkpoints are the real ones.
 
   DESCENT_STOP_AT=250,1000     examples seen after which to stop (the first one not yet passed is used)
   DESCENT_STOP_SIGNALS=SIGTERM,SIGINT   the signal for each of them
-  DESCENT_KILL_AFTER_SAVE=1000  SIGKILL right after a checkpoint is written at this many examples
+  DESCENT_KILL_AT=written:1000  SIGKILL in the writing of the epoch-end checkpoint at this many examples:
+                                written = its file is on disk, its metric points not yet in the store;
+                                sent = its points are in the store, its upload not done; saved = all done
   DESCENT_SIGINT_AFTER_JOB=0    SIGINT (Ctrl-C) right after this job of a basic-launcher sweep returns
 """
 
@@ -16,18 +18,20 @@ import signal
 import sys
 from pathlib import Path
 
-import pytorch_lightning as pl
 import hydra.core.utils
 
+from descent import tracking
 from descent.loop import Classifier
 
 env = os.environ
 targets = [int(v) for v in env.get("DESCENT_STOP_AT", "").split(",") if v]
 signals = [signal.Signals[s] for s in env.get("DESCENT_STOP_SIGNALS", "").split(",") if s]
-kill_after_save = int(env.get("DESCENT_KILL_AFTER_SAVE", "-1"))
+kill_stage, _, kill_examples = env.get("DESCENT_KILL_AT", ":-1").partition(":")
 sigint_after_job = int(env.get("DESCENT_SIGINT_AFTER_JOB", "-1"))
 
-training_step, save_checkpoint = Classifier.training_step, pl.Trainer.save_checkpoint
+training_step = Classifier.training_step
+save_checkpoint = tracking.UploadCheckpoints.save_checkpoint
+checkpoint_written, upload = tracking.Logger.checkpoint_written, tracking.Logger.upload
 
 
 def stopping_training_step(self, chunk, chunk_idx):
@@ -40,11 +44,26 @@ def stopping_training_step(self, chunk, chunk_idx):
     return out
 
 
-def killing_save_checkpoint(self, *args, **kwargs):
-    save_checkpoint(self, *args, **kwargs)
-    module = self.lightning_module
-    if module.examples == kill_after_save and module.epoch_closed:
+def kill_if(stage, logger):
+    if stage == kill_stage and getattr(logger, "kill_here", False):
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def killing_save_checkpoint(self, checkpoint, path, storage_options=None):  # the writer's thread
+    state = checkpoint["descent"]
+    self.logger.kill_here = state["examples"] == int(kill_examples) and state["epoch_closed"]
+    save_checkpoint(self, checkpoint, path, storage_options)
+    kill_if("saved", self.logger)
+
+
+def killing_checkpoint_written(self, path, points):
+    kill_if("written", self)
+    checkpoint_written(self, path, points)
+
+
+def killing_upload(self, path):
+    kill_if("sent", self)
+    upload(self, path)
 
 
 def interrupted_run_job(*args, config, **kwargs):
@@ -58,7 +77,8 @@ def interrupted_run_job(*args, config, **kwargs):
 run_job = hydra.core.utils.run_job
 hydra.core.utils.run_job = interrupted_run_job
 Classifier.training_step = stopping_training_step
-pl.Trainer.save_checkpoint = killing_save_checkpoint
+tracking.UploadCheckpoints.save_checkpoint = killing_save_checkpoint
+tracking.Logger.checkpoint_written, tracking.Logger.upload = killing_checkpoint_written, killing_upload
 train_py = Path(__file__).resolve().parents[1] / "src" / "train.py"
 sys.argv[0] = str(train_py)
 sys.path.insert(0, str(train_py.parent))

@@ -107,7 +107,7 @@ def test_sigkill_right_after_an_epoch_end_checkpoint_resumes_to_the_same_result(
     reference = record(ref_store, only_run_id(ref_store), ref_dir / "outputs" / "run")
 
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    proc = stop_at(tmp_path, store, overrides, {"DESCENT_KILL_AFTER_SAVE": "1000"})
+    proc = stop_at(tmp_path, store, overrides, {"DESCENT_KILL_AT": "written:1000"})
     assert proc.returncode == -signal.SIGKILL
     run_id = only_run_id(store)
     assert MlflowClient(store).get_run(run_id).info.status == "RUNNING"  # nobody could mark it

@@ -221,11 +221,9 @@ class Classifier(pl.LightningModule):
             "window": self.window.state(),
             "grads": None if all(g is None for g in grads) else grads,
             "data": data_signature(self.trainer.datamodule),
+            # the metric points not yet in the store: written once this file is on disk (descent/tracking.py)
+            "points": [p for logger in self.loggers for p in getattr(logger, "unsent", list)()],
         }
-        # metric points become durable together with the checkpoint that can reproduce them, so a
-        # run resumed after a crash continues its metrics with no gap and no duplicate
-        for logger in self.loggers:
-            getattr(logger, "flush", logger.save)()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint.get("descent", {})
@@ -259,6 +257,9 @@ class Classifier(pl.LightningModule):
         if differ:
             raise ResumeError(f"checkpoint {self.trainer.ckpt_path} was written for other data: " + "; ".join(differ))
         self.window = Window(**state["window"])
+        for logger in self.loggers:  # the store may lack the checkpoint's last points, or have later ones
+            if hasattr(logger, "resume"):
+                logger.resume(state.get("points", []))
         if state["grads"] is not None:
             for p, g in zip(self.net.parameters(), state["grads"]):
                 p.grad = None if g is None else g.to(p.device)

@@ -5,13 +5,16 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
 from pathlib import Path
 
 import pytorch_lightning as pl
+import torch
+from lightning_utilities.core.apply_func import apply_to_collection
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import MLFlowLogger
-from pytorch_lightning.plugins.io import TorchCheckpointIO
+from pytorch_lightning.plugins.io import AsyncCheckpointIO, TorchCheckpointIO
 
 from descent import store
 from descent.store import GROUPS, retry
@@ -20,7 +23,6 @@ log = logging.getLogger(__name__)
 
 MAX_BATCH = 1000  # MLflow's limit of metrics per log_batch call
 PROBE_EVERY = 2.0  # s between looks at an absent server
-UNSENT = "unsent_metrics.json"  # beside last.ckpt: points the server never got, for a resume on this machine
 
 
 class StoreUnavailable(RuntimeError):
@@ -44,32 +46,60 @@ def flatten(cfg: DictConfig) -> dict[str, str]:
 class Logger(MLFlowLogger):
     """Lightning's MLflow logger, with metric points buffered and written in a few log_batch calls.
 
-    One synchronous DB write per log point would cost more than an epoch of the seed run. Points
-    are written when a checkpoint is saved (save(), called by the module; periodic and at epoch
-    ends), at the end, and on a crash: what the store holds is always what a checkpoint can resume.
-    Each checkpoint is then uploaded to the run's artifacts (UploadCheckpoints), so another machine
-    can resume it. The run's final status is set by train.py (FINISHED, FAILED or KILLED), not by lightning.
+    One synchronous DB write per log point would cost more than an epoch of the seed run. Points wait
+    in `pending`; each checkpoint carries the points still waiting when it was taken, and they are
+    written after its file is on disk (by CheckpointWriter, off the training thread), then the file is
+    uploaded to the run's artifacts so another machine can resume it. Writes are idempotent: per key,
+    the logger knows the last step the store has (read from the store on resume) and never writes a
+    point at or below it. So a SIGKILL at any instant leaves neither a duplicate nor a gap: a point
+    in the store is never written again, and a point not yet in the store is in the newest checkpoint
+    on disk, or is re-computed by training from an older one. The run's final status is set by
+    train.py (FINISHED, FAILED or KILLED), not by lightning.
 
-    A tracking server that goes away does not stop training: points wait in the buffer, checkpoints
-    stay local, and StoreWatch looks for the server every few seconds; when it is back, a checkpoint
-    save writes the points (exactly once: the buffer only loses what was written) and uploads the
-    checkpoint. Past `outage_seconds` the run stops with a checkpoint and the points not written
-    saved beside it, for a resume on this machine.
+    A tracking server that goes away does not stop training: points wait in the buffer (and in each
+    checkpoint), checkpoints stay local, and StoreWatch looks for the server every few seconds; when it
+    is back, a checkpoint save writes the points and uploads the checkpoint. Past `outage_seconds` the
+    run stops with a checkpoint that carries every point the server did not get, for a resume on this
+    machine.
     """
 
     def __init__(self, *args, outage_seconds: float = 300, upload_checkpoints: bool = True, **kwargs):
         super().__init__(*args, **kwargs)
         self.pending: list = []
+        self.sent: dict[str, int] = {}  # per key, the last step the store has
+        self.lock = threading.Lock()  # pending is appended by training and pruned by the checkpoint writer
+        self.writer: CheckpointWriter | None = None
         self.outage_seconds, self.upload_checkpoints = outage_seconds, upload_checkpoints
         self.away_since: float | None = None  # time.monotonic() of the first write the server missed
         self.unsent_checkpoint: str | None = None  # saved while the server was away
-        self.unsent_file: Path | None = None  # points of an earlier outage, written with the first flush
 
     def log_metrics(self, metrics, step=None) -> None:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        self.pending.extend(Metric(k, float(v), now, int(step or 0)) for k, v in metrics.items())
+        points = [Metric(k, float(v), now, int(step or 0)) for k, v in metrics.items()]
+        with self.lock:
+            self.pending.extend(points)
+
+    def unsent(self) -> list[list]:
+        """The points waiting to be written, as plain lists: what a checkpoint carries."""
+        with self.lock:
+            return [[m.key, m.value, m.timestamp, m.step] for m in self.pending]
+
+    def resume(self, points: list[list]) -> None:
+        """Continue a run: learn what the store has, then queue the checkpoint's points it lacks."""
+        from mlflow.entities import Metric
+
+        keys = [k for k in retry(self.experiment.get_run, self.run_id).data.metrics if not k.startswith("system/")]
+        for key in keys:  # system/* are MLflow's own, written by its monitor, not through this logger
+            history = retry(self.experiment.get_metric_history, self.run_id, key)
+            self.sent[key] = max((m.step for m in history), default=-1)
+        missing = [Metric(k, v, t, s) for k, v, t, s in points if s > self.sent.get(k, -1)]
+        with self.lock:
+            self.pending[:0] = missing
+        if missing:
+            log.info("%d metric points of the checkpoint were not in the store yet; they are written first",
+                     len(missing))
 
     @property
     def away(self) -> bool:
@@ -87,28 +117,45 @@ class Logger(MLFlowLogger):
         return False
 
     def flush(self) -> bool:
-        """Write the waiting points; False (all kept) while the server is away."""
-        if (self.pending or self.away) and not store.reachable(self._tracking_uri):
+        """Write every waiting point now; False (all kept) while the server is away."""
+        with self.lock:
+            points = list(self.pending)
+        return self.send(points)
+
+    def send(self, points: list) -> bool:
+        """Write those of `points` the store lacks; False (all kept) while the server is away."""
+        points = [m for m in points if m.step > self.sent.get(m.key, -1)]
+        if (points or self.away) and not store.reachable(self._tracking_uri):
             return self._went_away("writing metrics")
         try:
-            while self.pending:  # what was written leaves the buffer; a failure keeps the rest
-                retry(self.experiment.log_batch, self.run_id, metrics=self.pending[:MAX_BATCH])
-                del self.pending[:MAX_BATCH]
+            for i in range(0, len(points), MAX_BATCH):  # what was written leaves the buffer; a failure keeps the rest
+                batch = points[i : i + MAX_BATCH]
+                retry(self.experiment.log_batch, self.run_id, metrics=batch)
+                for m in batch:
+                    self.sent[m.key] = max(self.sent.get(m.key, -1), m.step)
         except Exception as e:
             if store.reachable(self._tracking_uri):
                 raise
             return self._went_away(f"{type(e).__name__} writing metrics")
-        if self.unsent_file is not None:
-            self.unsent_file.unlink(missing_ok=True)
-            self.unsent_file = None
+        finally:
+            with self.lock:
+                self.pending = [m for m in self.pending if m.step > self.sent.get(m.key, -1)]
         if self.away:
             log.warning("the tracking server is back after %.0f s; the waiting metric points are written",
                         time.monotonic() - self.away_since)
             self.away_since = None
         return True
 
-    def checkpoint_saved(self, path: str) -> None:
-        """After each checkpoint file is written (its points were flushed just before): upload it."""
+    def checkpoint_written(self, path: str, points: list[list]) -> None:
+        """A checkpoint file is on disk: write the points it carries, then upload it (the writer's thread)."""
+        from mlflow.entities import Metric
+
+        if self.send([Metric(*p) for p in points]):
+            self.upload(path)
+        elif self.upload_checkpoints:
+            self.unsent_checkpoint = path  # the save that brings the points back uploads it
+
+    def upload(self, path: str) -> None:
         if not self.upload_checkpoints:
             return
         self.unsent_checkpoint = path
@@ -125,8 +172,14 @@ class Logger(MLFlowLogger):
             else:
                 self._went_away(f"{type(e).__name__} uploading a checkpoint")
 
+    def drain(self) -> None:
+        """Wait for the checkpoint being written (and its points and upload), if any."""
+        if self.writer is not None:
+            self.writer.wait()
+
     def wait_for_store(self) -> None:
         """Outside training (start of test, end of run): wait for an absent server, up to the bound."""
+        self.drain()
         if not self.away and not self.pending and store.reachable(self._tracking_uri):
             return
         while not store.reachable(self._tracking_uri):
@@ -135,18 +188,15 @@ class Logger(MLFlowLogger):
                 raise self.give_up(self.unsent_checkpoint)
             time.sleep(PROBE_EVERY)
         if self.flush() and self.unsent_checkpoint:
-            self.checkpoint_saved(self.unsent_checkpoint)
+            self.upload(self.unsent_checkpoint)
 
     def give_up(self, checkpoint: str | None) -> StoreUnavailable:
-        """The server stayed away: keep what it never got beside the checkpoint, say how to go on."""
+        """The server stayed away: the checkpoint carries what it never got; say how to go on."""
+        self.drain()
         self._went_away("giving up")
-        # test metrics are not kept: a resume from the end-of-training checkpoint tests again
-        points = [m for m in self.pending if not m.key.startswith("test/")]
-        where = ""
-        if checkpoint and points:
-            path = Path(checkpoint).parent / UNSENT
-            path.write_text(json.dumps([[m.key, m.value, m.timestamp, m.step] for m in points]))
-            where = f", {len(points)} metric points it did not get in {path}"
+        # test metrics are not carried: a resume from the end-of-training checkpoint tests again
+        waiting = sum(not m.key.startswith("test/") for m in self.pending)
+        where = f", with the {waiting} metric points it did not get" if checkpoint and waiting else ""
         self.pending = []
         return StoreUnavailable(
             f"the tracking server {self._tracking_uri} has not answered for {time.monotonic() - self.away_since:.0f} s "
@@ -154,23 +204,14 @@ class Logger(MLFlowLogger):
             f"{where}. Nothing is lost: when the server is back (make server), continue on this machine with: "
             f"python src/train.py resume={self.run_id}")
 
-    def load_unsent(self, checkpoint_dir: Path) -> None:
-        """Points an earlier run of this checkpoint kept when the server stayed away: written first."""
-        from mlflow.entities import Metric
-
-        path = Path(checkpoint_dir) / UNSENT
-        if path.is_file():
-            self.pending[:0] = [Metric(k, v, t, s) for k, v, t, s in json.loads(path.read_text())]
-            self.unsent_file = path
-
     def save(self) -> None:
-        pass  # lightning calls this after every training batch; we flush with checkpoints instead
+        pass  # lightning calls this after every training batch; we write with checkpoints instead
 
     def finalize(self, status: str = "success") -> None:
         if not self._initialized:
             return
         # a crash inside lightning: record it now, the process may not get further
-        if self.flush() and status != "success":
+        if status != "success" and self.flush():
             retry(self.experiment.set_terminated, self.run_id, "FAILED")
 
     def end(self, status: str) -> None:
@@ -179,8 +220,10 @@ class Logger(MLFlowLogger):
         try:
             if status == "FINISHED":
                 self.wait_for_store()
-            elif not store.reachable(self._tracking_uri):  # a stop (SIGTERM, a failure) is not held up
-                raise self.give_up(self.unsent_checkpoint)
+            else:
+                self.drain()  # a stop waits for the checkpoint in flight: resume-anywhere holds
+                if not store.reachable(self._tracking_uri):  # but is not held up by an absent server
+                    raise self.give_up(self.unsent_checkpoint)
         except StoreUnavailable as e:
             log.error("%s", e)
             if status == "FINISHED":
@@ -191,15 +234,54 @@ class Logger(MLFlowLogger):
 
 
 class UploadCheckpoints(TorchCheckpointIO):
-    """Every checkpoint file, once written (periodic, epoch end, on a stop), goes to the run's artifacts."""
+    """Write a checkpoint file; once it is on disk, write the metric points it carries and upload it."""
 
     def __init__(self, logger: Logger):
         super().__init__()
         self.logger = logger
 
     def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
-        super().save_checkpoint(checkpoint, path, storage_options)
-        self.logger.checkpoint_saved(str(path))
+        super().save_checkpoint(checkpoint, path, storage_options)  # atomic: a temporary file, then a rename
+        self.logger.checkpoint_written(str(path), checkpoint.get("descent", {}).get("points", []))
+
+
+class CheckpointWriter(AsyncCheckpointIO):
+    """Checkpoints off the training thread: lightning's AsyncCheckpointIO (tensors cloned on the training
+    thread, one writer thread), with at most one checkpoint waiting: a newer one replaces it, as it
+    carries the same points and a later state. A stop, the end of fit and the end of the run wait for it.
+    """
+
+    def __init__(self, logger: Logger):
+        super().__init__(UploadCheckpoints(logger))
+        self.newest: tuple | None = None
+        self.slot = threading.Lock()
+        logger.writer = self
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        self._ensure_setup()
+        snapshot = apply_to_collection(checkpoint, torch.Tensor, lambda t: t.detach().clone())
+        with self.slot:
+            self.newest = (snapshot, path, storage_options)
+        self._executor.submit(self._write_newest)
+        if self._error:
+            raise self._error
+
+    def _write_newest(self) -> None:
+        with self.slot:
+            job, self.newest = self.newest, None
+        if job is None:  # a newer checkpoint took this one's place and is written already
+            return
+        try:
+            self.checkpoint_io.save_checkpoint(*job)
+        except BaseException as e:
+            self._error = e
+
+    def wait(self) -> None:
+        if self._executor is not None:
+            self._executor.submit(lambda: None).result()
+        if self._error:
+            error, self._error = self._error, None
+            raise error
 
 
 class StoreWatch(pl.Callback):
@@ -217,7 +299,7 @@ class StoreWatch(pl.Callback):
         back = store.reachable(self.logger._tracking_uri)
         if back or self.logger.away_too_long():
             path = os.path.join(self.checkpoint.dirpath, "last.ckpt")
-            trainer.save_checkpoint(path, weights_only=False)  # flushes (module hook) and uploads
+            trainer.save_checkpoint(path, weights_only=False)  # its points are written, then it is uploaded
             self.checkpoint.last_model_path = path
             if not back and self.logger.away:
                 raise self.logger.give_up(path)
@@ -228,8 +310,8 @@ def run_name(choices: dict[str, str], seed: int) -> str:
 
 
 def make_logger(cfg: DictConfig, choices: dict[str, str], launch_dir: str, tags: dict[str, str],
-                run_id: str | None = None, out_dir: str | Path | None = None) -> Logger:
-    """A new run, or (run_id given) the run being resumed from the checkpoint in out_dir."""
+                run_id: str | None = None) -> Logger:
+    """A new run, or (run_id given) the run being resumed."""
     tags = {k: v for k, v in tags.items() if v is not None}
     if store.is_server(cfg.logger.tracking_uri):
         # MLflow's client retries a refused connection for ~4 min by default, blocking the caller (a
@@ -255,8 +337,6 @@ def make_logger(cfg: DictConfig, choices: dict[str, str], launch_dir: str, tags:
     else:
         for key, value in tags.items():
             logger.experiment.set_tag(run_id, key, value)
-        if out_dir is not None:
-            logger.load_unsent(Path(out_dir) / "checkpoints")
     return logger
 
 
@@ -265,6 +345,22 @@ def log_config(logger: Logger, cfg: DictConfig, choices: dict[str, str]) -> None
     params.update(flatten(cfg))
     logger.log_hyperparams(params)
     logger.experiment.log_text(logger.run_id, OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+
+
+RESUME_TAG = "resume.overrides"
+
+
+def log_resume(logger: Logger, cfg: DictConfig, changed: dict) -> None:
+    """A resume that changed keys (config.RESUME_MAY_CHANGE, e.g. more epochs). MLflow params cannot be
+    changed: they keep the values the run started with. The tag resume.overrides lists each such resume's
+    changes (`trainer.max_epochs: 5 -> 10`, appended with `; `), and config.yaml becomes the config run
+    now, which the next resume (the printed command) reads: a run extended and then stopped goes on to its
+    new end."""
+    client = logger.experiment
+    now = ", ".join(f"{key}: {was} -> {given}" for key, (was, given) in changed.items())
+    before = client.get_run(logger.run_id).data.tags.get(RESUME_TAG)
+    client.set_tag(logger.run_id, RESUME_TAG, f"{before}; {now}" if before else now)
+    client.log_text(logger.run_id, OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
 
 
 def log_sample_image(logger: Logger, x, y, index: int = 4) -> None:
