@@ -6,15 +6,16 @@ import logging
 import os
 import signal
 import sys
+from functools import partial
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from descent.config import ConfigError, validate
+from descent.config import ConfigError, resume_config, validate
 
 log = logging.getLogger("descent")
 
@@ -31,21 +32,24 @@ def main(cfg: DictConfig) -> float | None:
         store.check_store(uri)
         choices = {g: hc.runtime.choices[g] for g in store.GROUPS if g in hc.runtime.choices}
         run_id = ckpt_path = None
+        changed = {}
         if cfg.resume:  # continue a run from its last checkpoint, with its own config, into the same MLflow run
-            # (the checkpoint comes from the run's artifacts when this machine lacks its output folder)
-            run_id, out_dir, recorded, choices = store.find_resume(str(cfg.resume), uri, out_dir)
+            # (the checkpoint comes from the run's artifacts when this machine lacks its output folder); the
+            # command line may change how it goes on (more epochs, what is recorded), not what it measures
+            check = partial(resume_config, cfg, dict(hc.runtime.choices), list(hc.overrides.task))
+            run_id, out_dir, (cfg, changed), choices = store.find_resume(str(cfg.resume), uri, out_dir, check)
             ckpt_path = out_dir / "checkpoints" / "last.ckpt"
-            cfg = OmegaConf.merge(recorded, {"resume": cfg.resume})
-            log.info("resuming MLflow run %s from %s", run_id, ckpt_path)
+            log.info("resuming MLflow run %s from %s%s", run_id, ckpt_path,
+                     "".join(f"; {k}: {a} -> {b}" for k, (a, b) in changed.items()))
     except ConfigError as e:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         log.error("invalid config, nothing was run:\n%s", e)
         sys.exit(2)
-    return train(cfg, hc, launch_dir, out_dir, choices, run_id, ckpt_path)
+    return train(cfg, hc, launch_dir, out_dir, choices, run_id, ckpt_path, changed)
 
 
-def train(cfg, hc, launch_dir, out_dir, choices, run_id, ckpt_path) -> float | None:
+def train(cfg, hc, launch_dir, out_dir, choices, run_id, ckpt_path, changed=None) -> float | None:
     import pytorch_lightning as pl
     from pytorch_lightning.callbacks import ModelCheckpoint
 
@@ -68,7 +72,9 @@ def train(cfg, hc, launch_dir, out_dir, choices, run_id, ckpt_path) -> float | N
     if run_id is None:
         tracking.log_config(logger, cfg, choices)
     else:
-        logger.experiment.update_run(run_id, status="RUNNING")  # also corrects a stale RUNNING/KILLED
+        logger.experiment.update_run(run_id, status="RUNNING")  # also corrects a stale RUNNING/KILLED (or FINISHED)
+        if changed:
+            tracking.log_resume(logger, cfg, changed)
 
     checkpoint = ModelCheckpoint(dirpath=out_dir / "checkpoints", save_last=True, save_top_k=0, every_n_epochs=1,
                                  enable_version_counter=False)  # one last.ckpt, also across resumes

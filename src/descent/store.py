@@ -121,13 +121,16 @@ def find_parent(client, experiment_name: str, sweep_key: str) -> str | None:
     return runs[0].info.run_id if runs else None
 
 
-def find_resume(target: str, uri: str, out_dir: str | Path):
+def find_resume(target: str, uri: str, out_dir: str | Path, check=None):
     """resume= an output folder or an MLflow run id -> (run id, output folder, config, group choices).
 
     The config and choices come from the MLflow run itself (config.yaml and params), the record of
     what actually ran. The checkpoint is the run's own output folder's when this machine has it,
     else the one in the run's artifacts, downloaded into out_dir (the new run folder): a run killed
     on one machine continues on another.
+
+    check(config, choices, run id, status), when given, sees the record before the checkpoint is looked
+    for: it may refuse (ConfigError); what it returns takes the config's place in the result.
     """
     import tempfile
 
@@ -146,6 +149,11 @@ def find_resume(target: str, uri: str, out_dir: str | Path):
     except Exception:
         raise ConfigError(f"resume={str(path)!r}: neither a run folder nor a run id in {uri}") from None
     run_id = run.info.run_id
+    with tempfile.TemporaryDirectory() as tmp:
+        config = OmegaConf.load(client.download_artifacts(run_id, "config.yaml", tmp))
+    choices = {g: run.data.params[g] for g in GROUPS if g in run.data.params}
+    if check is not None:
+        config = check(config, choices, run_id, run.info.status)
     local = Path(run.data.tags.get("hydra.output_dir", ""))
     if path.is_dir() or (local / CHECKPOINT).is_file():
         out = path if path.is_dir() else local
@@ -160,7 +168,4 @@ def find_resume(target: str, uri: str, out_dir: str | Path):
             why = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise ConfigError(f"resume={str(path)!r}: no checkpoint in {local} on this machine, "
                               f"nor in the run's artifacts ({why})") from None
-    with tempfile.TemporaryDirectory() as tmp:
-        config = OmegaConf.load(client.download_artifacts(run_id, "config.yaml", tmp))
-    choices = {g: run.data.params[g] for g in GROUPS if g in run.data.params}
     return run_id, out, config, choices
