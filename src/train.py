@@ -53,11 +53,12 @@ def train(cfg, hc, launch_dir, out_dir, choices, run_id, ckpt_path, changed=None
     import pytorch_lightning as pl
     from pytorch_lightning.callbacks import ModelCheckpoint
 
-    from descent import record, tracking
+    from descent import record, threads, tracking
     from descent.loop import Classifier, Diverged, ResumeError, SafetyCheckpoints
     from descent.sweep import parent_run_id
 
     multirun = hc.mode == RunMode.MULTIRUN
+    threads.apply(cfg, hc)  # torch's intra-op threads for this job: trainer.threads or descent/threads.py's choice
     pl.seed_everything(cfg.seed, verbose=False)
     datamodule = instantiate(cfg.data, seed=cfg.seed)
     module = Classifier.from_config(cfg)

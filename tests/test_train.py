@@ -1,9 +1,12 @@
 """The real entry point end to end, checked through MlflowClient on a real sqlite store."""
 
+import os
+
 import yaml
 from mlflow import MlflowClient
 
 from conftest import train
+from descent import threads
 
 
 def runs(store, experiment="descent"):
@@ -25,6 +28,9 @@ def test_a_run_records_params_metrics_and_artifacts(tmp_path, store, mnist_root)
     assert params["optimizer.lr"] == "0.001" and params["data.limit_train"] == "3000"
     assert params["trainer.max_epochs"] == "2" and params["seed"] == "0"
     assert len(run.data.tags["mlflow.source.git.commit"]) == 40
+    # the thread policy's choice for batch 128 on this machine, and OpenMP's wait policy set before torch loaded
+    assert params["torch.threads"] == str(threads.choose(128, threads.cpus_granted()))
+    assert params["omp.wait_policy"] == os.environ.get("OMP_WAIT_POLICY", "PASSIVE")
 
     metrics = run.data.metrics
     for key in ("train/loss", "train/acc", "val/loss", "val/acc", "test/loss", "test/acc",
@@ -54,8 +60,10 @@ def test_a_run_records_params_metrics_and_artifacts(tmp_path, store, mnist_root)
 
 
 def test_checkpoint_upload_can_be_switched_off(tmp_path, store, mnist_root):
-    train("data.limit_train=1000", "trainer.max_epochs=1", "logger.log_checkpoint=false", cwd=tmp_path, store=store)
+    train("data.limit_train=1000", "trainer.max_epochs=1", "logger.log_checkpoint=false", "trainer.threads=1",
+          cwd=tmp_path, store=store)
     client, [run] = runs(store)
+    assert run.data.params["torch.threads"] == "1"  # trainer.threads overrides the policy (2 for batch 128 here)
     assert "checkpoints" not in {a.path for a in client.list_artifacts(run.info.run_id)}
     assert (tmp_path / "outputs" / "run" / "checkpoints" / "last.ckpt").exists()  # still saved locally
 

@@ -106,6 +106,10 @@ BAD = {
     "trainer.val_every_examples=0":
         "trainer.val_every_examples=0: must be null (at epoch ends only) or an integer >= 1",
     "trainer.checkpoint_every_seconds=0": "trainer.checkpoint_every_seconds=0: must be a finite number > 0",
+    "trainer.threads=0": "trainer.threads=0: must be null (chosen from the batch size and the CPUs granted: "
+                         "descent/threads.py) or an integer >= 1",
+    "trainer.threads=-1": "trainer.threads=-1: must be null (chosen from the batch size",
+    "trainer.threads=two": "trainer.threads='two': must be null (chosen from the batch size",
     "trainer.progress_bar=maybe": "trainer.progress_bar='maybe': must be true or false",
     "+trainer.max_epoch=3": "trainer.max_epoch: unknown key; allowed keys: max_epochs, accelerator,",
     "+logger.experiment=x":
@@ -184,7 +188,7 @@ def test_optional_sizes_and_valid_edges_pass():
     validate(compose_job("batching=full", "data.val_size=59999"))
     validate(compose_job("batching=online", "data.val_size=10000", "data.limit_train=50000", "data.batch_size=50000"))
     validate(compose_job("optimizer=adam", "optimizer.betas=[0.0,0.0]", "optimizer.fused=null",
-                         "trainer.val_every_examples=1", "seed=4294967295"))
+                         "trainer.val_every_examples=1", "seed=4294967295", "trainer.threads=1"))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -71,6 +71,7 @@ TRAINER = {
     "flush_denormal": BOOLEAN,
     "cuda_graphs": (lambda v: v is True or v is False or v == "auto", "auto, true or false"),
     "checkpoint_every_seconds": POSITIVE,
+    "threads": nullable(integer(1), "chosen from the batch size and the CPUs granted: descent/threads.py"),
 }
 LOGGER = {"experiment_name": STRING, "tracking_uri": STRING, "log_checkpoint": BOOLEAN, "outage_seconds": POSITIVE,
           "log_model": BOOLEAN, "register_model": nullable(STRING, "not registered"), "system_metrics": BOOLEAN}

@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import MLFlowLogger
 from pytorch_lightning.plugins.io import AsyncCheckpointIO, TorchCheckpointIO
 
-from descent import store
+from descent import store, threads
 from descent.store import GROUPS, retry
 
 log = logging.getLogger(__name__)
@@ -343,6 +343,7 @@ def make_logger(cfg: DictConfig, choices: dict[str, str], launch_dir: str, tags:
 def log_config(logger: Logger, cfg: DictConfig, choices: dict[str, str]) -> None:
     params = {g: choices[g] for g in GROUPS if g in choices}
     params.update(flatten(cfg))
+    params.update(threads.params())  # torch.threads, omp.wait_policy: what this process runs with
     logger.log_hyperparams(params)
     logger.experiment.log_text(logger.run_id, OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
 

@@ -1,0 +1,116 @@
+"""How many intra-op threads a run uses, and how OpenMP's idle threads wait (DESIGN.md, "Threads").
+
+Measured on 2 cores (README, "Speed"): torch's default, one thread per core with OpenMP's threads
+spinning while they wait, collapses 4-9x as soon as another process holds a core (every parallel op
+waits a scheduler slice for the descheduled thread); online SGD is faster on one thread even on a
+quiet machine; a batch of 128 gains from a second thread. So:
+- OMP_WAIT_POLICY=PASSIVE, in the environment before torch loads libgomp (which reads it once per
+  process): descent/__init__.py calls set_wait_policy(), and every entry point imports descent
+  before torch. A user's own OMP_WAIT_POLICY is kept.
+- threads = the cores granted to this process (affinity, SLURM, Ray, OMP_NUM_THREADS) shared among
+  the jobs a local launcher runs at once, and at most one per EXAMPLES_PER_THREAD examples of a batch.
+  trainer.threads (an integer) overrides it. torch.set_num_threads works at any time, so each job of a
+  sequential sweep gets its own count.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+WAIT_POLICY = "PASSIVE"  # idle OpenMP threads sleep instead of spinning on a core another process needs
+EXAMPLES_PER_THREAD = 64  # a second thread pays from a batch of 128 (2 x 64) here; batch 1 is faster on one
+_in_effect: str | None = None  # OMP_WAIT_POLICY as libgomp read it (None: not known)
+log = logging.getLogger(__name__)
+
+
+def set_wait_policy() -> None:
+    """Put OMP_WAIT_POLICY in the environment if torch has not loaded yet; remember what torch reads."""
+    global _in_effect
+    if _in_effect is not None:
+        return
+    if "torch" not in sys.modules:
+        os.environ.setdefault("OMP_WAIT_POLICY", WAIT_POLICY)
+    # when torch came first, this is still what libgomp read, unless someone changed it in between
+    _in_effect = os.environ.get("OMP_WAIT_POLICY", "unset (libgomp spins, then sleeps)")
+
+
+def _positive_int(text: str | None) -> int | None:
+    try:
+        n = int(text or "")
+    except ValueError:
+        return None
+    return n if n >= 1 else None
+
+
+def cpus_granted(env=os.environ) -> int:
+    """The cores this process may use: its affinity, and the grants of SLURM, Ray and OMP_NUM_THREADS."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    slurm = _positive_int(env.get("SLURM_CPUS_PER_TASK")) or _positive_int(env.get("SLURM_CPUS_ON_NODE"))
+    grants = [slurm, _ray_cpus(), _positive_int(env.get("OMP_NUM_THREADS"))]  # OMP_NUM_THREADS: joblib, Ray, a user
+    return max(1, min([n] + [g for g in grants if g]))
+
+
+def _ray_cpus() -> int | None:
+    """The CPUs Ray assigned to the task this process runs (none outside a Ray worker)."""
+    if "ray" not in sys.modules:  # a Ray worker has imported ray; nobody else needs to pay for it
+        return None
+    try:
+        import ray
+
+        if not ray.is_initialized():
+            return None
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
+    except Exception:  # the driver has no task; an older Ray lacks the call
+        return None
+    return max(1, int(cpus)) if cpus else None
+
+
+def jobs_at_once(hydra_cfg) -> int:
+    """Jobs a local launcher runs side by side on this machine: hydra's joblib launcher's n_jobs."""
+    launcher = hydra_cfg.get("launcher") if hydra_cfg is not None else None
+    if not launcher or not str(launcher.get("_target_", "")).endswith("JoblibLauncher"):
+        return 1  # the basic launcher runs one job at a time; Ray and SLURM grant CPUs per job
+    n_jobs = launcher.get("n_jobs") or 1
+    if n_jobs < 0:  # joblib: -1 = every core, -2 = all but one, ...
+        n_jobs = max(1, (os.cpu_count() or 1) + 1 + n_jobs)
+    return int(n_jobs)
+
+
+def choose(batch_size: int, cpus: int, jobs: int = 1) -> int:
+    """Intra-op threads for a run updating on batches of batch_size examples."""
+    share = max(1, cpus // max(1, jobs))
+    return max(1, min(share, batch_size // EXAMPLES_PER_THREAD))
+
+
+def batch_size(cfg) -> int:
+    """Examples per update: data.batch_size, or the whole training set for batch gradient descent."""
+    from descent.config import N_TRAIN
+
+    if cfg.data.get("batch_size"):
+        return int(cfg.data.batch_size)
+    return int(cfg.data.get("limit_train") or N_TRAIN - (cfg.data.get("val_size") or 0))
+
+
+def apply(cfg, hydra_cfg=None) -> int:
+    """Set torch's intra-op threads for this run: trainer.threads, or the policy's choice."""
+    import torch
+
+    set_wait_policy()
+    if cfg.trainer.get("threads"):
+        n, why = cfg.trainer.threads, "trainer.threads"
+    else:
+        batch, cpus, jobs = batch_size(cfg), cpus_granted(), jobs_at_once(hydra_cfg)
+        n, why = choose(batch, cpus, jobs), f"batch {batch}, {cpus} CPUs granted, {jobs} job(s) at once"
+    torch.set_num_threads(n)
+    log.info("torch threads: %d (%s); OMP_WAIT_POLICY %s", n, why, _in_effect)
+    return n
+
+
+def params() -> dict[str, str]:
+    """What is in effect, for the run's MLflow params."""
+    import torch
+
+    set_wait_policy()
+    return {"torch.threads": str(torch.get_num_threads()), "omp.wait_policy": str(_in_effect)}
