@@ -79,7 +79,7 @@ def test_system_metrics_progress_lines_and_report_paths(small_sweep, runs):
     # without a terminal the bar is a log line per epoch end (and every 30 s): examples, rate, loss
     for name in by_name:
         assert f"{name} epoch 1/1: 2000/2000 examples (100%)" in output
-    assert "examples/s" in output and "train/loss" in output
+    assert "examples/s" in output and ", loss " in output
     assert "\r" not in output  # no redrawn bar in a log
     # the sweep's report names its folder as launched (relative), not as this machine's absolute path
     report = (launch_dir / "outputs" / "sweep" / "convergence.md").read_text()

@@ -171,6 +171,7 @@ class Classifier(pl.LightningModule):
         self.epoch_offset = 0  # examples of epoch offset_epoch already trained on
         self.offset_epoch = 0
         self.epoch_closed = True
+        self.latest: dict[str, float] = {}  # each metric's newest value, for the terminal (descent/progress.py)
         self.resumed: dict | None = None  # the descent part of the checkpoint being resumed
 
     @classmethod
@@ -364,7 +365,6 @@ class Classifier(pl.LightningModule):
 
     def _log_train(self) -> None:
         loss, acc = self.window.pop()
-        self.last_train_loss = loss  # for the progress bar (descent/progress.py)
         self._log({
             "train/loss": loss,
             "train/acc": acc,
@@ -423,5 +423,6 @@ class Classifier(pl.LightningModule):
 
     def _log(self, metrics: dict[str, float]) -> None:
         # step = training examples seen, for every metric of every regime (see DESIGN.md)
+        self.latest.update(metrics)
         for logger in self.loggers:
             logger.log_metrics(metrics, step=self.examples)
