@@ -69,9 +69,36 @@ def check_study(uri: str, experiment: str, tmp_path: Path) -> None:
 
 
 def test_a_study_on_ray(tmp_path, tracking_server, ray_cluster, mnist_root):
+    # RAY_ADDRESS only, as a user who did not export the loopback mode `make ray` prints: the launcher
+    # config's callback (descent.cluster.RayLoopback) sets it in the driver
+    assert "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" not in os.environ
     train(*STUDY, "hydra/launcher=ray", "logger.experiment_name=on-ray", cwd=tmp_path, store=tracking_server,
-          multirun=True, env=ray_cluster.env(), timeout=600)
+          multirun=True, env={"RAY_ADDRESS": ray_cluster.address}, timeout=600)
     check_study(tracking_server, "on-ray", tmp_path)
+
+
+def test_the_ray_cluster_listens_on_loopback_only(ray_cluster):
+    import psutil
+
+    pids = cluster.read_state(ray_cluster.dir)["pids"].values()
+    procs = [p for pid in pids for p in (psutil.Process(pid), *psutil.Process(pid).children(recursive=True))]
+    listening = {(c.laddr.ip, c.laddr.port, p.name()) for p in procs for c in p.net_connections("inet")
+                 if c.status == psutil.CONN_LISTEN}
+    assert any(port == ray_cluster.port for _, port, _ in listening), listening  # the GCS
+    assert {ip for ip, _, _ in listening} <= {"127.0.0.1", "::ffff:127.0.0.1"}, listening
+
+
+def test_a_ray_sweep_without_a_cluster_stops_at_once_saying_how_to_start_one(tmp_path, store):
+    address = f"127.0.0.1:{cluster.free_port()}"
+    tic = time.monotonic()
+    proc = train("optimizer=sgd,adam", "hydra/launcher=ray", cwd=tmp_path, store=store, multirun=True, check=False,
+                 env={"RAY_ADDRESS": address}, timeout=120)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, out[-3000:]
+    assert f"no Ray cluster answers at {address}" in out and "make ray" in out
+    assert "Traceback" not in out and time.monotonic() - tic < 60
+    assert not (tmp_path / "mlflow.db").exists() or not MlflowClient(store).search_runs(
+        [e.experiment_id for e in MlflowClient(store).search_experiments()]), "no parent run"
 
 
 def test_a_study_on_slurm(tmp_path, tracking_server, slurm_cluster, mnist_root):

@@ -4,7 +4,8 @@
     python -m descent.cluster slurm start|stop|status [--dir outputs/slurm]
 
 Ray: a head node plus one worker node (two raylets, as on a real cluster), 1 CPU each, on 127.0.0.1 only
-(Ray's loopback mode, see LOOPBACK below; a driver needs the RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 that `start` prints).
+(Ray's loopback mode, see LOOPBACK below; hydra/launcher=ray puts its driver in it, RayLoopback below; other
+drivers, `ray status` or a script, need the RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 that `start` prints).
 SLURM: Debian's munged, slurmctld and slurmd as root, one node `localhost`, partition `debug`; sbatch and
 squeue find it through the SLURM_CONF that `start` prints. Every daemon is a child in its own session
 whose pid is kept in the state folder; stop ends those process groups and nothing else. The make
@@ -26,6 +27,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from hydra.experimental.callback import Callback
 
 from descent.server import kill_group
 
@@ -153,6 +156,35 @@ def wait_for(ready, what: str, logs: list[Path], pids: dict) -> None:
 #   stats disabled or not (usage_lib.get_cluster_config_to_report): the head starts no dashboard process.
 #   `ray status`, jobs as Ray tasks and the Hydra launcher do not need it (Ray's job and state APIs would).
 LOOPBACK = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+
+
+class RayLoopback(Callback):
+    """hydra/launcher=ray in the driver (conf/hydra/launcher/ray.yaml adds it to the sweep's callbacks).
+
+    A cluster at a loopback address is one in Ray's loopback mode (`make ray`), which the driver must share,
+    or ray.init rewrites 127.0.0.1 to the host's address and retries "Failed to connect to GCS" there for
+    minutes. Ray reads the variable when it is imported, and the launcher imports it when it launches, after
+    this callback: setting it here is in time (a Hydra job's env_set would reach only the jobs). No cluster
+    at that address: the sweep stops at once, before its parent run exists, saying how to start one.
+    Another address is a real cluster: left to Ray.
+    """
+
+    def on_multirun_start(self, config, **kwargs) -> None:
+        from omegaconf import OmegaConf
+
+        address = str(OmegaConf.select(config, "hydra.launcher.ray.init.address") or "")
+        host, _, port = address.rpartition(":")
+        if host not in ("127.0.0.1", "localhost") or not port.isdigit():
+            return
+        if not port_open(int(port)):
+            print(f"hydra/launcher=ray: no Ray cluster answers at {address} (hydra.launcher.ray.init.address, "
+                  f"from RAY_ADDRESS); start one with `make ray`, or export RAY_ADDRESS=<host:port> of yours",
+                  file=sys.stderr)
+            sys.exit(2)
+        [(key, value)] = LOOPBACK.items()
+        os.environ.setdefault(key, value)  # a value of the user's own wins
+        if "ray._private.ray_constants" in sys.modules:  # imported already (not by the launcher): tell it too
+            sys.modules["ray._private.ray_constants"].ENABLE_RAY_CLUSTER = os.environ[key].lower() in ("1", "true")
 
 RAY_START = """\
 import sys, types
