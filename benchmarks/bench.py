@@ -2,13 +2,15 @@
 
     make bench                                   # full run: ~10 minutes on 2 cores
     make bench ARGS="--quick --no-keras"         # smoke test: tiny sizes, under a minute
-    make bench ARGS="--threads 1 --out FILE"     # one intra-op thread: steady when the machine is shared
+    make bench ARGS="--threads 1 --out FILE"     # the policy rows at one intra-op thread
+    make bench ARGS="--only seed,online-sgd,busy-seed,busy-online-sgd"   # the thread policy's rows (issue 20)
 
 How it measures (the same on every row):
 - every (regime, contender) trains in a fresh subprocess on the real MNIST cache: one warm-up epoch
   (the first iterations in a process are several times slower here), then timed epochs; the set runs
   `--rounds` times with the contender order reversed each round, and the table gives medians over
-  all timed epochs. --quick runs all torch jobs in one process instead (faster, memory less clean).
+  all timed epochs. --quick runs the torch jobs in one process per wait policy and load instead (faster,
+  memory less clean).
 - same model (descent.nets.MLP, keras init, seed 0), same data order (descent.data.epoch_permutation),
   same hyperparameters (conf/optimizer/*.yaml); flush-denormal on for descent and the plain loop.
 - descent = a real pytorch_lightning.Trainer fitting descent.loop.Classifier on MNISTDataModule, built
@@ -22,13 +24,21 @@ How it measures (the same on every row):
   the epoch, which reads the device (a sync).
 - peak memory = the process's resident-set high-water mark (VmHWM) over the job, and in brackets its
   growth over the resident set after imports (torch + lightning alone hold ~900 MiB here).
+- threads: plain, descent and their variants run at descent's thread policy (descent/threads.py: the
+  intra-op threads it chooses for the regime's batch size on this machine, OMP_WAIT_POLICY=PASSIVE);
+  plain-2t and descent-2t at 2 intra-op threads with OpenMP's default wait policy (torch's default on
+  a 2-core machine, and descent's before the policy); Keras as a user gets it. The table names each row's.
+- busy-* rows run the same jobs while one other CPU-bound process (`python -c 'while True: pass'`,
+  started before the job and killed after it) holds a core: a parallel sweep, a second user, CI.
 - other processes' share of the cores is measured over every timed epoch (/proc/stat); rows where it
-  was high are flagged CONTENDED. Before each job the run waits a little for the machine to go quiet.
+  was high are flagged CONTENDED (busy-* rows: beyond their own competitor's core). Before each job the
+  run waits a little for the machine to go quiet.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -47,6 +57,8 @@ ROOT = Path(__file__).resolve().parents[1]
 HERE = Path(__file__).resolve().parent
 SEED = 0
 CONTENDED = 0.2  # other processes' median share of the cores above which a row's timing is flagged
+BUSY = 1.3  # issue 20: a busy-* row's median <= this x the same contender's quiet median
+TODAY = 0.75  # issue 20: online SGD at the thread policy <= this x at 2 threads (descent-2t)
 FIRST_UPDATE = re.compile(r"first update ([0-9.]+) s after the process started")
 
 
@@ -61,6 +73,7 @@ class Regime:
     contenders: tuple[str, ...]
     target: float             # descent's median must be <= target x the plain loop's
     device: str = "cpu"
+    busy: bool = False        # one other CPU-bound process runs beside each job
 
 
 def regimes(quick: bool, keras: bool, gpu: bool = False) -> list[Regime]:
@@ -77,14 +90,21 @@ def regimes(quick: bool, keras: bool, gpu: bool = False) -> list[Regime]:
         Regime("gpu-full-batch", "sgd lr 0.01, batch = all, CUDA", "sgd", "full", 2048 if quick else None,
                3 if quick else 6, graph, 1.5, "cuda"),
     ] if gpu else []
+    threads = ("plain", "descent", "plain-2t", "descent-2t")  # issue 20: the thread policy against 2 threads
     return gpus + [
-        Regime("seed", "rmsprop, batch 128", "rmsprop", "mini", 2048 if quick else None, 3 if quick else 5, seed, 0.8),
+        Regime("seed", "rmsprop, batch 128", "rmsprop", "mini", 2048 if quick else None, 3 if quick else 5,
+               seed + threads[2:], 0.8),
         Regime("online-sgd", f"sgd lr 0.01, batch 1, first {online_n}", "sgd", "online", online_n,
-               3 if quick else 4, ("plain", "descent"), 1.0),
+               3 if quick else 4, threads, 1.0),
         Regime("online-rmsprop", f"rmsprop, batch 1, first {online_n}", "rmsprop", "online", online_n,
                3 if quick else 4, ("plain", "descent", "descent-compiled"), 1.0),
         Regime("full-batch", "sgd lr 0.01, batch = all", "sgd", "full", 2048 if quick else None,
                3 if quick else 5, ("plain", "descent"), 1.1),
+        # one other CPU-bound process beside each job; targets: <= BUSY x the same row quiet
+        Regime("busy-seed", "rmsprop, batch 128, one core taken", "rmsprop", "mini", 2048 if quick else 30000,
+               3 if quick else 4, threads, 0.8, busy=True),
+        Regime("busy-online-sgd", f"sgd lr 0.01, batch 1, first {online_n}, one core taken", "sgd", "online",
+               online_n, 3 if quick else 4, threads, 1.0, busy=True),
     ]
 
 
@@ -385,15 +405,21 @@ def worker(jobs_file: str) -> None:
     import descent.data  # noqa: F401
     import descent.loop  # noqa: F401
 
+    from descent import threads
+
     for job in jobs:
         cfg = compose(job)
+        # the thread policy's count for this regime on this machine (as src/train.py applies it), or a fixed one
+        torch.set_num_threads(threads.choose(threads.batch_size(cfg), threads.cpus_granted())
+                              if job["threads"] == "policy" else job["threads"])
         base = rss_mib("VmRSS")
         clean = reset_peak_rss()
-        run = {"plain": run_plain, "bare-graph": run_bare_graph}.get(job["contender"], run_descent)
+        run = {"plain": run_plain, "bare-graph": run_bare_graph}.get(job["contender"].removesuffix("-2t"), run_descent)
         result = run(job, cfg)
         result.update(
             peak_rss_mib=rss_mib("VmHWM") if clean else float("nan"), base_rss_mib=base,
             torch=torch.__version__, threads=torch.get_num_threads(),
+            wait_policy=os.environ.get("OMP_WAIT_POLICY", "default"),
             gpu=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             interop_threads=torch.get_num_interop_threads(),
         )
@@ -449,11 +475,28 @@ def run_checked(args: list[str], env: dict, timeout: float, what: str, cwd: Path
     return proc
 
 
+@contextlib.contextmanager
+def competitor(busy: bool):
+    """One other CPU-bound process beside the busy-* rows' jobs, started before the job, killed after it."""
+    proc = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if busy else None
+    try:
+        yield
+    finally:
+        if proc is not None:
+            proc.kill()
+            proc.wait()
+
+
 def run_jobs(jobs: list[dict], tmp: Path, env: dict) -> None:
+    """Jobs in one worker process; they share its OpenMP wait policy (read once per process) and load."""
     spec = tmp / f"jobs-{time.monotonic_ns()}.json"
     spec.write_text(json.dumps(jobs))
     what = ", ".join(f"{j['regime']}/{j['contender']}" for j in jobs)
-    run_checked([sys.executable, str(Path(__file__).resolve()), "--worker", str(spec)], env, 1200, what, tmp)
+    env = {k: v for k, v in env.items() if k != "OMP_WAIT_POLICY"}
+    if jobs[0]["wait_policy"]:
+        env["OMP_WAIT_POLICY"] = jobs[0]["wait_policy"]
+    with competitor(jobs[0]["busy"]):
+        run_checked([sys.executable, str(Path(__file__).resolve()), "--worker", str(spec)], env, 1200, what, tmp)
 
 
 def run_keras(job: dict, tmp: Path, env: dict) -> None:
@@ -485,17 +528,23 @@ def first_update_seconds(runs: int, data: str, tmp: Path, env: dict) -> tuple[li
     return firsts, walls
 
 
+def excess(row: Row) -> list[float]:
+    """Other processes' share of the cores beyond what the row asked for (a busy-* row's competitor: one core)."""
+    expected = 1 / os.cpu_count() if row.regime.busy else 0.0
+    return [o - expected for o in row.others]
+
+
 def contention(rows: dict) -> list[str]:
-    others = [o for row in rows.values() for o in row.others]
+    others = [o for row in rows.values() for o in excess(row)]
     if not others or max(others) <= CONTENDED:
         return []
-    flagged = [f"{key[0]}/{key[1]}" for key, row in rows.items() if statistics.median(row.others) > CONTENDED]
+    flagged = [f"{key[0]}/{key[1]}" for key, row in rows.items() if statistics.median(excess(row)) > CONTENDED]
     return [
         f"**Other processes were busy during some timed epochs: a median {100 * statistics.median(others):.0f} % of "
-        f"the cores, {100 * max(others):.0f} % at most; rows flagged CONTENDED: {', '.join(flagged) or 'none'}.** "
-        "With torch's intra-op threads on every core, each parallel op waits for whichever thread is descheduled, "
-        "so contended epochs can be several times too long; the ranges in the notes show it. Rerun on a quiet "
-        "machine, or compare with `--threads 1`, which such load barely disturbs.",
+        f"the cores, {100 * max(others):.0f} % at most (busy-* rows: beyond their own competitor); rows flagged "
+        f"CONTENDED: {', '.join(flagged) or 'none'}.** Rows at 2 threads with OpenMP's default wait (-2t) can be "
+        "several times too long under such load (each parallel op waits for a descheduled thread); the policy's "
+        "rows much less so. The ranges in the notes show it; rerun on a quieter machine to compare.",
         "",
     ]
 
@@ -505,8 +554,8 @@ def machine(info: dict) -> list[str]:
     return [
         f"- CPU: {cpu}, {os.cpu_count()} logical cores ({len(os.sched_getaffinity(0))} usable); "
         f"{platform.system()} {platform.release()}; Python {platform.python_version()}",
-        f"- torch {info.get('torch', '?')}, {info.get('threads', '?')} intra-op threads, "
-        f"{info.get('interop_threads', '?')} inter-op" + (f" (OMP_NUM_THREADS={info['omp']})" if info.get("omp") else "")
+        f"- torch {info.get('torch', '?')}, intra-op threads per row (column threads: count and OMP_WAIT_POLICY), "
+        f"{info.get('interop_threads', '?')} inter-op"
         + "; flush-denormal on for descent and the plain loop, set as descent sets it (after the data is loaded;"
         " torch's flag is per thread, so it reaches the main thread only)"
         + (f"; keras {info['keras']} (torch backend, flush-denormal off: as a user gets it)" if "keras" in info
@@ -525,8 +574,15 @@ def verdict(ratio: float, target: float, what: str) -> str:
     return f"<= {target:g}x {what}: {'met' if ratio <= target else 'MISSED'} ({ratio:.2f}x)"
 
 
+def threads_used(row: Row) -> str:
+    """Intra-op threads and OMP_WAIT_POLICY of the row's processes (Keras: as a user gets them)."""
+    if "threads" not in row.extra:
+        return "torch's default"
+    return ", ".join(sorted({f"{n} ({w})" for n, w in zip(row.extra["threads"], row.extra["wait_policy"])}))
+
+
 def table(rows: dict[tuple[str, str], Row], regs: list[Regime]) -> list[str]:
-    head = ["regime", "contender", "n", "s / epoch of 60000", "ms / update", "x plain", "x Keras",
+    head = ["regime", "contender", "threads", "n", "s / epoch of 60000", "ms / update", "x plain", "x Keras",
             "peak RSS MiB (+ over imports)", "test acc", "others' CPU %", "target", "notes"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for reg in regs:
@@ -543,14 +599,21 @@ def table(rows: dict[tuple[str, str], Row], regs: list[Regime]) -> list[str]:
             grown = max(p - b for p, b in zip(peaks, bases))
             acc = statistics.median(row.extra["test_acc"]) if "test_acc" in row.extra else float("nan")
             target = ""
-            if name in ("descent", "descent-compiled"):
+            quiet = rows.get((reg.key.removeprefix("busy-"), name))
+            today = rows.get((reg.key, name + "-2t"))
+            if reg.busy and quiet:  # issue 20: one core taken costs <= BUSY x
+                target = verdict(per_update / statistics.median(quiet.ms_per_update), BUSY, "quiet")
+            elif name in ("descent", "descent-compiled"):
                 target = verdict(ratio, reg.target, "plain")
                 if reg.key == "seed" and keras:
                     target += "; " + verdict(vs_keras, 0.5, "Keras")
+            if not reg.busy and reg.batching == "online" and today:  # issue 20: the policy's one thread vs 2
+                target += ("; " if target else "") + verdict(per_update / statistics.median(today.ms_per_update),
+                                                             TODAY, "2 threads")
             spread = row.seconds if reg.batching != "online" else row.ms_per_update
             unit = "s" if reg.batching != "online" else "ms/update"
             notes = [f"range {fmt(min(spread))}-{fmt(max(spread))} {unit}"]
-            if statistics.median(row.others) > CONTENDED:
+            if statistics.median(excess(row)) > CONTENDED:
                 notes.insert(0, "CONTENDED")
             if "compile_seconds" in row.extra:
                 notes.append("compile " + ", ".join(f"{c:.1f}" for c in row.extra["compile_seconds"]) + " s (excluded)")
@@ -558,7 +621,7 @@ def table(rows: dict[tuple[str, str], Row], regs: list[Regime]) -> list[str]:
                 walls = [w for ws in row.extra["wall_seconds"] for w in ws[1:]]
                 notes.append(f"lightning wall {fmt(statistics.median(walls))} s/epoch")
             lines.append("| " + " | ".join([
-                f"{reg.key} ({reg.title})", name, str(len(row.seconds)), fmt(epoch), fmt(per_update),
+                f"{reg.key} ({reg.title})", name, threads_used(row), str(len(row.seconds)), fmt(epoch), fmt(per_update),
                 f"{ratio:.2f}", "-" if vs_keras != vs_keras else f"{vs_keras:.2f}",
                 f"{peak:.0f} (+{grown:.0f})" if peak == peak else "-", "-" if acc != acc else f"{acc:.4f}",
                 f"{100 * statistics.median(row.others):.0f} (max {100 * max(row.others):.0f})",
@@ -598,8 +661,8 @@ def main(argv: list[str] | None = None) -> None:
                    "(default 2, --quick 1)")
     p.add_argument("--max-wait", type=float, help="seconds in all that the run may spend waiting, before jobs (15 s "
                    "at most each), for the other processes on this machine to go quiet (default 60, --quick 0)")
-    p.add_argument("--threads", type=int, help="intra-op threads for every contender (sets OMP_NUM_THREADS); "
-                   "default torch's own (one per core). 1 is far less disturbed by other processes on the machine")
+    p.add_argument("--threads", type=int, help="intra-op threads for plain, descent and their variants (default: "
+                   "descent/threads.py's choice per regime); the -2t rows stay at 2, Keras at torch's default")
     p.add_argument("--budget", type=float, help="seconds for the whole run (default 540, --quick: no limit): "
                    "under load, jobs stop after fewer timed epochs (at least one) to stay within it")
     p.add_argument("--only", help="comma-separated regimes to run (seed, online-sgd, online-rmsprop, full-batch, "
@@ -625,8 +688,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = {(r.key, c): Row(r, c) for r in regs for c in r.contenders}
     info: dict = {"load_start": open("/proc/loadavg").read().split()[0]}
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in [str(ROOT / "src"), os.environ.get("PYTHONPATH")] if p)}
-    if args.threads:
-        env["OMP_NUM_THREADS"] = info["omp"] = str(args.threads)
+    from descent.threads import WAIT_POLICY  # (importing descent puts it in this process's environment too)
 
     with tempfile.TemporaryDirectory(prefix="descent-bench-") as tmp_name:
         tmp = Path(tmp_name)
@@ -644,22 +706,29 @@ def main(argv: list[str] | None = None) -> None:
             result_path = tmp / f"{reg.key}-{name}-{rnd}.json"
             job = {"regime": reg.key, "contender": name, "optimizer": reg.optimizer, "batching": reg.batching,
                    "limit": reg.limit, "epochs": reg.epochs, "data": args.data, "store": store, "device": reg.device,
-                   "budget": budget, "result": str(result_path)}
+                   "budget": budget, "result": str(result_path), "busy": reg.busy,
+                   # the thread policy's rows, or torch's threads as they were before it (2 on 2 cores)
+                   "threads": 2 if name.endswith("-2t") else args.threads or "policy",
+                   "wait_policy": None if name.endswith("-2t") else WAIT_POLICY}
             if name == "keras":
                 print(f"round {rnd + 1}/{rounds}: {reg.key} / keras", file=sys.stderr, flush=True)
-                run_keras(job, tmp, env)
-            elif args.quick:  # all torch jobs in one process, started after the loop
+                with competitor(reg.busy):
+                    run_keras(job, tmp, env)
+            elif args.quick:  # the torch jobs in a few processes (one per wait policy and load), after the loop
                 pending.append(job)
                 continue
             else:  # one process per job: a clean peak-memory reading, no state shared
                 print(f"round {rnd + 1}/{rounds}: {reg.key} / {name}", file=sys.stderr, flush=True)
                 run_jobs([job], tmp, env)
-        if pending:
-            print(f"{len(pending)} jobs in one process", file=sys.stderr, flush=True)
-            run_jobs(pending, tmp, env)
+        groups: dict[tuple, list] = {}  # one process per wait policy and load
+        for job in pending:
+            groups.setdefault((job["busy"], job["wait_policy"]), []).append(job)
+        for group in groups.values():
+            print(f"{len(group)} jobs in one process", file=sys.stderr, flush=True)
+            run_jobs(group, tmp, env)
         for rnd, reg, name in schedule:
             result = json.loads((tmp / f"{reg.key}-{name}-{rnd}.json").read_text())
-            info.update({k: result.pop(k) for k in ("torch", "threads", "interop_threads", "keras", "gpu") if k in result})
+            info.update({k: result.pop(k) for k in ("torch", "interop_threads", "keras", "gpu") if k in result})
             rows[reg.key, name].add(result)
 
         firsts = walls = []

@@ -6,11 +6,14 @@ import sys
 
 from conftest import ROOT
 
+THREADS = {"plain", "descent", "plain-2t", "descent-2t"}  # the thread policy's rows and 2 threads (issue 20)
 CONTENDERS = {
-    "seed": {"plain", "descent", "descent-compiled", "descent-mlflow"},
-    "online-sgd": {"plain", "descent"},
+    "seed": {"descent-compiled", "descent-mlflow"} | THREADS,
+    "online-sgd": THREADS,
     "online-rmsprop": {"plain", "descent", "descent-compiled"},
     "full-batch": {"plain", "descent"},
+    "busy-seed": THREADS,  # beside one other CPU-bound process
+    "busy-online-sgd": THREADS,
 }
 GPU = {"plain", "descent", "descent-eager", "bare-graph"}  # rows the bench adds where CUDA is available
 
@@ -44,8 +47,14 @@ def test_quick_bench_reports_every_regime(tmp_path, mnist_root):
             value = float(row[key])
             assert math.isfinite(value) and value > 0, (key, line)
         assert float(row["peak RSS MiB (+ over imports)"].split()[0]) > 0, line
-        if row["contender"] in ("descent", "descent-compiled"):
+        if regime.startswith("busy-"):
+            assert "x quiet:" in row["target"], line  # the same row without the other process
+        elif row["contender"] in ("descent", "descent-compiled"):
             assert "x plain:" in row["target"], line
+        if regime == "online-sgd" and row["contender"] in ("plain", "descent"):
+            assert "x 2 threads:" in row["target"], line
+        threads = "2 (default)" if row["contender"].endswith("-2t") else "1 (PASSIVE)" if "online" in regime else None
+        assert threads is None or row["threads"] == threads, line  # online: the policy's one thread
         if regime.endswith("seed"):
             assert 0 < float(row["test acc"]) <= 1, line
     import torch
