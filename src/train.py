@@ -15,15 +15,19 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from descent import terminal
 from descent.config import ConfigError, resume_config, validate
 
 log = logging.getLogger("descent")
+terminal.quiet_third_parties()  # before MLflow is imported: its log lines through Hydra's (descent/terminal.py)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     hc = HydraConfig.get()
     launch_dir, out_dir = hc.runtime.cwd, Path(hc.runtime.output_dir)
+    if not hc.verbose:  # MLflow's bar as it downloads a checkpoint to resume from
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:  # every problem at once, before anything is built and before any MLflow run exists
         validate(cfg)
         from descent import store
@@ -51,7 +55,7 @@ def main(cfg: DictConfig) -> float | None:
 
 def train(cfg, hc, launch_dir, out_dir, choices, run_id, ckpt_path, changed=None) -> float | None:
     import pytorch_lightning as pl
-    from pytorch_lightning.callbacks import ModelCheckpoint
+    from pytorch_lightning.callbacks import LambdaCallback, ModelCheckpoint
 
     from descent import record, threads, tracking
     from descent.loop import Classifier, Diverged, ResumeError, SafetyCheckpoints
@@ -84,7 +88,11 @@ def train(cfg, hc, launch_dir, out_dir, choices, run_id, ckpt_path, changed=None
         accelerator=cfg.trainer.accelerator,
         devices=1,
         logger=logger,
-        callbacks=[checkpoint, SafetyCheckpoints(checkpoint, cfg.trainer.checkpoint_every_seconds),
+        callbacks=[LambdaCallback(on_fit_start=partial(  # the line saying what runs (descent/terminal.py)
+                       terminal.start_line, name=logger._run_name, choices=choices,
+                       uri=terminal.shown_uri(cfg.logger.tracking_uri, launch_dir),
+                       out_dir=terminal.shown(out_dir, launch_dir))),
+                   checkpoint, SafetyCheckpoints(checkpoint, cfg.trainer.checkpoint_every_seconds),
                    tracking.StoreWatch(logger, checkpoint),  # a tracking server away: wait, or stop past a bound
                    # datasets, system metrics, the model after the test; the progress bar in examples
                    *record.callbacks(cfg, hc, logger, choices, resumed=run_id is not None)],
@@ -145,7 +153,7 @@ def train(cfg, hc, launch_dir, out_dir, choices, run_id, ckpt_path, changed=None
         for signum, handler in previous.items():
             signal.signal(signum, handler)
     logger.end("FINISHED")
-    log.info("MLflow run %s (%s): %s", logger.run_id, logger._run_name, module.test_metrics)
+    terminal.closing(logger, module.test_metrics, cfg.logger.tracking_uri, launch_dir, module)
     return module.test_metrics["test/acc"]
 
 

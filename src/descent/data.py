@@ -285,7 +285,7 @@ class MNISTDataModule(pl.LightningDataModule):
         if self.source is not None:  # lightning calls this again for test
             return
         self.source = ensure_mnist(self.root, self.download)
-        log.info("MNIST from %s, files in %s", self.source, (self.root / "MNIST" / "raw").resolve())
+        log.debug("MNIST from %s, files in %s", self.source, (self.root / "MNIST" / "raw").resolve())
 
     def setup(self, stage: str | None = None) -> None:
         if hasattr(self, "x_train"):

@@ -22,12 +22,9 @@ import time
 from pytorch_lightning.callbacks.progress import ProgressBar
 from tqdm import tqdm
 
+from descent.terminal import metric_text
+
 log = logging.getLogger(__name__)
-
-
-def metric_text(key: str, value: float) -> str:
-    """A loss to 4 digits, an accuracy as a percentage with 2 decimals."""
-    return f"{100 * value:.2f}%" if key.endswith("acc") else f"{value:.4f}"
 
 
 def terminal_columns(stream=None) -> int:

@@ -160,7 +160,7 @@ class Record(pl.Callback):
         if self.log_model or self.register_model:  # registering needs the model
             tic = time.perf_counter()
             log_model(self.logger, pl_module.net, trainer.datamodule.x_test, pl_module.examples, self.register_model)
-            log.info("model logged in %.1f s: runs:/%s/model", time.perf_counter() - tic, self.logger.run_id)
+            log.debug("model logged in %.1f s: runs:/%s/model", time.perf_counter() - tic, self.logger.run_id)
         self.finish()
 
     def on_exception(self, trainer, pl_module, exception) -> None:

@@ -57,6 +57,7 @@ class MLflowSweep(Callback):
             tags["mlflow.source.git.commit"] = commit
         name = f"{config.logger.experiment_name}-{self.sweep_dir.parent.name}_{self.sweep_dir.name}"
         run = self.client.create_run(experiment_id, run_name=name, tags=tags)
+        self.experiment_id = experiment_id
         self.run_id = run.info.run_id
         params = {"overrides": " ".join(config.hydra.overrides.task) or "(none)"}
         sweeper_params = OmegaConf.select(config, "hydra.sweeper.params")
@@ -65,7 +66,8 @@ class MLflowSweep(Callback):
         for key, value in params.items():
             self.client.log_param(self.run_id, key, value[:6000])
         atexit.register(self._end_if_open)  # a sweep that dies still ends its parent run
-        log.info("MLflow parent run %s (%s) for sweep %s", self.run_id, name, self.sweep_dir)
+        log.info("MLflow parent run %s (%s) for sweep %s", self.run_id, name, os.path.relpath(self.sweep_dir)
+                 if self.sweep_dir.is_relative_to(Path.cwd()) else self.sweep_dir)
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         if self.run_id is None:
@@ -73,11 +75,16 @@ class MLflowSweep(Callback):
         self._end_orphans()
         if self.report:
             try:
-                from descent.report import make_report
+                from descent.report import launch_relative, make_report
+                from descent.terminal import how_to_look
 
                 paths = make_report(self.uri, parent_run_id=self.run_id, out_dir=self.sweep_dir,
                                     target_acc=self.target_acc)
-                log.info("convergence report: %s", ", ".join(str(p) for p in paths.values()))
+                table = [line for line in paths["md"].read_text().splitlines() if line.startswith("|")]
+                log.info("%s\nconvergence report: %s (table), %s, %s", "\n".join(table),
+                         *(launch_relative(str(paths[k])) for k in ("md", "png", "csv")))
+                log.info("the sweep's MLflow run %s; to look at it: %s", self.run_id,
+                         how_to_look(self.uri, os.getcwd(), self.experiment_id, self.run_id))
             except Exception as e:  # the runs are recorded: a failed report must not lose them
                 log.error("the convergence report failed (%s: %s); rerun it with python src/compare.py --parent %s",
                           type(e).__name__, e, self.run_id)
