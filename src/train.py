@@ -26,8 +26,10 @@ terminal.quiet_third_parties()  # before MLflow is imported: its log lines throu
 def main(cfg: DictConfig) -> float | None:
     hc = HydraConfig.get()
     launch_dir, out_dir = hc.runtime.cwd, Path(hc.runtime.output_dir)
-    if not hc.verbose:  # MLflow's bar as it downloads a checkpoint to resume from
+    if not hc.verbose:  # MLflow's bar as it downloads a checkpoint to resume from, and its "View run" lines on a
+        # server (the closing block names the run's page)
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     try:  # every problem at once, before anything is built and before any MLflow run exists
         validate(cfg)
         from descent import store
