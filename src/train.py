@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import signal
 import sys
 from functools import partial
@@ -73,7 +74,7 @@ def train(cfg, hc, launch_dir, out_dir, choices, run_id, ckpt_path, changed=None
         # the parent run is looked up in the tracking store: a job on another node sees no sweep folder
         tags |= {"hydra.job.num": str(hc.job.num),
                  "mlflow.parentRunId": parent_run_id(cfg, launch_dir, hc.sweep.dir)}
-    logger = tracking.make_logger(cfg, choices, launch_dir, run_id=run_id, out_dir=out_dir,
+    logger = tracking.make_logger(cfg, choices, launch_dir, run_id=run_id,
                                   tags=tags if run_id is None else {"hydra.output_dir": str(out_dir)})
     (out_dir / "mlflow_run_id").write_text(logger.run_id)
     if run_id is None:
@@ -98,7 +99,8 @@ def train(cfg, hc, launch_dir, out_dir, choices, run_id, ckpt_path, changed=None
                    tracking.StoreWatch(logger, checkpoint),  # a tracking server away: wait, or stop past a bound
                    # datasets, system metrics, the model after the test; the progress bar in examples
                    *record.callbacks(cfg, hc, logger, choices, resumed=run_id is not None)],
-        plugins=[tracking.UploadCheckpoints(logger)],  # every checkpoint also to the run's artifacts
+        # checkpoints written off the training thread; then their metric points, then the upload to the run's artifacts
+        plugins=[tracking.CheckpointWriter(logger)],
         enable_progress_bar=cfg.trainer.progress_bar,
         enable_model_summary=False,
         num_sanity_val_steps=0,
@@ -145,8 +147,8 @@ def train(cfg, hc, launch_dir, out_dir, choices, run_id, ckpt_path, changed=None
             raise
         logger.end("KILLED")
         signum = received[0] if received else signal.SIGTERM
-        log.error("stopped by %s: checkpoint %s; continue with: python src/train.py resume=%s",
-                  signal.Signals(signum).name, checkpoint.last_model_path or "(none)", logger.run_id)
+        log.error("stopped by %s: checkpoint %s; continue with: python %s resume=%s", signal.Signals(signum).name,
+                  checkpoint.last_model_path or "(none)", shlex.quote(sys.argv[0]), logger.run_id)
         sys.exit(128 + signum)
     except BaseException:
         logger.end("FAILED")

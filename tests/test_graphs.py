@@ -10,6 +10,7 @@ import copy
 import pytest
 import pytorch_lightning as pl
 import torch
+from mlflow import MlflowClient
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
@@ -24,7 +25,10 @@ from descent.reference import plain_train
 N, EPOCHS, SEED = 600, 2, 7
 OPTIMIZERS = ("sgd", "sgd_momentum", "nesterov", "rmsprop", "adam")
 BATCHES = {"online": 1, "mini": 128, "full": None}
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: capture and replay exist only there")
+def cuda(test):
+    """Only where CUDA is (capture and replay exist only there); the one skip CI allows (conftest.py)."""
+    return pytest.mark.cuda(pytest.mark.skipif(not torch.cuda.is_available(),
+                                               reason="needs CUDA: capture and replay exist only there")(test))
 
 
 def optimizer(name, **overrides):
@@ -139,7 +143,7 @@ def test_divergence_is_detected_on_the_graph_path(mnist_root):
         fit(mnist_root, "sgd", "mini", cuda_graphs=True, lr=1e20)
 
 
-def test_capturable_only_where_the_optimizer_has_it_and_capture_happens():
+def test_capturable_only_where_the_optimizer_has_it_and_graphs_are_wanted_by_default_only_on_cuda():
     for name, has_flag in [("sgd", False), ("sgd_momentum", False), ("nesterov", False), ("rmsprop", True), ("adam", True)]:
         make = optimizer(name)
         assert graphs.optimizer_kwargs(make, capture=True) == ({"capturable": True} if has_flag else {}), name
@@ -177,10 +181,12 @@ def test_cuda_graphs_setting_is_validated():
         validate(cfg)
 
 
-def test_entry_point_runs_the_graph_path(tmp_path, store, mnist_root):
+def test_entry_point_runs_the_graph_path_uncaptured_on_cpu(tmp_path, store, mnist_root):
     proc = train("trainer.cuda_graphs=true", "data.limit_train=1000", "trainer.max_epochs=1",
                  "logger.log_checkpoint=false", cwd=tmp_path, store=store)
-    assert "Traceback" not in proc.stderr
+    assert "updates through descent.graphs.GraphStep (uncaptured: cpu)" in proc.stdout + proc.stderr
+    [run] = MlflowClient(store).search_runs([MlflowClient(store).get_experiment_by_name("descent").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.metrics["progress/updates"] == -(-1000 // 128)
 
 
 # -- CUDA: capture and replay ------------------------------------------------------------------------

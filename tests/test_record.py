@@ -84,13 +84,3 @@ def test_system_metrics_progress_lines_and_report_paths(small_sweep, runs):
     # the sweep's report names its folder as launched (relative), not as this machine's absolute path
     report = (launch_dir / "outputs" / "sweep" / "convergence.md").read_text()
     assert "(outputs/sweep)" in report and str(launch_dir) not in report
-
-
-def test_system_metrics_can_be_switched_off(tmp_path):
-    from types import SimpleNamespace
-
-    from descent.record import Record
-
-    logger = SimpleNamespace(run_id="0" * 32, _tracking_uri=f"sqlite:///{tmp_path / 'unused.db'}")
-    assert Record(logger, "mnist", system_metrics=False).machine is None  # logger.system_metrics=false
-    assert Record(logger, "mnist", system_metrics=True).machine is not None

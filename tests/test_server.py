@@ -5,6 +5,7 @@ server going away in the middle of a run: for a few seconds (survived) and for g
 """
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -13,9 +14,10 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from mlflow import MlflowClient
 
-from conftest import DATA, ROOT, train
+from conftest import ROOT, command, train, wait_for
 from descent import server
 
 # 3 epochs of 100 batches of 128, a checkpoint every second (each one writes the metric points and
@@ -23,13 +25,13 @@ from descent import server
 LONG = ["optimizer=sgd", "data.limit_train=12800", "data.chunk_size=1280", "trainer.max_epochs=3",
         "trainer.log_every_examples=1280", "data.val_size=1000", "trainer.checkpoint_every_seconds=1"]
 TRAIN_STEPS = list(range(1280, 38401, 1280))  # train/loss every 10 batches, exactly once each
-VAL_STEPS = [12800, 25600, 38400]  # epoch ends
+
+
+OUTAGE = [*LONG, "trainer.max_epochs=8"]  # long enough that the outage begins and ends while it trains
 
 
 def start(cwd, uri, *overrides):
-    args = [sys.executable, str(ROOT / "src" / "train.py"), f"data.root={DATA}", "trainer.progress_bar=false",
-            f"hydra.run.dir={cwd}/outputs/run", *overrides]
-    return subprocess.Popen(args, cwd=cwd, env={**os.environ, "MLFLOW_TRACKING_URI": uri},
+    return subprocess.Popen(command(*overrides, cwd=cwd), cwd=cwd, env={**os.environ, "MLFLOW_TRACKING_URI": uri},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -63,15 +65,21 @@ def has_checkpoint(client, run):
     return any(a.path == "checkpoints/last.ckpt" for a in client.list_artifacts(run.info.run_id, "checkpoints"))
 
 
-def assert_complete(client, run_id):
+def assert_complete(client, run_id, epochs=3):
     """Every metric point exactly once, at the steps an uninterrupted run logs."""
     assert client.get_run(run_id).info.status == "FINISHED"
     train_steps = steps(client, run_id, "train/loss")
-    assert train_steps == TRAIN_STEPS
+    assert train_steps == list(range(1280, 12800 * epochs + 1, 1280))  # train/loss every 10 batches
     for key in ("train/acc", "progress/epoch", "progress/updates", "progress/seconds"):
         assert steps(client, run_id, key) == train_steps, key
-    assert steps(client, run_id, "val/loss") == VAL_STEPS
-    assert steps(client, run_id, "test/acc") == [38400]
+    assert steps(client, run_id, "val/loss") == list(range(12800, 12800 * epochs + 1, 12800))  # epoch ends
+    assert steps(client, run_id, "test/acc") == [12800 * epochs]
+
+
+def noticed_in_training(lines: list[str]) -> None:
+    """The run met the outage while it trained (a metric write or an upload missed), not at its end."""
+    [line] = [line for line in lines if "does not answer" in line]
+    assert "(waiting to end the run)" not in line and "giving up" not in line, line
 
 
 def kill_mlflow(dir: Path) -> None:
@@ -149,48 +157,57 @@ def test_a_killed_run_resumes_in_another_folder_from_the_artifact_checkpoint(tmp
 def test_the_server_away_for_seconds_mid_run_loses_no_point(tmp_path, tracking_server, tracking_server_dir,
                                                              mnist_root):
     client = MlflowClient(tracking_server)
-    proc = start(tmp_path, tracking_server, *LONG, "logger.experiment_name=server_outage")
+    proc = start(tmp_path, tracking_server, *OUTAGE, "logger.experiment_name=server_outage")
     try:
         run = run_of(client, "server_outage", until=lambda r: "train/loss" in r.data.metrics)
         kill_mlflow(tracking_server_dir)
-        time.sleep(5)
+        lines = wait_for(proc, "does not answer")
         assert proc.poll() is None  # training goes on without the server
         restart(tracking_server_dir, tracking_server)
     finally:
         out = finish(proc)
+    out = "".join(lines) + out
     assert proc.returncode == 0, out[-4000:]
-    assert "does not answer" in out and "is back" in out, out[-4000:]
-    assert_complete(client, run.info.run_id)
+    noticed_in_training(out.splitlines())
+    assert "is back" in out, out[-4000:]
+    assert_complete(client, run.info.run_id, epochs=8)
 
 
 def test_the_server_away_past_the_bound_stops_the_run_which_resumes_here(tmp_path, tracking_server,
                                                                         tracking_server_dir, mnist_root):
     client = MlflowClient(tracking_server)
-    proc = start(tmp_path, tracking_server, *LONG, "logger.outage_seconds=3", "logger.experiment_name=server_gone")
+    proc = start(tmp_path, tracking_server, *OUTAGE, "logger.outage_seconds=3", "logger.experiment_name=server_gone")
     try:
         run = run_of(client, "server_gone", until=lambda r: "train/loss" in r.data.metrics)
         kill_mlflow(tracking_server_dir)
-        out = finish(proc, timeout=120)
+        out = finish(proc, timeout=300)
     finally:
         restart(tracking_server_dir, tracking_server)
     assert proc.returncode == 75, out[-4000:]
     assert f"resume={run.info.run_id}" in out and "Nothing is lost" in out, out[-4000:]
-    checkpoints = tmp_path / "outputs" / "run" / "checkpoints"
-    assert (checkpoints / "last.ckpt").is_file()
+    noticed_in_training(out.splitlines())
+    # the points the server did not get are in the checkpoint it stopped with (not lost, not a side file)
+    carried = int(re.search(r"with the (\d+) metric points it did not get", out).group(1))
+    checkpoint = torch.load(tmp_path / "outputs" / "run" / "checkpoints" / "last.ckpt", weights_only=True)["descent"]
+    assert carried > 0 and len(checkpoint["points"]) >= carried
+    assert checkpoint["examples"] < 8 * 12800, "stopped while training"
     assert client.get_run(run.info.run_id).info.status == "RUNNING"  # the server was not there to be told
-    # same machine: the local checkpoint, and the points kept beside it written first
-    train(f"resume={run.info.run_id}", cwd=tmp_path, store=tracking_server)
-    assert not (checkpoints / "unsent_metrics.json").exists()
-    assert_complete(client, run.info.run_id)
+    # same machine: the local checkpoint; the points it carries are written first
+    proc = train(f"resume={run.info.run_id}", cwd=tmp_path, store=tracking_server)
+    assert "metric points of the checkpoint were not in the store yet" in proc.stdout + proc.stderr
+    assert_complete(client, run.info.run_id, epochs=8)
 
 
 def test_data_survive_a_stop_and_start(tracking_server, tracking_server_dir):
     client = MlflowClient(tracking_server)
+    survivor = client.create_run(client.create_experiment("survive_a_restart")).info.run_id
+    client.log_metric(survivor, "train/loss", 0.5, step=128)
     experiments = [e.experiment_id for e in client.search_experiments()]
     before = {r.info.run_id for r in client.search_runs(experiments)}
-    assert before
+    assert survivor in before
     server.stop(tracking_server_dir)
     assert server.status(tracking_server_dir) == {"postgresql": "stopped", "mlflow": "stopped", "uri": None,
                                                   "healthy": False}
     assert server.start(tracking_server_dir) == tracking_server
     assert {r.info.run_id for r in client.search_runs(experiments)} == before
+    assert [(m.step, m.value) for m in client.get_metric_history(survivor, "train/loss")] == [(128, 0.5)]

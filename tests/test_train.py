@@ -39,6 +39,7 @@ def test_a_run_records_params_metrics_and_artifacts(tmp_path, store, mnist_root)
     assert metrics["progress/epoch"] == 2.0
     assert metrics["progress/updates"] == 2 * 24  # ceil(3000 / 128) updates per epoch
     assert 0.8 < metrics["test/acc"] <= 1.0
+    assert "system/cpu_utilization_percentage" in metrics  # system metrics are on by default
 
     # step = training examples seen, for every metric
     hist = {k: client.get_metric_history(run.info.run_id, k) for k in ("train/loss", "val/loss", "test/acc", "progress/updates")}
@@ -59,10 +60,12 @@ def test_a_run_records_params_metrics_and_artifacts(tmp_path, store, mnist_root)
     assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
 
-def test_checkpoint_upload_can_be_switched_off(tmp_path, store, mnist_root):
+def test_checkpoint_upload_and_system_metrics_can_be_switched_off(tmp_path, store, mnist_root):
     train("data.limit_train=1000", "trainer.max_epochs=1", "logger.log_checkpoint=false", "trainer.threads=1",
-          cwd=tmp_path, store=store)
+          "logger.system_metrics=false", cwd=tmp_path, store=store)
     client, [run] = runs(store)
+    assert run.info.status == "FINISHED" and "test/acc" in run.data.metrics
+    assert not [k for k in run.data.metrics if k.startswith("system/")]
     assert run.data.params["torch.threads"] == "1"  # trainer.threads overrides the policy (2 for batch 128 here)
     assert "checkpoints" not in {a.path for a in client.list_artifacts(run.info.run_id)}
     assert (tmp_path / "outputs" / "run" / "checkpoints" / "last.ckpt").exists()  # still saved locally

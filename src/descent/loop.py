@@ -211,6 +211,8 @@ class Classifier(pl.LightningModule):
         if graphs.wanted(self.cuda_graphs, self.device):  # the graph path: descent/graphs.py
             dm, capture = self.trainer.datamodule, self.device.type == "cuda"
             self.graph = graphs.GraphStep(self.net, self.opt, dm.x_train, dm.y_train, capture=capture)
+            log.info("updates through descent.graphs.GraphStep (%s)",
+                     "one CUDA graph per batch size" if capture else f"uncaptured: {self.device.type}")
             if capture:  # batches are gathered by index inside the graph, so chunks only pace lightning
                 # (~1.5 ms of its machinery each): one per epoch; signals and timed checkpoints are then
                 # served at epoch ends (0.1 s apart for the seed run, a few s for online SGD)
