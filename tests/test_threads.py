@@ -49,10 +49,12 @@ def hydra_node(*overrides):
 
 
 def test_the_joblib_launcher_runs_n_jobs_at_once():
-    assert threads.jobs_at_once(hydra_node()) == 1  # the basic launcher: one job at a time
-    assert threads.jobs_at_once(hydra_node("hydra/launcher=joblib", "hydra.launcher.n_jobs=2")) == 2
-    assert threads.jobs_at_once(hydra_node("hydra/launcher=joblib", "hydra.launcher.n_jobs=-1")) == os.cpu_count()
-    assert threads.jobs_at_once(hydra_node("hydra/launcher=slurm")) == 1  # SLURM grants CPUs per job
+    multirun = "hydra.mode=MULTIRUN"
+    assert threads.jobs_at_once(hydra_node(multirun)) == 1  # the basic launcher: one job at a time
+    assert threads.jobs_at_once(hydra_node(multirun, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2")) == 2
+    assert threads.jobs_at_once(hydra_node(multirun, "hydra/launcher=joblib", "hydra.launcher.n_jobs=-1")) == os.cpu_count()
+    assert threads.jobs_at_once(hydra_node(multirun, "hydra/launcher=slurm")) == 1  # SLURM grants CPUs per job
+    assert threads.jobs_at_once(hydra_node("hydra/launcher=joblib", "hydra.launcher.n_jobs=2")) == 1  # not a sweep
 
 
 def test_the_wait_policy_is_set_before_torch_loads_and_a_users_own_is_kept():

@@ -69,7 +69,9 @@ def _ray_cpus() -> int | None:
 
 def jobs_at_once(hydra_cfg) -> int:
     """Jobs a local launcher runs side by side on this machine: hydra's joblib launcher's n_jobs."""
-    launcher = hydra_cfg.get("launcher") if hydra_cfg is not None else None
+    if hydra_cfg is None or str(hydra_cfg.get("mode")) != "RunMode.MULTIRUN":
+        return 1  # a single run: no launcher
+    launcher = hydra_cfg.get("launcher")
     if not launcher or not str(launcher.get("_target_", "")).endswith("JoblibLauncher"):
         return 1  # the basic launcher runs one job at a time; Ray and SLURM grant CPUs per job
     n_jobs = launcher.get("n_jobs") or 1
