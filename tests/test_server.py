@@ -176,7 +176,10 @@ def test_the_server_away_for_seconds_mid_run_loses_no_point(tmp_path, tracking_s
 def test_the_server_away_past_the_bound_stops_the_run_which_resumes_here(tmp_path, tracking_server,
                                                                         tracking_server_dir, mnist_root):
     client = MlflowClient(tracking_server)
-    proc = start(tmp_path, tracking_server, *OUTAGE, "logger.outage_seconds=3", "logger.experiment_name=server_gone")
+    # online SGD: 3 epochs of 12800 updates, ~3 s each on a quiet machine here, so the bound (1 s, seen at the
+    # next probe 2 s on) passes while it trains
+    proc = start(tmp_path, tracking_server, *LONG, "batching=online", "logger.outage_seconds=1",
+                 "logger.experiment_name=server_gone")
     try:
         run = run_of(client, "server_gone", until=lambda r: "train/loss" in r.data.metrics)
         kill_mlflow(tracking_server_dir)
@@ -190,12 +193,12 @@ def test_the_server_away_past_the_bound_stops_the_run_which_resumes_here(tmp_pat
     carried = int(re.search(r"with the (\d+) metric points it did not get", out).group(1))
     checkpoint = torch.load(tmp_path / "outputs" / "run" / "checkpoints" / "last.ckpt", weights_only=True)["descent"]
     assert carried > 0 and len(checkpoint["points"]) >= carried
-    assert checkpoint["examples"] < 8 * 12800, "stopped while training"
+    assert checkpoint["examples"] < 3 * 12800, "stopped while training"
     assert client.get_run(run.info.run_id).info.status == "RUNNING"  # the server was not there to be told
     # same machine: the local checkpoint; the points it carries are written first
     proc = train(f"resume={run.info.run_id}", cwd=tmp_path, store=tracking_server)
     assert "metric points of the checkpoint were not in the store yet" in proc.stdout + proc.stderr
-    assert_complete(client, run.info.run_id, epochs=8)
+    assert_complete(client, run.info.run_id)
 
 
 def test_data_survive_a_stop_and_start(tracking_server, tracking_server_dir):

@@ -73,12 +73,14 @@ def test_the_same_study_with_two_parallel_workers_loses_nothing(tmp_path, store,
 
 
 @pytest.mark.slow
-def test_eight_parallel_writers_on_one_sqlite_store_lose_nothing(tmp_path, store, mnist_root):
-    train("seed=0,1,2,3,4,5,6,7", "optimizer=sgd", "data.limit_train=1000", "trainer.max_epochs=1",
+def test_four_parallel_writers_on_one_sqlite_store_lose_nothing(tmp_path, store, mnist_root):
+    # four processes on two cores start, migrate the store and write at once: as racy as eight was
+    # (issue 15: the suite's time), at half the cost
+    train("seed=0,1,2,3", "optimizer=sgd", "data.limit_train=1000", "trainer.max_epochs=1",
           "trainer.log_every_examples=100", "logger.experiment_name=tiny", "hydra/launcher=joblib",
-          "hydra.launcher.n_jobs=8", cwd=tmp_path, store=store, multirun=True, timeout=900)
+          "hydra.launcher.n_jobs=4", cwd=tmp_path, store=store, multirun=True, timeout=900)
     client, parent, children = study(store)
-    assert sorted(r.data.params["seed"] for r in children) == [str(s) for s in range(8)]
+    assert sorted(r.data.params["seed"] for r in children) == [str(s) for s in range(4)]
     n_params = {len(r.data.params) for r in children}
     assert len(n_params) == 1
     for run in children:

@@ -291,6 +291,8 @@ def validate_sweep(config: DictConfig) -> None:
 RESUME_MAY_CHANGE = {
     "trainer.max_epochs": "the budget, which a resume may raise (never lower)",
     "trainer.progress_bar": "display only",
+    "trainer.threads": "the machine's share of CPUs, which may differ where the run goes on (the numbers "
+                       "change only in float summation order)",
     "trainer.checkpoint_every_seconds": "how often the state is saved (a resume from any checkpoint gives the "
                                         "same numbers: tests/test_resume.py)",
     "logger.tracking_uri": "where the run is recorded (it is looked up there)",
