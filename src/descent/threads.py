@@ -32,8 +32,11 @@ def set_wait_policy() -> None:
         return
     if "torch" not in sys.modules:
         os.environ.setdefault("OMP_WAIT_POLICY", WAIT_POLICY)
-    # when torch came first, this is still what libgomp read, unless someone changed it in between
+    # when torch came first, this is still what libgomp read, unless someone changed it in between;
+    # a user's GOMP_SPINCOUNT wins over the policy's spinning (README, "Threads")
     _in_effect = os.environ.get("OMP_WAIT_POLICY", "unset (libgomp spins, then sleeps)")
+    if "GOMP_SPINCOUNT" in os.environ:
+        _in_effect += f", GOMP_SPINCOUNT={os.environ['GOMP_SPINCOUNT']}"
 
 
 def _positive_int(text: str | None) -> int | None:
