@@ -4,6 +4,7 @@
     make bench ARGS="--quick --no-keras"         # smoke test: tiny sizes, under a minute
     make bench ARGS="--threads 1 --out FILE"     # the policy rows at one intra-op thread
     make bench ARGS="--only seed,online-sgd,busy-seed,busy-online-sgd"   # the thread policy's rows (issue 20)
+    make bench ARGS="--only checkpoints"         # the seed run's checkpoints on sqlite and a tracking server
 
 How it measures (the same on every row):
 - every (regime, contender) trains in a fresh subprocess on the real MNIST cache: one warm-up epoch
@@ -528,6 +529,61 @@ def first_update_seconds(runs: int, data: str, tmp: Path, env: dict) -> tuple[li
     return firsts, walls
 
 
+CHECKPOINT_TARGET = 1.03  # issue 20: the seed run with checkpoints uploaded <= this x the same run without
+
+
+def checkpoint_costs(rounds: int, data: str, tmp: Path, env: dict, quick: bool) -> list[str]:
+    """The seed run through src/train.py (MLflow, checkpoints as shipped) with logger.log_checkpoint true and
+    false, on a sqlite store and on a tracking server (descent.server, PostgreSQL + MLflow, started here and
+    stopped after); training seconds per epoch (the run's progress/seconds), medians over the rounds."""
+    from mlflow import MlflowClient
+
+    from descent import server
+
+    epochs, limit = (2, 8192) if quick else (3, None)
+    state = Path(tempfile.mkdtemp(prefix="descent-bench-server-"))  # PostgreSQL's own user must reach it
+    state.chmod(0o755)
+    stores = {"sqlite": f"sqlite:///{tmp / 'checkpoints' / 'mlflow.db'}"}
+    lines = ["| store | log_checkpoint=true, s / epoch | false, s / epoch | x without | target | runs |",
+             "|---|---|---|---|---|---|"]
+    (tmp / "checkpoints").mkdir(exist_ok=True)
+    try:
+        print("checkpoints: starting a tracking server", file=sys.stderr, flush=True)
+        stores["server"] = server.start(state, free_port())
+        for name, uri in stores.items():
+            seconds: dict[bool, list[float]] = {True: [], False: []}
+            for rnd in range(rounds):
+                for upload in ((True, False) if rnd % 2 == 0 else (False, True)):
+                    print(f"checkpoints: {name}, log_checkpoint={upload}", file=sys.stderr, flush=True)
+                    run_dir = tmp / "checkpoints" / f"{name}-{upload}-{rnd}"
+                    args = [sys.executable, str(ROOT / "src" / "train.py"), f"trainer.max_epochs={epochs}",
+                            f"data.limit_train={limit or 'null'}", f"logger.log_checkpoint={str(upload).lower()}",
+                            "logger.log_model=false", f"data.root={data}", f"hydra.run.dir={run_dir}",
+                            f"logger.experiment_name=bench-checkpoints-{name}"]
+                    run_checked(args, {**env, "MLFLOW_TRACKING_URI": uri}, 900, "src/train.py", tmp / "checkpoints")
+                    run_id = (run_dir / "mlflow_run_id").read_text().strip()
+                    seconds[upload].append(MlflowClient(uri).get_run(run_id).data.metrics["progress/seconds"] / epochs)
+            on, off = statistics.median(seconds[True]), statistics.median(seconds[False])
+            lines.append(f"| {name} | {fmt(on)} | {fmt(off)} | {on / off:.3f} | {verdict(on / off, CHECKPOINT_TARGET, 'without')} "
+                         f"| {len(seconds[True])} + {len(seconds[False])} |")
+    finally:
+        server.stop(state)
+        import shutil
+
+        shutil.rmtree(state, ignore_errors=True)
+    return [f"Checkpoints: the seed run{' on 8192 examples' if quick else ''}, {epochs} epochs, through `src/train.py` "
+            "(a checkpoint at every epoch end and every 30 s, written and uploaded off the training thread)", "",
+            *lines, ""]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def excess(row: Row) -> list[float]:
     """Other processes' share of the cores beyond what the row asked for (a busy-* row's competitor: one core)."""
     expected = 1 / os.cpu_count() if row.regime.busy else 0.0
@@ -666,7 +722,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--budget", type=float, help="seconds for the whole run (default 540, --quick: no limit): "
                    "under load, jobs stop after fewer timed epochs (at least one) to stay within it")
     p.add_argument("--only", help="comma-separated regimes to run (seed, online-sgd, online-rmsprop, full-batch, "
-                   "startup, and with CUDA gpu-seed, gpu-online-sgd, gpu-full-batch); default all")
+                   "startup, checkpoints, and with CUDA gpu-seed, gpu-online-sgd, gpu-full-batch); default all")
     p.add_argument("--no-gpu", action="store_true", help="skip the gpu-* rows even where CUDA is available")
     p.add_argument("--data", type=lambda d: str(Path(d).resolve()), default=str(ROOT / "data"), help="MNIST root (IDX files under <data>/MNIST/raw)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -735,6 +791,9 @@ def main(argv: list[str] | None = None) -> None:
         if only is None or "startup" in only:
             print("start-up: src/train.py", file=sys.stderr, flush=True)
             firsts, walls = first_update_seconds(1 if args.quick else 3, args.data, tmp, env)
+        checkpoints = []  # --quick (the suite's smoke test) runs them only when asked: a server and 4+ runs
+        if (only is None and not args.quick) or (only is not None and "checkpoints" in only):
+            checkpoints = checkpoint_costs(rounds, args.data, tmp, env, args.quick)
     info["load_end"] = open("/proc/loadavg").read().split()[0]
 
     command = "python benchmarks/bench.py" + "".join(" " + shlex.quote(a) for a in (argv or sys.argv[1:]))
@@ -750,6 +809,7 @@ def main(argv: list[str] | None = None) -> None:
         *table(rows, regs),
         "",
         *overheads(rows, firsts, walls),
+        *checkpoints,
         "Times: descent = Classifier.train_seconds per epoch (lightning's per-chunk overhead included; "
         "'lightning wall' = epoch start to epoch start, from a Callback); plain = around plain_train(epochs=1); "
         "Keras = a Callback's perf_counter from on_epoch_begin to on_epoch_end. Online rows time a subset and "
