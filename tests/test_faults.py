@@ -11,9 +11,9 @@ from mlflow import MlflowClient
 
 from conftest import command, train, wait_for
 
-# long enough to be interrupted mid-epoch: online SGD, 2 epochs of 12000 examples, chunks of 1024
+# long enough to be interrupted mid-epoch: online SGD, 2 epochs of 8000 examples, chunks of 1024
 # (a stop request is served at the next chunk boundary)
-LONG = ["batching=online", "optimizer=sgd", "data.limit_train=12000", "data.chunk_size=1024",
+LONG = ["batching=online", "optimizer=sgd", "data.limit_train=8000", "data.chunk_size=1024",
         "trainer.max_epochs=2", "trainer.log_every_examples=1000", "data.val_size=1000",
         "logger.log_checkpoint=false"]
 
@@ -85,8 +85,8 @@ def test_sigkill_resumes_from_the_last_periodic_checkpoint(tmp_path, store, unin
     proc.kill()
     proc.wait(timeout=30)
     state = torch.load(ckpt, weights_only=True)["descent"]
-    # a periodic checkpoint: taken inside an epoch (the first epoch end is 12000 examples in)
-    assert not state["epoch_closed"] and 0 < state["examples"] < 12000, state
+    # a periodic checkpoint: taken inside an epoch (the first epoch end is 8000 examples in)
+    assert not state["epoch_closed"] and 0 < state["examples"] < 8000, state
     client, run = only_run(store)
     assert run.info.status == "RUNNING"  # nobody could mark it: resume corrects it
     assert run.data.metrics.get("progress/epoch", 0) < 1
