@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev,server,ray,slurm]'
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev,server,ray,slurm,optuna]'
 	touch $(STAMP)
 
 train: $(STAMP)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shlex
 import signal
@@ -14,7 +15,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from descent import terminal
 from descent.config import ConfigError, resume_config, validate
@@ -62,7 +63,7 @@ def train(cfg, hc, launch_dir, out_dir, choices, run_id, ckpt_path, changed=None
 
     from descent import record, threads, tracking
     from descent.loop import Classifier, Diverged, ResumeError, SafetyCheckpoints
-    from descent.sweep import parent_run_id
+    from descent.sweep import Pruned, Pruning, optuna_trial, parent_run_id
 
     multirun = hc.mode == RunMode.MULTIRUN
     threads.apply(cfg, hc)  # torch's intra-op threads for this job: trainer.threads or descent/threads.py's choice
@@ -70,10 +71,15 @@ def train(cfg, hc, launch_dir, out_dir, choices, run_id, ckpt_path, changed=None
     datamodule = instantiate(cfg.data, seed=cfg.seed)
     module = Classifier.from_config(cfg)
     tags = {"hydra.output_dir": str(out_dir)}
+    objective = OmegaConf.select(cfg, "sweep.objective", default="val/loss")  # what this returns
+    trial = optuna_trial(hc.sweeper, launch_dir) if multirun else None  # a trial of an Optuna study, or None
     if multirun:
         # the parent run is looked up in the tracking store: a job on another node sees no sweep folder
         tags |= {"hydra.job.num": str(hc.job.num),
                  "mlflow.parentRunId": parent_run_id(cfg, launch_dir, hc.sweep.dir)}
+    if trial is not None:
+        tags |= {"optuna.study": trial.study.study_name, "optuna.trial": str(trial.number)}
+        module.val_hooks.append(Pruning(trial, objective))  # the pruner sees each validation point
     logger = tracking.make_logger(cfg, choices, launch_dir, run_id=run_id,
                                   tags=tags if run_id is None else {"hydra.output_dir": str(out_dir)})
     (out_dir / "mlflow_run_id").write_text(logger.run_id)
@@ -125,10 +131,20 @@ def train(cfg, hc, launch_dir, out_dir, choices, run_id, ckpt_path, changed=None
             raise SystemExit  # stopped inside the last chunk: lightning ended fit quietly
         tracking.log_sample_image(logger, datamodule.x_train, datamodule.y_train)
         trainer.test(module, datamodule=datamodule, verbose=False)
+    except Pruned as e:  # the study's pruner stopped this trial: KILLED, as a stop is, and the trial PRUNED
+        logger.end("KILLED")
+        for key, value in {"optuna.pruned": "true", "optuna.state": "PRUNED"}.items():
+            logger.experiment.set_tag(logger.run_id, key, value)
+        from optuna.trial import TrialState
+
+        trial.study.tell(trial.number, state=TrialState.PRUNED)
+        log.warning("%s; run %s ended KILLED", e, logger.run_id)
+        return None
     except Diverged as e:
         logger.end("FAILED")
         for key, value in {"diverged": "true", "diverged.examples": module.examples,
-                           "diverged.updates": module.updates}.items():
+                           "diverged.updates": module.updates,
+                           **({"optuna.state": "FAIL"} if trial is not None else {})}.items():
             logger.experiment.set_tag(logger.run_id, key, str(value))
         log.error("diverged: %s; run %s marked FAILED", e, logger.run_id)
         if multirun:
@@ -158,7 +174,13 @@ def train(cfg, hc, launch_dir, out_dir, choices, run_id, ckpt_path, changed=None
             signal.signal(signum, handler)
     logger.end("FINISHED")
     terminal.closing(logger, module.test_metrics, cfg.logger.tracking_uri, launch_dir, module)
-    return module.test_metrics["test/acc"]
+    # the objective of a search (the grid sweeper ignores it): a validation metric's last value, never the
+    # test set's; None without validation data, NaN when it became NaN: a study records either as a FAIL
+    value = module.latest.get(objective)
+    if trial is not None:
+        state = "COMPLETE" if value is not None and math.isfinite(value) else "FAIL"
+        logger.experiment.set_tag(logger.run_id, "optuna.state", state)
+    return value
 
 
 if __name__ == "__main__":

@@ -59,7 +59,14 @@ TOP = {
     "lr_by_optimizer": LR_TABLE,
 }
 OPTIONAL = {"lr_by_batching", "lr_by_optimizer"}
-SECTIONS = ("trainer", "logger", "data", "model", "optimizer")
+SECTIONS = ("trainer", "logger", "data", "model", "optimizer", "sweep")
+
+# what train.py may return, and the direction a search takes on it (never the test set: a search tuned on
+# it would report the test set's best, not the model's)
+OBJECTIVES = {"val/loss": "minimize", "val/acc": "maximize"}
+# conf/hydra/sweeper/optuna.yaml: direction: ${descent.direction:${sweep.objective}}
+OmegaConf.register_new_resolver("descent.direction", lambda objective: OBJECTIVES.get(objective, "minimize"),
+                                replace=True)
 
 TRAINER = {
     "max_epochs": integer(1),
@@ -73,6 +80,7 @@ TRAINER = {
     "checkpoint_every_seconds": POSITIVE,
     "threads": nullable(integer(1), "chosen from the batch size and the CPUs granted: descent/threads.py"),
 }
+SWEEP = {"objective": (lambda v: v in OBJECTIVES, "one of " + ", ".join(OBJECTIVES))}
 LOGGER = {"experiment_name": STRING, "tracking_uri": STRING, "log_checkpoint": BOOLEAN, "outage_seconds": POSITIVE,
           "log_model": BOOLEAN, "register_model": nullable(STRING, "not registered"), "system_metrics": BOOLEAN}
 
@@ -230,8 +238,8 @@ def validate(cfg: DictConfig) -> None:
         if not isinstance(node, DictConfig):
             problems.append(f"{name}={_show(node)}: must be a mapping of {name}.* keys")
             continue
-        if name in ("trainer", "logger"):
-            rules = TRAINER if name == "trainer" else LOGGER
+        if name in ("trainer", "logger", "sweep"):
+            rules = {"trainer": TRAINER, "logger": LOGGER, "sweep": SWEEP}[name]
             _check(node, f"{name}.", rules, list(rules), "", problems)
         elif accepted := _target_rules(name, node, problems):
             values = _check(node, f"{name}.", *accepted, problems)
@@ -255,7 +263,10 @@ def validate_sweep(config: DictConfig) -> None:
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
-    if not str(OmegaConf.select(config, "hydra.sweeper._target_", default="")).endswith(".BasicSweeper"):
+    target = str(OmegaConf.select(config, "hydra.sweeper._target_", default=""))
+    if target.startswith("hydra_plugins.descent_optuna_sweeper."):
+        return validate_study(config)
+    if not target.endswith(".BasicSweeper"):
         return  # another sweeper picks its jobs as it goes: each job checks itself
     loader = GlobalHydra.instance().config_loader()
     params = [f"{k}={v}" for k, v in (OmegaConf.select(config, "hydra.sweeper.params") or {}).items()]
@@ -278,6 +289,73 @@ def validate_sweep(config: DictConfig) -> None:
     if problems:
         raise ConfigError(f"{len(problems)} of the sweep's {len(jobs)} jobs are invalid; no job was started:\n"
                           + "\n".join(problems))
+
+
+def _candidates(override) -> list:
+    """The values of a search-space override a study can reach: an interval's two ends, every choice,
+    every value of a range."""
+    from hydra.core.override_parser.types import Transformer
+
+    if override.is_interval_sweep():
+        return [override.value().start, override.value().end]
+    return list(override.sweep_iterator(transformer=Transformer.encode))[:1000]
+
+
+def validate_study(config: DictConfig) -> None:
+    """Check an Optuna study before its first trial (hydra/sweeper=optuna): the sweeper's keys, each
+    interval's bounds and each choice or range value composed into a job and validated like a grid's jobs,
+    validation data for the objective. Every problem at once."""
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+    from hydra_plugins.descent_optuna_sweeper._impl import create_optuna_distribution_from_override
+
+    sweeper, problems = config.hydra.sweeper, []
+    for key, rule in {"n_trials": integer(1), "n_jobs": integer(1), "storage": STRING,
+                      "study_name": STRING}.items():
+        value = OmegaConf.select(sweeper, key, default=None)
+        if not rule[0](value):
+            why = " (the jobs find their trial in the study's database)" if key == "storage" else ""
+            problems.append(f"hydra.sweeper.{key}={_show(value)}: must be {rule[1]}{why}")
+    loader = GlobalHydra.instance().config_loader()
+    params = [f"{k}={v}" for k, v in (OmegaConf.select(config, "hydra.sweeper.params") or {}).items()]
+    parsed = OverridesParser.create(config_loader=loader).parse_overrides(params + list(config.hydra.overrides.task))
+    space, fixed = {}, [o.input_line for o in parsed if not o.is_sweep_override()]
+    for o in parsed:
+        if not o.is_sweep_override():
+            continue
+        text = o.input_line or o.get_key_element()
+        try:
+            create_optuna_distribution_from_override(o)  # the sweeper's own reading: optuna refuses low > high,
+            space[o.get_key_element()] = (text, _candidates(o))  # a log scale from 0 or below, ...
+        except (ValueError, TypeError, NotImplementedError, AssertionError) as e:
+            problems.append(f"{text}: not a search space Optuna takes: {_why(e)}")
+    # the settings alone, then each value with the others left at the settings' (one job per value: each
+    # problem named by the value that makes it)
+    jobs = [({}, "the study's settings")] + [({key: v}, f"{text}: value {_show(v)}")
+                                             for key, (text, values) in space.items() for v in values]
+    hydra_config = HydraConfig.instance()
+    saved = hydra_config.cfg
+    try:
+        for change, name in jobs:
+            try:
+                job = loader.load_sweep_config(config, fixed + [f"{k}={v}" for k, v in change.items()])
+                hydra_config.set_config(job)
+                task = OmegaConf.masked_copy(job, [k for k in job if k != "hydra"])
+                if not change:  # the objective is measured on the validation data
+                    val_size, objective = task.data.get("val_size", 0), task.get("sweep", {}).get("objective")
+                    if not (_is_int(val_size) and val_size > 0):
+                        problems.append(f"data.val_size={_show(val_size)}: must be > 0 in an Optuna study "
+                                        f"(its objective, sweep.objective={objective}, is measured on the "
+                                        "validation data; e.g. data.val_size=10000)")
+                validate(task)
+            except (ConfigError, HydraException) as e:
+                problems.append(f"{name}:\n  " + str(e).replace("\n", "\n  "))
+    finally:
+        hydra_config.cfg = saved
+    if problems:
+        raise ConfigError("the Optuna study is invalid; no trial was started:\n" + "\n".join(problems))
 
 
 # What `resume=<run> key=value` may change: how the run is carried on, shown and recorded, never what it

@@ -173,6 +173,8 @@ class Classifier(pl.LightningModule):
         self.epoch_closed = True
         self.latest: dict[str, float] = {}  # each metric's newest value, for the terminal (descent/progress.py)
         self.resumed: dict | None = None  # the descent part of the checkpoint being resumed
+        self.val_hooks: list = []  # called with (examples, {"val/loss": .., "val/acc": ..}) at each validation
+        # point, after it is logged; an Optuna trial's pruner listens here (descent/sweep.py, Pruning)
 
     @classmethod
     def from_config(cls, cfg) -> "Classifier":
@@ -396,13 +398,16 @@ class Classifier(pl.LightningModule):
     def _validate(self) -> None:
         dm = self.trainer.datamodule
         self._clock()  # validation time is not training time
+        metrics = {}
         if len(dm.x_val):
             loss, acc = self.evaluate(dm.x_val, dm.y_val)
-            self._log({"val/loss": loss, "val/acc": acc})
+            self._log(metrics := {"val/loss": loss, "val/acc": acc})
         self.last_val_step = self.examples
         self.tic = time.perf_counter()
         while self.next_val <= self.examples:
             self.next_val += self.val_every
+        for hook in self.val_hooks:
+            hook(self.examples, metrics)
 
     def on_test_epoch_start(self) -> None:
         self.test_loss = torch.zeros((), device=self.device)

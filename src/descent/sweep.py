@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import json
 import logging
 import os
 import sys
@@ -22,6 +23,68 @@ def parent_run_id(cfg: DictConfig, launch_dir: str, sweep_dir: str) -> str | Non
 
     client = MlflowClient(store.tracking_uri(cfg.logger.tracking_uri, launch_dir))
     return store.retry(store.find_parent, client, cfg.logger.experiment_name, str(sweep_dir))
+
+
+# -- Optuna studies (hydra/sweeper=optuna, src/hydra_plugins/descent_optuna_sweeper) ------------------------
+
+OPTUNA_SWEEPER = "hydra_plugins.descent_optuna_sweeper."
+
+
+class Pruned(Exception):
+    """The study's pruner stopped this trial at a validation point."""
+
+
+def is_optuna(sweeper) -> bool:
+    return str(OmegaConf.select(sweeper, "_target_", default="")).startswith(OPTUNA_SWEEPER)
+
+
+def shown_storage(storage: str) -> str:
+    """A study's storage URL as it may be recorded: without its password."""
+    if storage.startswith("sqlite:"):
+        return storage
+    from sqlalchemy.engine import make_url
+
+    return make_url(storage).render_as_string(hide_password=True)
+
+
+def optuna_trial(sweeper, launch_dir: str):
+    """The Optuna trial a job of a study runs (the sweeper names it: hydra.sweeper.trial), or None."""
+    if not is_optuna(sweeper) or OmegaConf.select(sweeper, "trial") is None:
+        return None
+    import optuna
+    from hydra.utils import instantiate
+
+    from descent import store
+
+    quiet_optuna()
+    pruner = instantiate(sweeper.pruner) if sweeper.get("pruner") else None
+    study = optuna.load_study(study_name=sweeper.study_name, pruner=pruner,
+                              storage=store.tracking_uri(sweeper.storage, launch_dir))
+    trial_id = study._storage.get_trial_id_from_study_id_trial_number(study._study_id, sweeper.trial)
+    return optuna.trial.Trial(study, trial_id)
+
+
+class Pruning:
+    """The loop's validation hook in a trial: the objective to the pruner at step = examples seen."""
+
+    def __init__(self, trial, objective: str):
+        self.trial, self.objective = trial, objective
+
+    def __call__(self, examples: int, metrics: dict) -> None:
+        value = metrics.get(self.objective)
+        if value is None or value != value:
+            return  # no validation data, or NaN: the trial fails at its end, it is not pruned
+        self.trial.report(value, examples)
+        if self.trial.should_prune():
+            raise Pruned(f"trial {self.trial.number} pruned at {examples} examples ({self.objective} {value:.4g})")
+
+
+def quiet_optuna() -> None:
+    """Optuna's messages through Hydra's logging (the screen's filter, train.log), not its own stderr handler."""
+    import optuna
+
+    optuna.logging.disable_default_handler()
+    optuna.logging.enable_propagation()
 
 
 class MLflowSweep(Callback):
@@ -56,23 +119,91 @@ class MLflowSweep(Callback):
         if commit := store.git_commit(os.getcwd()):
             tags["mlflow.source.git.commit"] = commit
         name = f"{config.logger.experiment_name}-{self.sweep_dir.parent.name}_{self.sweep_dir.name}"
-        run = self.client.create_run(experiment_id, run_name=name, tags=tags)
+        self.study = None
+        if is_optuna(config.hydra.sweeper):  # an Optuna study: its record on the parent, as tags (a study
+            # that goes on may change n_trials); the study's parent when it has one already
+            quiet_optuna()
+            self.study = self._study_tags(config)
+            tags |= self.study
+        recorded = {}
+        if self.study and (parent := self._study_parent(experiment_id)) is not None:
+            self.run_id, name, recorded = parent.info.run_id, parent.info.run_name, parent.data.params
+            self.client.update_run(self.run_id, status="RUNNING")
+            for key, value in tags.items():
+                self.client.set_tag(self.run_id, key, value)
+            log.info("the study %s goes on under its parent run %s", self.study["optuna.study"], self.run_id)
+        else:
+            self.run_id = self.client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
         self.experiment_id = experiment_id
-        self.run_id = run.info.run_id
         params = {"overrides": " ".join(config.hydra.overrides.task) or "(none)"}
         sweeper_params = OmegaConf.select(config, "hydra.sweeper.params")
         if sweeper_params:
             params.update({f"sweep.{k}": str(v) for k, v in sweeper_params.items()})
         for key, value in params.items():
-            self.client.log_param(self.run_id, key, value[:6000])
+            if key not in recorded:  # params are immutable: a study that goes on keeps its first ones
+                self.client.log_param(self.run_id, key, value[:6000])
         atexit.register(self._end_if_open)  # a sweep that dies still ends its parent run
         log.info("MLflow parent run %s (%s) for sweep %s", self.run_id, name, os.path.relpath(self.sweep_dir)
                  if self.sweep_dir.is_relative_to(Path.cwd()) else self.sweep_dir)
+
+    def _study_tags(self, config: DictConfig) -> dict[str, str]:
+        from descent import store
+
+        sweeper = config.hydra.sweeper
+        pruner = sweeper.get("pruner")
+        self.storage = store.tracking_uri(str(sweeper.storage), os.getcwd())
+        return {"optuna.study": str(sweeper.study_name), "optuna.storage": shown_storage(self.storage),
+                "optuna.sampler": str(sweeper.sampler._target_).rsplit(".", 1)[-1],
+                "optuna.sampler.seed": str(sweeper.sampler.get("seed")),
+                "optuna.pruner": str(pruner._target_).rsplit(".", 1)[-1] if pruner else "none",
+                "optuna.direction": str(sweeper.direction), "optuna.objective": str(config.sweep.objective),
+                "optuna.n_trials": str(sweeper.n_trials)}
+
+    def _study_parent(self, experiment_id: str):
+        """The parent run of this study from an earlier command (same study name and storage), if any."""
+        quote = lambda v: v.replace("'", "\\'")
+        runs = self.client.search_runs(
+            [experiment_id], f"tags.`optuna.study` = '{quote(self.study['optuna.study'])}' and "
+                             f"tags.`optuna.storage` = '{quote(self.study['optuna.storage'])}'",
+            order_by=["attributes.start_time DESC"], max_results=1)
+        return runs[0] if runs else None
+
+    def _record_study(self) -> bool:
+        """The study's outcome on its parent run: trials by state, the best trial. False when none completed."""
+        import optuna
+        from optuna.trial import TrialState
+
+        study = optuna.load_study(study_name=self.study["optuna.study"], storage=self.storage)
+        trials = study.get_trials(deepcopy=False)
+        states = [t.state.name for t in trials]
+        tags = {"optuna.trials": str(len(trials))} | {f"optuna.trials.{s}": str(states.count(s))
+                                                       for s in dict.fromkeys(states)}
+        completed = [t for t in trials if t.state == TrialState.COMPLETE]
+        if completed:
+            best = study.best_trial
+            tags |= {"optuna.best_trial": str(best.number), "optuna.best_value": repr(best.value),
+                     "optuna.best_params": json.dumps(best.params)}
+            self.client.log_metric(self.run_id, "optuna/best_value", best.value, step=len(trials))
+        else:
+            tags |= {"optuna.best_trial": "none"}
+        for key, value in tags.items():
+            self.client.set_tag(self.run_id, key, value[:5000])
+        if not completed:
+            counts = ", ".join(f"{states.count(s)} {s}" for s in dict.fromkeys(states))
+            log.error("the study %s has no completed trial (%s): no best trial; each trial's run says why "
+                      "(diverged, failed, pruned)", self.study["optuna.study"], counts)
+        return bool(completed)
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         if self.run_id is None:
             return
         self._end_orphans()
+        found = True
+        if self.study:
+            try:
+                found = self._record_study()
+            except Exception as e:  # the runs are recorded: a study that cannot be read must not lose them
+                log.error("could not record the study's outcome on its parent run (%s: %s)", type(e).__name__, e)
         if self.report:
             try:
                 from descent.report import launch_relative, make_report
@@ -88,8 +219,10 @@ class MLflowSweep(Callback):
             except Exception as e:  # the runs are recorded: a failed report must not lose them
                 log.error("the convergence report failed (%s: %s); rerun it with python src/compare.py --parent %s",
                           type(e).__name__, e, self.run_id)
-        self.client.set_terminated(self.run_id, "FINISHED")
+        self.client.set_terminated(self.run_id, "FINISHED" if found else "FAILED")
         self.run_id = None
+        if not found:
+            sys.exit(1)
 
     def _end_if_open(self) -> None:
         if self.run_id is not None:
