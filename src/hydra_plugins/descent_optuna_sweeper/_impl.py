@@ -402,7 +402,7 @@ class OptunaSweeperImpl(Sweeper):
             if not completed:
                 states = [t.state.name for t in study.get_trials(deepcopy=False)]
                 counts = ", ".join(f"{states.count(s)} {s}" for s in dict.fromkeys(states))
-                log.error(
+                log.warning(
                     f"Study {study.study_name}: no trial completed ({counts}); there is no best trial"
                 )
                 results_to_serialize = {
