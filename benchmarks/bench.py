@@ -26,7 +26,7 @@ How it measures (the same on every row):
 - peak memory = the process's resident-set high-water mark (VmHWM) over the job, and in brackets its
   growth over the resident set after imports (torch + lightning alone hold ~900 MiB here).
 - threads: plain, descent and their variants run at descent's thread policy (descent/threads.py: the
-  intra-op threads it chooses for the regime's batch size on this machine, OMP_WAIT_POLICY=PASSIVE);
+  intra-op threads it chooses for the regime's batch size on this machine, GOMP_SPINCOUNT=1000);
   plain-2t and descent-2t at 2 intra-op threads with OpenMP's default wait policy (torch's default on
   a 2-core machine, and descent's before the policy); Keras as a user gets it. The table names each row's.
 - busy-* rows run the same jobs while one other CPU-bound process (`python -c 'while True: pass'`,
@@ -420,7 +420,7 @@ def worker(jobs_file: str) -> None:
         result.update(
             peak_rss_mib=rss_mib("VmHWM") if clean else float("nan"), base_rss_mib=base,
             torch=torch.__version__, threads=torch.get_num_threads(),
-            wait_policy=os.environ.get("OMP_WAIT_POLICY", "default"),
+            wait_policy=threads.wait_policy(os.environ),
             gpu=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             interop_threads=torch.get_num_interop_threads(),
         )
@@ -493,9 +493,9 @@ def run_jobs(jobs: list[dict], tmp: Path, env: dict) -> None:
     spec = tmp / f"jobs-{time.monotonic_ns()}.json"
     spec.write_text(json.dumps(jobs))
     what = ", ".join(f"{j['regime']}/{j['contender']}" for j in jobs)
-    env = {k: v for k, v in env.items() if k != "OMP_WAIT_POLICY"}
-    if jobs[0]["wait_policy"]:
-        env["OMP_WAIT_POLICY"] = jobs[0]["wait_policy"]
+    env = {k: v for k, v in env.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    if jobs[0]["wait_policy"]:  # the policy's spin (the worker imports torch before descent could set it)
+        env["GOMP_SPINCOUNT"] = jobs[0]["wait_policy"]
     with competitor(jobs[0]["busy"]):
         run_checked([sys.executable, str(Path(__file__).resolve()), "--worker", str(spec)], env, 1200, what, tmp)
 
@@ -610,7 +610,7 @@ def machine(info: dict) -> list[str]:
     return [
         f"- CPU: {cpu}, {os.cpu_count()} logical cores ({len(os.sched_getaffinity(0))} usable); "
         f"{platform.system()} {platform.release()}; Python {platform.python_version()}",
-        f"- torch {info.get('torch', '?')}, intra-op threads per row (column threads: count and OMP_WAIT_POLICY), "
+        f"- torch {info.get('torch', '?')}, intra-op threads per row (column threads: count and OpenMP's wait), "
         f"{info.get('interop_threads', '?')} inter-op"
         + "; flush-denormal on for descent and the plain loop, set as descent sets it (after the data is loaded;"
         " torch's flag is per thread, so it reaches the main thread only)"
@@ -631,7 +631,7 @@ def verdict(ratio: float, target: float, what: str) -> str:
 
 
 def threads_used(row: Row) -> str:
-    """Intra-op threads and OMP_WAIT_POLICY of the row's processes (Keras: as a user gets them)."""
+    """Intra-op threads and OpenMP's wait (descent.threads.wait_policy) of the row's processes (Keras: as a user gets them)."""
     if "threads" not in row.extra:
         return "torch's default"
     return ", ".join(sorted({f"{n} ({w})" for n, w in zip(row.extra["threads"], row.extra["wait_policy"])}))
@@ -744,7 +744,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = {(r.key, c): Row(r, c) for r in regs for c in r.contenders}
     info: dict = {"load_start": open("/proc/loadavg").read().split()[0]}
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in [str(ROOT / "src"), os.environ.get("PYTHONPATH")] if p)}
-    from descent.threads import WAIT_POLICY  # (importing descent puts it in this process's environment too)
+    from descent.threads import SPIN_COUNT  # (importing descent puts it in this process's environment too)
 
     with tempfile.TemporaryDirectory(prefix="descent-bench-") as tmp_name:
         tmp = Path(tmp_name)
@@ -765,7 +765,7 @@ def main(argv: list[str] | None = None) -> None:
                    "budget": budget, "result": str(result_path), "busy": reg.busy,
                    # the thread policy's rows, or torch's threads as they were before it (2 on 2 cores)
                    "threads": 2 if name.endswith("-2t") else args.threads or "policy",
-                   "wait_policy": None if name.endswith("-2t") else WAIT_POLICY}
+                   "wait_policy": None if name.endswith("-2t") else str(SPIN_COUNT)}
             if name == "keras":
                 print(f"round {rnd + 1}/{rounds}: {reg.key} / keras", file=sys.stderr, flush=True)
                 with competitor(reg.busy):

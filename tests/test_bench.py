@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 from conftest import ROOT
+from descent.threads import SPIN_COUNT
 
 THREADS = {"plain", "descent", "plain-2t", "descent-2t"}  # the thread policy's rows and 2 threads (issue 20)
 CONTENDERS = {
@@ -53,8 +54,9 @@ def test_quick_bench_reports_every_regime(tmp_path, mnist_root):
             assert "x plain:" in row["target"], line
         if regime == "online-sgd" and row["contender"] in ("plain", "descent"):
             assert "x 2 threads:" in row["target"], line
-        threads = "2 (default)" if row["contender"].endswith("-2t") else "1 (PASSIVE)" if "online" in regime else None
-        assert threads is None or row["threads"] == threads, line  # online: the policy's one thread
+        threads = ("2 (libgomp's default: spin 300000)" if row["contender"].endswith("-2t")
+                   else f"1 (spin {SPIN_COUNT})" if "online" in regime else None)
+        assert threads is None or row["threads"] == threads, line  # online: the policy's one thread and spin
         if regime.endswith("seed"):
             assert 0 < float(row["test acc"]) <= 1, line
     import torch

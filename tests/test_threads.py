@@ -1,5 +1,5 @@
 """The thread policy (descent/threads.py): its choice from the batch size, the CPUs granted and the jobs run
-at once, and OMP_WAIT_POLICY set before torch loads. A real run's params are checked in tests/test_train.py."""
+at once, and OpenMP's spin (GOMP_SPINCOUNT) set before torch loads. A real run's params are checked in tests/test_train.py."""
 
 import os
 import subprocess
@@ -57,21 +57,28 @@ def test_the_joblib_launcher_runs_n_jobs_at_once():
     assert threads.jobs_at_once(hydra_node("hydra/launcher=joblib", "hydra.launcher.n_jobs=2")) == 1  # not a sweep
 
 
-def test_the_wait_policy_is_set_before_torch_loads_and_a_users_own_is_kept():
-    show = "import os; from descent import threads; print(os.environ.get('OMP_WAIT_POLICY'), threads._in_effect)"
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+def test_the_spin_is_set_before_torch_loads_and_a_users_own_wait_is_kept():
+    show = ("import os; from descent import threads; "
+            "print(os.environ.get('OMP_WAIT_POLICY'), os.environ.get('GOMP_SPINCOUNT'), threads._in_effect, sep='|')")
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     run = lambda code, env: subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                                           check=True).stdout.split()
-    assert run("import descent; " + show, env) == ["PASSIVE", "PASSIVE"]
-    assert run("import descent; " + show, {**env, "OMP_WAIT_POLICY": "ACTIVE"}) == ["ACTIVE", "ACTIVE"]
-    # torch loaded first has read the environment already: the policy is left alone, and said to be unset
-    assert run("import torch, descent; " + show, env)[:2] == ["None", "unset"]
+                                           check=True)
+    spin = str(threads.SPIN_COUNT)
+    # libgomp itself reports the spin it read when torch loaded it (OMP_DISPLAY_ENV)
+    out = run("import descent, torch; torch.ones(2).sum(); " + show, {**env, "OMP_DISPLAY_ENV": "verbose"})
+    assert out.stdout.split("\n")[-2] == f"None|{spin}|spin {spin}"
+    assert f"GOMP_SPINCOUNT = '{spin}'" in out.stderr
+    # a user's own: a policy gets no spin beside it (libgomp would apply GOMP_SPINCOUNT under PASSIVE too)
+    assert run("import descent; " + show, {**env, "OMP_WAIT_POLICY": "PASSIVE"}).stdout.strip() == "PASSIVE|None|PASSIVE"
+    assert run("import descent; " + show, {**env, "GOMP_SPINCOUNT": "300000"}).stdout.strip() == "None|300000|spin 300000"
+    # torch loaded first has read the environment already: left alone, and said to be libgomp's default
+    assert run("import torch, descent; " + show, env).stdout.strip() == "None|None|libgomp's default: spin 300000"
 
 
 def test_train_py_imports_descent_before_torch():
     # the entry point's own imports: torch must load later (in validate), after descent set the wait policy
     code = ("import sys; sys.argv = ['train.py']; sys.path.insert(0, 'src'); import os, train; "
-            "print('torch' in sys.modules, os.environ.get('OMP_WAIT_POLICY'))")
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+            "print('torch' in sys.modules, os.environ.get('GOMP_SPINCOUNT'))")
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.split() == ["False", "PASSIVE"]
+    assert out.stdout.split() == ["False", str(threads.SPIN_COUNT)]

@@ -4,9 +4,15 @@ Measured on 2 cores (README, "Speed"): torch's default, one thread per core with
 spinning while they wait, collapses 4-9x as soon as another process holds a core (every parallel op
 waits a scheduler slice for the descheduled thread); online SGD is faster on one thread even on a
 quiet machine; a batch of 128 gains from a second thread. So:
-- OMP_WAIT_POLICY=PASSIVE, in the environment before torch loads libgomp (which reads it once per
-  process): descent/__init__.py calls set_wait_policy(), and every entry point imports descent
-  before torch. A user's own OMP_WAIT_POLICY is kept.
+- GOMP_SPINCOUNT=SPIN_COUNT, in the environment before torch loads libgomp (which reads it once per
+  process): an idle thread spins ~10 us, then sleeps. At batch 128 on 2 threads (README, "Threads"):
+  libgomp's default spin (300000) is 3.9x slower beside one CPU-bound process, and 10000 or more
+  no better; OMP_WAIT_POLICY=PASSIVE (no spin) holds at 1.2x there but wakes a sleeping thread for
+  every parallel op, 1.46x the quiet seed run; 1000 keeps the quiet run's speed (1.05x) and 2.1x
+  busy. One thread (online SGD) runs no parallel region: any setting is the same there.
+  descent/__init__.py calls set_wait_policy(), and every entry point imports descent before torch.
+  A user's own OMP_WAIT_POLICY or GOMP_SPINCOUNT is kept (libgomp applies GOMP_SPINCOUNT under any
+  policy, so none is added beside a user's OMP_WAIT_POLICY).
 - threads = the cores granted to this process (affinity, SLURM, Ray, OMP_NUM_THREADS) shared among
   the jobs a local launcher runs at once, and at most one per EXAMPLES_PER_THREAD examples of a batch.
   trainer.threads (an integer) overrides it. torch.set_num_threads works at any time, so each job of a
@@ -19,24 +25,30 @@ import logging
 import os
 import sys
 
-WAIT_POLICY = "PASSIVE"  # idle OpenMP threads sleep instead of spinning on a core another process needs
+SPIN_COUNT = 1000  # idle OpenMP threads spin this long before they sleep (libgomp's default 300000; 0 = PASSIVE)
+LIBGOMP_SPIN = 300000  # libgomp's spin when neither OMP_WAIT_POLICY nor GOMP_SPINCOUNT is set
 EXAMPLES_PER_THREAD = 64  # a second thread pays from a batch of 128 (2 x 64) here; batch 1 is faster on one
-_in_effect: str | None = None  # OMP_WAIT_POLICY as libgomp read it (None: not known)
+_in_effect: str | None = None  # how libgomp's idle threads wait, as it read the environment (None: not known)
 log = logging.getLogger(__name__)
 
 
 def set_wait_policy() -> None:
-    """Put OMP_WAIT_POLICY in the environment if torch has not loaded yet; remember what torch reads."""
+    """Put GOMP_SPINCOUNT in the environment if torch has not loaded yet; remember what libgomp reads."""
     global _in_effect
     if _in_effect is not None:
         return
-    if "torch" not in sys.modules:
-        os.environ.setdefault("OMP_WAIT_POLICY", WAIT_POLICY)
-    # when torch came first, this is still what libgomp read, unless someone changed it in between;
-    # a user's GOMP_SPINCOUNT wins over the policy's spinning (README, "Threads")
-    _in_effect = os.environ.get("OMP_WAIT_POLICY", "unset (libgomp spins, then sleeps)")
-    if "GOMP_SPINCOUNT" in os.environ:
-        _in_effect += f", GOMP_SPINCOUNT={os.environ['GOMP_SPINCOUNT']}"
+    if "torch" not in sys.modules and "OMP_WAIT_POLICY" not in os.environ:
+        os.environ.setdefault("GOMP_SPINCOUNT", str(SPIN_COUNT))
+    # when torch came first, this is still what libgomp read, unless someone changed it in between
+    _in_effect = wait_policy(os.environ)
+
+
+def wait_policy(env=os.environ) -> str:
+    """How libgomp's idle threads wait under env: 'spin N' (then sleep), 'PASSIVE', 'ACTIVE', ..."""
+    policy, spin = env.get("OMP_WAIT_POLICY"), env.get("GOMP_SPINCOUNT")
+    if spin is not None:  # libgomp: GOMP_SPINCOUNT sets the spin under any OMP_WAIT_POLICY
+        return f"spin {spin}" if policy is None else f"{policy}, spin {spin}"
+    return policy if policy is not None else f"libgomp's default: spin {LIBGOMP_SPIN}"
 
 
 def _positive_int(text: str | None) -> int | None:
@@ -109,7 +121,7 @@ def apply(cfg, hydra_cfg=None) -> int:
         batch, cpus, jobs = batch_size(cfg), cpus_granted(), jobs_at_once(hydra_cfg)
         n, why = choose(batch, cpus, jobs), f"batch {batch}, {cpus} CPUs granted, {jobs} job(s) at once"
     torch.set_num_threads(n)
-    log.info("torch threads: %d (%s); OMP_WAIT_POLICY %s", n, why, _in_effect)
+    log.debug("torch threads: %d (%s); OpenMP wait: %s", n, why, _in_effect)
     return n
 
 
