@@ -25,9 +25,26 @@ def mnist_root() -> Path:
     return DATA
 
 
+_TEMPLATE: list[Path] = []
+
+
+def sqlite_store(folder: Path) -> str:
+    """A sqlite store in `folder` as a user's is after a first run: MLflow's schema created and migrated
+    (once per session, then copied: a fresh file costs ~2 s of migrations in every process that opens it).
+    test_seed.py and test_terminal.py use brand-new files, as a first run does."""
+    if not _TEMPLATE:
+        from mlflow import MlflowClient
+
+        path = Path(tempfile.mkdtemp(prefix="descent-store-")) / "mlflow.db"
+        MlflowClient(f"sqlite:///{path}").search_experiments()  # creates and migrates the schema
+        _TEMPLATE.append(path)
+    shutil.copyfile(_TEMPLATE[0], folder / "mlflow.db")
+    return f"sqlite:///{folder / 'mlflow.db'}"
+
+
 @pytest.fixture
 def store(tmp_path) -> str:
-    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+    return sqlite_store(tmp_path)
 
 
 def free_port() -> int:
@@ -70,7 +87,8 @@ DEVIATIONS = {
                      "would share it)",
     "hydra.sweep.dir": "as hydra.run.dir",
     "MLFLOW_TRACKING_URI": "the test's own store (the default sqlite:///mlflow.db is relative to the launch "
-                           "directory, which is the test's folder anyway; a server's URI in server tests)",
+                           "directory, which is the test's folder anyway; a server's URI in server tests); "
+                           "sqlite_store() gives it MLflow's schema already migrated, as after a first run",
 }
 
 
@@ -171,7 +189,7 @@ def small_sweep(tmp_path_factory, mnist_root):
     its own sqlite store: tests/test_record.py reads its record, tests/test_ui.py shows it in a browser.
     Returns (launch dir, store URI, train.py's output)."""
     tmp = tmp_path_factory.mktemp("small_sweep")
-    store = f"sqlite:///{tmp / 'mlflow.db'}"
+    store = sqlite_store(tmp)
     proc = train("optimizer=sgd,rmsprop", "data.limit_train=2000", "data.val_size=1000", "trainer.max_epochs=1",
                  "trainer.val_every_examples=500", "trainer.progress_bar=true", "logger.log_model=true",
                  "logger.register_model=mnist-mlp", cwd=tmp, store=store, multirun=True,

@@ -11,7 +11,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from conftest import train
+from conftest import train, sqlite_store
 
 SMALL = ["data.limit_train=300", "trainer.log_every_examples=100", "logger.log_checkpoint=false"]
 
@@ -25,7 +25,7 @@ def history(client, run_id):
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory, mnist_root):
     cwd = tmp_path_factory.mktemp("finished")
-    store = f"sqlite:///{cwd / 'mlflow.db'}"
+    store = sqlite_store(cwd)
     train(*SMALL, "trainer.max_epochs=1", cwd=cwd, store=store)
     client = MlflowClient(store)
     [run] = client.search_runs([client.get_experiment_by_name("descent").experiment_id])
@@ -34,7 +34,7 @@ def finished(tmp_path_factory, mnist_root):
 
 def test_more_epochs_continue_a_finished_run_in_the_same_run_as_if_it_had_run_them_at_once(tmp_path, finished):
     cwd, store, run_id = finished
-    ref_store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    ref_store = sqlite_store(tmp_path)
     train(*SMALL, "trainer.max_epochs=2", cwd=tmp_path, store=ref_store)
     ref_client = MlflowClient(ref_store)
     [ref] = ref_client.search_runs([ref_client.get_experiment_by_name("descent").experiment_id])

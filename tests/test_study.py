@@ -68,23 +68,13 @@ def test_tiny_study_records_a_parent_with_children_and_a_report(tmp_path, store,
     check_study(tmp_path, store)
 
 
-def test_the_same_study_with_two_parallel_workers_loses_nothing(tmp_path, store, mnist_root):
-    check_study(tmp_path, store, ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"])
-
-
 @pytest.mark.slow
-def test_four_parallel_writers_on_one_sqlite_store_lose_nothing(tmp_path, store, mnist_root):
-    # four processes on two cores start, migrate the store and write at once: as racy as eight was
-    # (issue 15: the suite's time), at half the cost
-    train("seed=0,1,2,3", "optimizer=sgd", "data.limit_train=1000", "trainer.max_epochs=1",
-          "trainer.log_every_examples=100", "logger.experiment_name=tiny", "hydra/launcher=joblib",
-          "hydra.launcher.n_jobs=4", cwd=tmp_path, store=store, multirun=True, timeout=900)
-    client, parent, children = study(store)
-    assert sorted(r.data.params["seed"] for r in children) == [str(s) for s in range(4)]
-    n_params = {len(r.data.params) for r in children}
-    assert len(n_params) == 1
+def test_the_same_study_with_four_parallel_writers_on_one_new_sqlite_store_loses_nothing(tmp_path, mnist_root):
+    # its four jobs at once on two cores: they start, find the store brand new (schema, experiment, parent run
+    # made once before them), log datasets and metrics, and upload checkpoints side by side
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client, children = check_study(tmp_path, store, ["hydra/launcher=joblib", "hydra.launcher.n_jobs=4",
+                                                     "logger.log_checkpoint=true"])
+    assert len({len(r.data.params) for r in children}) == 1
     for run in children:
-        assert run.info.status == "FINISHED"
-        assert [m.step for m in history(client, run, "train/loss")] == [128 * k for k in range(1, 8)] + [1000]
         assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"config.yaml", "train_image_4.png", "checkpoints"}
-        assert "test/acc" in run.data.metrics

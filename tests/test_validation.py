@@ -174,12 +174,22 @@ def test_every_option_of_every_group_is_valid(group, option):
     validate(compose_job(f"{group}={option}"))
 
 
+def values(override) -> list[str]:
+    """A grid's values, or both ends of an Optuna study's interval."""
+    from hydra.core.override_parser.types import ValueType
+
+    if not override.is_sweep_override():
+        return [override.get_value_element_as_str()]
+    if override.value_type == ValueType.INTERVAL_SWEEP:
+        return [str(override.value().start), str(override.value().end)]
+    return list(override.sweep_string_iterator())
+
+
 @pytest.mark.parametrize("preset", GROUPS["experiment"])
 def test_every_experiment_preset_and_every_job_of_its_sweep_is_valid(preset):
     params = compose_with_hydra(f"experiment={preset}").hydra.sweeper.params or {}
     sweeps = OverridesParser.create().parse_overrides([f"{k}={v}" for k, v in params.items()])
-    axes = [[f"{o.key_or_group}={v}" for v in o.sweep_string_iterator()] if o.is_sweep_override()
-            else [f"{o.key_or_group}={o.get_value_element_as_str()}"] for o in sweeps]
+    axes = [[f"{o.key_or_group}={v}" for v in values(o)] for o in sweeps]
     for job in itertools.product(*axes):
         validate(compose_job(f"experiment={preset}", *job))
 

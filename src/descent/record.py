@@ -65,7 +65,10 @@ def log_datasets(logger, datamodule, name: str) -> dict[str, str]:
     found = datasets(datamodule, name)
     inputs = [DatasetInput(ds._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])
               for context, ds in found.items()]
-    retry(logger.experiment.log_inputs, logger.run_id, datasets=inputs)
+    # parallel jobs log the same dataset to one experiment: MLflow looks it up, then inserts it, so one of two
+    # jobs can lose the insert (UNIQUE constraint, rolled back); its retry finds the other's row and links it
+    retry(logger.experiment.log_inputs, logger.run_id, datasets=inputs,
+          races=("UNIQUE constraint failed: datasets", "duplicate key value violates unique constraint"))
     return {context: ds.digest for context, ds in found.items()}
 
 

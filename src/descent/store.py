@@ -70,13 +70,15 @@ def check_store(uri: str) -> None:
                               "start one with `make server`") from None
 
 
-def retry(fn, *args, attempts: int = 8, **kwargs):
-    """sqlite lets one writer in at a time: parallel jobs back off and retry "database is locked"."""
+def retry(fn, *args, attempts: int = 8, races: tuple[str, ...] = (), **kwargs):
+    """sqlite lets one writer in at a time: parallel jobs back off and retry "database is locked", and the
+    errors named in `races` (a row another job created first: the retry finds it)."""
     for attempt in range(attempts):
         try:
             return fn(*args, **kwargs)
         except Exception as e:
-            if "locked" not in str(e).lower() or attempt == attempts - 1:
+            transient = "locked" in str(e).lower() or any(r in str(e) for r in races)
+            if not transient or attempt == attempts - 1:
                 raise
             time.sleep(0.2 * 2**attempt)
 
