@@ -164,7 +164,7 @@ def train(cfg, hc, launch_dir, out_dir, choices, run_id, ckpt_path, changed=None
         logger.end("KILLED")
         signum = received[0] if received else signal.SIGTERM
         log.warning("stopped by %s: checkpoint %s; continue with: python %s resume=%s", signal.Signals(signum).name,
-                  checkpoint.last_model_path or "(none)", shlex.quote(sys.argv[0]), logger.run_id)
+                    checkpoint.last_model_path or "(none)", shlex.quote(sys.argv[0]), logger.run_id)
         sys.exit(128 + signum)
     except BaseException:
         logger.end("FAILED")
