@@ -77,8 +77,8 @@ def test_keras_init_is_glorot_uniform_with_zero_bias():
     assert torch.count_nonzero(net[0].bias) == 0 and torch.count_nonzero(net[2].bias) == 0
 
 
-def test_unknown_option_lists_the_available_ones(tmp_path, store):
-    proc = train("optimizer=adamm", cwd=tmp_path, store=store, check=False)
+def test_unknown_option_lists_the_available_ones(tmp_path):
+    proc = train("optimizer=adamm", cwd=tmp_path, store=f"sqlite:///{tmp_path / 'mlflow.db'}", check=False)
     assert proc.returncode != 0
     assert "Could not find 'optimizer/adamm'" in proc.stderr
     for name in GROUPS["optimizer"]:
