@@ -64,10 +64,6 @@ def check_study(tmp_path, store, launcher_overrides=()):
     return client, children
 
 
-def test_tiny_study_records_a_parent_with_children_and_a_report(tmp_path, store, mnist_root):
-    check_study(tmp_path, store)
-
-
 @pytest.mark.slow
 def test_the_same_study_with_four_parallel_writers_on_one_new_sqlite_store_loses_nothing(tmp_path, mnist_root):
     # its four jobs at once on two cores: they start, find the store brand new (schema, experiment, parent run
