@@ -150,10 +150,8 @@ class Logger(MLFlowLogger):
         """A checkpoint file is on disk: write the points it carries, then upload it (the writer's thread)."""
         from mlflow.entities import Metric
 
-        if self.send([Metric(*p) for p in points]):
-            self.upload(path)
-        elif self.upload_checkpoints:
-            self.unsent_checkpoint = path  # the save that brings the points back uploads it
+        self.send([Metric(*p) for p in points])
+        self.upload(path)  # while the server is away it only remembers the path, for the save that finds it back
 
     def upload(self, path: str) -> None:
         if not self.upload_checkpoints:
