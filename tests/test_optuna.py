@@ -6,6 +6,7 @@ from __future__ import annotations
 
 
 import optuna
+import pytest
 from mlflow import MlflowClient
 
 from conftest import train
@@ -61,6 +62,15 @@ def test_study_nests_under_one_parent_records_its_best_and_goes_on(tmp_path, sto
     assert len({t.params["optimizer.lr"] for t in study.trials}) == 4  # no trial proposed again
     assert again.data.tags["optuna.trials"] == "4"
     assert again.data.tags["optuna.best_trial"] == str(study.best_trial.number)
+    # the report's search on the parent: every trial in order, its lr and value, the best in bold
+    assert {"report/search.png", "report/search.md"} <= {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
+    rows = [line for line in (tmp_path / "outputs/sweep2/search.md").read_text().splitlines() if line.startswith("| ")]
+    assert rows[0].startswith("| trial | state | optimizer.lr | val/loss |")
+    for row, trial in zip(rows[1:], study.trials, strict=True):
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert (int(cells[0]), cells[1], float(cells[2])) == (trial.number, "COMPLETE", trial.params["optimizer.lr"])
+        assert float(cells[3].strip("*")) == pytest.approx(trial.value, rel=1e-3)
+        assert cells[3].startswith("**") == (trial.number == study.best_trial.number)
 
 
 def test_pruned_trial_ends_killed(tmp_path, store, mnist_root):
@@ -78,6 +88,8 @@ def test_pruned_trial_ends_killed(tmp_path, store, mnist_root):
     assert [m.step for m in client.get_metric_history(pruned.info.run_id, "val/loss")] == [128]  # stopped at once
     assert "test/acc" not in pruned.data.metrics
     assert children[0].info.status == "FINISHED" and "optuna.pruned" not in children[0].data.tags
+    search = (tmp_path / "outputs/sweep/search.md").read_text()  # drawn and listed as pruned, at its stop
+    assert "| 1 | PRUNED | 1e-07 |" in search and "| 128 |" in search
 
 
 def test_study_whose_trials_all_fail_says_so(tmp_path, store, mnist_root):
@@ -85,6 +97,7 @@ def test_study_whose_trials_all_fail_says_so(tmp_path, store, mnist_root):
                  "optimizer.lr=interval(1e30,1e31)", *TINY, cwd=tmp_path, store=store, multirun=True, check=False)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 1, out[-3000:]
+    assert out.count("no completed trial") + out.count("no trial completed") == 1  # said once
     assert "the study descent has no completed trial (1 FAIL)" in out
     assert "No trials are completed yet" not in out and "Traceback" not in out
     _, [parent], children = record(store)

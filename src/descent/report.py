@@ -335,6 +335,137 @@ def plot(configs: list[Config], source: str = "val", title: str = ""):
     return fig
 
 
+# ---------------------------------------------------------------------------------------------
+# an Optuna study: the objective trial by trial, the best so far, and against the searched parameters
+
+STUDY_TAG = "optuna.study"
+
+
+def search_rows(runs: list[Run], objective: str, params: list[str]) -> list[dict]:
+    """One row per trial, in trial order: its state, parameters, the objective's last value (a pruned
+    trial's at its stop) and the training examples it spent."""
+    rows = []
+    for r in runs:
+        if "optuna.trial" not in r.tags:
+            continue
+        steps, values = r.history.get(objective, (np.zeros(0), np.zeros(0)))
+        finite = np.isfinite(values)
+        state = r.tags.get("optuna.state") or {"FINISHED": "COMPLETE", "RUNNING": "RUNNING"}.get(r.status, "FAIL")
+        seen = [s[-1] for s, _ in r.history.values() if len(s)]  # its last point of any metric (steps = examples)
+        rows.append({"trial": int(r.tags["optuna.trial"]), "state": state, "run": r.name,
+                     **{p: r.params.get(p) for p in params},
+                     "objective": float(values[finite][-1]) if state != "FAIL" and finite.any() else None,
+                     "examples": int(max(seen)) if seen else None})
+    return sorted(rows, key=lambda row: row["trial"])
+
+
+def best_so_far(rows: list[dict], maximize: bool) -> list[float | None]:
+    best, out = None, []
+    for row in rows:
+        if row["state"] == "COMPLETE" and row["objective"] is not None:
+            value = row["objective"]
+            best = value if best is None else (max if maximize else min)(best, value)
+        out.append(best)
+    return out
+
+
+def _numbers(values) -> np.ndarray | None:
+    try:
+        return np.array([float(v) for v in values])
+    except (TypeError, ValueError):
+        return None  # a categorical parameter (choice of names)
+
+
+def plot_search(rows: list[dict], objective: str, maximize: bool, params: list[str], title: str = ""):
+    """History (objective per trial, best so far) and, for one or two parameters, the objective against them.
+    Complete trials filled, pruned ones hollow at the value they stopped with, failed ones as red x on the
+    top edge."""
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import MaxNLocator
+
+    space = len(params) in (1, 2)
+    fig = Figure(figsize=(13 if space else 7, 5), layout="constrained")
+    axes = fig.subplots(1, 2 if space else 1, squeeze=False)[0]
+    complete = [r for r in rows if r["state"] == "COMPLETE" and r["objective"] is not None]
+    pruned = [r for r in rows if r["state"] == "PRUNED" and r["objective"] is not None]
+    failed = [r for r in rows if r not in complete and r not in pruned]
+    values = [r["objective"] for r in complete + pruned]
+    log_y = objective.endswith("loss") and values and min(values) > 0 and max(values) / min(values) >= LOG_X_RATIO
+
+    ax = axes[0]
+    ax.plot([r["trial"] for r in complete], [r["objective"] for r in complete], "o", color="C0")
+    ax.plot([r["trial"] for r in pruned], [r["objective"] for r in pruned], "o", mfc="none", color="C0")
+    best = best_so_far(rows, maximize)
+    ax.step([r["trial"] for r in rows], [np.nan if b is None else b for b in best], where="post", color="C1")
+    for r in failed:
+        ax.plot([r["trial"]], [0.98], "x", color="C3", ms=9, mew=2, clip_on=False, transform=ax.get_xaxis_transform())
+    ax.set_xlabel("trial")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel(objective)
+    ax.set_title("the search, trial by trial")
+
+    if space:
+        ax = axes[1]
+        xs = [_numbers([r[params[0]] for r in group]) for group in (complete, pruned, failed)]
+        if len(params) == 1:
+            for group, x, hollow in ((complete, xs[0], False), (pruned, xs[1], True)):
+                if group:
+                    ax.plot(x if x is not None else [r[params[0]] for r in group], [r["objective"] for r in group],
+                            "o", color="C0", **({"mfc": "none"} if hollow else {}))
+            for r in failed:
+                ax.plot([_numbers([r[params[0]]])[0] if _numbers([r[params[0]]]) is not None else r[params[0]]],
+                        [0.98], "x", color="C3", ms=9, mew=2, clip_on=False, transform=ax.get_xaxis_transform())
+            ax.set_ylabel(objective)
+        else:
+            points = complete + pruned
+            x, y = (_numbers([r[p] for r in points]) for p in params)
+            if x is not None and y is not None and points:
+                c = ax.scatter(x, y, c=[r["objective"] for r in points], cmap="viridis",
+                               edgecolors=["k" if r in complete else "none" for r in points])
+                fig.colorbar(c, ax=ax, label=objective)
+            for r in failed:
+                xy = [_numbers([r[p]]) for p in params]
+                if xy[0] is not None and xy[1] is not None:
+                    ax.plot(xy[0], xy[1], "x", color="C3", ms=9, mew=2)
+            ax.set_ylabel(params[1])
+            y_all = _numbers([r[params[1]] for r in rows])
+            if y_all is not None and y_all.min() > 0 and y_all.max() / y_all.min() >= LOG_X_RATIO:
+                ax.set_yscale("log")
+        x_all = _numbers([r[params[0]] for r in rows])
+        if x_all is not None and len(x_all) and x_all.min() > 0 and x_all.max() / x_all.min() >= LOG_X_RATIO:
+            ax.set_xscale("log")
+        ax.set_xlabel(params[0])
+        ax.set_title("the objective against the searched parameters" if len(params) == 2 else
+                     "the objective against the searched parameter")
+    if log_y:
+        for a in axes[: 1 if len(params) == 2 else None]:
+            a.set_yscale("log")
+    handles = [Line2D([], [], color="C0", ls="", marker="o", label=f"complete ({len(complete)})"),
+               Line2D([], [], color="C0", ls="", marker="o", mfc="none", label=f"pruned, at its stop ({len(pruned)})"),
+               Line2D([], [], color="C3", ls="", marker="x", mew=2, label=f"failed or diverged ({len(failed)})"),
+               Line2D([], [], color="C1", label=f"best so far ({'max' if maximize else 'min'})")]
+    fig.legend(handles=handles, loc="outside lower center", ncols=4, frameon=False)
+    fig.suptitle(title)
+    return fig
+
+
+def search_markdown(rows: list[dict], objective: str, maximize: bool, params: list[str], header: str) -> str:
+    best = best_so_far(rows, maximize)[-1] if rows else None
+    lines = [header, "", f"Objective `{objective}` ({'maximized' if maximize else 'minimized'}); best "
+             + (_metric(best) if best is not None else "none: no trial completed")
+             + f"; training examples spent, all trials: {sum(r['examples'] or 0 for r in rows):,}.", "",
+             "| trial | state | " + " | ".join(params) + f" | {objective} | examples | run |",
+             "|---" * (len(params) + 5) + "|"]
+    for r in rows:
+        value = _metric(r["objective"]) if r["objective"] is not None else "–"
+        if r["state"] == "COMPLETE" and r["objective"] == best:
+            value = f"**{value}**"
+        lines.append(f"| {r['trial']} | {r['state']} | " + " | ".join(str(r[p]) for p in params)
+                     + f" | {value} | {r['examples'] if r['examples'] is not None else '–'} | {r['run']} |")
+    return "\n".join(lines) + "\n"
+
+
 def _plain_log_ticks(axis) -> None:
     """Ticks as 0.5, 1, 2, 100 rather than 5×10^-1; minor ticks labelled on short axes only."""
     from matplotlib.ticker import FuncFormatter
@@ -421,7 +552,8 @@ def default_out(parent) -> Path:
 def make_report(tracking_uri: str | None = None, parent_run_id: str | None = None, experiment: str = "descent",
                 out_dir: str | Path | None = None, target_acc: float = TARGET_ACC) -> dict[str, Path]:
     """Write convergence.{png,md,csv} and, when the runs belong to a sweep, log them to its parent run
-    under report/. Returns {"png", "md", "csv"} -> path."""
+    under report/; for an Optuna study also search.{png,md}. Returns {"png", "md", "csv"[, "search_png",
+    "search_md"]} -> path."""
     from mlflow import MlflowClient
 
     client = MlflowClient(resolve_uri(tracking_uri))
@@ -447,6 +579,18 @@ def make_report(tracking_uri: str | None = None, parent_run_id: str | None = Non
     plot(configs, source, title).savefig(paths["png"], dpi=100)
     paths["md"].write_text(markdown(rows, header))
     write_csv(rows, paths["csv"])
+    if parent and STUDY_TAG in parent.data.tags:  # an Optuna study: its search, beside the curves
+        objective = parent.data.tags.get("optuna.objective", "val/loss")
+        maximize = parent.data.tags.get("optuna.direction") == "maximize"
+        params = [b for b in by if _numbers([r.params.get(b) for r in runs]) is not None] or by
+        rows = search_rows(runs, objective, params)
+        if rows:
+            paths |= {"search_png": out / "search.png", "search_md": out / "search.md"}
+            study = parent.data.tags[STUDY_TAG]
+            plot_search(rows, objective, maximize, params,
+                        f"Optuna study {study} — {what.replace('`', '')}").savefig(paths["search_png"], dpi=100)
+            paths["search_md"].write_text(search_markdown(rows, objective, maximize, params,
+                                                          f"# Search: Optuna study `{study}`\n\n{what}."))
     if parent:
         for path in paths.values():
             client.log_artifact(parent.info.run_id, str(path), "report")

@@ -214,6 +214,10 @@ class MLflowSweep(Callback):
                 table = [line for line in paths["md"].read_text().splitlines() if line.startswith("|")]
                 log.info("%s\nconvergence report: %s (table), %s, %s", "\n".join(table),
                          *(launch_relative(str(paths[k])) for k in ("md", "png", "csv")))
+                if "search_md" in paths:  # an Optuna study: its trials, the best in bold
+                    search = [line for line in paths["search_md"].read_text().splitlines() if line.startswith("|")]
+                    log.info("%s\nthe search: %s (table), %s", "\n".join(search),
+                             *(launch_relative(str(paths[k])) for k in ("search_md", "search_png")))
                 log.info("the sweep's MLflow run %s; to look at it: %s", self.run_id,
                          how_to_look(self.uri, os.getcwd(), self.experiment_id, self.run_id))
             except Exception as e:  # the runs are recorded: a failed report must not lose them

@@ -402,7 +402,8 @@ class OptunaSweeperImpl(Sweeper):
             if not completed:
                 states = [t.state.name for t in study.get_trials(deepcopy=False)]
                 counts = ", ".join(f"{states.count(s)} {s}" for s in dict.fromkeys(states))
-                log.warning(
+                # debug: the sweep's callback (descent.sweep) says it once, with the parent run's record
+                log.debug(
                     f"Study {study.study_name}: no trial completed ({counts}); there is no best trial"
                 )
                 results_to_serialize = {
