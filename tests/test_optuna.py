@@ -121,3 +121,12 @@ def test_bad_bounds_and_no_validation_data_refused_before_launch(tmp_path, store
     assert not (tmp_path / "optuna.db").exists() and not (tmp_path / "outputs" / "sweep").exists()
     _, parents, children = record(store)
     assert parents == [] and children == {}
+
+
+def test_a_storage_password_is_not_recorded():
+    from descent.sweep import shown_storage
+
+    assert shown_storage("postgresql+psycopg2://team:s3cret@db.lab:5432/optuna") == \
+        "postgresql+psycopg2://team:***@db.lab:5432/optuna"
+    socket = "postgresql+psycopg2://mlflow@/optuna?host=/srv/tracking/postgres&port=5432"  # make server's
+    assert shown_storage(socket) == socket and shown_storage("sqlite:///optuna.db") == "sqlite:///optuna.db"

@@ -1,7 +1,8 @@
 """The team tracking server (descent.server): real PostgreSQL, real `mlflow server`, real train.py runs.
 
-A sweep with parallel jobs, resume on "another machine" (another folder, no local outputs), and the
-server going away in the middle of a run: for a few seconds (survived) and for good (stopped, resumable).
+An Optuna study with parallel trials in the server's PostgreSQL, resume on "another machine" (another folder,
+no local outputs), and the server going away in the middle of a run: for a few seconds (survived) and for good
+(stopped, resumable).
 """
 
 import os
@@ -13,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import optuna
 import pytest
 import torch
 from mlflow import MlflowClient
@@ -106,31 +108,41 @@ def test_start_is_idempotent_and_reports_the_uri(tracking_server, tracking_serve
     assert server.backend_uri(tracking_server_dir).startswith("postgresql+psycopg2://")
 
 
-def test_a_parallel_sweep_nests_its_jobs_under_one_parent_with_the_report(tmp_path, tracking_server, mnist_root):
-    train("seed=0,1", "optimizer=sgd", "data.limit_train=2000", "data.val_size=1000", "trainer.max_epochs=2",
-          "trainer.log_every_examples=500", "logger.experiment_name=server_sweep", "hydra/launcher=joblib",
-          "hydra.launcher.n_jobs=2", cwd=tmp_path, store=tracking_server, multirun=True)
+def test_a_parallel_study_in_the_servers_postgresql_nests_its_trials_under_one_parent_with_the_report(
+        tmp_path, tracking_server, tracking_server_dir, mnist_root):
+    # an Optuna study as a team runs it: trials two at a time (joblib), the study in the server's PostgreSQL
+    storage = server.study_storage(tracking_server_dir)
+    train("hydra/sweeper=optuna", "hydra.sweeper.n_trials=2", "hydra.sweeper.n_jobs=2",
+          f"hydra.sweeper.storage='{storage}'",  # quoted for Hydra: the URL holds = and & "optimizer.lr=tag(log,interval(0.01,0.5))", "optimizer=sgd",
+          "data.limit_train=2000", "data.val_size=1000", "trainer.max_epochs=2", "trainer.log_every_examples=500",
+          "logger.experiment_name=server_sweep", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+          cwd=tmp_path, store=tracking_server, multirun=True)
     client = MlflowClient(tracking_server)
     runs = client.search_runs([client.get_experiment_by_name("server_sweep").experiment_id])
     [parent] = [r for r in runs if r.data.tags.get("descent.sweep") == "true"]
-    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    assert parent.info.status == "FINISHED"
-    assert sorted(r.info.run_name for r in children) == ["sgd-mini-s0", "sgd-mini-s1"]
+    children = {int(r.data.tags["optuna.trial"]): r for r in runs
+                if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    assert parent.info.status == "FINISHED" and parent.data.tags["optuna.storage"] == storage
     assert not (tmp_path / "outputs" / "sweep" / "mlflow_parent_run_id").exists()  # found through the store
-    for run in children:
-        assert run.info.status == "FINISHED"
+    assert not (tmp_path / "optuna.db").exists()
+    study = optuna.load_study(study_name="server_sweep", storage=storage)
+    assert sorted(children) == [t.number for t in study.trials] == [0, 1]
+    for number, run in children.items():
+        assert run.info.status == "FINISHED" and run.data.tags["optuna.state"] == "COMPLETE"
         assert steps(client, run.info.run_id, "train/loss") == [512, 1024, 1536, 2000, 2512, 3024, 3536, 4000]
+        assert study.trials[number].value == client.get_metric_history(run.info.run_id, "val/loss")[-1].value
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
         assert {"config.yaml", "train_image_4.png", "checkpoints"} <= artifacts
         assert has_checkpoint(client, run)
+    assert parent.data.tags["optuna.best_trial"] == str(study.best_trial.number)
     report = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
-    assert {"report/convergence.png", "report/convergence.csv"} <= report
+    assert {"report/convergence.png", "report/convergence.csv", "report/search.png", "report/search.md"} <= report
     # the report tool reads the server too
     out = subprocess.run([sys.executable, str(ROOT / "src" / "compare.py"), "--tracking-uri", tracking_server,
                           "--parent", parent.info.run_id, "--out", str(tmp_path / "report")],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert (tmp_path / "report" / "convergence.csv").is_file()
+    assert (tmp_path / "report" / "convergence.csv").is_file() and (tmp_path / "report" / "search.md").is_file()
 
 
 def test_a_killed_run_resumes_in_another_folder_from_the_artifact_checkpoint(tmp_path, tracking_server, mnist_root):

@@ -33,6 +33,8 @@ DEFAULT_DIR = Path("outputs/tracking")
 DEFAULT_PORT = 5000
 PG_PORT = 5432  # only names the socket file inside postgres/; no TCP port is opened
 DATABASE = USER = "mlflow"
+STUDIES = "optuna"  # a second database, for Optuna studies (hydra/sweeper=optuna): its tables beside MLflow's
+# would clash (both keep an alembic_version table)
 WORKERS = 2  # uvicorn workers; each is a ~0.3 GB python process
 START_TIMEOUT = 180  # s; the first start creates MLflow's schema in PostgreSQL
 
@@ -111,9 +113,15 @@ def _pg(dir: Path, *args: str, check: bool = True) -> subprocess.CompletedProces
     return proc
 
 
-def backend_uri(dir: Path) -> str:
+def backend_uri(dir: Path, database: str = DATABASE) -> str:
     # psycopg2 named explicitly: a bare postgresql:// makes SQLAlchemy 2.1 look for psycopg 3
-    return f"postgresql+psycopg2://{USER}@/{DATABASE}?host={dir.resolve() / 'postgres'}&port={PG_PORT}"
+    return f"postgresql+psycopg2://{USER}@/{database}?host={Path(dir).resolve() / 'postgres'}&port={PG_PORT}"
+
+
+def study_storage(dir: str | Path = DEFAULT_DIR) -> str:
+    """The URL of the cluster's database for Optuna studies: hydra.sweeper.storage=<this> (through the socket,
+    so the jobs of a study must run on this machine; Ray or SLURM nodes elsewhere need a TCP database)."""
+    return backend_uri(Path(dir), STUDIES)
 
 
 def pg_running(dir: Path) -> bool:
@@ -133,17 +141,17 @@ def start_postgres(dir: Path) -> None:
                 os.chown(p, owner["user"], owner["group"])
         data.chmod(0o700)
         _pg(dir, pg_bin("initdb"), "-D", str(data), "-U", USER, "--auth=trust", "-E", "UTF8", "--no-instructions")
-    if pg_running(dir):
-        return
-    if len(str(data / f".s.PGSQL.{PG_PORT}")) > 100:
-        raise ServerError(f"{data} is too long a path for PostgreSQL's socket; choose a shorter --dir")
-    # the socket in the data folder (only its owner and root can enter it), no TCP at all
-    opts = f"-c listen_addresses='' -c unix_socket_directories='{data}' -c port={PG_PORT}"
-    _pg(dir, pg_bin("pg_ctl"), "start", "-D", str(data), "-l", str(log), "-w", "-t", "60", "-o", opts)
-    exists = _pg(dir, pg_bin("psql"), "-h", str(data), "-p", str(PG_PORT), "-U", USER, "-d", "postgres", "-tAc",
-                 f"SELECT 1 FROM pg_database WHERE datname = '{DATABASE}'").stdout.strip()
-    if exists != "1":
-        _pg(dir, pg_bin("createdb"), "-h", str(data), "-p", str(PG_PORT), "-U", USER, DATABASE)
+    if not pg_running(dir):
+        if len(str(data / f".s.PGSQL.{PG_PORT}")) > 100:
+            raise ServerError(f"{data} is too long a path for PostgreSQL's socket; choose a shorter --dir")
+        # the socket in the data folder (only its owner and root can enter it), no TCP at all
+        opts = f"-c listen_addresses='' -c unix_socket_directories='{data}' -c port={PG_PORT}"
+        _pg(dir, pg_bin("pg_ctl"), "start", "-D", str(data), "-l", str(log), "-w", "-t", "60", "-o", opts)
+    for database in (DATABASE, STUDIES):
+        exists = _pg(dir, pg_bin("psql"), "-h", str(data), "-p", str(PG_PORT), "-U", USER, "-d", "postgres", "-tAc",
+                     f"SELECT 1 FROM pg_database WHERE datname = '{database}'").stdout.strip()
+        if exists != "1":
+            _pg(dir, pg_bin("createdb"), "-h", str(data), "-p", str(PG_PORT), "-U", USER, database)
 
 
 def stop_postgres(dir: Path) -> None:
@@ -276,6 +284,7 @@ def status(dir: str | Path = DEFAULT_DIR) -> dict:
         "mlflow": f"running (pid {pid})" if pid else "stopped",
         "uri": tracking_uri(port) if pid and port else None,
         "healthy": bool(pid and port and healthy(tracking_uri(port))),
+        "studies": study_storage(dir) if pg_running(dir) else None,
     }
 
 
@@ -295,6 +304,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"MLflow tracking server {'already running' if already else 'started'} at {uri} "
                   f"(PostgreSQL and artifacts in {Path(args.dir).resolve()})")
             print(f"export MLFLOW_TRACKING_URI={uri}")
+            print(f"Optuna studies in its PostgreSQL: \"hydra.sweeper.storage='{study_storage(args.dir)}'\"")
         elif args.command == "stop":
             stop(args.dir)
             print(f"stopped the tracking server of {Path(args.dir).resolve()}")

@@ -6,6 +6,7 @@ import atexit
 import json
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -39,12 +40,8 @@ def is_optuna(sweeper) -> bool:
 
 
 def shown_storage(storage: str) -> str:
-    """A study's storage URL as it may be recorded: without its password."""
-    if storage.startswith("sqlite:"):
-        return storage
-    from sqlalchemy.engine import make_url
-
-    return make_url(storage).render_as_string(hide_password=True)
+    """A study's storage URL as it may be recorded: as given, without its password (user:***@host)."""
+    return re.sub(r"(://[^:/@?]*:)[^@/?]*@", r"\1***@", storage)
 
 
 def optuna_trial(sweeper, launch_dir: str):
