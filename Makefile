@@ -14,8 +14,11 @@ $(STAMP): pyproject.toml
 train: $(STAMP)
 	$(BIN)/python src/train.py $(ARGS)
 
+# two pytest workers (pytest-xdist), each test file whole on one worker (its session fixtures shared): most tests
+# wait on a subprocess's start-up or a service, so two at a time fill the 2 cores; TEST_WORKERS=0 runs serially
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # the MLflow UI on 127.0.0.1:$(UI_PORT) over the project's store (or $$MLFLOW_TRACKING_URI), one worker and no
 # job-execution workers (descent/ui.py; the browser test starts it the same way)
