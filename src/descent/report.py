@@ -435,12 +435,14 @@ def plot_search(rows: list[dict], objective: str, maximize: bool, params: list[s
         x_all = _numbers([r[params[0]] for r in rows])
         if x_all is not None and len(x_all) and x_all.min() > 0 and x_all.max() / x_all.min() >= LOG_X_RATIO:
             ax.set_xscale("log")
+            _plain_log_ticks(ax.xaxis)
         ax.set_xlabel(params[0])
         ax.set_title("the objective against the searched parameters" if len(params) == 2 else
                      "the objective against the searched parameter")
     if log_y:
         for a in axes[: 1 if len(params) == 2 else None]:
             a.set_yscale("log")
+            _plain_log_ticks(a.yaxis)
     handles = [Line2D([], [], color="C0", ls="", marker="o", label=f"complete ({len(complete)})"),
                Line2D([], [], color="C0", ls="", marker="o", mfc="none", label=f"pruned, at its stop ({len(pruned)})"),
                Line2D([], [], color="C3", ls="", marker="x", mew=2, label=f"failed or diverged ({len(failed)})"),
