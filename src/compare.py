@@ -20,9 +20,13 @@ def main(argv: list[str] | None = None) -> int:
                              "training accuracy when no run has validation data)")
     parser.add_argument("--out", metavar="DIR",
                         help="output folder (default: the sweep's folder, else outputs/reports/<timestamp>/)")
+    parser.add_argument("--pictures", metavar="NAME", choices=("local_minima", "step_size", "edge_of_stability"),
+                        help="also draw this preset's figure (descent/pictures.py) for the sweep --parent names")
     parser.add_argument("--tracking-uri", metavar="URI",
                         help="MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)")
     args = parser.parse_args(argv)
+    if args.pictures and not args.parent:
+        parser.error("--pictures needs --parent RUN_ID (the sweep's run)")
 
     from descent import report  # mlflow and matplotlib: only once the command line is known to be good
 
@@ -31,6 +35,11 @@ def main(argv: list[str] | None = None) -> int:
     except report.ReportError as e:
         print(f"compare.py: {e}", file=sys.stderr)
         return 2
+    if args.pictures:
+        from descent import pictures
+
+        paths |= {f"{args.pictures}_{k}": v for k, v in pictures.make(
+            args.pictures, args.tracking_uri, args.parent, args.out or paths["md"].parent).items()}
     for path in paths.values():
         print(path)
     print()

@@ -61,7 +61,7 @@ def train(cfg, hc, launch_dir, out_dir, choices, run_id, ckpt_path, changed=None
     import pytorch_lightning as pl
     from pytorch_lightning.callbacks import LambdaCallback, ModelCheckpoint
 
-    from descent import record, threads, tracking
+    from descent import measure, record, threads, toy, tracking
     from descent.loop import Classifier, Diverged, ResumeError, SafetyCheckpoints
     from descent.sweep import Pruned, Pruning, optuna_trial, parent_run_id
 
@@ -70,6 +70,7 @@ def train(cfg, hc, launch_dir, out_dir, choices, run_id, ckpt_path, changed=None
     pl.seed_everything(cfg.seed, verbose=False)
     datamodule = instantiate(cfg.data, seed=cfg.seed)
     module = Classifier.from_config(cfg)
+    module.measures += measure.from_config(cfg, module.net)  # sharpness, a toy's trace: descent/measure/
     tags = {"hydra.output_dir": str(out_dir)}
     objective = OmegaConf.select(cfg, "sweep.objective", default="val/loss")  # what this returns
     trial = optuna_trial(hc.sweeper, launch_dir) if multirun else None  # a trial of an Optuna study, or None
@@ -129,7 +130,10 @@ def train(cfg, hc, launch_dir, out_dir, choices, run_id, ckpt_path, changed=None
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         if received or trainer.received_sigterm:
             raise SystemExit  # stopped inside the last chunk: lightning ended fit quietly
-        tracking.log_sample_image(logger, datamodule.x_train, datamodule.y_train)
+        if isinstance(module.net, toy.Toy):  # the chapter's other picture: the path on the curve or surface
+            toy.log_trajectory(logger, module.net)
+        else:
+            tracking.log_sample_image(logger, datamodule.x_train, datamodule.y_train)
         trainer.test(module, datamodule=datamodule, verbose=False)
     except Pruned as e:  # the study's pruner stopped this trial: KILLED, as a stop is, and the trial PRUNED
         logger.end("KILLED")

@@ -169,9 +169,21 @@ def test_only_the_values_checked_are_resolved():
         validate(compose_job("experiment=optimizers", hydra_config=False))
 
 
+# the toy losses and their gradient oracle come in pairs (descent/toy.py)
+PARTNER = {("data", "toy"): "model=double_well", ("model", "double_well"): "data=toy", ("model", "rosenbrock"): "data=toy"}
+
+
 @pytest.mark.parametrize("group,option", [(g, o) for g, opts in GROUPS.items() for o in opts if g != "experiment"])
 def test_every_option_of_every_group_is_valid(group, option):
-    validate(compose_job(f"{group}={option}"))
+    validate(compose_job(f"{group}={option}", *filter(None, [PARTNER.get((group, option))])))
+
+
+def test_a_toy_loss_and_the_mnist_data_are_refused_together():
+    for overrides in (["model=double_well"], ["data=toy"]):
+        with pytest.raises(ConfigError, match=r"a toy loss \(model=double_well, rosenbrock\) trains only on"):
+            validate(compose_job(*overrides))
+    with pytest.raises(ConfigError, match=r"^model\.start=\[1\.0\]: must be a list of 2 finite number"):
+        validate(compose_job("data=toy", "model=rosenbrock", "model.start=[1.0]"))
 
 
 def values(override) -> list[str]:

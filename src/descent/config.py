@@ -57,8 +57,10 @@ TOP = {
     "resume": nullable(STRING, "a new run"),
     "lr_by_batching": LR_TABLE,     # experiment presets: a learning rate per option, picked by interpolation
     "lr_by_optimizer": LR_TABLE,
+    "lr_ratio": POSITIVE,           # experiment=step_size: the learning rate as a multiple of 2/L
+    "start_by_model": (lambda v: isinstance(v, dict), "a mapping of model options to starting points"),
 }
-OPTIONAL = {"lr_by_batching", "lr_by_optimizer"}
+OPTIONAL = {"lr_by_batching", "lr_by_optimizer", "lr_ratio", "start_by_model"}
 SECTIONS = ("trainer", "logger", "data", "model", "optimizer", "sweep")
 
 # what train.py may return, and the direction a search takes on it (never the test set: a search tuned on
@@ -67,6 +69,17 @@ OBJECTIVES = {"val/loss": "minimize", "val/acc": "maximize"}
 # conf/hydra/sweeper/optuna.yaml: direction: ${descent.direction:${sweep.objective}}
 OmegaConf.register_new_resolver("descent.direction", lambda objective: OBJECTIVES.get(objective, "minimize"),
                                 replace=True)
+
+
+def _times_two_over_l(ratio, loss):
+    from descent.toy import LOSSES
+
+    return float(ratio) * 2 / LOSSES[loss].L
+
+
+# conf/experiment/step_size.yaml: optimizer.lr: ${descent.times_2_over_L:${lr_ratio},${model.loss}}, a learning
+# rate as a multiple of 2/L, L the toy loss's largest curvature at its global minimum
+OmegaConf.register_new_resolver("descent.times_2_over_L", _times_two_over_l, replace=True)
 
 TRAINER = {
     "max_epochs": integer(1),
@@ -79,6 +92,8 @@ TRAINER = {
     "cuda_graphs": (lambda v: v is True or v is False or v == "auto", "auto, true or false"),
     "checkpoint_every_seconds": POSITIVE,
     "threads": nullable(integer(1), "chosen from the batch size and the CPUs granted: descent/threads.py"),
+    "sharpness_every": nullable(integer(1), "not measured"),
+    "sharpness_subset": integer(1, why="training examples the Hessian is taken on"),
 }
 SWEEP = {"objective": (lambda v: v in OBJECTIVES, "one of " + ", ".join(OBJECTIVES))}
 LOGGER = {"experiment_name": STRING, "tracking_uri": STRING, "log_checkpoint": BOOLEAN, "outage_seconds": POSITIVE,
@@ -88,9 +103,11 @@ LOGGER = {"experiment_name": STRING, "tracking_uri": STRING, "log_checkpoint": B
 # with limits; the others must match the type of their default.
 TARGET_RULES = {
     "data": {"name": STRING, "root": STRING, "download": BOOLEAN, "chunk_size": integer(1),
-             "val_size": ANY, "limit_train": ANY, "batch_size": ANY},  # see _data_sizes
+             "val_size": ANY, "limit_train": ANY, "batch_size": ANY,  # see _data_sizes
+             "noise": NON_NEGATIVE, "n_train": integer(1)},  # a toy loss's gradient oracle (descent/toy.py)
     "model": {"in_features": integer(1), "hidden": integer(1), "classes": integer(1),
-              "init": (lambda v: v in ("keras", "torch"), "one of keras, torch")},
+              "init": (lambda v: v in ("keras", "torch"), "one of keras, torch"),
+              "loss": ANY, "start": ANY},  # a toy loss (descent/toy.py): see _toy
     "optimizer": {
         "_partial_": (lambda v: v is True, "true (the module calls it on the model's parameters)"),
         "lr": POSITIVE,
@@ -202,12 +219,14 @@ def _target_rules(name: str, node: DictConfig, problems: list) -> tuple[dict, li
 def _data_sizes(data: dict) -> list[str]:
     """val_size, limit_train and batch_size bound each other: each is checked against those before it."""
     problems = []
-    rule = integer(0, N_TRAIN - 1, f"the {N_TRAIN} training examples, minus at least one for training")
+    total = data.get("n_train", N_TRAIN)  # a toy loss's oracle (descent/toy.py) says how many draws it makes
+    total = total if _is_int(total) and total >= 1 else N_TRAIN
+    rule = integer(0, total - 1, f"the {total} training examples, minus at least one for training")
     val_size = data.get("val_size", 0)
     if not rule[0](val_size):
         problems.append(f"data.val_size={_show(val_size)}: must be {rule[1]}")
         val_size = 0  # judge the others as if nothing were held out
-    n = N_TRAIN - val_size
+    n = total - val_size
     rule = nullable(integer(1, n, "the training examples left after data.val_size"), "all of them")
     limit = data.get("limit_train")
     if not rule[0](limit):
@@ -228,6 +247,22 @@ def _nesterov(opt: dict) -> list[str]:
     return []
 
 
+def _toy(model: dict) -> list[str]:
+    """A toy loss's name and its start's coordinates (one per dimension of the loss)."""
+    if "loss" not in model:
+        return []
+    from descent.toy import LOSSES
+
+    loss, start = model["loss"], model.get("start")
+    if loss not in LOSSES:
+        return [f"model.loss={_show(loss)}: must be one of {', '.join(LOSSES)}"]
+    dim = LOSSES[loss].dim
+    if not (isinstance(start, list) and len(start) == dim and all(map(_is_number, start))):
+        return [f"model.start={_show(start)}: must be a list of {dim} finite number(s), the point where {loss} "
+                "starts"]
+    return []
+
+
 def validate(cfg: DictConfig) -> None:
     """Raise ConfigError listing every problem of the config; import only allowed _target_s."""
     problems = _refused_targets(cfg)
@@ -245,10 +280,24 @@ def validate(cfg: DictConfig) -> None:
             values = _check(node, f"{name}.", *accepted, problems)
             if name == "data":
                 problems += _data_sizes(values)
+            if name == "model":
+                problems += _toy(values)
             if name == "optimizer":
                 problems += _nesterov(values)
+    problems += _toy_pair(cfg)
     if problems:
         raise ConfigError("\n".join(problems))
+
+
+def _toy_pair(cfg: DictConfig) -> list[str]:
+    """A toy loss (descent/toy.py) and its gradient oracle go together: neither trains with anything else."""
+    targets = {name: OmegaConf.select(cfg, f"{name}._target_", default=None) for name in ("data", "model")}
+    toys = {name: str(t).startswith("descent.toy.") for name, t in targets.items()}
+    if toys["data"] == toys["model"]:
+        return []
+    return [f"data._target_={_show(targets['data'])} with model._target_={_show(targets['model'])}: a toy loss "
+            "(model=double_well, rosenbrock) trains only on its gradient oracle (data=toy), and data=toy only a toy "
+            "loss"]
 
 
 def validate_sweep(config: DictConfig) -> None:

@@ -118,8 +118,9 @@ class Window:
     def add(self, loss, weight, logits, targets) -> None:
         self.losses.append(loss)
         self.weights.append(weight)
-        self.preds.append(logits.detach().argmax(1))
-        self.targets.append(targets)
+        if logits.dim() == 2:  # class scores; a toy loss (descent/toy.py) gives one loss per example, no accuracy
+            self.preds.append(logits.detach().argmax(1))
+            self.targets.append(targets)
         self.n += len(targets)
 
     def state(self) -> dict:
@@ -129,7 +130,8 @@ class Window:
             losses = torch.stack(self.losses)
             weights = torch.tensor(self.weights, dtype=losses.dtype, device=losses.device)
             loss_sum += float(losses @ weights)
-            correct += int((torch.cat(self.preds) == torch.cat(self.targets)).sum())
+            if self.preds:
+                correct += int((torch.cat(self.preds) == torch.cat(self.targets)).sum())
         return {"loss_sum": loss_sum, "correct": correct, "n": self.n}
 
     def pop(self) -> tuple[float, float]:
@@ -175,6 +177,13 @@ class Classifier(pl.LightningModule):
         self.resumed: dict | None = None  # the descent part of the checkpoint being resumed
         self.val_hooks: list = []  # called with (examples, {"val/loss": .., "val/acc": ..}) at each validation
         # point, after it is logged; an Optuna trial's pruner listens here (descent/sweep.py, Pruning)
+        self.measures: list = []  # measurements of the optimisation (descent/measure/): each is called with this
+        # module at every validation point and returns {metric: value}, logged at step = examples seen; they
+        # read the weights and never change them (nor the gradients, the optimizer or the random state)
+        # the loss: cross-entropy on class scores, or a toy loss's own (descent/toy.py: one loss per example,
+        # no accuracy), with F.cross_entropy's signature
+        self.criterion = getattr(net, "criterion", F.cross_entropy)
+        self.classifies = self.criterion is F.cross_entropy
 
     @classmethod
     def from_config(cls, cfg) -> "Classifier":
@@ -210,7 +219,7 @@ class Classifier(pl.LightningModule):
         self.opt_step = self.opt.step
         if self.compile_optimizer:  # one fused kernel instead of ~5 passes (RMSprop: 0.29 -> 0.06 ms a step)
             self.opt_step = torch.compile(self.opt.step)
-        if graphs.wanted(self.cuda_graphs, self.device):  # the graph path: descent/graphs.py
+        if graphs.wanted(self.cuda_graphs, self.device) and self.classifies:  # the graph path: descent/graphs.py
             dm, capture = self.trainer.datamodule, self.device.type == "cuda"
             self.graph = graphs.GraphStep(self.net, self.opt, dm.x_train, dm.y_train, capture=capture)
             log.info("updates through descent.graphs.GraphStep (%s)",
@@ -297,7 +306,7 @@ class Classifier(pl.LightningModule):
             return self._train_graphed(len(chunk[0]))
         # the hot loop: locals only, two small ops of bookkeeping per update (loss.detach, argmax)
         x, y = chunk
-        net, opt, step, window, cross_entropy = self.net, self.opt, self.opt_step, self.window, F.cross_entropy
+        net, opt, step, window, cross_entropy = self.net, self.opt, self.opt_step, self.window, self.criterion
         examples, offset, updates = self.examples, self.epoch_offset, self.updates
         updates_before = updates
         self.epoch_closed = False
@@ -371,7 +380,7 @@ class Classifier(pl.LightningModule):
         loss, acc = self.window.pop()
         self._log({
             "train/loss": loss,
-            "train/acc": acc,
+            **({"train/acc": acc} if self.classifies else {}),
             "progress/epoch": self.offset_epoch + self.epoch_pos / self.n_train,
             "progress/updates": self.updates,
             "progress/seconds": self._clock(),
@@ -390,8 +399,9 @@ class Classifier(pl.LightningModule):
         loss, correct = torch.zeros((), device=x.device), torch.zeros((), device=x.device, dtype=torch.long)
         for i in range(0, len(x), chunk):
             logits = self.net(x[i : i + chunk])
-            loss += F.cross_entropy(logits, y[i : i + chunk], reduction="sum")
-            correct += (logits.argmax(1) == y[i : i + chunk]).sum()
+            loss += self.criterion(logits, y[i : i + chunk], reduction="sum")
+            if self.classifies:
+                correct += (logits.argmax(1) == y[i : i + chunk]).sum()
         self.net.train(was_training)
         return loss.item() / len(x), correct.item() / len(x)
 
@@ -401,7 +411,9 @@ class Classifier(pl.LightningModule):
         metrics = {}
         if len(dm.x_val):
             loss, acc = self.evaluate(dm.x_val, dm.y_val)
-            self._log(metrics := {"val/loss": loss, "val/acc": acc})
+            self._log(metrics := {"val/loss": loss, **({"val/acc": acc} if self.classifies else {})})
+        for measure in self.measures:  # not training time either
+            self._log(measure(self))
         self.last_val_step = self.examples
         self.tic = time.perf_counter()
         while self.next_val <= self.examples:
@@ -417,15 +429,15 @@ class Classifier(pl.LightningModule):
     def test_step(self, batch, batch_idx):
         x, y = batch
         logits = self.net(x)
-        self.test_loss += F.cross_entropy(logits, y, reduction="sum")
-        self.test_correct += (logits.argmax(1) == y).sum()
+        self.test_loss += self.criterion(logits, y, reduction="sum")
+        if self.classifies:
+            self.test_correct += (logits.argmax(1) == y).sum()
         self.test_n += len(x)
 
     def on_test_epoch_end(self) -> None:
-        self.test_metrics = {
-            "test/loss": self.test_loss.item() / self.test_n,
-            "test/acc": self.test_correct.item() / self.test_n,
-        }
+        self.test_metrics = {"test/loss": self.test_loss.item() / self.test_n}
+        if self.classifies:
+            self.test_metrics["test/acc"] = self.test_correct.item() / self.test_n
         self._log(self.test_metrics)
 
     def _log(self, metrics: dict[str, float]) -> None:

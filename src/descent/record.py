@@ -51,7 +51,8 @@ def datasets(datamodule, name: str) -> dict[str, "mlflow.data.Dataset"]:
             warnings.filterwarnings("ignore", "The specified dataset source can be interpreted in multiple ways")
             found[context] = mlflow.data.from_numpy(
                 x.detach().cpu().numpy(), targets=y.detach().cpu().numpy(),
-                source=files.as_uri(), name=f"{name} ({context}, {shape})", digest=digest(x, y))
+                source=getattr(datamodule, "source_uri", None) or files.as_uri(),  # a toy's: its code
+                name=f"{name} ({context}, {shape})", digest=digest(x, y))
     return found
 
 
@@ -160,7 +161,8 @@ class Record(pl.Callback):
         self.digests = log_datasets(self.logger, trainer.datamodule, self.data_name)
 
     def on_test_end(self, trainer, pl_module) -> None:
-        if self.log_model or self.register_model:  # registering needs the model
+        # registering needs the model; a toy loss's point (descent/toy.py) is no network to serve
+        if (self.log_model or self.register_model) and pl_module.classifies:
             tic = time.perf_counter()
             log_model(self.logger, pl_module.net, trainer.datamodule.x_test, pl_module.examples, self.register_model)
             log.debug("model logged in %.1f s: runs:/%s/model", time.perf_counter() - tic, self.logger.run_id)
@@ -180,7 +182,7 @@ def callbacks(cfg, hc, logger, choices: dict[str, str], resumed: bool) -> list[p
     """What src/train.py adds to its Trainer from this module and descent/progress.py."""
     from descent.progress import ExamplesProgressBar
 
-    name = choices.get("data", str(cfg.data.name).lower())  # the config group's option: "mnist"
+    name = choices.get("data") or str(cfg.data.name).lower()  # the config group's option: "mnist"
     found = [Record(logger, name, cfg.logger.log_model, cfg.logger.register_model, cfg.logger.system_metrics,
                     resumed)]
     if cfg.trainer.progress_bar:  # lightning refuses a bar among the callbacks when it is switched off

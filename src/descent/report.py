@@ -104,9 +104,9 @@ def _history(client, run_id: str, key: str) -> tuple[np.ndarray, np.ndarray]:
     return np.array(list(last), dtype=float), np.array(list(last.values()), dtype=float)
 
 
-def select_runs(client, parent_run_id: str | None = None, experiment: str = "descent"):
+def select_runs(client, parent_run_id: str | None = None, experiment: str = "descent", metrics=()):
     """(parent run or None, child runs): the parent's children; else the experiment's latest sweep;
-    else, in an experiment without sweeps, all its runs."""
+    else, in an experiment without sweeps, all its runs. Histories: FINALS, AXES and `metrics`."""
     from mlflow.exceptions import MlflowException
 
     if parent_run_id:
@@ -129,7 +129,7 @@ def select_runs(client, parent_run_id: str | None = None, experiment: str = "des
         raise ReportError(f"no runs to report in {where}")
     if parent:  # the sweep's job order (parallel jobs may start out of order)
         found.sort(key=lambda r: int(r.data.tags.get("hydra.job.num", 0)))
-    keys = set(FINALS) | set(AXES.values())
+    keys = set(FINALS) | set(AXES.values()) | set(metrics)
     runs = [
         Run(r.info.run_id, r.info.run_name or r.info.run_id[:8], r.info.status, dict(r.data.params),
             dict(r.data.tags), {k: _history(client, r.info.run_id, k) for k in r.data.metrics if k in keys})

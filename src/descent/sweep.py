@@ -85,8 +85,9 @@ def quiet_optuna() -> None:
 
 
 class MLflowSweep(Callback):
-    def __init__(self, target_acc: float = 0.97, report: bool = True):
+    def __init__(self, target_acc: float = 0.97, report: bool = True, pictures: str | None = None):
         self.target_acc, self.report = target_acc, report
+        self.pictures = pictures  # a figure of descent/pictures.py drawn beside the report (the chapter's presets)
         self.client = self.run_id = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
@@ -220,6 +221,17 @@ class MLflowSweep(Callback):
             except Exception as e:  # the runs are recorded: a failed report must not lose them
                 log.error("the convergence report failed (%s: %s); rerun it with python src/compare.py --parent %s",
                           type(e).__name__, e, self.run_id)
+        if self.pictures:
+            try:
+                from descent import pictures
+                from descent.report import launch_relative
+
+                paths = pictures.make(self.pictures, self.uri, self.run_id, self.sweep_dir)
+                log.info("%s\n%s: %s, %s", paths["md"].read_text().split("\n\n![")[0], self.pictures,
+                         *(launch_relative(str(paths[k])) for k in ("md", "png")))
+            except Exception as e:  # as the report's
+                log.error("the %s figure failed (%s: %s); rerun it with python src/compare.py --parent %s "
+                          "--pictures %s", self.pictures, type(e).__name__, e, self.run_id, self.pictures)
         self.client.set_terminated(self.run_id, "FINISHED" if found else "FAILED")
         self.run_id = None
         if not found:

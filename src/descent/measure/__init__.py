@@ -1,0 +1,22 @@
+"""Measurements of the optimisation, run by the loop at each validation point (Classifier.measures).
+
+Each is an object called with the LightningModule that returns {metric: value} (logged at step = examples
+seen; an empty dict when it is not due); it reads the weights and the data and changes nothing the training
+uses (weights, gradients, optimizer state, random state).
+"""
+
+from __future__ import annotations
+
+
+def from_config(cfg, net) -> list:
+    """The measurements the config asks for: sharpness (trainer.sharpness_every), a toy loss's trace."""
+    from descent import toy
+
+    found = []
+    if isinstance(net, toy.Toy):  # the point on the curve or surface and the step that moved it
+        found.append(toy.Trace(net))
+    if cfg.trainer.get("sharpness_every"):
+        from descent.measure.sharpness import Sharpness
+
+        found.append(Sharpness(cfg.trainer.sharpness_every, cfg.trainer.sharpness_subset))
+    return found

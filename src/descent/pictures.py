@@ -1,0 +1,261 @@
+"""The chapter's pictures as a sweep's report: experiment=local_minima, step_size and edge_of_stability.
+
+The sweep's callback draws the one its preset names (hydra.callbacks.mlflow_sweep.pictures) beside the
+convergence report, from the runs' record only, and logs <name>.png and <name>.md to the parent run under
+report/. Like descent/report.py it reads MLflow and draws with matplotlib's object API.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from descent.report import ReportError, Run, select_runs
+
+TOY_METRICS = ("toy/w", "toy/x", "toy/y", "toy/step", "val/loss")
+SHARPNESS_METRICS = ("sharpness/lambda_max", "sharpness/threshold", "train/loss")
+
+
+def _float(run: Run, key: str, default=None):
+    value = run.params.get(key)
+    return default if value in (None, "None") else float(value)
+
+
+def _start(run: Run) -> list[float]:
+    import ast
+
+    return [float(v) for v in ast.literal_eval(run.params["model.start"])]
+
+
+def _path(run: Run) -> np.ndarray:
+    """The run's trajectory: its start, then the point at each validation point (up to a non-finite one)."""
+    from descent.toy import LOSSES
+
+    coords = LOSSES[run.params["model.loss"]].coords
+    columns = [run.curve(f"toy/{c}")[1] for c in coords]
+    n = min(map(len, columns))
+    return np.concatenate([[_start(run)], np.stack([c[:n] for c in columns], 1)])
+
+
+def _updates(run: Run, key: str) -> tuple[np.ndarray, np.ndarray]:
+    steps, values = run.curve(key)
+    return run.progress("updates", steps), values
+
+
+def _outcome(run: Run) -> tuple[str, str]:
+    """(where it ended: global | local | diverged, in words with how)."""
+    import torch
+
+    from descent.toy import LOSSES, which_minimum
+
+    loss = run.params["model.loss"]
+    if run.diverged:
+        at = run.tags.get("diverged.updates")
+        return "diverged", f"diverged (update {at})" if at else "diverged"
+    end = _path(run)[-1]
+    where = which_minimum(loss, end)
+    gap = float(LOSSES[loss].fn(torch.tensor(end))) - float(LOSSES[loss].fn(torch.tensor(LOSSES[loss].minima[where])))
+    steps = run.curve("toy/step")[1]
+    last = float(np.mean(steps[-10:])) if len(steps) else float("nan")
+    if gap < 1e-4:
+        return where, f"in the {where} minimum"
+    if len(steps) >= 20 and last > 0.5 * float(np.mean(steps[-20:-10])) and last > 1e-3:
+        return where, f"oscillating about the {where} minimum (last steps {last:.3g})"
+    return where, f"on its way to the {where} minimum (f - f* = {gap:.2g})"
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
+
+
+# -- experiment=local_minima ----------------------------------------------------------------------------------
+
+def local_minima(runs: list[Run], title: str):
+    """Momentum from the same start on the double well, with and without gradient noise: the paths on the
+    curve, w against updates, and which minimum each run ended in."""
+    from matplotlib import colormaps
+    from matplotlib.figure import Figure
+
+    from descent.toy import draw
+
+    noises = sorted({_float(r, "data.noise", 0.0) for r in runs})
+    momenta = sorted({_float(r, "optimizer.momentum", 0.0) for r in runs})
+    colors = {m: colormaps["viridis"](i / max(1, len(momenta) - 1)) for i, m in enumerate(momenta)}
+    fig = Figure(figsize=(14, 4.2 * len(noises)), layout="constrained")
+    axes = fig.subplots(len(noises), 2, squeeze=False)
+    rows, counts = [], {}
+    for row, noise in enumerate(noises):
+        chosen = [r for r in runs if _float(r, "data.noise", 0.0) == noise]
+        first = {}  # one path per momentum on the curve (the lowest seed): more would hide the curve
+        for r in sorted(chosen, key=lambda r: int(r.params.get("seed", 0))):
+            first.setdefault(_float(r, "optimizer.momentum", 0.0), r)
+        draw(axes[row, 0], "double_well",
+             [(_path(r), colors[m], f"momentum {m:g}") for m, r in sorted(first.items())])
+        axes[row, 0].set_title(f"gradient noise std {noise:g}: the path of each momentum (seed "
+                               f"{min(int(r.params.get('seed', 0)) for r in chosen)}; o start, * end)", fontsize=10)
+        axes[row, 0].legend(fontsize=8, loc="upper right")
+        ax = axes[row, 1]
+        for r in chosen:
+            m = _float(r, "optimizer.momentum", 0.0)
+            x, w = _updates(r, "toy/w")
+            ax.plot(np.r_[0, x], np.r_[_start(r), w], color=colors[m], lw=1, alpha=0.8)
+            where, words = _outcome(r)
+            counts.setdefault((noise, m), []).append(where)
+            rows.append([f"{m:g}", f"{noise:g}", r.params.get("seed", "0"), r.params.get("optimizer.lr"),
+                         f"{w[-1]:.4f}" if len(w) else "—", words, r.name])
+        ax.axhline(-0.2696, color="0.5", ls=":", lw=1)
+        ax.text(0, -0.2696, " barrier", va="bottom", fontsize=8, color="0.4")
+        ax.set_xlabel("optimizer updates")
+        ax.set_ylabel("w")
+        ax.set_xscale("symlog", linthresh=10)
+        ax.set_xlim(left=0)
+        ax.set_title(f"gradient noise std {noise:g}: w against updates, every seed", fontsize=10)
+    fig.suptitle(title)
+    summary = [[f"{m:g}", f"{noise:g}", f"{ends.count('global')}/{len(ends)}", f"{ends.count('local')}/{len(ends)}",
+                f"{ends.count('diverged')}/{len(ends)}"] for (noise, m), ends in sorted(counts.items())]
+    text = ("Which minimum each run of the double well ended in: the minimum its final point's gradient flow "
+            "reaches (descent.toy.which_minimum).\n\n"
+            + _table(["momentum", "noise std", "global", "local", "diverged"], summary) + "\n\nEach run:\n\n"
+            + _table(["momentum", "noise std", "seed", "lr", "final w", "ended", "run"], rows))
+    return fig, text
+
+
+# -- experiment=step_size -------------------------------------------------------------------------------------
+
+def step_size(runs: list[Run], title: str):
+    """Learning rates from too small to divergent on each toy loss: paths, loss against updates, and the
+    final loss against the learning rate with 2/L drawn."""
+    import torch
+    from matplotlib import colormaps
+    from matplotlib.figure import Figure
+
+    from descent.toy import LOSSES, draw
+
+    losses = list(dict.fromkeys(r.params["model.loss"] for r in runs))
+    fig = Figure(figsize=(18, 5 * len(losses)), layout="constrained")
+    axes = fig.subplots(len(losses), 3, squeeze=False)
+    rows = []
+    for row, loss in enumerate(losses):
+        surface = LOSSES[loss]
+        f_star = float(surface.fn(torch.tensor(surface.minima["global"])))
+        bound = 2 / surface.L
+        chosen = sorted([r for r in runs if r.params["model.loss"] == loss], key=lambda r: _float(r, "optimizer.lr"))
+        colors = [colormaps["plasma"](0.9 * i / max(1, len(chosen) - 1)) for i in range(len(chosen))]
+        paths, finals = [], []
+        for r, color in zip(chosen, colors):
+            lr = _float(r, "optimizer.lr")
+            label = f"lr {lr:.3g} = {lr / bound:.3g} × 2/L"
+            path = _path(r)
+            if len(path) > 1:
+                paths.append((path, color, label + (" (diverged)" if r.diverged else "")))
+            x, v = _updates(r, "val/loss")
+            axes[row, 1].plot(x, np.maximum(v - f_star, 1e-16), color=color, lw=1.2, label=label)
+            if r.diverged and len(x):
+                axes[row, 1].plot(x[-1:], np.maximum(v[-1:] - f_star, 1e-16), "x", color=color, ms=9, mew=2)
+            _, words = _outcome(r)
+            final = float(v[-1]) - f_star if len(v) and not r.diverged else np.nan
+            finals.append((lr, final, r.diverged, color))
+            rows.append([loss, f"{lr:.4g}", f"{lr / bound:.3g}", words,
+                         f"{final:.3g}" if np.isfinite(final) else "—", r.name])
+        draw(axes[row, 0], loss, paths, end_marker="*")
+        axes[row, 0].legend(fontsize=7, loc="upper right")
+        axes[row, 0].set_title(f"{loss}: paths from {_start(chosen[0])} (o start, * end)", fontsize=10)
+        ax = axes[row, 1]
+        ax.set_yscale("log")
+        ax.set_xscale("symlog", linthresh=10)
+        ax.set_xlim(left=0)
+        ax.set_xlabel("optimizer updates")
+        ax.set_ylabel("f(w) - f* (global minimum)")
+        ax.set_title(f"{loss}: loss above the global minimum; x = diverged", fontsize=10)
+        ax.legend(fontsize=7)
+        ax = axes[row, 2]
+        for lr, final, diverged, color in finals:
+            if diverged:
+                ax.plot([lr], [0.97], "x", color=color, ms=10, mew=2.5, transform=ax.get_xaxis_transform())
+            else:
+                ax.plot([lr], [max(final, 1e-16)], "o", color=color, ms=8)
+        ax.axvline(bound, color="k", ls="--", lw=1.2)
+        ax.text(bound, 0.5, f" 2/L = {bound:.3g}\n (L = {surface.L:.4g}, the curvature\n at the global minimum)",
+                transform=ax.get_xaxis_transform(), fontsize=8)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("learning rate")
+        ax.set_ylabel(f"final f(w) - f*, after {int(max(r.progress('updates', [r.history.get('val/loss', ([0], 0))[0][-1]])[0] for r in chosen))} updates")
+        ax.set_title(f"{loss}: where each learning rate ends; x on top = diverged", fontsize=10)
+    fig.suptitle(title)
+    text = ("Plain gradient descent on each toy loss at learning rates around 2/L, L the largest curvature at "
+            "the global minimum (a quadratic with that curvature diverges above 2/L).\n\n"
+            + _table(["loss", "lr", "lr / (2/L)", "ended", "final f - f*", "run"], rows))
+    return fig, text
+
+
+# -- experiment=edge_of_stability -----------------------------------------------------------------------------
+
+def edge_of_stability(runs: list[Run], title: str):
+    """λ_max against updates beside 2/η for each learning rate, and the training loss."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(15, 5.5), layout="constrained")
+    ax_l, ax_loss = fig.subplots(1, 2)
+    rows = []
+    for i, r in enumerate(sorted(runs, key=lambda r: _float(r, "optimizer.lr"))):
+        color, lr = f"C{i}", _float(r, "optimizer.lr")
+        x, lam = _updates(r, "sharpness/lambda_max")
+        _, limit = _updates(r, "sharpness/threshold")
+        ax_l.plot(x, lam, ".-", color=color, lw=1.2, ms=4, label=f"lr {lr:g}: λ_max")
+        if len(limit):
+            ax_l.axhline(limit[0], color=color, ls="--", lw=1, label=f"lr {lr:g}: 2/η = {limit[0]:.3g}")
+        xl, loss = _updates(r, "train/loss")
+        ax_loss.plot(xl, loss, color=color, lw=1.2, label=f"lr {lr:g}" + (" (diverged)" if r.diverged else ""))
+        if len(lam):
+            late = lam[len(lam) // 2:]
+            edge = limit[0] if len(limit) else np.nan
+            reached = int(x[np.argmax(lam >= 0.9 * edge)]) if (lam >= 0.9 * edge).any() else None
+            rows.append([f"{lr:g}", f"{edge:.3g}", f"{lam[0]:.3g}", f"{lam.max():.3g}",
+                         f"{np.median(late):.3g}", f"{np.median(late) / edge:.2f}",
+                         "—" if reached is None else str(reached), f"{loss[-1]:.4g}" if len(loss) else "—", r.name])
+    ax_l.set_xlabel("optimizer updates (full batch: one per epoch)")
+    ax_l.set_ylabel("sharpness λ_max of the training loss's Hessian")
+    ax_l.set_title("sharpness (solid) and its stability threshold 2/η (dashed)", fontsize=10)
+    ax_l.legend(fontsize=8, ncols=2)
+    ax_loss.set_yscale("log")
+    ax_loss.set_xlabel("optimizer updates")
+    ax_loss.set_ylabel("training loss (full batch)")
+    ax_loss.set_title("training loss", fontsize=10)
+    ax_loss.legend(fontsize=8)
+    fig.suptitle(title)
+    text = ("Full-batch gradient descent on the MLP: the sharpness λ_max (Lanczos on Hessian-vector products, "
+            "descent/measure/sharpness.py) against its threshold 2/η.\n\n"
+            + _table(["lr", "2/η", "λ_max first", "λ_max max", "λ_max median (2nd half)", "median / (2/η)",
+                      "update λ_max first ≥ 0.9 × 2/η", "final train loss", "run"], rows))
+    return fig, text
+
+
+PICTURES = {"local_minima": (local_minima, TOY_METRICS), "step_size": (step_size, TOY_METRICS),
+            "edge_of_stability": (edge_of_stability, SHARPNESS_METRICS)}
+
+
+def make(name: str, tracking_uri: str, parent_run_id: str, out_dir: str | Path) -> dict[str, Path]:
+    """Draw picture `name` of the sweep `parent_run_id`; write <name>.png and <name>.md into out_dir and log
+    them to the parent run under report/. Returns {"png", "md"} -> path."""
+    from mlflow import MlflowClient
+
+    from descent.store import resolve_uri
+
+    if name not in PICTURES:
+        raise ReportError(f"no picture {name!r}: there are {', '.join(PICTURES)}")
+    draw, metrics = PICTURES[name]
+    client = MlflowClient(resolve_uri(tracking_uri))
+    parent, runs = select_runs(client, parent_run_id, metrics=metrics)
+    title = f"{name}: sweep {parent.info.run_name} (run {parent.info.run_id}), {len(runs)} runs"
+    fig, text = draw(runs, title)
+    out = Path(out_dir).absolute()
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"png": out / f"{name}.png", "md": out / f"{name}.md"}
+    fig.savefig(paths["png"], dpi=100)
+    paths["md"].write_text(f"# {title}\n\n{text}\n\n![{name}]({name}.png)\n")
+    for path in paths.values():
+        client.log_artifact(parent.info.run_id, str(path), "report")
+    return paths

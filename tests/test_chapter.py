@@ -1,0 +1,121 @@
+"""The chapter's presets end to end at a tiny size, in this process (python src/train.py -m as typed, without
+the start-up of a new interpreter): experiment=local_minima, step_size and edge_of_stability, each ending with
+its figure on the sweep's parent run; the loop's numbers against a plain-python trajectory and a measurement
+recomputed from the final weights."""
+
+import runpy
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from conftest import DATA, ROOT, sqlite_store
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def multirun(tmp_path, monkeypatch, *overrides):
+    """`python src/train.py -m <overrides>` in this process, on a store of its own; returns (client, parent,
+    children by job number)."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    store = sqlite_store(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    monkeypatch.setattr(sys, "argv", ["src/train.py", "-m", f"hydra.sweep.dir={tmp_path}/sweep",
+                                      "trainer.progress_bar=false", *overrides])
+    GlobalHydra.instance().clear()
+    runpy.run_path(str(ROOT / "src" / "train.py"), run_name="__main__")  # as `python src/train.py` runs it
+    GlobalHydra.instance().clear()
+    client = MlflowClient(store)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    [parent] = [r for r in runs if r.data.tags.get("descent.sweep") == "true"]
+    children = sorted([r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id],
+                      key=lambda r: int(r.data.tags["hydra.job.num"]))
+    return client, parent, children
+
+
+def figure_on_parent(client, parent, name: str) -> str:
+    logged = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
+    assert {f"report/{name}.png", f"report/{name}.md", "report/convergence.png"} <= logged
+    png = Path(client.download_artifacts(parent.info.run_id, f"report/{name}.png"))
+    assert png.read_bytes()[:8] == PNG_MAGIC and png.stat().st_size > 20_000
+    return Path(client.download_artifacts(parent.info.run_id, f"report/{name}.md")).read_text()
+
+
+def values(client, run, key):
+    return np.array([m.value for m in sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)])
+
+
+def heavy_ball(w, lr, momentum, updates, tilt=0.25):
+    """torch.optim.SGD's momentum on f(w) = w^4/4 - w^2/2 - tilt w, in plain python floats."""
+    path, v = [], None
+    for _ in range(updates):
+        g = w**3 - w - tilt
+        v = g if v is None else momentum * v + g
+        w -= lr * v
+        path.append(w)
+    return path
+
+
+def test_local_minima_momentum_rolls_past_the_local_minimum_as_the_plain_python_trajectory_does(tmp_path, monkeypatch):
+    client, parent, children = multirun(tmp_path, monkeypatch, "experiment=local_minima", "data.n_train=300",
+                                        "optimizer.momentum=0.0,0.9", "data.noise=0.0", "seed=0")
+    assert parent.info.status == "FINISHED" and len(children) == 2
+    for run, ends in zip(children, ("local", "global")):
+        momentum = float(run.data.params["optimizer.momentum"])
+        expected = heavy_ball(-2.0, 0.01, momentum, 300)
+        w = values(client, run, "toy/w")
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "toy/w")] == list(range(1, 301))
+        assert w == pytest.approx(expected, abs=2e-4)  # float32 in the loop, float64 here
+        minimum = {"local": -0.8376, "global": 1.1072}[ends]
+        assert w[-1] == pytest.approx(minimum, abs=0.02)
+        assert values(client, run, "toy/step")[0] == pytest.approx(abs(expected[0] + 2.0), rel=1e-4)
+        f = lambda w: w**4 / 4 - w**2 / 2 - 0.25 * w
+        assert values(client, run, "val/loss")[-1] == pytest.approx(f(w[-1]), abs=1e-5)
+        assert "trajectory.png" in {a.path for a in client.list_artifacts(run.info.run_id)}
+    table = figure_on_parent(client, parent, "local_minima")
+    assert "| 0 | 0 | 0/1 | 1/1 | 0/1 |" in table and "| 0.9 | 0 | 1/1 | 0/1 | 0/1 |" in table
+
+
+def test_step_size_sets_the_learning_rate_from_2_over_L_and_marks_the_divergent_one(tmp_path, monkeypatch):
+    # the 2-D surface (the local_minima test draws the 1-D curve); 2/L = 2/1001.6 on Rosenbrock
+    client, parent, children = multirun(tmp_path, monkeypatch, "experiment=step_size", "data.n_train=150",
+                                        "model=rosenbrock", "lr_ratio=0.5,3.0")
+    for run, ratio in zip(children, (0.5, 3.0)):
+        assert float(run.data.params["optimizer.lr"]) == pytest.approx(ratio * 2 / 1001.6006392, rel=1e-6)
+        assert run.data.params["model.start"] == "[-1.5, 2.0]"  # the preset's start for this model
+        assert (run.info.status, run.data.tags.get("diverged")) == (("FAILED", "true") if ratio == 3.0 else
+                                                                    ("FINISHED", None))
+    table = figure_on_parent(client, parent, "step_size")
+    assert table.count("| diverged (update") == 1 and "| rosenbrock | 0.0009984 | 0.5 |" in table
+
+
+def test_edge_of_stability_logs_sharpness_without_changing_the_training(tmp_path, monkeypatch):
+    client, parent, children = multirun(
+        tmp_path, monkeypatch, "experiment=edge_of_stability", f"data.root={DATA}", "logger.log_model=false",
+        "data.limit_train=300", "trainer.max_epochs=4", "trainer.sharpness_subset=200", "optimizer.lr=0.5",
+        "trainer.sharpness_every=2,null")
+    measured, plain = children
+    assert values(client, measured, "train/loss") == pytest.approx(values(client, plain, "train/loss"), rel=0)
+    history = client.get_metric_history(measured.info.run_id, "sharpness/lambda_max")
+    assert [m.step for m in sorted(history, key=lambda m: m.step)] == [300, 600, 1200]  # updates 1, 2, 4
+    assert set(values(client, measured, "sharpness/threshold")) == {4.0}  # 2/η
+    assert "sharpness/lambda_max" not in plain.data.metrics
+    # the last value, recomputed from the run's final weights (its last checkpoint)
+    from descent.data import load_split
+    from descent.measure.sharpness import lambda_max
+    from descent.nets import MLP
+    import torch.nn.functional as F
+
+    net = MLP()
+    ckpt = torch.load(Path(measured.data.tags["hydra.output_dir"]) / "checkpoints" / "last.ckpt", weights_only=False)
+    net.load_state_dict({k.removeprefix("net."): v for k, v in ckpt["state_dict"].items()})
+    x, y = load_split(DATA, train=True)
+    expected, _ = lambda_max(net, F.cross_entropy, x[:200], y[:200])
+    assert measured.data.metrics["sharpness/lambda_max"] == pytest.approx(expected, rel=1e-3)
+    text = figure_on_parent(client, parent, "edge_of_stability")
+    assert "| 0.5 | 4 |" in text
