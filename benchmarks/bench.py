@@ -14,7 +14,7 @@ How it measures (the same on every row):
   memory less clean).
 - same model (descent.nets.MLP, keras init, seed 0), same data order (descent.data.epoch_permutation),
   same hyperparameters (conf/optimizer/*.yaml); flush-denormal on for descent and the plain loop.
-- descent = a real pytorch_lightning.Trainer fitting descent.loop.Classifier on MNISTDataModule, built
+- descent = a real pytorch_lightning.Trainer fitting descent.loop.Classifier on IDXDataModule, built
   from conf/ as src/train.py builds it; its time is the Classifier's own clock (train_seconds: from
   on_train_epoch_start to the epoch's last update, lightning's per-chunk overhead included).
 - plain = descent.reference.plain_train with torch's default optimizer (for-loop, not fused, eager).
@@ -195,9 +195,9 @@ def run_plain(job: dict, cfg) -> dict:
     from omegaconf import OmegaConf
 
     import descent.reference as reference
-    from descent.data import ensure_mnist, epoch_permutation, load_split
+    from descent.data import ensure_data, epoch_permutation, load_split
 
-    ensure_mnist(cfg.data.root, download=False)
+    ensure_data(cfg.data.root, download=False)
     device = torch.device(job.get("device", "cpu"))
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     x, y = load_split(cfg.data.root, train=True)
@@ -241,10 +241,10 @@ def run_bare_graph(job: dict, cfg) -> dict:
     import torch.nn.functional as F
     from hydra.utils import instantiate
 
-    from descent.data import ensure_mnist, epoch_permutation, load_split
+    from descent.data import ensure_data, epoch_permutation, load_split
     from descent.graphs import optimizer_kwargs
 
-    ensure_mnist(cfg.data.root, download=False)
+    ensure_data(cfg.data.root, download=False)
     device = torch.device("cuda")
     x, y = load_split(cfg.data.root, train=True)
     n = cfg.data.limit_train or len(x)

@@ -16,7 +16,7 @@ os.environ.setdefault("KERAS_BACKEND", "torch")  # must be set before keras is i
 import keras  # noqa: E402
 import torch  # noqa: E402
 
-from descent.data import ensure_mnist, epoch_permutation, load_split  # noqa: E402
+from descent.data import ensure_data, epoch_permutation, load_split  # noqa: E402
 from descent.nets import MLP  # noqa: E402
 
 from bench import Others, rss_mib  # noqa: E402  (benchmarks/ is this script's folder, first on sys.path)
@@ -49,7 +49,7 @@ def main() -> None:
     assert keras.backend.backend() == "torch", keras.backend.backend()
     base = rss_mib("VmRSS")
 
-    ensure_mnist(args.data, download=False)
+    ensure_data(args.data, download=False)
     x, y = load_split(args.data, train=True)
     if args.limit:
         x, y = x[: args.limit], y[: args.limit]

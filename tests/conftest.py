@@ -19,9 +19,9 @@ DATA = ROOT / "data"  # the project's own cache, built from the offline bundle o
 
 @pytest.fixture(scope="session")
 def mnist_root() -> Path:
-    from descent.data import ensure_mnist
+    from descent.data import ensure_data
 
-    ensure_mnist(DATA, download=False)
+    ensure_data(DATA, download=False)
     return DATA
 
 

@@ -39,17 +39,26 @@ def test_defaults_are_the_seed_run():
 def test_every_option_composes_and_instantiates(group, option):
     cfg = compose_with(f"{group}={option}")
     net = instantiate(cfg.model)
-    assert sum(p.numel() for p in net.parameters()) == 784 * 512 + 512 + 512 * 10 + 10
+    assert sum(p.numel() for p in net.parameters()) == PARAMETERS[cfg_choice(group, option, "model", "mlp")]
+    assert net(torch.zeros(2, 784)).shape == (2, 10)  # every network reads the in-memory N x 784 rows
     make_opt = instantiate(cfg.optimizer)
     assert isinstance(make_opt, partial)
     opt = make_opt(net.parameters())
     assert isinstance(opt, torch.optim.Optimizer)
     dm = instantiate(cfg.data, seed=cfg.seed)
     assert dm.batch_size == {"mini": 128, "online": 1, "full": None}.get(cfg_choice(group, option, "batching"), 128)
+    assert dm.name == {"mnist": "MNIST", "fashion_mnist": "FashionMNIST"}[cfg_choice(group, option, "data", "mnist")]
 
 
-def cfg_choice(group, option, wanted):
-    return option if group == wanted else "mini"
+def cfg_choice(group, option, wanted, default="mini"):
+    return option if group == wanted else default
+
+
+PARAMETERS = {  # keras' model.summary() of the book's networks
+    "mlp": 784 * 512 + 512 + 512 * 10 + 10,  # 407050
+    "linear": 784 * 10 + 10,  # 7850
+    "cnn": (9 * 32 + 32) + (9 * 32 * 64 + 64) + (9 * 64 * 128 + 128) + (3 * 3 * 128 * 10 + 10),  # 104202 (ch. 8)
+}
 
 
 @pytest.mark.parametrize("preset", GROUPS["experiment"])

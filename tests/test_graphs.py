@@ -17,7 +17,7 @@ from hydra.utils import instantiate
 from conftest import ROOT, train
 from descent import graphs
 from descent.config import ConfigError, validate
-from descent.data import MNISTDataModule
+from descent.data import IDXDataModule
 from descent.loop import Classifier, Diverged
 from descent.nets import MLP
 from descent.reference import plain_train
@@ -39,7 +39,7 @@ def optimizer(name, **overrides):
 
 def fit(root, opt_name, batching, cuda_graphs, accelerator="cpu", ckpt=None, callbacks=(), lr=None):
     torch.manual_seed(0)
-    dm = MNISTDataModule(root=str(root), limit_train=N, batch_size=BATCHES[batching], chunk_size=256, seed=SEED)
+    dm = IDXDataModule(root=str(root), limit_train=N, batch_size=BATCHES[batching], chunk_size=256, seed=SEED)
     module = Classifier(net=MLP(), optimizer=optimizer(opt_name, **({"lr": lr} if lr else {})),
                         log_every_examples=100, cuda_graphs=cuda_graphs)
     trainer = pl.Trainer(max_epochs=EPOCHS, accelerator=accelerator, devices=1, logger=False,

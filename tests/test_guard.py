@@ -9,7 +9,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 from conftest import ROOT
-from descent.data import MNISTDataModule
+from descent.data import IDXDataModule
 from descent.loop import Classifier, segments
 from descent.reference import plain_train
 
@@ -33,7 +33,7 @@ def test_fast_path_matches_plain_loop(mnist_root, opt_name, batch_size, compiled
     reference, initial = copy.deepcopy(net), copy.deepcopy(net)
 
     # chunk_size 256 puts several updates in a chunk (mini), and splits the full batch of 600 in 3 pieces
-    dm = MNISTDataModule(root=str(mnist_root), limit_train=N, batch_size=batch_size, chunk_size=256, seed=SEED)
+    dm = IDXDataModule(root=str(mnist_root), limit_train=N, batch_size=batch_size, chunk_size=256, seed=SEED)
     module = Classifier(net=net, optimizer=optimizer(opt_name), log_every_examples=100, compile_optimizer=compiled)
     trainer = pl.Trainer(max_epochs=EPOCHS, accelerator="cpu", logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)

@@ -43,7 +43,7 @@ def test_model_reproduces_the_runs_test_accuracy(small_sweep, runs):
 
 
 def test_datasets_are_run_inputs_with_context_shape_and_digest(runs):
-    from descent.data import MNISTDataModule
+    from descent.data import IDXDataModule
     from descent.record import digest
 
     client, by_name = runs
@@ -59,7 +59,7 @@ def test_datasets_are_run_inputs_with_context_shape_and_digest(runs):
     assert {c: d.digest for c, d in sgd.items()} == {c: d.digest for c, d in rmsprop.items()}
 
     # the digest is of the exact tensors: rebuilt here, they give the same one; other data, another one
-    dm = MNISTDataModule(root=str(DATA), val_size=1000, limit_train=2000)
+    dm = IDXDataModule(root=str(DATA), val_size=1000, limit_train=2000)
     dm.setup()
     assert rmsprop["train"].digest == digest(dm.x_train, dm.y_train)
     assert rmsprop["validation"].digest == digest(dm.x_val, dm.y_val)

@@ -91,7 +91,7 @@ BAD = {
     "data.chunk_size=0": "data.chunk_size=0: must be an integer >= 1",
     "data.download=yes": "data.download='yes': must be true or false",
     "+data.seed=3":  # train.py passes the top-level seed itself
-        "data.seed: unknown key; allowed keys for descent.data.MNISTDataModule: root, name, download,",
+        "data.seed: unknown key; allowed keys for descent.data.IDXDataModule: root, name, download,",
     # model
     "model.init=xavier": "model.init='xavier': must be one of keras, torch",
     "model.hidden=0": "model.hidden=0: must be an integer >= 1",

@@ -30,6 +30,7 @@ from pathlib import Path
 
 from hydra.experimental.callback import Callback
 
+from descent import debian
 from descent.server import kill_group
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -60,14 +61,12 @@ def ensure_extra(extra: str, module: str) -> None:
 def ensure_apt(programs: list[str], packages: list[str]) -> None:
     if all(shutil.which(p) for p in programs):
         return
-    if os.geteuid() != 0:
-        raise ClusterError(f"{', '.join(programs)} not found; as root: apt-get install -y {' '.join(packages)}")
-    print(f"installing {' '.join(packages)} (apt-get)", flush=True)
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    install = ["apt-get", "install", "-y", "--no-install-recommends", *packages]
-    if subprocess.run(install, env=env).returncode != 0:  # a fresh machine may have no package lists yet
-        subprocess.run(["apt-get", "update"], env=env, check=True)
-        subprocess.run(install, env=env, check=True)
+    if os.geteuid() == 0:
+        print(f"installing {' '.join(packages)} (apt-get)", flush=True)
+    try:
+        debian.install(packages)
+    except debian.DebianError as e:
+        raise ClusterError(f"{', '.join(programs)} not found; {e}") from e
 
 
 def free_port() -> int:

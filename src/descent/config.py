@@ -14,7 +14,10 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError
 
 TARGET_PREFIXES = ("torch.optim.", "torch.nn.", "descent.")
-N_TRAIN = 60000  # MNIST's training examples, which val_size and limit_train divide up
+N_TRAIN = 60000  # every dataset's training examples (MNIST, Fashion-MNIST), which val_size and limit_train divide up
+SIDE, CLASSES = 28, 10
+PIXELS = SIDE * SIDE
+DATASETS = ("MNIST", "FashionMNIST")  # descent/data.py's DATASETS (not imported here: it starts torch)
 
 
 class ConfigError(ValueError):
@@ -102,10 +105,19 @@ LOGGER = {"experiment_name": STRING, "tracking_uri": STRING, "log_checkpoint": B
 # data, model and optimizer accept the parameters of their _target_'s __init__; these are the ones
 # with limits; the others must match the type of their default.
 TARGET_RULES = {
-    "data": {"name": STRING, "root": STRING, "download": BOOLEAN, "chunk_size": integer(1),
+    "data": {"name": (lambda v: v in DATASETS, "one of " + ", ".join(DATASETS) + " (descent/data.py's table)"),
+             "root": STRING, "download": BOOLEAN, "chunk_size": integer(1),
              "val_size": ANY, "limit_train": ANY, "batch_size": ANY,  # see _data_sizes
              "noise": NON_NEGATIVE, "n_train": integer(1)},  # a toy loss's gradient oracle (descent/toy.py)
-    "model": {"in_features": integer(1), "hidden": integer(1), "classes": integer(1),
+    # every dataset is 28 x 28 grey images (784 pixels) of 10 classes: the networks' ends must fit them
+    "model": {"in_features": (lambda v: v == PIXELS, f"{PIXELS} (the 28 x 28 pixels of every dataset)"),
+              "side": (lambda v: v == SIDE, f"{SIDE} (every dataset's images are {SIDE} x {SIDE})"),
+              "classes": (lambda v: v == CLASSES, f"{CLASSES} (every dataset's classes)"),
+              "hidden": (lambda v: _is_int(v) and v >= 1 or isinstance(v, list) and all(_is_int(h) and h >= 1 for h in v),
+                         "a list of integers >= 1, the hidden layers' widths ([] = none: softmax regression)"),
+              "filters": (lambda v: isinstance(v, list) and 1 <= len(v) <= 3 and all(_is_int(f) and f >= 1 for f in v),
+                          "a list of 1 to 3 integers >= 1, the convolutions' channels (a 4th leaves no pixel of "
+                          f"{SIDE} x {SIDE} after its pools)"),
               "init": (lambda v: v in ("keras", "torch"), "one of keras, torch"),
               "loss": ANY, "start": ANY},  # a toy loss (descent/toy.py): see _toy
     "optimizer": {
@@ -428,8 +440,8 @@ RESUME_MAY_CHANGE = {
     "logger.log_model": "what is recorded",
     "logger.register_model": "what is recorded",
     "logger.system_metrics": "what is recorded",
-    "data.root": "where the MNIST files are (other files are refused by their checks and the checkpoint's)",
-    "data.download": "where missing MNIST files come from",
+    "data.root": "where the data files are (other files are refused by their checks and the checkpoint's)",
+    "data.download": "where missing data files come from",
 }
 
 

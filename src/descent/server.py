@@ -65,14 +65,14 @@ def ensure_postgresql() -> None:
         return
     except ServerError:
         pass
-    if os.geteuid() != 0:
-        raise ServerError("PostgreSQL is not installed; as root: apt-get install -y postgresql")
-    print("installing PostgreSQL (apt-get install postgresql)", flush=True)
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    install = ["apt-get", "install", "-y", "--no-install-recommends", "postgresql"]
-    if subprocess.run(install, env=env).returncode != 0:  # a fresh machine may have no package lists yet
-        subprocess.run(["apt-get", "update"], env=env, check=True)
-        subprocess.run(install, env=env, check=True)
+    from descent import debian
+
+    if os.geteuid() == 0:
+        print("installing PostgreSQL (apt-get install postgresql)", flush=True)
+    try:
+        debian.install(["postgresql"])
+    except debian.DebianError as e:
+        raise ServerError(f"PostgreSQL is not installed; {e}") from e
     pg_bin("initdb")
 
 

@@ -1,0 +1,210 @@
+"""Every dataset with every network (issue 19): they compose and validate, Fashion-MNIST's cache is built and
+repaired from Debian's package, and each network performs the plain loop's updates in each regime."""
+
+import copy
+import shutil
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import open_dict
+
+from conftest import DATA, ROOT
+from descent import config, data, debian
+from descent.config import ConfigError, validate
+from descent.data import DATASETS, DataError, IDXDataModule, check_raw, ensure_data, gunzip_raw, load_split
+from descent.loop import Classifier
+from descent.reference import plain_train
+
+CONF = ROOT / "conf"
+MODELS = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
+DATA_OPTIONS = sorted(p.stem for p in (CONF / "data").glob("*.yaml"))
+EPOCHS, SEED = 1, 3
+BATCHES = {"online": 1, "mini": 128, "full": None}
+# examples per regime: a partial last batch (mini), a full batch in 3 chunks of 128; online SGD's 40 updates
+# cost the CNN as much as mini's 3 (about 5 ms each on one core here)
+SIZES = {"online": 40, "mini": 300, "full": 300}
+
+
+def compose_with(*overrides, hydra=False):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("train", overrides=list(overrides), return_hydra_config=hydra)
+
+
+@pytest.fixture(scope="session")
+def fashion_root():
+    """The project's Fashion-MNIST cache, as `data=fashion_mnist` builds it offline (Debian's package, installed
+    once as root: CI runs as root with fresh package lists)."""
+    ensure_data(DATA, "FashionMNIST", download=False)
+    return DATA
+
+
+def test_the_models_and_datasets_are_the_documented_ones():
+    assert MODELS == ["cnn", "linear", "mlp"] and DATA_OPTIONS == ["fashion_mnist", "mnist"]
+    assert tuple(DATASETS) == config.DATASETS  # config.py names them without importing torch
+
+
+@pytest.mark.parametrize("data_option", DATA_OPTIONS)
+@pytest.mark.parametrize("model", MODELS)
+def test_every_data_and_model_composes_and_validates(data_option, model):
+    cfg = compose_with(f"data={data_option}", f"model={model}")
+    validate(cfg)
+    net = instantiate(cfg.model)
+    assert net(torch.rand(3, 784)).shape == (3, 10)
+    dm = instantiate(cfg.data, seed=0)
+    assert dm.name in DATASETS
+
+
+@pytest.mark.parametrize("override,message", [
+    ("model.hidden=[512,0]", "model.hidden=[512, 0]: must be a list of integers >= 1"),
+    ("model=cnn model.filters=[32,64,128,256]", "model.filters=[32, 64, 128, 256]: must be a list of 1 to 3 integers"),
+    ("model=cnn model.side=32", "model.side=32: must be 28"),
+    ("model.in_features=100", "model.in_features=100: must be 784"),
+    ("data.name=KMNIST", "data.name='KMNIST': must be one of MNIST, FashionMNIST"),
+])
+def test_bad_model_and_data_keys_are_refused_by_name(override, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        validate(compose_with(*override.split()))
+
+
+@pytest.mark.parametrize("preset", ["gd_vs_sgd", "optimizers"])
+@pytest.mark.parametrize("override", ["data=fashion_mnist", "model=linear", "model=cnn"])
+def test_studies_take_another_dataset_or_network_as_one_override(preset, override):
+    cfg = compose_with(f"experiment={preset}", override, hydra=True)
+    HydraConfig.instance().set_config(cfg)  # the presets' lr interpolations read hydra:runtime.choices
+    try:
+        assert cfg.hydra.runtime.choices[override.split("=")[0]] == override.split("=")[1]
+        with open_dict(cfg):
+            del cfg["hydra"]
+        validate(cfg)
+        assert instantiate(cfg.optimizer)(instantiate(cfg.model).parameters()).defaults["lr"] > 0
+    finally:
+        HydraConfig.instance().cfg = None
+
+
+# -- Fashion-MNIST's files -------------------------------------------------------------------------
+
+def test_fashion_mnist_is_the_official_release(fashion_root):
+    check_raw(fashion_root / "FashionMNIST" / "raw", DATASETS["FashionMNIST"].sums)  # the published sums
+    x, y = load_split(fashion_root, train=True, name="FashionMNIST")
+    assert x.shape == (60000, 784) and 0 <= x.min() and x.max() <= 1
+    assert tuple(torch.bincount(y).tolist()) == DATASETS["FashionMNIST"].train_counts
+    assert y[:5].tolist() == [9, 0, 0, 3, 0]  # ankle boot, t-shirt, t-shirt, dress, t-shirt (upstream's README)
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_corrupt_fashion_mnist_cache_is_rebuilt(fashion_root, tmp_path, damage):
+    raw = tmp_path / "FashionMNIST" / "raw"
+    shutil.copytree(fashion_root / "FashionMNIST" / "raw", raw)
+    path = raw / "t10k-images-idx3-ubyte"
+    blob = bytearray(path.read_bytes())
+    if damage == "flip":
+        blob[-1] ^= 0xFF  # same size, same header: only the published checksum can tell
+    else:
+        blob = blob[: len(blob) // 2]
+    path.write_bytes(bytes(blob))
+    (raw / "SHA256SUMS").write_text("")  # a tampered record of our own is no excuse: the published sums rule
+    with pytest.raises(DataError):
+        check_raw(raw, DATASETS["FashionMNIST"].sums)
+    assert ensure_data(tmp_path, "FashionMNIST", download=False).startswith("Debian package dataset-fashion-mnist")
+    check_raw(raw, DATASETS["FashionMNIST"].sums)
+    assert not list(raw.glob(".*"))  # no staging folder left behind
+
+
+def test_without_root_the_package_is_unpacked_not_installed(tmp_path):
+    package, folder = DATASETS["FashionMNIST"].debian
+    where = debian.unpack(package, tmp_path / "deb")  # apt-get download + dpkg -x: what a user without root gets
+    gunzip_raw(tmp_path / "FashionMNIST" / "raw", where / folder, DATASETS["FashionMNIST"].sums)
+    assert ensure_data(tmp_path, "FashionMNIST", download=False) == "cache"
+
+
+def test_no_debian_package_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setitem(DATASETS, "FashionMNIST", data.IDXSet("FashionMNIST", (6000,) * 10, DATASETS[
+        "FashionMNIST"].sums, debian=("dataset-fashion-mnist-no-such-package", "usr/share/x")))
+    monkeypatch.setattr(debian.os, "geteuid", lambda: 1000)  # a user without root: apt-get download, nothing installed
+    with pytest.raises(DataError, match="FashionMNIST not found under .*apt-get download dataset-fashion-mnist-no-"):
+        ensure_data(tmp_path, "FashionMNIST", download=False)
+
+
+# -- each network, each regime: the plain loop's updates ---------------------------------------------
+
+def net_of(model, **overrides):
+    cfg = compose_with(f"model={model}", *[f"model.{k}={v}" for k, v in overrides.items()])
+    return instantiate(cfg.model)
+
+
+def optimizer(name):
+    return instantiate(compose_with(f"optimizer={name}").optimizer)
+
+
+def fit(root, name, model, opt_name, batching, cuda_graphs=False, ckpt=None, callbacks=(), epochs=EPOCHS, **model_kw):
+    torch.manual_seed(0)
+    dm = IDXDataModule(root=str(root), name=name, limit_train=SIZES[batching], batch_size=BATCHES[batching],
+                       chunk_size=16 if batching == "online" else 128, seed=SEED)
+    module = Classifier(net=net_of(model, **model_kw), optimizer=optimizer(opt_name), log_every_examples=100,
+                        cuda_graphs=cuda_graphs)
+    trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                         callbacks=list(callbacks))
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt)
+    return module, dm
+
+
+# each network in each regime, the optimizers spread over them (each optimizer is generic over parameters:
+# test_guard.py and test_graphs.py run all of them on the MLP); one of the CNN's on the graph path's step
+CASES = [
+    ("linear", "sgd", "online", False), ("linear", "nesterov", "mini", False), ("linear", "adam", "full", False),
+    ("cnn", "sgd_momentum", "online", False), ("cnn", "rmsprop", "mini", False), ("cnn", "adam", "full", False),
+    ("cnn", "adam", "mini", True),
+    ("mlp", "rmsprop", "mini", False),  # two hidden layers: hidden=[64,32]
+]
+
+
+@pytest.mark.parametrize("model,opt_name,batching,graphed", CASES,
+                         ids=[f"{m}-{o}-{b}{'-graph' * g}" for m, o, b, g in CASES])
+def test_each_network_matches_the_plain_loop(mnist_root, fashion_root, model, opt_name, batching, graphed):
+    name = "FashionMNIST" if model == "linear" else "MNIST"  # both datasets through the same module
+    kw = {"hidden": "[64,32]"} if model == "mlp" else {}
+    module, dm = fit(fashion_root if name == "FashionMNIST" else mnist_root, name, model, opt_name, batching,
+                     cuda_graphs=graphed, **kw)
+    assert (module.graph is not None) == graphed
+    torch.manual_seed(0)
+    reference = net_of(model, **kw)
+    initial = copy.deepcopy(reference)
+    n = SIZES[batching]
+    bs = BATCHES[batching] or n
+    updates = plain_train(reference, optimizer(opt_name)(reference.parameters()), dm.x_train, dm.y_train,
+                          batch_size=bs, epochs=EPOCHS, seed=SEED)
+    assert module.updates == updates == EPOCHS * -(-n // bs)
+    assert not torch.allclose(next(reference.parameters()), next(initial.parameters()), atol=1e-5)
+    for p, q in zip(module.net.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+
+
+class Stop(Exception):
+    pass
+
+
+class StopAfterChunks(pl.Callback):
+    def __init__(self, chunks: int, path):
+        self.chunks, self.path, self.seen = chunks, path, 0
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        self.seen += 1
+        if self.seen == self.chunks:
+            trainer.save_checkpoint(self.path, weights_only=False)  # as SafetyCheckpoints on SIGTERM
+            raise Stop
+
+
+def test_a_cnn_run_resumes_to_the_uninterrupted_run(mnist_root, tmp_path):
+    whole, _ = fit(mnist_root, "MNIST", "cnn", "rmsprop", "mini", epochs=2)
+    ckpt = tmp_path / "stop.ckpt"
+    with pytest.raises(Stop):  # mid-epoch 1: example 256 of 300 of the second epoch
+        fit(mnist_root, "MNIST", "cnn", "rmsprop", "mini", epochs=2, callbacks=[StopAfterChunks(5, ckpt)])
+    resumed, _ = fit(mnist_root, "MNIST", "cnn", "rmsprop", "mini", epochs=2, ckpt=str(ckpt))
+    assert (resumed.examples, resumed.updates) == (whole.examples, whole.updates) == (600, 6)
+    for p, q in zip(resumed.net.parameters(), whole.net.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
