@@ -1,10 +1,12 @@
-"""descent's loop against the plain PyTorch loop and Keras 3, on the MNIST runs of ch. 2.
+"""descent's loop against the plain PyTorch loop and Keras 3, on the MNIST runs of ch. 2 (and issue 19's
+convnet and softmax regression).
 
     make bench                                   # full run: ~10 minutes on 2 cores
     make bench ARGS="--quick --no-keras"         # smoke test: tiny sizes, under a minute
     make bench ARGS="--threads 1 --out FILE"     # the policy rows at one intra-op thread
     make bench ARGS="--only seed,online-sgd,busy-seed,busy-online-sgd"   # the thread policy's rows (issue 20)
     make bench ARGS="--only checkpoints"         # the seed run's checkpoints on sqlite and a tracking server
+    make bench ARGS="--only cnn,linear-online --no-keras"   # issue 19's networks against the plain loop
 
 How it measures (the same on every row):
 - every (regime, contender) trains in a fresh subprocess on the real MNIST cache: one warm-up epoch
@@ -12,7 +14,7 @@ How it measures (the same on every row):
   `--rounds` times with the contender order reversed each round, and the table gives medians over
   all timed epochs. --quick runs the torch jobs in one process per wait policy and load instead (faster,
   memory less clean).
-- same model (descent.nets.MLP, keras init, seed 0), same data order (descent.data.epoch_permutation),
+- same model (descent.nets.MLP, or the row's conf/model option; keras init, seed 0), same data order (descent.data.epoch_permutation),
   same hyperparameters (conf/optimizer/*.yaml); flush-denormal on for descent and the plain loop.
 - descent = a real pytorch_lightning.Trainer fitting descent.loop.Classifier on IDXDataModule, built
   from conf/ as src/train.py builds it; its time is the Classifier's own clock (train_seconds: from
@@ -75,6 +77,7 @@ class Regime:
     target: float             # descent's median must be <= target x the plain loop's
     device: str = "cpu"
     busy: bool = False        # one other CPU-bound process runs beside each job
+    model: str = "mlp"        # conf/model/<name>.yaml
 
 
 def regimes(quick: bool, keras: bool, gpu: bool = False) -> list[Regime]:
@@ -106,7 +109,12 @@ def regimes(quick: bool, keras: bool, gpu: bool = False) -> list[Regime]:
                3 if quick else 4, threads, 0.8, busy=True),
         Regime("busy-online-sgd", f"sgd lr 0.01, batch 1, first {online_n}, one core taken", "sgd", "online",
                online_n, 3 if quick else 4, threads, 1.0, busy=True),
-    ]
+    ] + ([] if quick else [  # issue 19's other networks (not in --quick: the suite's smoke test stays as it was)
+        Regime("cnn", "the book's convnet, rmsprop, batch 128, first 6000", "rmsprop", "mini", 6000, 3,
+               ("plain", "descent"), 1.05, model="cnn"),
+        Regime("linear-online", "softmax regression, sgd lr 0.01, batch 1, first 2000", "sgd", "online", 2000, 4,
+               ("plain", "descent"), 1.05, model="linear"),
+    ])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -170,7 +178,7 @@ def compose(job: dict):
 
     compiled = job["contender"] == "descent-compiled"
     overrides = [
-        f"optimizer={job['optimizer']}", f"batching={job['batching']}", f"seed={SEED}",
+        f"model={job.get('model', 'mlp')}", f"optimizer={job['optimizer']}", f"batching={job['batching']}", f"seed={SEED}",
         f"data.root={job['data']}", f"data.limit_train={job['limit'] if job['limit'] else 'null'}",
         f"trainer.max_epochs={job['epochs']}", f"trainer.compile_optimizer={str(compiled).lower()}",
         "logger.experiment_name=bench",
@@ -361,7 +369,7 @@ def run_descent(job: dict, cfg) -> dict:
     logger = False
     if job["contender"] == "descent-mlflow":  # built as train.py builds it, against a temporary sqlite store
         os.environ["MLFLOW_TRACKING_URI"] = job["store"]
-        choices = {"data": "mnist", "model": "mlp", "optimizer": job["optimizer"], "batching": job["batching"]}
+        choices = {"data": "mnist", "model": job.get("model", "mlp"), "optimizer": job["optimizer"], "batching": job["batching"]}
         logger = tracking.make_logger(cfg, choices, str(ROOT), {})
         logger.experiment  # the store and the run exist before fit, as in train.py (a one-off, not per epoch)
         logger.bench_seconds, logger.bench_depth = 0.0, 0
@@ -722,7 +730,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--budget", type=float, help="seconds for the whole run (default 540, --quick: no limit): "
                    "under load, jobs stop after fewer timed epochs (at least one) to stay within it")
     p.add_argument("--only", help="comma-separated regimes to run (seed, online-sgd, online-rmsprop, full-batch, "
-                   "startup, checkpoints, and with CUDA gpu-seed, gpu-online-sgd, gpu-full-batch); default all")
+                   "busy-seed, busy-online-sgd, cnn, linear-online, startup, checkpoints, and with CUDA gpu-seed, "
+                   "gpu-online-sgd, gpu-full-batch); default all")
     p.add_argument("--no-gpu", action="store_true", help="skip the gpu-* rows even where CUDA is available")
     p.add_argument("--data", type=lambda d: str(Path(d).resolve()), default=str(ROOT / "data"), help="MNIST root (IDX files under <data>/MNIST/raw)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -760,7 +769,7 @@ def main(argv: list[str] | None = None) -> None:
             # what is left of the run's budget, shared by the jobs still to come (never below warm-up + 1 epoch)
             budget = max(0.0, (deadline - time.perf_counter()) / (len(schedule) - i)) if deadline else 0.0
             result_path = tmp / f"{reg.key}-{name}-{rnd}.json"
-            job = {"regime": reg.key, "contender": name, "optimizer": reg.optimizer, "batching": reg.batching,
+            job = {"regime": reg.key, "contender": name, "model": reg.model, "optimizer": reg.optimizer, "batching": reg.batching,
                    "limit": reg.limit, "epochs": reg.epochs, "data": args.data, "store": store, "device": reg.device,
                    "budget": budget, "result": str(result_path), "busy": reg.busy,
                    # the thread policy's rows, or torch's threads as they were before it (2 on 2 cores)

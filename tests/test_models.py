@@ -13,7 +13,7 @@ from hydra.utils import instantiate
 from omegaconf import open_dict
 
 from conftest import DATA, ROOT
-from descent import config, data, debian
+from descent import config, data, debian, threads
 from descent.config import ConfigError, validate
 from descent.data import DATASETS, DataError, IDXDataModule, check_raw, ensure_data, gunzip_raw, load_split
 from descent.loop import Classifier
@@ -24,9 +24,9 @@ MODELS = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
 DATA_OPTIONS = sorted(p.stem for p in (CONF / "data").glob("*.yaml"))
 EPOCHS, SEED = 1, 3
 BATCHES = {"online": 1, "mini": 128, "full": None}
-# examples per regime: a partial last batch (mini), a full batch in 3 chunks of 128; online SGD's 40 updates
-# cost the CNN as much as mini's 3 (about 5 ms each on one core here)
-SIZES = {"online": 40, "mini": 300, "full": 300}
+# examples per regime: a partial last batch (mini: 128 + 72), a full batch in 2 chunks of 128; online SGD's
+# 40 updates cost the CNN less than mini's 2 (about 5 ms against 175 ms each on one core here)
+SIZES = {"online": 40, "mini": 200, "full": 200}
 
 
 def compose_with(*overrides, hydra=False):
@@ -140,13 +140,24 @@ def optimizer(name):
     return instantiate(compose_with(f"optimizer={name}").optimizer)
 
 
-def fit(root, name, model, opt_name, batching, cuda_graphs=False, ckpt=None, callbacks=(), epochs=EPOCHS, **model_kw):
+@pytest.fixture(autouse=True)
+def restore_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def fit(root, name, model, opt_name, batching, cuda_graphs=False, ckpt=None, callbacks=(), epochs=EPOCHS,
+        accelerator="cpu", **model_kw):
+    # the intra-op threads src/train.py would give this batch size (descent/threads.py): one for online SGD,
+    # where two collapse ~100x for the CNN beside another CPU-bound process
+    torch.set_num_threads(threads.choose(BATCHES[batching] or SIZES[batching], threads.cpus_granted()))
     torch.manual_seed(0)
     dm = IDXDataModule(root=str(root), name=name, limit_train=SIZES[batching], batch_size=BATCHES[batching],
                        chunk_size=16 if batching == "online" else 128, seed=SEED)
     module = Classifier(net=net_of(model, **model_kw), optimizer=optimizer(opt_name), log_every_examples=100,
                         cuda_graphs=cuda_graphs)
-    trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
+    trainer = pl.Trainer(max_epochs=epochs, accelerator=accelerator, devices=1, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                          callbacks=list(callbacks))
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt)
@@ -158,7 +169,7 @@ def fit(root, name, model, opt_name, batching, cuda_graphs=False, ckpt=None, cal
 CASES = [
     ("linear", "sgd", "online", False), ("linear", "nesterov", "mini", False), ("linear", "adam", "full", False),
     ("cnn", "sgd_momentum", "online", False), ("cnn", "rmsprop", "mini", False), ("cnn", "adam", "full", False),
-    ("cnn", "adam", "mini", True),
+    ("cnn", "adam", "online", True),
     ("mlp", "rmsprop", "mini", False),  # two hidden layers: hidden=[64,32]
 ]
 
@@ -184,6 +195,22 @@ def test_each_network_matches_the_plain_loop(mnist_root, fashion_root, model, op
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: capture and replay exist only there")
+@pytest.mark.parametrize("model", ["linear", "cnn"])
+@pytest.mark.parametrize("batching", list(BATCHES))
+def test_each_network_is_captured_and_matches_the_plain_loop_on_cuda(mnist_root, model, batching):
+    module, dm = fit(mnist_root, "MNIST", model, "adam", batching, cuda_graphs="auto", accelerator="gpu")
+    assert module.graph is not None and module.graph.capture and module.graph.graphs
+    torch.manual_seed(0)
+    reference = net_of(model).to(dm.x_train.device)
+    n = SIZES[batching]
+    plain_train(reference, optimizer("adam")(reference.parameters()), dm.x_train, dm.y_train,
+                batch_size=BATCHES[batching] or n, epochs=EPOCHS, seed=SEED)
+    for p, q in zip(module.net.parameters(), reference.parameters()):  # GPU sums need not add up in one order
+        torch.testing.assert_close(p, q, rtol=1e-3, atol=1e-4)
+
+
 class Stop(Exception):
     pass
 
@@ -200,11 +227,12 @@ class StopAfterChunks(pl.Callback):
 
 
 def test_a_cnn_run_resumes_to_the_uninterrupted_run(mnist_root, tmp_path):
-    whole, _ = fit(mnist_root, "MNIST", "cnn", "rmsprop", "mini", epochs=2)
+    whole, _ = fit(mnist_root, "MNIST", "cnn", "rmsprop", "online", epochs=2)
     ckpt = tmp_path / "stop.ckpt"
-    with pytest.raises(Stop):  # mid-epoch 1: example 256 of 300 of the second epoch
-        fit(mnist_root, "MNIST", "cnn", "rmsprop", "mini", epochs=2, callbacks=[StopAfterChunks(5, ckpt)])
-    resumed, _ = fit(mnist_root, "MNIST", "cnn", "rmsprop", "mini", epochs=2, ckpt=str(ckpt))
-    assert (resumed.examples, resumed.updates) == (whole.examples, whole.updates) == (600, 6)
+    with pytest.raises(Stop):  # inside the second epoch: after its first chunk (16 of its 40 examples)
+        fit(mnist_root, "MNIST", "cnn", "rmsprop", "online", epochs=2, callbacks=[StopAfterChunks(4, ckpt)])
+    assert torch.load(ckpt, weights_only=False)["descent"]["examples"] == 56
+    resumed, _ = fit(mnist_root, "MNIST", "cnn", "rmsprop", "online", epochs=2, ckpt=str(ckpt))
+    assert (resumed.examples, resumed.updates) == (whole.examples, whole.updates) == (80, 80)
     for p, q in zip(resumed.net.parameters(), whole.net.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
