@@ -100,7 +100,7 @@ def log_model(logger, net: torch.nn.Module, x_example: torch.Tensor, step: int, 
         # given, not inferred: inferring loads the model in a subprocess (seconds)
         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"],
         metadata={"input": "784 float32 pixels in [0, 1] (x / 255), a 28x28 image row by row",
-                  "output": "10 class scores (logits); argmax is the digit"},
+                  "output": "10 class scores (logits); argmax is the class (the digit, the kind of clothing)"},
     )
 
 
