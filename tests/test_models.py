@@ -95,16 +95,12 @@ def test_fashion_mnist_is_the_official_release(fashion_root):
     assert y[:5].tolist() == [9, 0, 0, 3, 0]  # ankle boot, t-shirt, t-shirt, dress, t-shirt (upstream's README)
 
 
-@pytest.mark.parametrize("damage", ["flip", "truncate"])
-def test_corrupt_fashion_mnist_cache_is_rebuilt(fashion_root, tmp_path, damage):
+def test_corrupt_fashion_mnist_cache_is_rebuilt(fashion_root, tmp_path):
     raw = tmp_path / "FashionMNIST" / "raw"
     shutil.copytree(fashion_root / "FashionMNIST" / "raw", raw)
     path = raw / "t10k-images-idx3-ubyte"
     blob = bytearray(path.read_bytes())
-    if damage == "flip":
-        blob[-1] ^= 0xFF  # same size, same header: only the published checksum can tell
-    else:
-        blob = blob[: len(blob) // 2]
+    blob[-1] ^= 0xFF  # same size, same header: only the published checksum can tell (headers: test_data.py)
     path.write_bytes(bytes(blob))
     (raw / "SHA256SUMS").write_text("")  # a tampered record of our own is no excuse: the published sums rule
     with pytest.raises(DataError):
@@ -236,3 +232,19 @@ def test_a_cnn_run_resumes_to_the_uninterrupted_run(mnist_root, tmp_path):
     assert (resumed.examples, resumed.updates) == (whole.examples, whole.updates) == (80, 80)
     for p, q in zip(resumed.net.parameters(), whole.net.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+def test_the_report_groups_by_every_config_group_that_differs():
+    from descent.report import Run, group
+
+    def run(batching, model, data, seed):
+        params = {"optimizer": "sgd", "batching": batching, "model": model, "data": data, "seed": str(seed),
+                  "optimizer.lr": {"full": "0.3", "mini": "1.0"}[batching], "data.name": data.upper()}
+        return Run(f"{batching}{model}{data}{seed}", "x", "FINISHED", params, {}, {})
+
+    runs = [run(b, m, d, s) for d in ("mnist", "fashion_mnist") for m in ("linear", "cnn") for b in ("full", "mini")
+            for s in (0, 1)]
+    by, configs = group(runs)
+    assert by == ["batching", "model", "data"]  # optimizer.lr and data.name follow from these
+    assert [c.label for c in configs][:3] == ["sgd-full-linear-mnist", "sgd-mini-linear-mnist", "sgd-full-cnn-mnist"]
+    assert len(configs) == 8 and all(len(c.runs) == 2 for c in configs)

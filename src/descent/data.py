@@ -392,3 +392,6 @@ class IDXDataModule(pl.LightningDataModule):
 
     def test_dataloader(self):
         return Split(self.x_test, self.y_test, self.chunk_size)
+
+
+MNISTDataModule = IDXDataModule  # the data._target_ in the config.yaml of runs recorded before Fashion-MNIST: resume reads it
