@@ -13,6 +13,7 @@ import numpy as np
 
 from descent.report import ReportError, Run, select_runs
 
+FLOOR = 1e-8  # f - f* below this is drawn here: the loop's float32 resolves f no finer near the minimum
 TOY_METRICS = ("toy/w", "toy/x", "toy/y", "toy/step", "val/loss")
 SHARPNESS_METRICS = ("sharpness/lambda_max", "sharpness/threshold", "train/loss")
 
@@ -151,9 +152,9 @@ def step_size(runs: list[Run], title: str):
             if len(path) > 1:
                 paths.append((path, color, label + (" (diverged)" if r.diverged else "")))
             x, v = _updates(r, "val/loss")
-            axes[row, 1].plot(x, np.maximum(v - f_star, 1e-16), color=color, lw=1.2, label=label)
+            axes[row, 1].plot(x, np.maximum(v - f_star, FLOOR), color=color, lw=1.2, label=label)
             if r.diverged and len(x):
-                axes[row, 1].plot(x[-1:], np.maximum(v[-1:] - f_star, 1e-16), "x", color=color, ms=9, mew=2)
+                axes[row, 1].plot(x[-1:], np.maximum(v[-1:] - f_star, FLOOR), "x", color=color, ms=9, mew=2)
             _, words = _outcome(r)
             final = float(v[-1]) - f_star if len(v) and not r.diverged else np.nan
             finals.append((lr, final, r.diverged, color))
@@ -164,10 +165,12 @@ def step_size(runs: list[Run], title: str):
         axes[row, 0].set_title(f"{loss}: paths from {_start(chosen[0])} (o start, * end)", fontsize=10)
         ax = axes[row, 1]
         ax.set_yscale("log")
+        first = [float(r.history["val/loss"][1][0]) - f_star for r in chosen if len(r.history.get("val/loss", ((), ()))[1])]
+        ax.set_ylim(FLOOR / 2, 10 * max([v for v in first if np.isfinite(v)] + [1]))  # diverged runs go off the top
         ax.set_xscale("symlog", linthresh=10)
         ax.set_xlim(left=0)
         ax.set_xlabel("optimizer updates")
-        ax.set_ylabel("f(w) - f* (global minimum)")
+        ax.set_ylabel(f"f(w) - f* (global minimum; floored at {FLOOR:g})")
         ax.set_title(f"{loss}: loss above the global minimum; x = diverged", fontsize=10)
         ax.legend(fontsize=7)
         ax = axes[row, 2]
@@ -175,7 +178,7 @@ def step_size(runs: list[Run], title: str):
             if diverged:
                 ax.plot([lr], [0.97], "x", color=color, ms=10, mew=2.5, transform=ax.get_xaxis_transform())
             else:
-                ax.plot([lr], [max(final, 1e-16)], "o", color=color, ms=8)
+                ax.plot([lr], [max(final, FLOOR)], "o", color=color, ms=8)
         ax.axvline(bound, color="k", ls="--", lw=1.2)
         ax.text(bound, 0.5, f" 2/L = {bound:.3g}\n (L = {surface.L:.4g}, the curvature\n at the global minimum)",
                 transform=ax.get_xaxis_transform(), fontsize=8)

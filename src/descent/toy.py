@@ -152,7 +152,10 @@ def draw(ax, loss: str, paths: list[tuple[np.ndarray, str, str]], end_marker: st
     surface = LOSSES[loss]
     if surface.dim == 1:
         w = np.linspace(*surface.box[0], 400)
-        ax.plot(w, surface.fn(torch.tensor(w)[:, None]).numpy(), color="0.3", lw=1.5)
+        curve = surface.fn(torch.tensor(w)[:, None]).numpy()
+        ax.plot(w, curve, color="0.3", lw=1.5)
+        margin = 0.08 * (curve.max() - curve.min())
+        ax.set_ylim(curve.min() - margin, curve.max() + margin)  # a diverging path leaves the picture
         for points, color, label in paths:
             w = points[:, 0]
             f = surface.fn(torch.tensor(points)).numpy()
