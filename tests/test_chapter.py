@@ -3,6 +3,8 @@ the start-up of a new interpreter): experiment=local_minima, step_size and edge_
 its figure on the sweep's parent run; the loop's numbers against a plain-python trajectory and a measurement
 recomputed from the final weights."""
 
+import logging
+import os
 import runpy
 import sys
 from pathlib import Path
@@ -27,9 +29,19 @@ def multirun(tmp_path, monkeypatch, *overrides):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
     monkeypatch.setattr(sys, "argv", ["src/train.py", "-m", f"hydra.sweep.dir={tmp_path}/sweep",
                                       "trainer.progress_bar=false", *overrides])
+    # what a run sets for its own process, put back for the tests that follow in this one: the environment,
+    # logging (Hydra's job logging), torch's threads (descent/threads.py)
+    environ, root = dict(os.environ), logging.getLogger()
+    handlers, level, threads = list(root.handlers), root.level, torch.get_num_threads()
     GlobalHydra.instance().clear()
-    runpy.run_path(str(ROOT / "src" / "train.py"), run_name="__main__")  # as `python src/train.py` runs it
-    GlobalHydra.instance().clear()
+    try:
+        runpy.run_path(str(ROOT / "src" / "train.py"), run_name="__main__")  # as `python src/train.py` runs it
+    finally:
+        GlobalHydra.instance().clear()
+        os.environ.clear()
+        os.environ.update(environ)
+        root.handlers[:], root.level = handlers, level
+        torch.set_num_threads(threads)
     client = MlflowClient(store)
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     [parent] = [r for r in runs if r.data.tags.get("descent.sweep") == "true"]
@@ -97,12 +109,12 @@ def test_step_size_sets_the_learning_rate_from_2_over_L_and_marks_the_divergent_
 def test_edge_of_stability_logs_sharpness_without_changing_the_training(tmp_path, monkeypatch):
     client, parent, children = multirun(
         tmp_path, monkeypatch, "experiment=edge_of_stability", f"data.root={DATA}", "logger.log_model=false",
-        "data.limit_train=300", "trainer.max_epochs=4", "trainer.sharpness_subset=200", "optimizer.lr=0.5",
+        "data.limit_train=128", "trainer.max_epochs=4", "trainer.sharpness_subset=64", "optimizer.lr=0.5",
         "trainer.sharpness_every=2,null")
     measured, plain = children
     assert values(client, measured, "train/loss") == pytest.approx(values(client, plain, "train/loss"), rel=0)
     history = client.get_metric_history(measured.info.run_id, "sharpness/lambda_max")
-    assert [m.step for m in sorted(history, key=lambda m: m.step)] == [300, 600, 1200]  # updates 1, 2, 4
+    assert [m.step for m in sorted(history, key=lambda m: m.step)] == [128, 256, 512]  # updates 1, 2, 4
     assert set(values(client, measured, "sharpness/threshold")) == {4.0}  # 2/η
     assert "sharpness/lambda_max" not in plain.data.metrics
     # the last value, recomputed from the run's final weights (its last checkpoint)
@@ -115,7 +127,7 @@ def test_edge_of_stability_logs_sharpness_without_changing_the_training(tmp_path
     ckpt = torch.load(Path(measured.data.tags["hydra.output_dir"]) / "checkpoints" / "last.ckpt", weights_only=False)
     net.load_state_dict({k.removeprefix("net."): v for k, v in ckpt["state_dict"].items()})
     x, y = load_split(DATA, train=True)
-    expected, _ = lambda_max(net, F.cross_entropy, x[:200], y[:200])
+    expected, _ = lambda_max(net, F.cross_entropy, x[:64], y[:64])
     assert measured.data.metrics["sharpness/lambda_max"] == pytest.approx(expected, rel=1e-3)
     text = figure_on_parent(client, parent, "edge_of_stability")
     assert "| 0.5 | 4 |" in text

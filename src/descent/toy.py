@@ -117,6 +117,14 @@ class Trace:
     def __init__(self, net: Toy):
         self.coords, self.last = net.surface.coords, torch.tensor(net.start, dtype=torch.float64)
 
+    # a resumed run's first step is measured from where the checkpoint left the point (the loop's checkpoint
+    # carries each measurement's state_dict)
+    def state_dict(self) -> dict:
+        return {"last": self.last.tolist()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.last = torch.tensor(state["last"], dtype=torch.float64)
+
     def __call__(self, module) -> dict[str, float]:
         w = module.net.w.detach().double().cpu()
         found = {f"toy/{c}": float(v) for c, v in zip(self.coords, w)}

@@ -83,6 +83,13 @@ class Sharpness:
         self.due = 0  # the next measurement at or after this many updates
         self.vector: np.ndarray | None = None  # the last eigenvector: the next Lanczos starts from it
 
+    def state_dict(self) -> dict:  # a resumed run goes on with the same schedule and Lanczos start
+        return {"due": self.due, "vector": None if self.vector is None else torch.from_numpy(self.vector)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.due = state["due"]
+        self.vector = None if state["vector"] is None else state["vector"].numpy()
+
     def __call__(self, module) -> dict[str, float]:
         if module.updates < self.due:
             return {}
