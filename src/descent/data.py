@@ -394,4 +394,4 @@ class IDXDataModule(pl.LightningDataModule):
         return Split(self.x_test, self.y_test, self.chunk_size)
 
 
-MNISTDataModule = IDXDataModule  # the data._target_ of runs recorded before Fashion-MNIST (resume reads their config.yaml); descent/toy.py
+MNISTDataModule = IDXDataModule  # the data._target_ of runs recorded before Fashion-MNIST (resume reads their config.yaml)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from descent.data import MNISTDataModule
+from descent.data import IDXDataModule
 
 TILT = 0.25  # the double well's tilt: its right-hand minimum is the global one
 
@@ -80,10 +80,10 @@ class Toy(nn.Module):
         return losses.sum() if reduction == "sum" else losses.mean()
 
 
-class ToyData(MNISTDataModule):
+class ToyData(IDXDataModule):
     """`n_train` draws of gradient noise (normal, std `noise` per coordinate, centred), as the training set.
 
-    Their dimension is the model's (read from the module at setup). The loading and chunking are MNIST's.
+    Their dimension is the model's (read from the module at setup). The chunking is the image datasets'.
     """
 
     def __init__(self, noise: float = 0.0, n_train: int = 1000, batch_size: int | None = 1,
