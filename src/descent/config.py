@@ -52,6 +52,8 @@ POSITIVE = (lambda v: _is_number(v) and v > 0, "a finite number > 0")
 NON_NEGATIVE = (lambda v: _is_number(v) and v >= 0, "a finite number >= 0")
 FRACTION = (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)")
 ANY = (lambda v: True, "anything")  # checked elsewhere, together with other keys
+PATTERNS = (lambda v: isinstance(v, list) and all(isinstance(p, str) and p for p in v),
+            "a list of fnmatch patterns of parameter names (e.g. [\"0.weight\", \"*.bias\"])")
 LR_TABLE = (lambda v: isinstance(v, dict) and all(POSITIVE[0](lr) for lr in v.values()),
             "a mapping of option names to learning rates > 0")
 
@@ -132,6 +134,20 @@ TARGET_RULES = {
         "weight_decay": NON_NEGATIVE,
         "foreach": BOOLEAN_OR_AUTO,
         "fused": BOOLEAN_OR_AUTO,
+        # torch.optim.LBFGS
+        "max_iter": integer(1),
+        "max_eval": nullable(integer(1), "max_iter * 5 / 4"),
+        "history_size": integer(1),
+        "tolerance_grad": NON_NEGATIVE,
+        "tolerance_change": NON_NEGATIVE,
+        "line_search_fn": (lambda v: v in (None, "strong_wolfe"), "null (a fixed step of lr) or strong_wolfe"),
+        # descent.optim.MuonAdamW (torch.optim.Muon's and AdamW's keys)
+        "ns_steps": integer(1, 99),
+        "adjust_lr_fn": (lambda v: v in (None, "original", "match_rms_adamw", "spectral_unclamped"),
+                         "null, original, match_rms_adamw or spectral_unclamped"),
+        "muon_params": PATTERNS,
+        "adamw_params": PATTERNS,
+        "adamw": (lambda v: isinstance(v, dict), "a mapping of torch.optim.AdamW's keys"),  # checked as a section
     },
 }
 SUPPLIED = {"data": {"seed"}, "optimizer": {"params"}}  # arguments train.py and the module pass themselves
@@ -217,6 +233,11 @@ def _target_rules(name: str, node: DictConfig, problems: list) -> tuple[dict, li
     if not inspect.isclass(cls):
         problems.append(f"{name}._target_={_show(target)}: must name a class")
         return None
+    return _class_rules(name, cls, target)
+
+
+def _class_rules(name: str, cls, target: str) -> tuple[dict, list, str]:
+    """The keys a class's __init__ accepts under section `name`, with their rules, and the required ones."""
     params = [p for p in inspect.signature(cls).parameters.values()
               if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and p.name not in SUPPLIED.get(name, ())]
     # a parameter without a rule of ours must at least have the type of its default
@@ -275,6 +296,47 @@ def _toy(model: dict) -> list[str]:
     return []
 
 
+def _target_class(node: DictConfig):
+    """The class of a section whose _target_ validate() found importable (so this imports nothing new)."""
+    module, _, attr = node._target_.rpartition(".")
+    return getattr(importlib.import_module(module), attr)
+
+
+def _optimizer(cfg: DictConfig, values: dict, problems: list) -> list[str]:
+    """What an optimizer asks of the rest of the config: a closure needs batches of more than one example;
+    MuonAdamW's nested adamw keys and its parameter groups, against the model's parameter names."""
+    import torch
+
+    from descent.optim import MuonAdamW, needs_closure
+
+    cls, found = _target_class(cfg.optimizer), []
+    batch_size = OmegaConf.select(cfg, "data.batch_size", throw_on_resolution_failure=False)
+    if needs_closure(cls) and batch_size == 1:
+        found.append(f"data.batch_size=1 (batching=online): refused with optimizer {cfg.optimizer._target_}, whose "
+                     "step evaluates its batch several times through a closure (line search, curvature pairs): "
+                     "allowed are null (batching=full) or a batch of at least 2 examples (e.g. data.batch_size=10000)")
+    if issubclass(cls, MuonAdamW):
+        if isinstance(values.get("adamw"), dict):
+            rules, _, where = _class_rules("optimizer", torch.optim.AdamW, "torch.optim.AdamW")
+            supplied = ("_target_", "_partial_", "capturable")  # MuonAdamW builds it and passes capturable itself
+            _check(cfg.optimizer.adamw, "optimizer.adamw.", {k: r for k, r in rules.items() if k not in supplied},
+                   [], where, problems)
+        groups = {k: values[k] for k in ("muon_params", "adamw_params") if k in values}
+        if len(groups) == 2 and all(PATTERNS[0](v) for v in groups.values()) and not any(
+                p.startswith("model.") for p in problems):
+            from hydra.utils import instantiate
+
+            with torch.device("meta"):  # the parameters' names and shapes, without their memory
+                net = instantiate(cfg.model)
+            try:
+                MuonAdamW(net.named_parameters(), muon_params=groups["muon_params"],
+                          adamw_params=groups["adamw_params"])
+            except ValueError as e:
+                found += ["optimizer." + line.replace(", adamw_params", ", optimizer.adamw_params")
+                          for line in str(e).splitlines()]
+    return found
+
+
 def validate(cfg: DictConfig) -> None:
     """Raise ConfigError listing every problem of the config; import only allowed _target_s."""
     problems = _refused_targets(cfg)
@@ -295,7 +357,7 @@ def validate(cfg: DictConfig) -> None:
             if name == "model":
                 problems += _toy(values)
             if name == "optimizer":
-                problems += _nesterov(values)
+                problems += _nesterov(values) + _optimizer(cfg, values, problems)
     problems += _toy_pair(cfg)
     if problems:
         raise ConfigError("\n".join(problems))

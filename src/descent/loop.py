@@ -17,6 +17,7 @@ from torch import nn
 
 from descent import graphs
 from descent.data import epoch_permutation
+from descent.optim import needs_closure
 
 
 def seconds_since_process_start() -> float:
@@ -168,6 +169,7 @@ class Classifier(pl.LightningModule):
         # progress, kept in the checkpoint so a resumed run continues the same axes
         self.examples = 0  # training examples seen: the step of every logged metric
         self.updates = 0
+        self.evaluations = 0  # the batch's loss and gradient evaluated: once per update, or as often as a closure asks
         self.train_seconds = 0.0
         self.last_val_step = -1
         self.epoch_offset = 0  # examples of epoch offset_epoch already trained on
@@ -202,7 +204,8 @@ class Classifier(pl.LightningModule):
 
     def configure_optimizers(self):
         capture = graphs.wanted(self.cuda_graphs, self.device) and self.device.type == "cuda"
-        return self.make_optimizer(self.net.parameters(), **graphs.optimizer_kwargs(self.make_optimizer, capture))
+        # named: descent.optim.MuonAdamW picks its groups by name; torch's optimizers record the names
+        return self.make_optimizer(self.net.named_parameters(), **graphs.optimizer_kwargs(self.make_optimizer, capture))
 
     def forward(self, x):
         return self.net(x)
@@ -219,7 +222,13 @@ class Classifier(pl.LightningModule):
         self.opt_step = self.opt.step
         if self.compile_optimizer:  # one fused kernel instead of ~5 passes (RMSprop: 0.29 -> 0.06 ms a step)
             self.opt_step = torch.compile(self.opt.step)
-        if graphs.wanted(self.cuda_graphs, self.device) and self.classifies:  # the graph path: descent/graphs.py
+        self.closure = needs_closure(type(self.opt))  # L-BFGS: _train_closure
+        if self.closure and graphs.wanted(self.cuda_graphs, self.device):
+            # its step runs the closure a data-dependent number of times and reads the loss on the host to
+            # decide (line search, tolerances): no fixed sequence of kernels for a graph to record
+            log.info("updates eagerly: %s's step calls a closure, which a CUDA graph cannot capture",
+                     type(self.opt).__name__)
+        elif graphs.wanted(self.cuda_graphs, self.device) and self.classifies:  # the graph path: descent/graphs.py
             dm, capture = self.trainer.datamodule, self.device.type == "cuda"
             self.graph = graphs.GraphStep(self.net, self.opt, dm.x_train, dm.y_train, capture=capture)
             log.info("updates through descent.graphs.GraphStep (%s)",
@@ -232,6 +241,7 @@ class Classifier(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         grads = [p.grad for p in self.net.parameters()]  # a batch larger than a chunk, half accumulated
         checkpoint["descent"] = {k: getattr(self, k) for k in PROGRESS} | {
+            "evaluations": self.evaluations,
             "window": self.window.state(),
             "grads": None if all(g is None for g in grads) else grads,
             "data": data_signature(self.trainer.datamodule),
@@ -247,6 +257,7 @@ class Classifier(pl.LightningModule):
                               "older descent?): it cannot be resumed exactly")
         for k in PROGRESS:
             setattr(self, k, state[k])
+        self.evaluations = state.get("evaluations", self.updates)  # older checkpoints: one evaluation per update
         self.resumed = state
 
     def on_train_start(self) -> None:
@@ -304,6 +315,8 @@ class Classifier(pl.LightningModule):
     def training_step(self, chunk, chunk_idx):
         if self.graph is not None:
             return self._train_graphed(len(chunk[0]))
+        if self.closure:
+            return self._train_closure(*chunk)
         # the hot loop: locals only, two small ops of bookkeeping per update (loss.detach, argmax)
         x, y = chunk
         net, opt, step, window, cross_entropy = self.net, self.opt, self.opt_step, self.window, self.criterion
@@ -353,6 +366,60 @@ class Classifier(pl.LightningModule):
         self.examples, self.updates = examples, updates
         self.epoch_offset = self.epoch_pos = offset + length
 
+    def _train_closure(self, x, y) -> None:
+        # a closure-based optimizer (L-BFGS): its step evaluates the batch's loss and gradient itself, as
+        # often as its line search needs, so nothing is computed per piece. A batch that lies in the chunk
+        # is read from it; one spanning several chunks (a full batch) is gathered at its last piece from
+        # the training set by epoch position, as the graph path does: no gradient is half-accumulated
+        # between chunks, and a checkpoint there resumes by evaluating the batch whole
+        examples, offset, updates = self.examples, self.epoch_offset, self.updates
+        updates_before = updates
+        self.epoch_closed = False
+        for a, b, batch_len, ends_batch in segments(offset, len(x), self.n_train, self.batch_size):
+            examples += b - a
+            if ends_batch:
+                if b - a == batch_len:
+                    pieces = [(x[a:b], y[a:b])]
+                else:
+                    dm = self.trainer.datamodule
+                    perm = epoch_permutation(self.n_train, dm.seed, self.current_epoch, self.device)
+                    index = perm[offset + b - batch_len : offset + b].split(len(x))  # chunk-sized pieces
+                    pieces = [(dm.x_train[i], dm.y_train[i]) for i in index]
+                self.opt.step(self._closure(pieces, batch_len))
+                self.opt.zero_grad(set_to_none=True)  # as the eager loop: a checkpoint here holds no gradient
+                updates += 1
+                if examples >= self.next_log or batch_len >= self.log_every or examples >= self.next_val:
+                    self._log_point(examples, updates, offset + b, batch_len)
+        self.trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress.increment_by(updates - updates_before)
+        self.examples, self.updates = examples, updates
+        self.epoch_offset = self.epoch_pos = offset + len(x)
+
+    def _closure(self, pieces: list, batch_len: int):
+        """The batch's mean loss with its gradient in .grad; the first evaluation (at the weights before
+        the step, as every other optimizer's train/loss) goes into the metric window."""
+        first = [True]
+
+        def closure():
+            self.opt.zero_grad(set_to_none=True)
+            total = 0.0
+            for xb, yb in pieces:
+                logits = self.net(xb)
+                if len(pieces) == 1:  # the plain loop's mean, bit for bit
+                    loss = self.criterion(logits, yb)
+                    weight = batch_len
+                else:
+                    loss = self.criterion(logits, yb, reduction="sum") / batch_len
+                    weight = batch_len  # the window sums loss * weight: this piece's sum
+                loss.backward()
+                total += loss.detach()
+                if first[0]:
+                    self.window.add(loss.detach(), weight, logits, yb)
+            first[0] = False
+            self.evaluations += 1
+            return total
+
+        return closure
+
     def _log_point(self, examples: int, updates: int, epoch_pos: int, batch_len: int) -> None:
         self.examples, self.updates, self.epoch_pos = examples, updates, epoch_pos
         if examples >= self.next_log or batch_len >= self.log_every:
@@ -383,6 +450,7 @@ class Classifier(pl.LightningModule):
             **({"train/acc": acc} if self.classifies else {}),
             "progress/epoch": self.offset_epoch + self.epoch_pos / self.n_train,
             "progress/updates": self.updates,
+            "progress/evaluations": self.evaluations if self.closure else self.updates,
             "progress/seconds": self._clock(),
         })
         if not math.isfinite(loss):  # the point above is recorded: the report marks where it happened
