@@ -40,27 +40,30 @@ class Both:
         self.adamw.step()
 
 
-def fit(net, opt_cfg, batch_size, epochs=EPOCHS, ckpt_path=None, root=None):
+def fit(net, opt_cfg, batch_size, epochs=EPOCHS, ckpt_path=None, root=None, cuda_graphs=False):
     dm = MNISTDataModule(root=str(root), limit_train=N, batch_size=batch_size, chunk_size=256, seed=SEED)
-    module = Classifier(net=net, optimizer=instantiate(opt_cfg), log_every_examples=100)
+    module = Classifier(net=net, optimizer=instantiate(opt_cfg), log_every_examples=100, cuda_graphs=cuda_graphs)
     trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_progress_bar=False,
                          enable_model_summary=False, limit_val_batches=0, enable_checkpointing=False)
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path, weights_only=False)
     return module, dm
 
 
-# chunk_size 256: mini puts 2 updates in a chunk; full (600) and 300 spread a batch over chunks, which the
-# closure gathers whole at its last piece; 200 lies in a chunk
-CASES = [("adamw", 128), ("muon", 128), ("lbfgs", None), ("lbfgs", 300), ("lbfgs", 200)]
+# chunk_size 256: mini puts 2 updates in a chunk; the full batch (600) spreads over 3 chunks, which the
+# closure gathers whole at its last piece; 200 lies in a chunk. graph: the graph path's step, uncaptured
+# (trainer.cuda_graphs=true on CPU, as tests/test_graphs.py); L-BFGS falls back to the eager loop there
+CASES = [("adamw", 128, False), ("adamw", 128, True), ("muon", 128, False), ("muon", 128, True),
+         ("lbfgs", None, True), ("lbfgs", 200, False)]
 
 
-@pytest.mark.parametrize("name,batch_size", CASES, ids=[f"{n}-{b or 'full'}" for n, b in CASES])
-def test_new_optimizers_match_plain_loop(mnist_root, name, batch_size):
+@pytest.mark.parametrize("name,batch_size,graph", CASES, ids=[f"{n}-{b or 'full'}{'-graph' * g}" for n, b, g in CASES])
+def test_new_optimizers_match_plain_loop(mnist_root, name, batch_size, graph):
     torch.manual_seed(0)
     net = instantiate({"_target_": "descent.nets.MLP"})
     reference, initial = copy.deepcopy(net), copy.deepcopy(net)
     opt_cfg = config(f"optimizer={name}").optimizer
-    module, dm = fit(net, opt_cfg, batch_size, root=mnist_root)
+    module, dm = fit(net, opt_cfg, batch_size, root=mnist_root, cuda_graphs=graph)
+    assert (module.graph is not None) == (graph and name != "lbfgs")
 
     bs = batch_size or N
     plain = Both(reference, opt_cfg) if name == "muon" else instantiate(opt_cfg)(reference.parameters())
