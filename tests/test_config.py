@@ -20,7 +20,7 @@ def compose_with(*overrides):
 
 
 def test_groups_are_the_documented_ones():
-    assert GROUPS["optimizer"] == ["adam", "nesterov", "rmsprop", "sgd", "sgd_momentum"]
+    assert GROUPS["optimizer"] == ["adam", "adamw", "lbfgs", "muon", "nesterov", "rmsprop", "sgd", "sgd_momentum"]
     assert GROUPS["batching"] == ["full", "mini", "online"]
     assert {"data", "model", "experiment"} <= set(GROUPS)
 
@@ -48,7 +48,7 @@ def test_every_option_composes_and_instantiates(group, option):
     assert net(torch.zeros(2, 784)).shape == (2, 10)  # every network reads the in-memory N x 784 rows
     make_opt = instantiate(cfg.optimizer)
     assert isinstance(make_opt, partial)
-    opt = make_opt(net.parameters())
+    opt = make_opt(net.named_parameters())  # as the module passes them (descent.optim.MuonAdamW picks by name)
     assert isinstance(opt, torch.optim.Optimizer)
     dm = instantiate(cfg.data, seed=cfg.seed)
     assert dm.batch_size == {"mini": 128, "online": 1, "full": None}.get(cfg_choice(group, option, "batching"), 128)
@@ -77,7 +77,7 @@ def test_every_experiment_preset_composes(preset):
     try:
         with open_dict(cfg):
             del cfg["hydra"]
-        opt = instantiate(cfg.optimizer)(instantiate(cfg.model).parameters())
+        opt = instantiate(cfg.optimizer)(instantiate(cfg.model).named_parameters())
         assert opt.defaults["lr"] > 0
     finally:
         HydraConfig.instance().cfg = None

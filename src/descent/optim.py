@@ -60,7 +60,7 @@ class MuonAdamW(torch.optim.Optimizer):
                                      weight_decay=weight_decay, ns_steps=ns_steps, eps=eps, adjust_lr_fn=adjust_lr_fn)
         # Muon keeps no step count and has no capturable flag; AdamW's count goes on the device for a CUDA graph
         self.adamw = torch.optim.AdamW(groups["adamw"], **dict(adamw or {}), capturable=capturable)
-        self.defaults = {}  # no Optimizer.__init__: the two optimizers own the parameters, groups and state
+        self.defaults = self.muon.defaults  # no Optimizer.__init__: the two optimizers own the parameters, groups, state
         self._optimizer_step_pre_hooks, self._optimizer_step_post_hooks = {}, {}
 
     @property
