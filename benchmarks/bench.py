@@ -81,7 +81,7 @@ class Regime:
 
 
 def regimes(quick: bool, keras: bool, gpu: bool = False) -> list[Regime]:
-    seed = ("plain", "descent", "descent-compiled", "descent-mlflow") + (("keras",) if keras else ())
+    seed = ("plain", "descent", "descent-compiled", "descent-mlflow", "descent-noise") + (("keras",) if keras else ())
     online_n = 100 if quick else 2000
     # issue 11's targets on an H200, as ratios to the plain loop it measured there (0.734 s/epoch seed,
     # 0.99 ms/update online); full batch: <= 1.5x plain
@@ -182,6 +182,8 @@ def compose(job: dict):
         f"data.root={job['data']}", f"data.limit_train={job['limit'] if job['limit'] else 'null'}",
         f"trainer.max_epochs={job['epochs']}", f"trainer.compile_optimizer={str(compiled).lower()}",
         "logger.experiment_name=bench",
+        # the gradient noise scale (descent/measure/noise.py) on its own row only: the others time the loop alone
+        f"trainer.noise_scale={str(job['contender'] == 'descent-noise').lower()}",
     ] + (["trainer.cuda_graphs=false"] if job["contender"] == "descent-eager" else [])
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         return hydra_compose("train", overrides=overrides)
@@ -305,7 +307,7 @@ def run_descent(job: dict, cfg) -> dict:
     import pytorch_lightning as pl
     from hydra.utils import instantiate
 
-    from descent import tracking
+    from descent import measure, tracking
     from descent.loop import Classifier
 
     class EpochClock(pl.Callback):
@@ -366,6 +368,7 @@ def run_descent(job: dict, cfg) -> dict:
     pl.seed_everything(cfg.seed, verbose=False)
     datamodule = instantiate(cfg.data, seed=cfg.seed)
     module = Classifier.from_config(cfg)
+    module.measures += measure.from_config(cfg, module.net)  # as train.py: the noise scale on descent-noise only
     logger = False
     if job["contender"] == "descent-mlflow":  # built as train.py builds it, against a temporary sqlite store
         os.environ["MLFLOW_TRACKING_URI"] = job["store"]
@@ -375,6 +378,16 @@ def run_descent(job: dict, cfg) -> dict:
         logger.bench_seconds, logger.bench_depth = 0.0, 0
         for name in ("log_metrics", "flush", "save"):
             timed(logger, name)
+    measure_seconds = [0.0]
+    for i, measure in enumerate(module.measures):  # descent-noise: the time inside each measurement
+        def timed_measure(m, measure=measure):
+            tic = time.perf_counter()
+            try:
+                return measure(m)
+            finally:
+                measure_seconds[0] += time.perf_counter() - tic
+
+        module.measures[i] = timed_measure
     clock = EpochClock()
     trainer = pl.Trainer(
         max_epochs=cfg.trainer.max_epochs, accelerator=job.get("device", "cpu"), devices=1, logger=logger,
@@ -400,7 +413,10 @@ def run_descent(job: dict, cfg) -> dict:
         result["compile_seconds"] = clock.compile_s
     if logger:
         result["logger_seconds"] = logger.bench_seconds
+    if logger or module.measures:
         result["train_seconds"] = module.train_seconds
+    if module.measures:
+        result["measure_seconds"] = measure_seconds[0]
     if job["regime"].endswith("seed"):
         result["test_acc"] = module.evaluate(datamodule.x_test, datamodule.y_test)[1]
     return result
@@ -705,6 +721,16 @@ def overheads(rows: dict[tuple[str, str], Row], firsts: list[float], walls: list
             + ", ".join(f"{s:.2f}" for s in share)
             + " | time inside descent.tracking.Logger's log_metrics/flush/save (sqlite store, final flush included) "
             f"over the Classifier's training seconds; epoch medians with vs without the logger differ by {diff:+.1f} % |"
+        )
+    if ("seed", "descent-noise") in rows:
+        noise = rows["seed", "descent-noise"]
+        share = [100 * m / t for m, t in zip(noise.extra["measure_seconds"], noise.extra["train_seconds"])]
+        lines.append(
+            f"| gradient noise scale, % of seed training time | {statistics.median(share):.2f} % | "
+            + ", ".join(f"{s:.2f}" for s in share)
+            + " | time inside descent.measure.noise.NoiseScale (probe of trainer.noise_probe=1024 examples at each "
+            "validation point: each epoch's end in the seed run) over the Classifier's training seconds, warm-up "
+            "epoch included; the issue's bar: <= 3 % for on by default |"
         )
     if firsts:
         lines.append(

@@ -22,6 +22,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="output folder (default: the sweep's folder, else outputs/reports/<timestamp>/)")
     parser.add_argument("--pictures", metavar="NAME", choices=("local_minima", "step_size", "edge_of_stability"),
                         help="also draw this preset's figure (descent/pictures.py) for the sweep --parent names")
+    parser.add_argument("--scaling", action="store_true",
+                        help="the batch-size scaling report of an experiment=batch_scaling sweep instead: updates and "
+                             "examples to the target per optimizer and batch size, the fit S = S_min + E_min/B and "
+                             "B_crit (scaling.png, .md, .csv; metrics scaling.* on the sweep's parent run)")
     parser.add_argument("--tracking-uri", metavar="URI",
                         help="MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)")
     args = parser.parse_args(argv)
@@ -31,7 +35,13 @@ def main(argv: list[str] | None = None) -> int:
     from descent import report  # mlflow and matplotlib: only once the command line is known to be good
 
     try:
-        paths = report.make_report(args.tracking_uri, args.parent, args.experiment, args.out, args.target_acc)
+        if args.scaling:
+            from descent.measure.scaling import make_scaling_report
+
+            paths = make_scaling_report(args.tracking_uri, args.parent, args.out, args.experiment)
+            paths.pop("summary")
+        else:
+            paths = report.make_report(args.tracking_uri, args.parent, args.experiment, args.out, args.target_acc)
     except report.ReportError as e:
         print(f"compare.py: {e}", file=sys.stderr)
         return 2

@@ -63,7 +63,7 @@ def train(cfg, hc, launch_dir, out_dir, choices, run_id, ckpt_path, changed=None
 
     from descent import measure, record, threads, toy, tracking
     from descent.loop import Classifier, Diverged, ResumeError, SafetyCheckpoints
-    from descent.sweep import Pruned, Pruning, optuna_trial, parent_run_id
+    from descent.sweep import Pruned, Pruning, Target, optuna_trial, parent_run_id
 
     multirun = hc.mode == RunMode.MULTIRUN
     threads.apply(cfg, hc)  # torch's intra-op threads for this job: trainer.threads or descent/threads.py's choice
@@ -81,6 +81,8 @@ def train(cfg, hc, launch_dir, out_dir, choices, run_id, ckpt_path, changed=None
     if trial is not None:
         tags |= {"optuna.study": trial.study.study_name, "optuna.trial": str(trial.number)}
         module.val_hooks.append(Pruning(trial, objective))  # the pruner sees each validation point
+    if objective.startswith("target/"):  # the run stops where it reaches the target; it returns the updates
+        module.val_hooks.append(Target(module, cfg.sweep.target_acc))  # (examples) it took
     logger = tracking.make_logger(cfg, choices, launch_dir, run_id=run_id,
                                   tags=tags if run_id is None else {"hydra.output_dir": str(out_dir)})
     (out_dir / "mlflow_run_id").write_text(logger.run_id)
@@ -95,6 +97,7 @@ def train(cfg, hc, launch_dir, out_dir, choices, run_id, ckpt_path, changed=None
                                  enable_version_counter=False)  # one last.ckpt, also across resumes
     trainer = pl.Trainer(
         max_epochs=cfg.trainer.max_epochs,
+        max_steps=OmegaConf.select(cfg, "trainer.max_updates", default=None) or -1,  # optimizer updates (the loop's)
         accelerator=cfg.trainer.accelerator,
         devices=1,
         logger=logger,

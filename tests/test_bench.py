@@ -9,7 +9,7 @@ from descent.threads import SPIN_COUNT
 
 THREADS = {"plain", "descent", "plain-2t", "descent-2t"}  # the thread policy's rows and 2 threads (issue 20)
 CONTENDERS = {
-    "seed": {"descent-compiled", "descent-mlflow"} | THREADS,
+    "seed": {"descent-compiled", "descent-mlflow", "descent-noise"} | THREADS,
     "online-sgd": THREADS,
     "online-rmsprop": {"plain", "descent", "descent-compiled"},
     "full-batch": {"plain", "descent"},
@@ -64,8 +64,9 @@ def test_quick_bench_reports_every_regime(tmp_path, mnist_root):
     gpu = {f"gpu-{r}": GPU for r in ("seed", "online-sgd", "full-batch")} if torch.cuda.is_available() else {}
     assert seen == CONTENDERS | gpu
 
-    overheads = {cells(line)[0]: cells(line) for line in lines if line.startswith("| MLflow") or line.startswith("| start-up")}
-    assert set(overheads) == {"MLflow logging, % of seed-epoch time", "start-up to first update, s"}
+    overheads = {cells(line)[0]: cells(line) for line in lines if line.startswith(("| MLflow", "| gradient noise", "| start-up"))}
+    assert set(overheads) == {"MLflow logging, % of seed-epoch time", "gradient noise scale, % of seed training time",
+                              "start-up to first update, s"}
     for name, row in overheads.items():
         value = float(row[1].split()[0])
         assert math.isfinite(value) and value > 0, (name, row)

@@ -70,7 +70,10 @@ SECTIONS = ("trainer", "logger", "data", "model", "optimizer", "sweep")
 
 # what train.py may return, and the direction a search takes on it (never the test set: a search tuned on
 # it would report the test set's best, not the model's)
-OBJECTIVES = {"val/loss": "minimize", "val/acc": "maximize"}
+OBJECTIVES = {"val/loss": "minimize", "val/acc": "maximize",
+              # the updates (examples) a run took to reach val/acc >= sweep.target_acc; it stops there, and a run
+              # that misses it within its budget (trainer.max_epochs, max_updates) returns nothing: a FAIL
+              "target/updates": "minimize", "target/examples": "minimize"}
 # conf/hydra/sweeper/optuna.yaml: direction: ${descent.direction:${sweep.objective}}
 OmegaConf.register_new_resolver("descent.direction", lambda objective: OBJECTIVES.get(objective, "minimize"),
                                 replace=True)
@@ -99,8 +102,12 @@ TRAINER = {
     "threads": nullable(integer(1), "chosen from the batch size and the CPUs granted: descent/threads.py"),
     "sharpness_every": nullable(integer(1), "not measured"),
     "sharpness_subset": integer(1, why="training examples the Hessian is taken on"),
+    "max_updates": nullable(integer(1), "max_epochs alone"),
+    "noise_scale": BOOLEAN,
+    "noise_probe": integer(2),
 }
-SWEEP = {"objective": (lambda v: v in OBJECTIVES, "one of " + ", ".join(OBJECTIVES))}
+SWEEP = {"objective": (lambda v: v in OBJECTIVES, "one of " + ", ".join(OBJECTIVES)),
+         "target_acc": (lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]")}
 LOGGER = {"experiment_name": STRING, "tracking_uri": STRING, "log_checkpoint": BOOLEAN, "outage_seconds": POSITIVE,
           "log_model": BOOLEAN, "register_model": nullable(STRING, "not registered"), "system_metrics": BOOLEAN}
 
@@ -454,6 +461,15 @@ def validate_study(config: DictConfig) -> None:
             space[o.get_key_element()] = (text, _candidates(o))  # a log scale from 0 or below, ...
         except (ValueError, TypeError, NotImplementedError, AssertionError) as e:
             problems.append(f"{text}: not a search space Optuna takes: {_why(e)}")
+    # a grid of studies (hydra.sweeper.grid): each of its values is a value the jobs run with
+    grid = OmegaConf.select(sweeper, "grid", default=None) or {}
+    for o in OverridesParser.create(config_loader=loader).parse_overrides([f"{k}={v}" for k, v in grid.items()]):
+        key = o.get_key_element()
+        text = f"hydra.sweeper.grid.{key}={grid[key]}"
+        if key in space or key in {f.split("=", 1)[0] for f in fixed}:
+            problems.append(f"{text}: {key} is also set by the search space or the command line; give it in one place")
+            continue
+        space[key] = (text, _candidates(o) if o.is_sweep_override() else [o.value()])
     # the settings alone, then each value with the others left at the settings' (one job per value: each
     # problem named by the value that makes it)
     jobs = [({}, "the study's settings")] + [({key: v}, f"{text}: value {_show(v)}")
@@ -496,6 +512,8 @@ RESUME_MAY_CHANGE = {
                        "change only in float summation order)",
     "trainer.checkpoint_every_seconds": "how often the state is saved (a resume from any checkpoint gives the "
                                         "same numbers: tests/test_resume.py)",
+    "trainer.max_updates": "the budget in updates (as max_epochs is in examples)",
+    "trainer.noise_scale": "what is measured beside the run (never its numbers: tests/test_noise.py)",
     "logger.tracking_uri": "where the run is recorded (it is looked up there)",
     "logger.log_checkpoint": "what is recorded",
     "logger.outage_seconds": "how long a tracking server may be away",

@@ -247,6 +247,7 @@ class Classifier(pl.LightningModule):
             "data": data_signature(self.trainer.datamodule),
             # the metric points not yet in the store: written once this file is on disk (descent/tracking.py)
             "points": [p for logger in self.loggers for p in getattr(logger, "unsent", list)()],
+            "measures": {type(m).__name__: m.state_dict() for m in self.measures if hasattr(m, "state_dict")},
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -259,6 +260,10 @@ class Classifier(pl.LightningModule):
             setattr(self, k, state[k])
         self.evaluations = state.get("evaluations", self.updates)  # older checkpoints: one evaluation per update
         self.resumed = state
+        saved = state.get("measures", {})  # checkpoints from before measurements have none: they start afresh
+        for m in self.measures:
+            if type(m).__name__ in saved and hasattr(m, "load_state_dict"):
+                m.load_state_dict(saved[type(m).__name__])
 
     def on_train_start(self) -> None:
         global _FIRST_FIT
@@ -320,7 +325,7 @@ class Classifier(pl.LightningModule):
         # the hot loop: locals only, two small ops of bookkeeping per update (loss.detach, argmax)
         x, y = chunk
         net, opt, step, window, cross_entropy = self.net, self.opt, self.opt_step, self.window, self.criterion
-        examples, offset, updates = self.examples, self.epoch_offset, self.updates
+        examples, offset, updates, length = self.examples, self.epoch_offset, self.updates, len(x)
         updates_before = updates
         self.epoch_closed = False
         for a, b, batch_len, ends_batch in segments(offset, len(x), self.n_train, self.batch_size):
@@ -342,11 +347,14 @@ class Classifier(pl.LightningModule):
                 # log at every log_every examples, and at each update when updates are rarer than that
                 if examples >= self.next_log or batch_len >= self.log_every or examples >= self.next_val:
                     self._log_point(examples, updates, offset + b, batch_len)
+                    if self.trainer.should_stop:  # a validation hook stopped the run here (sweep.Target)
+                        length = b
+                        break
         # lightning counts optimizer steps only through its own wrapper; tell it ours, so that
         # trainer.global_step, max_steps and step-based checkpointing work
         self.trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress.increment_by(updates - updates_before)
         self.examples, self.updates = examples, updates
-        self.epoch_offset = self.epoch_pos = offset + len(x)
+        self.epoch_offset = self.epoch_pos = offset + length
 
     def _train_graphed(self, length: int) -> None:
         # the graph path: the same segments and log points as training_step, but the chunk's examples
@@ -362,6 +370,9 @@ class Classifier(pl.LightningModule):
                 updates += 1
                 if examples >= self.next_log or batch_len >= self.log_every or examples >= self.next_val:
                     self._log_point(examples, updates, offset + b, batch_len)
+                    if self.trainer.should_stop:
+                        length = b
+                        break
         self.trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress.increment_by(updates - updates_before)
         self.examples, self.updates = examples, updates
         self.epoch_offset = self.epoch_pos = offset + length

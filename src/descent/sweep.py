@@ -76,6 +76,24 @@ class Pruning:
             raise Pruned(f"trial {self.trial.number} pruned at {examples} examples ({self.objective} {value:.4g})")
 
 
+class Target:
+    """The loop's validation hook for sweep.objective=target/*: at the first validation point where val/acc
+    reaches the target it logs target/updates, target/examples and target/seconds (training seconds) and
+    stops the run there (lightning's should_stop; the loop takes no further update)."""
+
+    def __init__(self, module, target_acc: float):
+        self.module, self.target_acc, self.reached = module, target_acc, False
+
+    def __call__(self, examples: int, metrics: dict) -> None:
+        acc = metrics.get("val/acc")
+        if self.reached or acc is None or not acc >= self.target_acc:
+            return
+        self.reached = True
+        m = self.module
+        m._log({"target/updates": m.updates, "target/examples": examples, "target/seconds": m.train_seconds})
+        m.trainer.should_stop = True
+
+
 def quiet_optuna() -> None:
     """Optuna's messages through Hydra's logging (the screen's filter, train.log), not its own stderr handler."""
     import optuna
@@ -85,9 +103,11 @@ def quiet_optuna() -> None:
 
 
 class MLflowSweep(Callback):
-    def __init__(self, target_acc: float = 0.97, report: bool = True, pictures: str | None = None):
+    def __init__(self, target_acc: float = 0.97, report: bool = True, pictures: str | None = None,
+                 scaling: bool = False):
         self.target_acc, self.report = target_acc, report
         self.pictures = pictures  # a figure of descent/pictures.py drawn beside the report (the chapter's presets)
+        self.scaling = scaling  # the batch-size scaling report (descent/measure/scaling.py: experiment=batch_scaling)
         self.client = self.run_id = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
@@ -150,12 +170,17 @@ class MLflowSweep(Callback):
         sweeper = config.hydra.sweeper
         pruner = sweeper.get("pruner")
         self.storage = store.tracking_uri(str(sweeper.storage), os.getcwd())
-        return {"optuna.study": str(sweeper.study_name), "optuna.storage": shown_storage(self.storage),
-                "optuna.sampler": str(sweeper.sampler._target_).rsplit(".", 1)[-1],
-                "optuna.sampler.seed": str(sweeper.sampler.get("seed")),
-                "optuna.pruner": str(pruner._target_).rsplit(".", 1)[-1] if pruner else "none",
-                "optuna.direction": str(sweeper.direction), "optuna.objective": str(config.sweep.objective),
-                "optuna.n_trials": str(sweeper.n_trials)}
+        from hydra_plugins.descent_optuna_sweeper._impl import grid_studies
+
+        grid = sweeper.get("grid")
+        self.studies = grid_studies(str(sweeper.study_name), grid)  # [(name, the grid's overrides)]: one without
+        grid_tag = {"optuna.grid": json.dumps(OmegaConf.to_container(grid))} if grid else {}
+        return grid_tag | {"optuna.study": str(sweeper.study_name), "optuna.storage": shown_storage(self.storage),
+                           "optuna.sampler": str(sweeper.sampler._target_).rsplit(".", 1)[-1],
+                           "optuna.sampler.seed": str(sweeper.sampler.get("seed")),
+                           "optuna.pruner": str(pruner._target_).rsplit(".", 1)[-1] if pruner else "none",
+                           "optuna.direction": str(sweeper.direction), "optuna.objective": str(config.sweep.objective),
+                           "optuna.n_trials": str(sweeper.n_trials)}
 
     def _study_parent(self, experiment_id: str):
         """The parent run of this study from an earlier command (same study name and storage), if any."""
@@ -171,25 +196,40 @@ class MLflowSweep(Callback):
         import optuna
         from optuna.trial import TrialState
 
-        study = optuna.load_study(study_name=self.study["optuna.study"], storage=self.storage)
-        trials = study.get_trials(deepcopy=False)
+        trials, tags, completed = [], {}, []
+        for name, cell in self.studies:  # one study, or one per combination of a grid
+            try:
+                study = optuna.load_study(study_name=name, storage=self.storage)
+            except KeyError:  # a grid's study the sweep never reached (it stopped before)
+                continue
+            found = study.get_trials(deepcopy=False)
+            done = [t for t in found if t.state == TrialState.COMPLETE]
+            trials += found
+            completed += done
+            if cell:  # a grid's study: its best under a tag named by its values (optuna.best.sgd-16)
+                best = min(done, key=lambda t: t.value) if study.direction.name == "MINIMIZE" and done else (
+                    max(done, key=lambda t: t.value) if done else None)
+                tags[f"optuna.best.{name.removeprefix(str(self.study['optuna.study']) + '-')}"] = json.dumps(
+                    {"trial": best.number, "value": best.value, "params": best.params} if best else None)
+                if not done:
+                    log.warning("the study %s has no completed trial (%s): no best trial there", name,
+                                ", ".join(sorted({t.state.name for t in found})) or "no trials")
+            elif done:
+                best = study.best_trial
+                tags |= {"optuna.best_trial": str(best.number), "optuna.best_value": repr(best.value),
+                         "optuna.best_params": json.dumps(best.params)}
+                self.client.log_metric(self.run_id, "optuna/best_value", best.value, step=len(found))
+            else:
+                tags |= {"optuna.best_trial": "none"}
         states = [t.state.name for t in trials]
-        tags = {"optuna.trials": str(len(trials))} | {f"optuna.trials.{s}": str(states.count(s))
-                                                       for s in dict.fromkeys(states)}
-        completed = [t for t in trials if t.state == TrialState.COMPLETE]
-        if completed:
-            best = study.best_trial
-            tags |= {"optuna.best_trial": str(best.number), "optuna.best_value": repr(best.value),
-                     "optuna.best_params": json.dumps(best.params)}
-            self.client.log_metric(self.run_id, "optuna/best_value", best.value, step=len(trials))
-        else:
-            tags |= {"optuna.best_trial": "none"}
+        tags |= {"optuna.trials": str(len(trials))} | {f"optuna.trials.{s}": str(states.count(s))
+                                                        for s in dict.fromkeys(states)}
         for key, value in tags.items():
             self.client.set_tag(self.run_id, key, value[:5000])
         if not completed:
             counts = ", ".join(f"{states.count(s)} {s}" for s in dict.fromkeys(states))
             log.error("the study %s has no completed trial (%s): no best trial; each trial's run says why "
-                      "(diverged, failed, pruned)", self.study["optuna.study"], counts)
+                      "(diverged, failed, pruned, missed its target)", self.study["optuna.study"], counts)
         return bool(completed)
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
@@ -232,6 +272,17 @@ class MLflowSweep(Callback):
             except Exception as e:  # as the report's
                 log.error("the %s figure failed (%s: %s); rerun it with python src/compare.py --parent %s "
                           "--pictures %s", self.pictures, type(e).__name__, e, self.run_id, self.pictures)
+        if self.scaling:
+            try:
+                from descent.measure.scaling import make_scaling_report
+                from descent.report import launch_relative
+
+                paths = make_scaling_report(self.uri, self.run_id, self.sweep_dir)
+                log.info("%s\nscaling report: %s (table), %s, %s", paths["summary"],
+                         *(launch_relative(str(paths[k])) for k in ("md", "png", "csv")))
+            except Exception as e:
+                log.error("the scaling report failed (%s: %s); rerun it with python src/compare.py --scaling "
+                          "--parent %s", type(e).__name__, e, self.run_id)
         self.client.set_terminated(self.run_id, "FINISHED" if found else "FAILED")
         self.run_id = None
         if not found:

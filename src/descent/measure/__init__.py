@@ -9,12 +9,19 @@ from __future__ import annotations
 
 
 def from_config(cfg, net) -> list:
-    """The measurements the config asks for: sharpness (trainer.sharpness_every), a toy loss's trace."""
+    """The measurements the config asks for: sharpness (trainer.sharpness_every), a toy loss's trace, the
+    gradient noise scale (trainer.noise_scale: a classifier's, on by default)."""
+    from omegaconf import OmegaConf
+
     from descent import toy
 
     found = []
     if isinstance(net, toy.Toy):  # the point on the curve or surface and the step that moved it
         found.append(toy.Trace(net))
+    elif OmegaConf.select(cfg, "trainer.noise_scale", default=False):  # absent from runs recorded before it
+        from descent.measure.noise import NoiseScale
+
+        found.append(NoiseScale(probe=cfg.trainer.noise_probe))
     if cfg.trainer.get("sharpness_every"):
         from descent.measure.sharpness import Sharpness
 

@@ -123,10 +123,22 @@ def create_params_from_overrides(
     return search_space_distributions, fixed_params, fixed_overrides
 
 
+def grid_studies(study_name: str, grid: Any) -> List[Tuple[str, List[str]]]:
+    """descent: [(study name, overrides)], one per combination of the grid's values (the grid sweeper's
+    syntax and order), named <study_name>-<value>-<value>; [(study_name, [])] without a grid."""
+    if not grid:
+        return [(study_name, [])]
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+
+    parsed = OverridesParser.create().parse_overrides([f"{k}={v}" for k, v in grid.items()])
+    [cells] = BasicSweeper.split_arguments(parsed, None)
+    return [(f"{study_name}-" + "-".join(o.split("=", 1)[1] for o in cell), list(cell)) for cell in cells]
+
+
 def failure_of(value: Any) -> Optional[str]:
     """descent: why a job's return value is no result (None, NaN, not a number), or None for a result."""
     if value is None:
-        return "the job returned no value (its run failed or diverged)"
+        return "the job returned no value (its run failed, diverged or missed its target)"
     try:
         number = float(value)
     except (ValueError, TypeError):
@@ -149,6 +161,7 @@ class OptunaSweeperImpl(Sweeper):
         custom_search_space: Optional[str],
         params: Optional[DictConfig],
         pruner: Optional[Any] = None,
+        grid: Optional[DictConfig] = None,
     ) -> None:
         self.sampler_config = sampler
         self.direction = direction
@@ -166,6 +179,7 @@ class OptunaSweeperImpl(Sweeper):
             self.custom_search_space_extender = get_method(custom_search_space)
         self.params = params
         self.pruner = pruner
+        self.grid = grid
         self.job_idx: int = 0
 
     def _process_searchspace_config(self) -> None:
@@ -200,6 +214,7 @@ class OptunaSweeperImpl(Sweeper):
         search_space_distributions: Dict[str, BaseDistribution],
         fixed_params: Dict[str, Any],
         fixed_overrides: List[str],
+        cell: Sequence[str] = (),
     ) -> Sequence[Sequence[str]]:
         overrides = []
         for trial in trials:
@@ -225,8 +240,10 @@ class OptunaSweeperImpl(Sweeper):
             overrides.append(
                 tuple(f"{name}={val}" for name, val in params.items())
                 + tuple(fixed_overrides)
-                # descent: the job finds its trial (to report to the pruner, to tag its run)
+                # descent: the job finds its trial (to report to the pruner, to tag its run); in a grid, its
+                # combination's values and study
                 + (f"hydra.sweeper.trial={trial.number}",)
+                + ((*cell, f"hydra.sweeper.study_name='{trial.study.study_name}'") if cell else ())
             )
         return overrides
 
@@ -305,9 +322,30 @@ class OptunaSweeperImpl(Sweeper):
                 del search_space_distributions[param_name]
 
         directions = self._get_directions()
+        # descent: one study, or one per combination of hydra.sweeper.grid's values (in the grid's order)
+        studies = grid_studies(self.study_name, self.grid)
+        overlap = {o.split("=", 1)[0] for _, cell in studies for o in cell} & (
+            set(search_space_distributions) | set(fixed_params))
+        if overlap:
+            raise ValueError(f"hydra.sweeper.grid and the search space both set {sorted(overlap)}")
+        results = []
+        for study_name, cell in studies:
+            if cell:
+                log.info(f"Grid: {' '.join(cell)}")
+            results.append(self._study(study_name, cell, directions, is_grid_sampler, search_space_for_grid_sampler,
+                                       search_space_distributions, fixed_params, fixed_overrides))
+        results_to_serialize = results[0] if not self.grid else {"name": "optuna", "grid": results}
+        OmegaConf.save(
+            OmegaConf.create(results_to_serialize),
+            f"{self.config.hydra.sweep.dir}/optimization_results.yaml",
+        )
+
+    def _study(self, study_name, cell, directions, is_grid_sampler, search_space_for_grid_sampler,
+               search_space_distributions, fixed_params, fixed_overrides) -> Dict[str, Any]:
+        """descent: upstream's sweep loop for one study (one combination of a grid)."""
 
         study = optuna.create_study(
-            study_name=self.study_name,
+            study_name=study_name,
             storage=self.storage,
             pruner=instantiate(self.pruner) if self.pruner else None,
             directions=directions,
@@ -315,7 +353,7 @@ class OptunaSweeperImpl(Sweeper):
         )
         # descent: a study that goes on numbers its jobs after its trials, and its sampler's seed moves on
         trials_so_far = len(study.trials)
-        self.job_idx = trials_so_far
+        self.job_idx = max(self.job_idx, trials_so_far)  # a grid's studies: one job numbering in the sweep
         study.sampler = self._make_sampler(search_space_for_grid_sampler, trials_so_far)
         log.info(f"Study name: {study.study_name}" + (f" ({trials_so_far} trials so far)" if trials_so_far else ""))
         log.info(f"Sampler: {type(study.sampler).__name__}")
@@ -329,7 +367,7 @@ class OptunaSweeperImpl(Sweeper):
 
             trials = [study.ask() for _ in range(batch_size)]
             overrides = self._configure_trials(
-                trials, search_space_distributions, fixed_params, fixed_overrides
+                trials, search_space_distributions, fixed_params, fixed_overrides, cell
             )
 
             returns = self.launcher.launch(overrides, initial_job_idx=self.job_idx)
@@ -436,7 +474,4 @@ class OptunaSweeperImpl(Sweeper):
             log.info(f"Number of Pareto solutions: {len(best_trials)}")
             for t in best_trials:
                 log.info(f"    Values: {t.values}, Params: {t.params}")
-        OmegaConf.save(
-            OmegaConf.create(results_to_serialize),
-            f"{self.config.hydra.sweep.dir}/optimization_results.yaml",
-        )
+        return results_to_serialize

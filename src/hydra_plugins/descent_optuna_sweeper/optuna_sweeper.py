@@ -22,6 +22,7 @@ class OptunaSweeper(Sweeper):
         params: Optional[DictConfig],
         pruner: Optional[Any] = None,
         trial: Optional[int] = None,
+        grid: Optional[DictConfig] = None,
     ) -> None:
         from ._impl import OptunaSweeperImpl
 
@@ -38,6 +39,7 @@ class OptunaSweeper(Sweeper):
             custom_search_space,
             params,
             pruner,
+            grid,
         )
 
     def setup(

@@ -1,0 +1,122 @@
+"""The gradient noise scale B_simple = tr(Σ)/|G|² (McCandlish et al. 2018, arXiv:1812.06162, appendix A.1).
+
+At each validation point, on a fixed probe of training examples: every example's gradient norm (B_small = 1)
+and the norm of the probe's mean gradient (B_big = probe size) give unbiased estimates of |G|² (the true
+gradient's squared norm) and tr(Σ) (the per-example gradient covariance's trace). Their ratio is the batch
+size at which a gradient step's noise equals its signal; larger batches stop paying near it.
+
+Per-example norms without a per-example backward: for a linear layer z = W a + b and loss L_i of example i,
+the gradient of L_i with respect to (W, b) is (δ_i a_iᵀ, δ_i) with δ_i = ∂L_i/∂z_i, so
+‖g_i‖² = ‖δ_i‖² (‖a_i‖² + 1). One backward of the summed loss to the layers' outputs gives every δ_i.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def linear_layers(net: nn.Module) -> list[nn.Linear]:
+    """The net's linear layers; refused unless they hold every parameter (the identity covers nothing else)."""
+    layers = [m for m in net.modules() if isinstance(m, nn.Linear)]
+    covered = {id(p) for m in layers for p in m.parameters(recurse=False)}
+    others = [name for name, p in net.named_parameters() if id(p) not in covered]
+    if others:
+        raise ValueError(f"trainer.noise_scale: per-example gradient norms cover nn.Linear layers only; "
+                         f"{', '.join(others)} lie outside one (set trainer.noise_scale=false)")
+    return layers
+
+
+def per_example_grads(net: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                      loss_fn=F.cross_entropy) -> tuple[torch.Tensor, torch.Tensor]:
+    """(‖g_i‖² per example, ‖mean_i g_i‖²) of the loss (the training loss: cross-entropy), over every
+    parameter of the net.
+
+    Nothing is accumulated into .grad (autograd.grad), no module is left hooked.
+    """
+    layers = linear_layers(net)
+    inputs, outputs = [], []
+
+    def keep(module, args, output):
+        inputs.append(args[0])
+        outputs.append(output)
+
+    handles = [m.register_forward_hook(keep) for m in layers]
+    try:
+        with torch.enable_grad():
+            loss = loss_fn(net(x), y, reduction="sum")  # summed: δ_i is example i's own gradient
+            deltas = torch.autograd.grad(loss, outputs)
+    finally:
+        for h in handles:
+            h.remove()
+    n = len(x)
+    sq = torch.zeros(n, dtype=torch.float64, device=x.device)
+    mean_sq = torch.zeros((), dtype=torch.float64, device=x.device)
+    with torch.no_grad():
+        for a, d, layer in zip(inputs, deltas, layers):
+            a, d = a.detach().reshape(n, -1), d.reshape(n, -1)
+            bias = 1.0 if layer.bias is not None else 0.0
+            sq += (d.square().sum(1) * (a.square().sum(1) + bias)).double()
+            # the mean gradient: (Σ δ_i a_iᵀ)/n and Σ δ_i/n
+            mean_sq += (d.T @ a / n).double().square().sum()
+            if layer.bias is not None:
+                mean_sq += (d.sum(0) / n).double().square().sum()
+    return sq, mean_sq
+
+
+def estimates(sq: torch.Tensor, mean_sq: torch.Tensor) -> tuple[float, float]:
+    """(|G|², tr Σ) from per-example squared norms (B_small = 1) and the mean's (B_big = n): appendix A.1."""
+    n = len(sq)
+    small, big = float(sq.mean()), float(mean_sq)
+    grad_sq = (n * big - small) / (n - 1)
+    trace_cov = (small - big) / (1 - 1 / n)
+    return grad_sq, trace_cov
+
+
+class NoiseScale:
+    """noise/grad_sq, noise/trace_cov (this point's estimates) and noise/b_simple (the ratio of their EMAs).
+
+    The probe is the same `probe` training examples at every point, drawn with the run's seed from a
+    generator of its own (the global RNG is not touched). `ema` is the weight of the past: a point's
+    estimate of |G|² is noisy (it may come out negative late in training), so numerator and denominator
+    are averaged separately, as McCandlish et al. do. Both start at 0 and would need the same bias
+    correction, which cancels in the ratio: the first point's b_simple is that point's own ratio.
+    """
+
+    def __init__(self, probe: int = 1024, ema: float = 0.5):
+        self.probe, self.ema = probe, ema
+        self.avg = {"grad_sq": 0.0, "trace_cov": 0.0}  # in the checkpoint (state_dict)
+
+    def state_dict(self) -> dict:
+        return dict(self.avg)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.avg = dict(state)
+
+    def _indices(self, n: int, seed: int, device) -> torch.Tensor:
+        if getattr(self, "_probe_key", None) != (n, seed, device):
+            g = torch.Generator().manual_seed(seed)
+            self._idx = torch.randperm(n, generator=g)[: min(self.probe, n)].to(device)
+            self._probe_key = (n, seed, device)
+        return self._idx
+
+    def __call__(self, module) -> dict[str, float]:
+        dm = module.trainer.datamodule
+        idx = self._indices(len(dm.x_train), dm.seed, dm.x_train.device)
+        if len(idx) < 2:
+            return {}
+        net = module.net
+        # buffers (batch norm's running statistics, if a net had them) as they were, and the RNG (dropout)
+        buffers = [b.clone() for b in net.buffers()]
+        with torch.random.fork_rng(devices=[dm.x_train.device] if dm.x_train.device.type == "cuda" else []):
+            sq, mean_sq = per_example_grads(net, dm.x_train[idx], dm.y_train[idx])
+        with torch.no_grad():
+            for b, saved in zip(net.buffers(), buffers):
+                b.copy_(saved)
+        grad_sq, trace_cov = estimates(sq, mean_sq)
+        a, beta = self.avg, self.ema
+        a["grad_sq"] = beta * a["grad_sq"] + (1 - beta) * grad_sq
+        a["trace_cov"] = beta * a["trace_cov"] + (1 - beta) * trace_cov
+        b_simple = a["trace_cov"] / a["grad_sq"] if a["grad_sq"] > 0 else float("nan")
+        return {"noise/grad_sq": grad_sq, "noise/trace_cov": trace_cov, "noise/b_simple": b_simple}

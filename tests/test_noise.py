@@ -1,0 +1,85 @@
+"""The gradient noise scale (descent/measure/noise.py) against cases with known answers: torch.func's
+per-sample gradients, a linear regression whose tr(Σ)/|G|² is known in closed form, and a training run
+whose weights must not change when it is measured. In-process, small data."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from descent.measure.noise import NoiseScale, estimates, per_example_grads
+from descent.nets import MLP
+
+
+def test_per_example_norms_match_torch_func_per_sample_gradients():
+    torch.manual_seed(0)
+    net, x, y = MLP(hidden=64), torch.randn(96, 784), torch.randint(0, 10, (96,))
+    sq, mean_sq = per_example_grads(net, x, y)
+
+    params = {k: v.detach() for k, v in net.named_parameters()}
+    one = lambda p, xi, yi: F.cross_entropy(functional_call(net, p, (xi[None],)), yi[None])
+    per_sample = vmap(grad(one), in_dims=(None, 0, 0))(params, x, y)  # one backward per example
+    sq_ref = sum(g.flatten(1).square().sum(1) for g in per_sample.values())
+    mean_sq_ref = sum(g.mean(0).square().sum() for g in per_sample.values())
+    torch.testing.assert_close(sq.float(), sq_ref, rtol=1e-5, atol=0)
+    torch.testing.assert_close(mean_sq.float(), mean_sq_ref, rtol=1e-5, atol=0)
+    assert all(p.grad is None for p in net.parameters())  # nothing accumulated
+
+
+def test_estimators_recover_the_noise_scale_of_a_linear_regression():
+    # y = w*·x + ε, x ~ N(0, I_d), ε ~ N(0, s²), squared loss, at w = w* + r: the gradient of example i is
+    # 2 (r·x_i - ε_i) x_i, so |G|² = 4|r|² and tr Σ = 4((d+1)|r|² + d s²) (Gaussian fourth moments)
+    d, s, n, probes = 10, 1.0, 1024, 32
+    g = torch.Generator().manual_seed(0)
+    net = nn.Linear(d, 1, bias=False)
+    w_star = torch.randn(1, d, generator=g)
+    r = torch.randn(1, d, generator=g)
+    r /= r.norm()
+    with torch.no_grad():
+        net.weight.copy_(w_star + r)
+    known = ((d + 1) * 1.0 + d * s**2) / 1.0  # 21
+    mse = lambda out, target, reduction: F.mse_loss(out[:, 0], target, reduction=reduction)
+    totals = torch.zeros(2, dtype=torch.float64)
+    for _ in range(probes):  # numerator and denominator averaged separately, as the EMA does
+        x = torch.randn(n, d, generator=g)
+        y = x @ w_star[0] + s * torch.randn(n, generator=g)
+        totals += torch.tensor(estimates(*per_example_grads(net, x, y, loss_fn=mse)), dtype=torch.float64)
+    grad_sq, trace_cov = (totals / probes).tolist()
+    assert grad_sq == pytest.approx(4.0, rel=0.1)
+    assert trace_cov == pytest.approx(4 * known, rel=0.1)
+    assert trace_cov / grad_sq == pytest.approx(known, rel=0.1)
+
+
+def _fit(mnist_root, measures):
+    """Momentum SGD on 1500 examples for 2 epochs, validated (and measured) every 300 examples."""
+    from functools import partial
+
+    import pytorch_lightning as pl
+
+    from descent.data import MNISTDataModule
+    from descent.loop import Classifier
+
+    pl.seed_everything(0, verbose=False)
+    dm = MNISTDataModule(root=str(mnist_root), download=False, val_size=500, limit_train=1500, batch_size=50, seed=0)
+    module = Classifier(MLP(), optimizer=partial(torch.optim.SGD, lr=0.1, momentum=0.9), val_every_examples=300)
+    module.measures += measures
+    trainer = pl.Trainer(max_epochs=2, logger=False, enable_progress_bar=False, enable_checkpointing=False,
+                         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+                         accelerator="cpu", devices=1)
+    trainer.fit(module, datamodule=dm)
+    state = [*module.net.parameters(), *(v for s in module.opt.state.values() for v in s.values())]
+    return module, [t.detach().clone() for t in state] + [torch.rand(3)]  # the global RNG's next draw too
+
+
+def test_measuring_the_noise_scale_leaves_the_run_unchanged(mnist_root):
+    plain, without = _fit(mnist_root, [])
+    measured, with_it = _fit(mnist_root, [NoiseScale(probe=256)])
+    assert len(without) == len(with_it) > 5
+    for a, b in zip(without, with_it):
+        assert torch.equal(a, b)  # bit for bit: weights, momentum buffers, the RNG
+    assert "noise/b_simple" not in plain.latest
+    assert measured.latest["noise/trace_cov"] > 0 and measured.latest["noise/b_simple"] > 0
+    assert plain.latest["val/loss"] == measured.latest["val/loss"]

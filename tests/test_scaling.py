@@ -1,0 +1,61 @@
+"""The batch-size scaling study (issue 17): the fit recovers a known S_min and E_min, and a tiny
+experiment=batch_scaling sweep runs end to end (a grid of Optuna studies, runs stopped at their target,
+the scaling report on the parent). Real Hydra, real optuna storage, real MLflow store; 600 examples."""
+
+from __future__ import annotations
+
+import numpy as np
+import optuna
+import pytest
+from mlflow import MlflowClient
+
+from conftest import train
+from descent.measure.scaling import b_crit, fit
+
+
+def test_fit_recovers_s_min_and_e_min_from_points_on_the_curve():
+    s_min, e_min = 300.0, 60000.0  # B_crit 200
+    b = np.array([1, 4, 16, 64, 256, 1024, 4096])
+    rng = np.random.default_rng(0)
+    exact = fit(b, s_min + e_min / b)
+    assert exact == pytest.approx((s_min, e_min), rel=1e-9)
+    noisy = fit(b, (s_min + e_min / b) * rng.lognormal(0, 0.05, len(b)))  # 5 % scatter, as best-of-n trials have
+    assert noisy[0] == pytest.approx(s_min, rel=0.1) and noisy[1] == pytest.approx(e_min, rel=0.1)
+    assert b_crit(*noisy) == pytest.approx(200, rel=0.15)
+    assert fit([64, 64], [10, 12]) != fit([64, 64], [10, 12])  # one batch size fits nothing: NaN
+
+
+def test_tiny_batch_scaling_sweep_end_to_end(tmp_path, store, mnist_root):
+    proc = train("experiment=batch_scaling_quick", "data.limit_train=600", "data.val_size=300",
+                 "sweep.target_acc=0.6", "hydra.sweeper.n_trials=2", "trainer.max_epochs=3", "trainer.max_updates=60",
+                 "trainer.val_every_examples=60", "trainer.noise_probe=128",
+                 "hydra.sweeper.grid={optimizer: sgd_momentum, data.batch_size: '10,50'}",
+                 "hydra.sweeper.params={optimizer.lr: 'tag(log,interval(0.01,1.0))'}",
+                 cwd=tmp_path, store=store, multirun=True)
+    out = proc.stdout + proc.stderr
+    client = MlflowClient(store)
+    exp = client.get_experiment_by_name("batch_scaling_quick")
+    runs = client.search_runs([exp.experiment_id])
+    [parent] = [r for r in runs if r.data.tags.get("descent.sweep") == "true"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert parent.info.status == "FINISHED", out[-3000:]
+    # one study per batch size, 2 trials each, every trial a child run carrying the noise scale
+    cells = {"batch_scaling_quick-sgd_momentum-10", "batch_scaling_quick-sgd_momentum-50"}
+    assert {r.data.tags["optuna.study"] for r in children} == cells and len(children) == 4
+    tried = [[t.params["optimizer.lr"] for t in optuna.load_study(
+        study_name=name, storage=f"sqlite:///{tmp_path / 'optuna.db'}").trials] for name in sorted(cells)]
+    assert all(len(set(lrs)) == 2 and all(0.01 <= lr <= 1.0 for lr in lrs) for lrs in tried)  # its own search
+    for r in children:
+        assert "noise/b_simple" in r.data.metrics and r.data.params["trainer.noise_scale"] == "True"
+    reached = [r for r in children if "target/updates" in r.data.metrics]
+    assert reached, out[-3000:]
+    for r in reached:  # it stopped at its target: its last validation point is the target's
+        steps = [m.step for m in client.get_metric_history(r.info.run_id, "val/acc")]
+        assert steps[-1] == r.data.metrics["target/examples"] and r.data.metrics["val/acc"] >= 0.6
+        assert r.data.metrics["progress/updates"] == r.data.metrics["target/updates"]
+    metrics = parent.data.metrics
+    assert np.isfinite(metrics["scaling.s_min.sgd_momentum"]) and np.isfinite(metrics["scaling.e_min.sgd_momentum"])
+    assert "scaling.b_crit.sgd_momentum" in metrics or metrics["scaling.s_min.sgd_momentum"] == 0
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
+    assert {"report/scaling.png", "report/scaling.md", "report/scaling.csv"} <= artifacts
+    assert (tmp_path / "outputs" / "sweep" / "scaling.png").stat().st_size > 10000
