@@ -19,9 +19,15 @@ def from_config(cfg, net) -> list:
     if isinstance(net, toy.Toy):  # the point on the curve or surface and the step that moved it
         found.append(toy.Trace(net))
     elif OmegaConf.select(cfg, "trainer.noise_scale", default=False):  # absent from runs recorded before it
-        from descent.measure.noise import NoiseScale
+        from descent.measure.noise import NoiseScale, linear_layers
 
-        found.append(NoiseScale(probe=cfg.trainer.noise_probe))
+        try:  # on by default: a net it cannot measure (the convnet) trains without it, and says so
+            linear_layers(net)
+            found.append(NoiseScale(probe=cfg.trainer.noise_probe))
+        except ValueError as e:
+            import logging
+
+            logging.getLogger("descent").warning("%s: not measured", e)
     if cfg.trainer.get("sharpness_every"):
         from descent.measure.sharpness import Sharpness
 

@@ -24,7 +24,7 @@ def linear_layers(net: nn.Module) -> list[nn.Linear]:
     others = [name for name, p in net.named_parameters() if id(p) not in covered]
     if others:
         raise ValueError(f"trainer.noise_scale: per-example gradient norms cover nn.Linear layers only; "
-                         f"{', '.join(others)} lie outside one (set trainer.noise_scale=false)")
+                         f"{', '.join(others)} lie outside one")
     return layers
 
 
