@@ -14,8 +14,9 @@ How it measures (the same on every row):
   `--rounds` times with the contender order reversed each round, and the table gives medians over
   all timed epochs. --quick runs the torch jobs in one process per wait policy and load instead (faster,
   memory less clean).
-- same model (descent.nets.MLP, or the row's conf/model option; keras init, seed 0), same data order (descent.data.epoch_permutation),
-  same hyperparameters (conf/optimizer/*.yaml); flush-denormal on for descent and the plain loop.
+- same model (descent.nets.MLP, or the row's conf/model option; keras init, seed 0), same data order
+  (descent.data.epoch_permutation), same hyperparameters (conf/optimizer/*.yaml); flush-denormal on for
+  descent and the plain loop.
 - descent = a real pytorch_lightning.Trainer fitting descent.loop.Classifier on IDXDataModule, built
   from conf/ as src/train.py builds it; its time is the Classifier's own clock (train_seconds: from
   on_train_epoch_start to the epoch's last update, lightning's per-chunk overhead included).
@@ -178,7 +179,8 @@ def compose(job: dict):
 
     compiled = job["contender"] == "descent-compiled"
     overrides = [
-        f"model={job.get('model', 'mlp')}", f"optimizer={job['optimizer']}", f"batching={job['batching']}", f"seed={SEED}",
+        f"model={job.get('model', 'mlp')}", f"optimizer={job['optimizer']}", f"batching={job['batching']}",
+        f"seed={SEED}",
         f"data.root={job['data']}", f"data.limit_train={job['limit'] if job['limit'] else 'null'}",
         f"trainer.max_epochs={job['epochs']}", f"trainer.compile_optimizer={str(compiled).lower()}",
         "logger.experiment_name=bench",
@@ -372,7 +374,8 @@ def run_descent(job: dict, cfg) -> dict:
     logger = False
     if job["contender"] == "descent-mlflow":  # built as train.py builds it, against a temporary sqlite store
         os.environ["MLFLOW_TRACKING_URI"] = job["store"]
-        choices = {"data": "mnist", "model": job.get("model", "mlp"), "optimizer": job["optimizer"], "batching": job["batching"]}
+        choices = {"data": "mnist", "model": job.get("model", "mlp"), "optimizer": job["optimizer"],
+                   "batching": job["batching"]}
         logger = tracking.make_logger(cfg, choices, str(ROOT), {})
         logger.experiment  # the store and the run exist before fit, as in train.py (a one-off, not per epoch)
         logger.bench_seconds, logger.bench_depth = 0.0, 0

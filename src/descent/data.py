@@ -1,4 +1,5 @@
-"""IDX image datasets in memory (MNIST, Fashion-MNIST): find or build the files, check them, hold them as N x 784 tensors."""
+"""IDX image datasets in memory (MNIST, Fashion-MNIST): find or build the files, check them, hold them as
+N x 784 tensors."""
 
 from __future__ import annotations
 
@@ -257,7 +258,8 @@ def ensure_data(root: str | Path, name: str = "MNIST", download: bool = True) ->
         except Exception as e:  # no network here is the normal case
             log.info("torchvision download unavailable (%s)", str(e).splitlines()[0])
 
-    missing = f"{name} not found under {raw}" + (f" ({problem})" if problem else "") + ", torchvision could not download it"
+    missing = (f"{name} not found under {raw}" + (f" ({problem})" if problem else "")
+               + ", torchvision could not download it")
     if spec.debian is not None:
         from descent.debian import DebianError
 
