@@ -9,8 +9,8 @@ optimizers as conf/optimizer/*.yaml builds them, on the real MNIST cache.
   with L-BFGS's evaluations of the batch per update (its closure calls: line search included).
 Each (optimizer, batch) times `--updates` updates after as many warm-up ones, `--rounds` times, the order
 reversed each round; the table gives medians and the ratio to sgd's median at the same batch size. Same
-model (descent.nets.MLP, keras init, seed 0), data order and flush-denormal as descent; torch's default
-intra-op threads.
+model (descent.nets.MLP, keras init, seed 0), data order, flush-denormal, intra-op threads and OpenMP
+wait policy (descent/threads.py).
 """
 
 from __future__ import annotations
@@ -21,13 +21,17 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-from hydra import compose, initialize_config_dir
+from descent import threads
+
+threads.set_wait_policy()  # descent's OpenMP wait, before torch loads libgomp
+
+import torch  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.utils import instantiate
 
-from descent.data import ensure_mnist, load_split
-from descent.optim import needs_closure
-from descent.reference import plain_train
+from descent.data import ensure_data, load_split  # noqa: E402
+from descent.optim import needs_closure  # noqa: E402
+from descent.reference import plain_train  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MINI = ("sgd", "sgd_momentum", "adam", "adamw", "muon")
@@ -66,6 +70,7 @@ class ClosureCounted(Counted):
 
 def time_updates(name: str, x, y, batch_size: int, updates: int) -> tuple[float, float]:
     """Seconds per update and evaluations per update, over `updates` updates after as many warm-up ones."""
+    torch.set_num_threads(threads.choose(batch_size, threads.cpus_granted()))  # as train.py would
     torch.manual_seed(0)
     net = instantiate({"_target_": "descent.nets.MLP"})
     inner = optimizer(name, net)
@@ -86,7 +91,7 @@ def main() -> None:
     ap.add_argument("--data", default=str(ROOT / "data"))
     args = ap.parse_args()
     torch.set_flush_denormal(True)
-    ensure_mnist(args.data)
+    ensure_data(args.data)
     x, y = load_split(args.data, train=True)
     x, y = x[:50000].contiguous(), y[:50000]
     jobs = [(name, 128, args.updates) for name in MINI] + [(name, len(x), args.full_steps) for name in FULL]
