@@ -383,10 +383,10 @@ class Classifier(pl.LightningModule):
         # is read from it; one spanning several chunks (a full batch) is gathered at its last piece from
         # the training set by epoch position, as the graph path does: no gradient is half-accumulated
         # between chunks, and a checkpoint there resumes by evaluating the batch whole
-        examples, offset, updates = self.examples, self.epoch_offset, self.updates
+        examples, offset, updates, length = self.examples, self.epoch_offset, self.updates, len(x)
         updates_before = updates
         self.epoch_closed = False
-        for a, b, batch_len, ends_batch in segments(offset, len(x), self.n_train, self.batch_size):
+        for a, b, batch_len, ends_batch in segments(offset, length, self.n_train, self.batch_size):
             examples += b - a
             if ends_batch:
                 if b - a == batch_len:
@@ -401,9 +401,12 @@ class Classifier(pl.LightningModule):
                 updates += 1
                 if examples >= self.next_log or batch_len >= self.log_every or examples >= self.next_val:
                     self._log_point(examples, updates, offset + b, batch_len)
+                    if self.trainer.should_stop:  # a validation hook stopped the run here (sweep.Target)
+                        length = b
+                        break
         self.trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress.increment_by(updates - updates_before)
         self.examples, self.updates = examples, updates
-        self.epoch_offset = self.epoch_pos = offset + len(x)
+        self.epoch_offset = self.epoch_pos = offset + length
 
     def _closure(self, pieces: list, batch_len: int):
         """The batch's mean loss with its gradient in .grad; the first evaluation (at the weights before
