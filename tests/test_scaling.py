@@ -59,3 +59,8 @@ def test_tiny_batch_scaling_sweep_end_to_end(tmp_path, store, mnist_root):
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
     assert {"report/scaling.png", "report/scaling.md", "report/scaling.csv"} <= artifacts
     assert (tmp_path / "outputs" / "sweep" / "scaling.png").stat().st_size > 10000
+    # the search report: one study per cell, trials numbered within it, each cell's best in bold
+    rows = [line.split("|")[1:-1] for line in (tmp_path / "outputs/sweep/search.md").read_text().splitlines()
+            if line.startswith("| batch_scaling_quick-")]
+    assert sorted((c[0].strip(), int(c[1])) for c in rows) == [(cell, n) for cell in sorted(cells) for n in (0, 1)]
+    assert {c[0].strip() for c in rows if "**" in c[4]} == {r.data.tags["optuna.study"] for r in reached}

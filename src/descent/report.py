@@ -7,6 +7,7 @@ It reads MLflow only, with no torch or lightning import, so it starts in about a
 from __future__ import annotations
 
 import csv
+import json
 import os
 import time
 from dataclasses import dataclass
@@ -352,20 +353,23 @@ def search_rows(runs: list[Run], objective: str, params: list[str]) -> list[dict
         finite = np.isfinite(values)
         state = r.tags.get("optuna.state") or {"FINISHED": "COMPLETE", "RUNNING": "RUNNING"}.get(r.status, "FAIL")
         seen = [s[-1] for s, _ in r.history.values() if len(s)]  # its last point of any metric (steps = examples)
-        rows.append({"trial": int(r.tags["optuna.trial"]), "state": state, "run": r.name,
+        rows.append({"study": r.tags.get("optuna.study", ""), "trial": int(r.tags["optuna.trial"]), "state": state,
+                     "run": r.name,
                      **{p: r.params.get(p) for p in params},
                      "objective": float(values[finite][-1]) if state != "FAIL" and finite.any() else None,
                      "examples": int(max(seen)) if seen else None})
-    return sorted(rows, key=lambda row: row["trial"])
+    studies = list(dict.fromkeys(row["study"] for row in rows))  # a grid's cells (hydra.sweeper.grid) in order
+    return sorted(rows, key=lambda row: (studies.index(row["study"]), row["trial"]))
 
 
 def best_so_far(rows: list[dict], maximize: bool) -> list[float | None]:
-    best, out = None, []
+    """Per row, the best complete value so far in its own study (a grid runs one study per cell)."""
+    best, out = {}, []
     for row in rows:
         if row["state"] == "COMPLETE" and row["objective"] is not None:
-            value = row["objective"]
-            best = value if best is None else (max if maximize else min)(best, value)
-        out.append(best)
+            value, so_far = row["objective"], best.get(row["study"])
+            best[row["study"]] = value if so_far is None else (max if maximize else min)(so_far, value)
+        out.append(best.get(row["study"]))
     return out
 
 
@@ -378,44 +382,53 @@ def _numbers(values) -> np.ndarray | None:
 
 def plot_search(rows: list[dict], objective: str, maximize: bool, params: list[str], title: str = ""):
     """History (objective per trial, best so far) and, for one or two parameters, the objective against them.
-    Complete trials filled, pruned ones hollow at the value they stopped with, failed ones as red x on the
-    top edge."""
+    Complete trials filled, pruned ones hollow at the value they stopped with, failed ones as x on the top
+    edge. A grid's studies (one per cell) each in a colour of their own, trials numbered within each."""
+    from matplotlib import colormaps
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
     from matplotlib.ticker import MaxNLocator
 
+    studies = list(dict.fromkeys(r["study"] for r in rows))
+    palette = colormaps["tab10" if len(studies) <= 10 else "tab20"]
+    color = {st: palette(i % palette.N) for i, st in enumerate(studies)} if len(studies) > 1 else {studies[0]: "C0"}
     space = len(params) in (1, 2)
-    fig = Figure(figsize=(13 if space else 7, 5), layout="constrained")
+    fig = Figure(figsize=(13 if space else 7, 5 + 0.25 * (len(studies) // 4)), layout="constrained")
     axes = fig.subplots(1, 2 if space else 1, squeeze=False)[0]
     complete = [r for r in rows if r["state"] == "COMPLETE" and r["objective"] is not None]
     pruned = [r for r in rows if r["state"] == "PRUNED" and r["objective"] is not None]
     failed = [r for r in rows if r not in complete and r not in pruned]
     values = [r["objective"] for r in complete + pruned]
     log_y = objective.endswith("loss") and values and min(values) > 0 and max(values) / min(values) >= LOG_X_RATIO
+    best = best_so_far(rows, maximize)
+
+    def marks(ax, x_of, group, hollow=False):
+        for r in group:
+            ax.plot([x_of(r)], [r["objective"]], "o", color=color[r["study"]], **({"mfc": "none"} if hollow else {}))
+
+    def fails(ax, x_of):
+        for r in failed:
+            if (x := x_of(r)) is not None:
+                ax.plot([x], [0.98], "x", color=color[r["study"]] if len(studies) > 1 else "C3", ms=9, mew=2,
+                        clip_on=False, transform=ax.get_xaxis_transform())
 
     ax = axes[0]
-    ax.plot([r["trial"] for r in complete], [r["objective"] for r in complete], "o", color="C0")
-    ax.plot([r["trial"] for r in pruned], [r["objective"] for r in pruned], "o", mfc="none", color="C0")
-    best = best_so_far(rows, maximize)
-    ax.step([r["trial"] for r in rows], [np.nan if b is None else b for b in best], where="post", color="C1")
-    for r in failed:
-        ax.plot([r["trial"]], [0.98], "x", color="C3", ms=9, mew=2, clip_on=False, transform=ax.get_xaxis_transform())
-    ax.set_xlabel("trial")
+    trial = lambda r: r["trial"]
+    marks(ax, trial, complete), marks(ax, trial, pruned, hollow=True), fails(ax, trial)
+    for st in studies:
+        own = [(r["trial"], np.nan if b is None else b) for r, b in zip(rows, best) if r["study"] == st]
+        ax.step(*zip(*own), where="post", color="C1" if len(studies) == 1 else color[st], ls="-" if len(studies) == 1 else "--")
+    ax.set_xlabel("trial" + (" (of its study)" if len(studies) > 1 else ""))
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel(objective)
     ax.set_title("the search, trial by trial")
 
     if space:
         ax = axes[1]
-        xs = [_numbers([r[params[0]] for r in group]) for group in (complete, pruned, failed)]
+        value = lambda p: (lambda r: (n[0] if (n := _numbers([r[p]])) is not None else r[p]))
         if len(params) == 1:
-            for group, x, hollow in ((complete, xs[0], False), (pruned, xs[1], True)):
-                if group:
-                    ax.plot(x if x is not None else [r[params[0]] for r in group], [r["objective"] for r in group],
-                            "o", color="C0", **({"mfc": "none"} if hollow else {}))
-            for r in failed:
-                ax.plot([_numbers([r[params[0]]])[0] if _numbers([r[params[0]]]) is not None else r[params[0]]],
-                        [0.98], "x", color="C3", ms=9, mew=2, clip_on=False, transform=ax.get_xaxis_transform())
+            marks(ax, value(params[0]), complete), marks(ax, value(params[0]), pruned, hollow=True)
+            fails(ax, value(params[0]))
             ax.set_ylabel(objective)
         else:
             points = complete + pruned
@@ -432,6 +445,7 @@ def plot_search(rows: list[dict], objective: str, maximize: bool, params: list[s
             y_all = _numbers([r[params[1]] for r in rows])
             if y_all is not None and y_all.min() > 0 and y_all.max() / y_all.min() >= LOG_X_RATIO:
                 ax.set_yscale("log")
+                _plain_log_ticks(ax.yaxis)
         x_all = _numbers([r[params[0]] for r in rows])
         if x_all is not None and len(x_all) and x_all.min() > 0 and x_all.max() / x_all.min() >= LOG_X_RATIO:
             ax.set_xscale("log")
@@ -443,28 +457,39 @@ def plot_search(rows: list[dict], objective: str, maximize: bool, params: list[s
         for a in axes[: 1 if len(params) == 2 else None]:
             a.set_yscale("log")
             _plain_log_ticks(a.yaxis)
-    handles = [Line2D([], [], color="C0", ls="", marker="o", label=f"complete ({len(complete)})"),
-               Line2D([], [], color="C0", ls="", marker="o", mfc="none", label=f"pruned, at its stop ({len(pruned)})"),
-               Line2D([], [], color="C3", ls="", marker="x", mew=2, label=f"failed or diverged ({len(failed)})"),
-               Line2D([], [], color="C1", label=f"best so far ({'max' if maximize else 'min'})")]
+    handles = [Line2D([], [], color="gray" if len(studies) > 1 else "C0", ls="", marker="o",
+                      label=f"complete ({len(complete)})"),
+               Line2D([], [], color="gray" if len(studies) > 1 else "C0", ls="", marker="o", mfc="none",
+                      label=f"pruned, at its stop ({len(pruned)})"),
+               Line2D([], [], color="gray" if len(studies) > 1 else "C3", ls="", marker="x", mew=2,
+                      label=f"failed or diverged ({len(failed)})"),
+               Line2D([], [], color="gray" if len(studies) > 1 else "C1", ls="--" if len(studies) > 1 else "-",
+                      label=f"best so far ({'max' if maximize else 'min'})")]
+    if len(studies) > 1:  # the grid's cells
+        handles += [Line2D([], [], color=color[st], lw=6, label=st) for st in studies]
     fig.legend(handles=handles, loc="outside lower center", ncols=4, frameon=False)
     fig.suptitle(title)
     return fig
 
 
 def search_markdown(rows: list[dict], objective: str, maximize: bool, params: list[str], header: str) -> str:
-    best = best_so_far(rows, maximize)[-1] if rows else None
-    lines = [header, "", f"Objective `{objective}` ({'maximized' if maximize else 'minimized'}); best "
-             + (_metric(best) if best is not None else "none: no trial completed")
-             + f"; training examples spent, all trials: {sum(r['examples'] or 0 for r in rows):,}.", "",
-             "| trial | state | " + " | ".join(params) + f" | {objective} | examples | run |",
-             "|---" * (len(params) + 5) + "|"]
+    """One row per trial; each study's best in bold (a grid runs one study per cell: a study column then)."""
+    so_far = best_so_far(rows, maximize)
+    best = {r["study"]: b for r, b in zip(rows, so_far)}  # the last row of each study holds its best
+    grid = len(best) > 1
+    summary = ("each study's best in bold" if grid else "best " + (_metric(best[rows[0]["study"]]) if rows and
+               best[rows[0]["study"]] is not None else "none: no trial completed"))
+    lines = [header, "", f"Objective `{objective}` ({'maximized' if maximize else 'minimized'}); {summary}"
+             f"; training examples spent, all trials: {sum(r['examples'] or 0 for r in rows):,}.", "",
+             "| " + " | ".join(["study"] * grid + ["trial", "state", *params, objective, "examples", "run"]) + " |",
+             "|---" * (len(params) + 5 + grid) + "|"]
     for r in rows:
         value = _metric(r["objective"]) if r["objective"] is not None else "–"
-        if r["state"] == "COMPLETE" and r["objective"] == best:
+        if r["state"] == "COMPLETE" and r["objective"] == best[r["study"]]:
             value = f"**{value}**"
-        lines.append(f"| {r['trial']} | {r['state']} | " + " | ".join(str(r[p]) for p in params)
-                     + f" | {value} | {r['examples'] if r['examples'] is not None else '–'} | {r['run']} |")
+        cells = [r["study"]] * grid + [r["trial"], r["state"], *(r[p] for p in params), value,
+                                       r["examples"] if r["examples"] is not None else "–", r["run"]]
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -584,7 +609,12 @@ def make_report(tracking_uri: str | None = None, parent_run_id: str | None = Non
     if parent and STUDY_TAG in parent.data.tags:  # an Optuna study: its search, beside the curves
         objective = parent.data.tags.get("optuna.objective", "val/loss")
         maximize = parent.data.tags.get("optuna.direction") == "maximize"
-        params = [b for b in by if _numbers([r.params.get(b) for r in runs]) is not None] or by
+        grid = json.loads(parent.data.tags.get("optuna.grid", "{}"))  # a grid's keys tell its studies apart
+        searched = [b for b in by if b not in grid]
+        params = [b for b in searched if _numbers([r.params.get(b) for r in runs]) is not None] or searched
+        for r in runs:  # an objective beside FINALS (target/updates, ...)
+            if objective not in r.history:
+                r.history[objective] = _history(client, r.id, objective)
         rows = search_rows(runs, objective, params)
         if rows:
             paths |= {"search_png": out / "search.png", "search_md": out / "search.md"}
