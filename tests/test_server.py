@@ -221,7 +221,8 @@ def test_data_survive_a_stop_and_start(tracking_server, tracking_server_dir):
     assert survivor in before
     server.stop(tracking_server_dir)
     assert server.status(tracking_server_dir) == {"postgresql": "stopped", "mlflow": "stopped", "uri": None,
-                                                  "healthy": False}
+                                                  "healthy": False, "studies": None}
     assert server.start(tracking_server_dir) == tracking_server
+    assert server.status(tracking_server_dir)["studies"] == server.study_storage(tracking_server_dir)
     assert {r.info.run_id for r in client.search_runs(experiments)} == before
     assert [(m.step, m.value) for m in client.get_metric_history(survivor, "train/loss")] == [(128, 0.5)]
