@@ -343,8 +343,8 @@ STUDY_TAG = "optuna.study"
 
 
 def search_rows(runs: list[Run], objective: str, params: list[str]) -> list[dict]:
-    """One row per trial, in trial order: its state, parameters, the objective's last value (a pruned
-    trial's at its stop) and the training examples it spent."""
+    """One row per trial, by study (a grid's cells in order) then trial: its state, parameters, the objective's
+    last value (a pruned trial's at its stop) and the training examples it spent."""
     rows = []
     for r in runs:
         if "optuna.trial" not in r.tags:
