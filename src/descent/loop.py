@@ -344,17 +344,10 @@ class Classifier(pl.LightningModule):
                 step()
                 opt.zero_grad(set_to_none=True)
                 updates += 1
-                # log at every log_every examples, and at each update when updates are rarer than that
-                if examples >= self.next_log or batch_len >= self.log_every or examples >= self.next_val:
-                    self._log_point(examples, updates, offset + b, batch_len)
-                    if self.trainer.should_stop:  # a validation hook stopped the run here (sweep.Target)
-                        length = b
-                        break
-        # lightning counts optimizer steps only through its own wrapper; tell it ours, so that
-        # trainer.global_step, max_steps and step-based checkpointing work
-        self.trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress.increment_by(updates - updates_before)
-        self.examples, self.updates = examples, updates
-        self.epoch_offset = self.epoch_pos = offset + length
+                if self._after_update(examples, updates, offset + b, batch_len):
+                    length = b
+                    break
+        self._end_chunk(examples, updates, updates - updates_before, offset + length)
 
     def _train_graphed(self, length: int) -> None:
         # the graph path: the same segments and log points as training_step, but the chunk's examples
@@ -368,14 +361,10 @@ class Classifier(pl.LightningModule):
             if ends_batch:
                 graph.update(offset + b - batch_len, offset + b)
                 updates += 1
-                if examples >= self.next_log or batch_len >= self.log_every or examples >= self.next_val:
-                    self._log_point(examples, updates, offset + b, batch_len)
-                    if self.trainer.should_stop:
-                        length = b
-                        break
-        self.trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress.increment_by(updates - updates_before)
-        self.examples, self.updates = examples, updates
-        self.epoch_offset = self.epoch_pos = offset + length
+                if self._after_update(examples, updates, offset + b, batch_len):
+                    length = b
+                    break
+        self._end_chunk(examples, updates, updates - updates_before, offset + length)
 
     def _train_closure(self, x, y) -> None:
         # a closure-based optimizer (L-BFGS): its step evaluates the batch's loss and gradient itself, as
@@ -399,14 +388,10 @@ class Classifier(pl.LightningModule):
                 self.opt.step(self._closure(pieces, batch_len))
                 self.opt.zero_grad(set_to_none=True)  # as the eager loop: a checkpoint here holds no gradient
                 updates += 1
-                if examples >= self.next_log or batch_len >= self.log_every or examples >= self.next_val:
-                    self._log_point(examples, updates, offset + b, batch_len)
-                    if self.trainer.should_stop:  # a validation hook stopped the run here (sweep.Target)
-                        length = b
-                        break
-        self.trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress.increment_by(updates - updates_before)
-        self.examples, self.updates = examples, updates
-        self.epoch_offset = self.epoch_pos = offset + length
+                if self._after_update(examples, updates, offset + b, batch_len):
+                    length = b
+                    break
+        self._end_chunk(examples, updates, updates - updates_before, offset + length)
 
     def _closure(self, pieces: list, batch_len: int):
         """The batch's mean loss with its gradient in .grad; the first evaluation (at the weights before
@@ -433,6 +418,22 @@ class Classifier(pl.LightningModule):
             return total
 
         return closure
+
+    def _after_update(self, examples: int, updates: int, epoch_pos: int, batch_len: int) -> bool:
+        """Every path's end of an update: a log point at every log_every examples, at each update when updates
+        are rarer than that, and at each validation point. True when a validation hook stopped the run there
+        (sweep.Target): the chunk ends at this update."""
+        if examples >= self.next_log or batch_len >= self.log_every or examples >= self.next_val:
+            self._log_point(examples, updates, epoch_pos, batch_len)
+            return self.trainer.should_stop
+        return False
+
+    def _end_chunk(self, examples: int, updates: int, steps: int, epoch_pos: int) -> None:
+        # lightning counts optimizer steps only through its own wrapper; tell it ours, so that
+        # trainer.global_step, max_steps and step-based checkpointing work
+        self.trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress.increment_by(steps)
+        self.examples, self.updates = examples, updates
+        self.epoch_offset = self.epoch_pos = epoch_pos
 
     def _log_point(self, examples: int, updates: int, epoch_pos: int, batch_len: int) -> None:
         self.examples, self.updates, self.epoch_pos = examples, updates, epoch_pos
