@@ -12,6 +12,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data"  # the project's own cache, built from the offline bundle on first use
@@ -207,3 +208,20 @@ def pytest_runtest_makereport(item, call):
         report.outcome = "failed"
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
         report.longrepr = f"skipped with CI=true (an install step failed?): {reason}"
+
+
+class Stop(Exception):
+    pass
+
+
+class StopAfterChunks(pl.Callback):
+    """A checkpoint after the k-th chunk, as SafetyCheckpoints writes one on SIGTERM, then a stop."""
+
+    def __init__(self, chunks: int, path):
+        self.chunks, self.path, self.seen = chunks, path, 0
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        self.seen += 1
+        if self.seen == self.chunks:
+            trainer.save_checkpoint(self.path, weights_only=False)
+            raise Stop

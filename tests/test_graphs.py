@@ -14,7 +14,7 @@ from mlflow import MlflowClient
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-from conftest import ROOT, train
+from conftest import ROOT, Stop, StopAfterChunks, train
 from descent import graphs
 from descent.config import ConfigError, validate
 from descent.data import IDXDataModule
@@ -100,23 +100,6 @@ def test_warm_up_leaves_no_trace_on_a_resumed_optimizer(opt_name):
             assert torch.equal(torch.as_tensor(v), torch.as_tensor(before_opt["state"][i][k])), (i, k)
     assert step.window.state() == {"loss_sum": 0.0, "correct": 0, "n": 0}
     assert all(p.grad is None for p in net.parameters())
-
-
-class Stop(Exception):
-    pass
-
-
-class StopAfterChunks(pl.Callback):
-    """A checkpoint after the k-th chunk, as SafetyCheckpoints writes one on SIGTERM, then a stop."""
-
-    def __init__(self, chunks: int, path):
-        self.chunks, self.path, self.seen = chunks, path, 0
-
-    def on_train_batch_end(self, trainer, *args) -> None:
-        self.seen += 1
-        if self.seen == self.chunks:
-            trainer.save_checkpoint(self.path, weights_only=False)
-            raise Stop
 
 
 @pytest.mark.parametrize("batching,chunks,first_mode", [

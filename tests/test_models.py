@@ -12,7 +12,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import open_dict
 
-from conftest import DATA, ROOT
+from conftest import DATA, ROOT, Stop, StopAfterChunks
 from descent import config, data, debian, threads
 from descent.config import ConfigError, validate
 from descent.data import DATASETS, DataError, IDXDataModule, check_raw, ensure_data, gunzip_raw, load_split
@@ -206,21 +206,6 @@ def test_each_network_is_captured_and_matches_the_plain_loop_on_cuda(mnist_root,
                 batch_size=BATCHES[batching] or n, epochs=EPOCHS, seed=SEED)
     for p, q in zip(module.net.parameters(), reference.parameters()):  # GPU sums need not add up in one order
         torch.testing.assert_close(p, q, rtol=1e-3, atol=1e-4)
-
-
-class Stop(Exception):
-    pass
-
-
-class StopAfterChunks(pl.Callback):
-    def __init__(self, chunks: int, path):
-        self.chunks, self.path, self.seen = chunks, path, 0
-
-    def on_train_batch_end(self, trainer, *args) -> None:
-        self.seen += 1
-        if self.seen == self.chunks:
-            trainer.save_checkpoint(self.path, weights_only=False)  # as SafetyCheckpoints on SIGTERM
-            raise Stop
 
 
 def test_a_cnn_run_resumes_to_the_uninterrupted_run(mnist_root, tmp_path):
