@@ -30,7 +30,7 @@ def test_tiny_batch_scaling_sweep_end_to_end(tmp_path, store, mnist_root):
                  "sweep.target_acc=0.6", "hydra.sweeper.n_trials=2", "trainer.max_epochs=3", "trainer.max_updates=60",
                  "trainer.val_every_examples=60", "trainer.noise_probe=128",
                  "hydra.sweeper.grid={optimizer: sgd_momentum, data.batch_size: '10,50'}",
-                 "hydra.sweeper.params={optimizer.lr: 'choice(0.03,0.3)'}",
+                 "hydra.sweeper.params={optimizer.lr: 'choice(0.0003,0.3)'}",
                  cwd=tmp_path, store=store, multirun=True)
     out = proc.stdout + proc.stderr
     client = MlflowClient(store)
@@ -44,7 +44,7 @@ def test_tiny_batch_scaling_sweep_end_to_end(tmp_path, store, mnist_root):
     assert {r.data.tags["optuna.study"] for r in children} == cells and len(children) == 4
     tried = [[t.params["optimizer.lr"] for t in optuna.load_study(
         study_name=name, storage=f"sqlite:///{tmp_path / 'optuna.db'}").trials] for name in sorted(cells)]
-    assert [sorted(lrs) for lrs in tried] == [[0.03, 0.3]] * 2  # the grid sampler: every cell tries every lr
+    assert [sorted(lrs) for lrs in tried] == [[0.0003, 0.3]] * 2  # the grid sampler: every cell tries every lr
     for r in children:
         assert "noise/b_simple" in r.data.metrics and r.data.params["trainer.noise_scale"] == "True"
     reached = [r for r in children if "target/updates" in r.data.metrics]
@@ -53,6 +53,18 @@ def test_tiny_batch_scaling_sweep_end_to_end(tmp_path, store, mnist_root):
         steps = [m.step for m in client.get_metric_history(r.info.run_id, "val/acc")]
         assert steps[-1] == r.data.metrics["target/examples"] and r.data.metrics["val/acc"] >= 0.6
         assert r.data.metrics["progress/updates"] == r.data.metrics["target/updates"]
+    # a trial that has spent as many updates as its cell's best took, without the target, is pruned there
+    by_cell = {}
+    for r in sorted(children, key=lambda r: int(r.data.tags["optuna.trial"])):
+        by_cell.setdefault(r.data.tags["optuna.study"], []).append(r)
+    bounded = [(first, second) for first, second in by_cell.values() if "target/updates" in first.data.metrics]
+    assert bounded, "the seeded grid order runs lr 0.3 (which reaches the target) first in neither cell"
+    for first, second in bounded:  # lr 0.0003 cannot reach 0.6 within 60 updates: it stops at the first bound
+        assert second.data.tags.get("optuna.pruned") == "true", out[-3000:]
+        batch = int(second.data.params["data.batch_size"])  # it stopped at its last validation point
+        spent = client.get_metric_history(second.info.run_id, "val/acc")[-1].step // batch  # (600 = k * batch)
+        best = first.data.metrics["target/updates"]
+        assert best <= spent < best + 60 // batch + 1 and spent < min(60, 3 * 600 // batch)  # before its budget
     metrics = parent.data.metrics
     assert np.isfinite(metrics["scaling.s_min.sgd_momentum"]) and np.isfinite(metrics["scaling.e_min.sgd_momentum"])
     assert "scaling.b_crit.sgd_momentum" in metrics or metrics["scaling.s_min.sgd_momentum"] == 0

@@ -79,19 +79,39 @@ class Pruning:
 class Target:
     """The loop's validation hook for sweep.objective=target/*: at the first validation point where val/acc
     reaches the target it logs target/updates, target/examples and target/seconds (training seconds) and
-    stops the run there (lightning's should_stop; the loop takes no further update)."""
+    stops the run there (lightning's should_stop; the loop takes no further update).
 
-    def __init__(self, module, target_acc: float):
+    In a study (`trial` given) a run that has not reached the target and has already spent as many updates
+    (examples) as the study's best completed trial took is pruned there: it can no longer beat that trial,
+    and the objective is the best trial's count (Shallue et al. 2019). The best is read at each validation
+    point, so trials running side by side (hydra.sweeper.n_jobs, a cluster) bound each other as they finish."""
+
+    def __init__(self, module, target_acc: float, trial=None, objective: str = "target/updates"):
         self.module, self.target_acc, self.reached = module, target_acc, False
+        self.trial, self.objective = trial, objective
 
     def __call__(self, examples: int, metrics: dict) -> None:
-        acc = metrics.get("val/acc")
-        if self.reached or acc is None or not acc >= self.target_acc:
-            return
-        self.reached = True
         m = self.module
-        m._log({"target/updates": m.updates, "target/examples": examples, "target/seconds": m.train_seconds})
-        m.trainer.should_stop = True
+        acc = metrics.get("val/acc")
+        if self.reached:
+            return
+        if acc is not None and acc >= self.target_acc:
+            self.reached = True
+            m._log({"target/updates": m.updates, "target/examples": examples, "target/seconds": m.train_seconds})
+            m.trainer.should_stop = True
+            return
+        spent = m.updates if self.objective == "target/updates" else examples
+        if self.trial is not None and spent >= (bound := self.best()):
+            raise Pruned(f"trial {self.trial.number} pruned at {examples} examples: {spent} "
+                         f"{self.objective.split('/')[1]} without val/acc >= {self.target_acc}, and the study's "
+                         f"best trial reached it in {bound:.0f}")
+
+    def best(self) -> float:
+        """The study's best completed objective so far (inf before any)."""
+        from optuna.trial import TrialState
+
+        done = self.trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        return min((t.value for t in done), default=float("inf"))
 
 
 def quiet_optuna() -> None:
