@@ -130,3 +130,17 @@ def test_a_storage_password_is_not_recorded():
         "postgresql+psycopg2://team:***@db.lab:5432/optuna"
     socket = "postgresql+psycopg2://mlflow@/optuna?host=/srv/tracking/postgres&port=5432"  # make server's
     assert shown_storage(socket) == socket and shown_storage("sqlite:///optuna.db") == "sqlite:///optuna.db"
+
+
+def test_a_grid_cell_whose_last_trial_fails_does_not_end_the_sweep(tmp_path, store, mnist_root):
+    # optuna's grid sampler stops its study when its last point is told, which raises outside optimize();
+    # upstream's sweeper caught that for a completed trial only: a cell that missed its target ended the sweep
+    proc = train("hydra/sweeper=optuna", "hydra/sweeper/sampler=grid", "optimizer.lr=choice(0.001)",
+                 "hydra.sweeper.grid={seed: '0,1'}", "sweep.objective=target/updates", "sweep.target_acc=0.99",
+                 *TINY, cwd=tmp_path, store=store, multirun=True, check=False)
+    out = proc.stdout + proc.stderr
+    assert "Study.stop" not in out and "Traceback" not in out, out[-3000:]
+    assert proc.returncode == 1 and "the study descent has no completed trial (2 FAIL)" in out, out[-3000:]
+    for cell in ("descent-0", "descent-1"):  # both cells ran their one trial, which missed 0.99: FAIL
+        study = optuna.load_study(study_name=cell, storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+        assert [t.state.name for t in study.trials] == ["FAIL"]

@@ -121,6 +121,8 @@ BAD = {
     "+max_epochs=3": "max_epochs: unknown key; allowed keys at the top level: seed, resume, lr_by_batching,",
     "+lr_by_batching={mini:-0.1}":
         "lr_by_batching={'mini': -0.1}: must be a mapping of option names to learning rates > 0",
+    "+lr_searched={mnist-mlp:{mini:0}}":
+        "lr_searched={'mnist-mlp': {'mini': 0}}: must be a mapping of <data>-<model> (mnist-mlp, ...) to mappings",
     "resume=3": "resume=3: must be null (a new run) or a non-empty string",
 }
 

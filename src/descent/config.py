@@ -62,10 +62,12 @@ TOP = {
     "resume": nullable(STRING, "a new run"),
     "lr_by_batching": LR_TABLE,     # experiment presets: a learning rate per option, picked by interpolation
     "lr_by_optimizer": LR_TABLE,
+    "lr_searched": (lambda v: isinstance(v, dict) and all(LR_TABLE[0](t) for t in v.values()),  # per <data>-<model>
+                    "a mapping of <data>-<model> (mnist-mlp, ...) to mappings of option names to learning rates > 0"),
     "lr_ratio": POSITIVE,           # experiment=step_size: the learning rate as a multiple of 2/L
     "start_by_model": (lambda v: isinstance(v, dict), "a mapping of model options to starting points"),
 }
-OPTIONAL = {"lr_by_batching", "lr_by_optimizer", "lr_ratio", "start_by_model"}
+OPTIONAL = {"lr_by_batching", "lr_by_optimizer", "lr_searched", "lr_ratio", "start_by_model"}
 SECTIONS = ("trainer", "logger", "data", "model", "optimizer", "sweep")
 
 # what train.py may return, and the direction a search takes on it (never the test set: a search tuned on

@@ -148,6 +148,18 @@ def failure_of(value: Any) -> Optional[str]:
     return None
 
 
+def tell(study: optuna.Study, trial: Trial, state: TrialState, values: Optional[List[float]]) -> None:
+    """study.tell; the grid sampler's end of the grid is not an error. Its after_trial calls study.stop() when
+    the last grid point is told, which raises outside optimize(): upstream caught it for a COMPLETE trial
+    only, so a cell whose last trial failed (missed its target) ended the whole sweep (descent)."""
+    try:
+        study.tell(trial=trial, state=state, values=values)
+    except RuntimeError as e:
+        if not (isinstance(study.sampler, optuna.samplers.GridSampler)
+                and "`Study.stop` is supposed to be invoked inside an objective function" in str(e)):
+            raise
+
+
 class OptunaSweeperImpl(Sweeper):
     def __init__(
         self,
@@ -399,21 +411,11 @@ class OptunaSweeperImpl(Sweeper):
                                 f" mismatched. Expect {len(directions)}, but actually {len(values)}."
                             )
 
-                    try:
-                        study.tell(trial=trial, state=state, values=values)
-                    except RuntimeError as e:
-                        if (
-                            is_grid_sampler
-                            and "`Study.stop` is supposed to be invoked inside an objective function or a callback."
-                            in str(e)
-                        ):
-                            pass
-                        else:
-                            raise e
+                    tell(study, trial, state, values)
 
                 except Exception as e:
                     state = optuna.trial.TrialState.FAIL
-                    study.tell(trial=trial, state=state, values=None)
+                    tell(study, trial, state, None)
                     log.warning(f"Trial {trial.number} failed: {e}")
                     failures.append(e)
 

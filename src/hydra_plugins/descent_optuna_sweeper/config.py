@@ -181,8 +181,9 @@ class OptunaSweeperConf:
 
     # descent: keys swept as a grid, in the grid sweeper's syntax (optimizer: sgd,adam; data.batch_size: 16,256):
     # one study per combination, named <study_name>-<value>-<value>, each with n_trials trials of `params`;
-    # the jobs get the combination's overrides and hydra.sweeper.study_name. None: one study
-    grid: Optional[Dict[str, str]] = None
+    # the jobs get the combination's overrides and hydra.sweeper.study_name. None: one study. Typed Any: an
+    # Optional[Dict] None cannot take a dict from the command line (omegaconf's merge fails on it)
+    grid: Any = None
 
 
 # descent: registered as descent_optuna, so that conf/hydra/sweeper/optuna.yaml can list it as its base
