@@ -8,13 +8,12 @@ only by the tests marked `cuda`, which run where CUDA is present and are skipped
 import copy
 
 import pytest
-import pytorch_lightning as pl
 import torch
 from mlflow import MlflowClient
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-from conftest import ROOT, Stop, StopAfterChunks, train
+from conftest import ROOT, Stop, StopAfterChunks, lightning_fit, train
 from descent import graphs
 from descent.config import ConfigError, validate
 from descent.data import IDXDataModule
@@ -42,11 +41,7 @@ def fit(root, opt_name, batching, cuda_graphs, accelerator="cpu", ckpt=None, cal
     dm = IDXDataModule(root=str(root), limit_train=N, batch_size=BATCHES[batching], chunk_size=256, seed=SEED)
     module = Classifier(net=MLP(), optimizer=optimizer(opt_name, **({"lr": lr} if lr else {})),
                         log_every_examples=100, cuda_graphs=cuda_graphs)
-    trainer = pl.Trainer(max_epochs=EPOCHS, accelerator=accelerator, devices=1, logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         limit_val_batches=0, callbacks=list(callbacks))
-    trainer.fit(module, datamodule=dm, ckpt_path=ckpt)
-    return module, dm
+    return lightning_fit(module, dm, EPOCHS, accelerator, ckpt, callbacks)
 
 
 def plain(dm, opt_name, batching, device="cpu"):

@@ -4,12 +4,11 @@ closure across chunks, its exact resume, and the checks of their config."""
 import copy
 
 import pytest
-import pytorch_lightning as pl
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-from conftest import ROOT
+from conftest import ROOT, lightning_fit
 from descent.config import ConfigError, validate
 from descent.data import MNISTDataModule
 from descent.loop import Classifier
@@ -43,10 +42,7 @@ class Both:
 def fit(net, opt_cfg, batch_size, epochs=EPOCHS, ckpt_path=None, root=None, cuda_graphs=False):
     dm = MNISTDataModule(root=str(root), limit_train=N, batch_size=batch_size, chunk_size=256, seed=SEED)
     module = Classifier(net=net, optimizer=instantiate(opt_cfg), log_every_examples=100, cuda_graphs=cuda_graphs)
-    trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_progress_bar=False,
-                         enable_model_summary=False, limit_val_batches=0, enable_checkpointing=False)
-    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path, weights_only=False)
-    return module, dm
+    return lightning_fit(module, dm, epochs, ckpt=ckpt_path, weights_only=False)
 
 
 # chunk_size 256: mini puts 2 updates in a chunk; the full batch (600) spreads over 3 chunks, which the

@@ -203,7 +203,9 @@ def markdown(rows: list[dict], fits: dict[str, dict], header: str) -> str:
     lines += ["", "A point is the cell's trial that reached the target in the fewest updates. The fit: least squares "
               "on relative residuals of S(B) = S_min + E_min/B with S_min, E_min >= 0, over the points that reached "
               f"the target. Interval: {BOOTSTRAP} resamples of each cell's trials with replacement (the "
-              "learning-rate search's luck; one seed, so not seed-to-seed variation). B_simple: the gradient noise "
+              "learning-rate search's luck; one seed, so not seed-to-seed variation; a trial pruned once it had "
+              "spent the cell's best count counts as missing the target there, so a resample without the best "
+              "drops the cell rather than taking a slower point). B_simple: the gradient noise "
               "scale measured by the best runs at their target point (median over batch sizes).", "",
               "![scaling](scaling.png)", ""]
     return "\n".join(lines)
