@@ -227,11 +227,12 @@ class StopAfterChunks(pl.Callback):
             raise Stop
 
 
-def lightning_fit(module, dm, epochs: int, accelerator: str = "cpu", ckpt=None, callbacks=(), **fit_kw):
+def lightning_fit(module, dm, epochs: int, accelerator: str = "cpu", ckpt=None, callbacks=(), max_steps: int = -1,
+                  **fit_kw):
     """The loop in this process under a Lightning Trainer as train.py builds one, without what a unit of the
     loop does not need: no logger, checkpoints, progress bar or Lightning validation (the suite's
     in-process runs of tests/test_graphs.py, test_models.py, test_optimizers.py)."""
-    trainer = pl.Trainer(max_epochs=epochs, accelerator=accelerator, devices=1, logger=False,
+    trainer = pl.Trainer(max_epochs=epochs, max_steps=max_steps, accelerator=accelerator, devices=1, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          limit_val_batches=0, callbacks=list(callbacks))
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt, **fit_kw)

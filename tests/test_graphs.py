@@ -44,6 +44,16 @@ def fit(root, opt_name, batching, cuda_graphs, accelerator="cpu", ckpt=None, cal
     return lightning_fit(module, dm, EPOCHS, accelerator, ckpt, callbacks)
 
 
+@pytest.mark.parametrize("graph", [False, True], ids=["eager", "graph"])
+def test_max_updates_ends_the_run_at_that_update(mnist_root, graph):
+    # trainer.max_updates is lightning's max_steps, which lightning checks between chunks: the loop itself
+    # must end the run at that update (37 lies inside the first 256-example chunk's 25 updates + the second's)
+    dm = IDXDataModule(root=str(mnist_root), limit_train=N, batch_size=10, chunk_size=256, seed=SEED)
+    module = Classifier(net=MLP(), optimizer=optimizer("sgd"), log_every_examples=100, cuda_graphs=graph)
+    lightning_fit(module, dm, EPOCHS, max_steps=37)
+    assert (module.updates, module.examples, module.trainer.global_step) == (37, 370, 37)
+
+
 def plain(dm, opt_name, batching, device="cpu"):
     torch.manual_seed(0)
     net = MLP().to(device)

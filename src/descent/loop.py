@@ -272,6 +272,8 @@ class Classifier(pl.LightningModule):
             log.info("first update %.2f s after the process started", seconds_since_process_start())
         dm = self.trainer.datamodule
         self.n_train, self.batch_size = len(dm.x_train), dm.updates_batch_size
+        # trainer.max_updates (lightning's max_steps, checked between chunks): the run ends at that update
+        self.max_updates = self.trainer.max_steps if self.trainer.max_steps > 0 else math.inf
         self.opt.zero_grad(set_to_none=True)
         graphs.match_capturable(self.opt, self.graph is not None and self.graph.capture)  # after a checkpoint's load
         self.window = Window()
@@ -422,11 +424,12 @@ class Classifier(pl.LightningModule):
     def _after_update(self, examples: int, updates: int, epoch_pos: int, batch_len: int) -> bool:
         """Every path's end of an update: a log point at every log_every examples, at each update when updates
         are rarer than that, and at each validation point. True when a validation hook stopped the run there
-        (sweep.Target): the chunk ends at this update."""
+        (sweep.Target), or when the run's budget in updates is spent (the epoch's end then logs and
+        validates there): the chunk ends at this update."""
         if examples >= self.next_log or batch_len >= self.log_every or examples >= self.next_val:
             self._log_point(examples, updates, epoch_pos, batch_len)
-            return self.trainer.should_stop
-        return False
+            return self.trainer.should_stop or updates >= self.max_updates
+        return updates >= self.max_updates
 
     def _end_chunk(self, examples: int, updates: int, steps: int, epoch_pos: int) -> None:
         # lightning counts optimizer steps only through its own wrapper; tell it ours, so that
