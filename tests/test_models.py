@@ -5,14 +5,13 @@ import copy
 import shutil
 
 import pytest
-import pytorch_lightning as pl
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import open_dict
 
-from conftest import DATA, ROOT, Stop, StopAfterChunks
+from conftest import DATA, ROOT, Stop, StopAfterChunks, lightning_fit
 from descent import config, data, debian, threads
 from descent.config import ConfigError, validate
 from descent.data import DATASETS, DataError, IDXDataModule, check_raw, ensure_data, gunzip_raw, load_split
@@ -77,7 +76,12 @@ def test_studies_take_another_dataset_or_network_as_one_override(preset, overrid
     cfg = compose_with(f"experiment={preset}", override, hydra=True)
     HydraConfig.instance().set_config(cfg)  # the presets' lr interpolations read hydra:runtime.choices
     try:
-        assert cfg.hydra.runtime.choices[override.split("=")[0]] == override.split("=")[1]
+        choices = cfg.hydra.runtime.choices
+        assert choices[override.split("=")[0]] == override.split("=")[1]
+        # the rate searched for this data and model (README, "Other datasets and networks"), else mnist-mlp's
+        option = choices["batching" if preset == "gd_vs_sgd" else "optimizer"]
+        table = cfg.lr_searched.get(f"{choices['data']}-{choices['model']}", cfg.lr_searched["mnist-mlp"])
+        assert cfg.optimizer.lr == table[option] and (override == "model=cnn") == (table == cfg.lr_searched["mnist-mlp"])
         with open_dict(cfg):
             del cfg["hydra"]
         validate(cfg)
@@ -154,11 +158,7 @@ def fit(root, name, model, opt_name, batching, cuda_graphs=False, ckpt=None, cal
                        chunk_size=16 if batching == "online" else 128, seed=SEED)
     module = Classifier(net=net_of(model, **model_kw), optimizer=optimizer(opt_name), log_every_examples=100,
                         cuda_graphs=cuda_graphs)
-    trainer = pl.Trainer(max_epochs=epochs, accelerator=accelerator, devices=1, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                         callbacks=list(callbacks))
-    trainer.fit(module, datamodule=dm, ckpt_path=ckpt)
-    return module, dm
+    return lightning_fit(module, dm, epochs, accelerator, ckpt, callbacks)
 
 
 # each network in each regime, the optimizers spread over them (each optimizer is generic over parameters:
