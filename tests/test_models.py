@@ -11,7 +11,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import open_dict
 
-from conftest import DATA, ROOT, Stop, StopAfterChunks, lightning_fit
+from conftest import DATA, ROOT, Stop, StopAfterChunks, lightning_fit, train
 from descent import config, data, debian, threads
 from descent.config import ConfigError, validate
 from descent.data import DATASETS, DataError, IDXDataModule, check_raw, ensure_data, gunzip_raw, load_split
@@ -234,3 +234,25 @@ def test_the_report_groups_by_every_config_group_that_differs():
     assert by == ["batching", "model", "data"]  # optimizer.lr and data.name follow from these
     assert [c.label for c in configs][:3] == ["sgd-full-linear-mnist", "sgd-mini-linear-mnist", "sgd-full-cnn-mnist"]
     assert len(configs) == 8 and all(len(c.runs) == 2 for c in configs)
+
+
+def test_fashion_mnist_convnet_run_is_recorded_with_its_dataset_and_model(tmp_path, store, fashion_root):
+    # the command, `python src/train.py data=fashion_mnist model=cnn`, reduced in data and epochs, with
+    # the model logged as shipped: its MLflow record names the dataset, and the logged model is the convnet
+    import mlflow
+    import numpy as np
+    from mlflow import MlflowClient
+
+    train("data=fashion_mnist", "model=cnn", "data.limit_train=256", "data.val_size=0", "trainer.max_epochs=1",
+          cwd=tmp_path, store=store, log_model=True)
+    client = MlflowClient(store)
+    [run] = client.search_runs([client.get_experiment_by_name("descent").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.params["model"] == "cnn"
+    names = {i.dataset.name for i in run.inputs.dataset_inputs}
+    assert names == {"fashion_mnist (train, 256×784)", "fashion_mnist (test, 10000×784)"}, names
+    mlflow.set_tracking_uri(store)
+    model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
+    assert model.metadata.get_input_schema().inputs[0].shape == (-1, 784)
+    x, y = load_split(fashion_root, train=False, name="FashionMNIST")
+    acc = float((model.predict(x.numpy()).argmax(1) == y.numpy()).mean())
+    assert abs(acc - run.data.metrics["test/acc"]) <= 1 / len(y)  # the logged weights are the run's
