@@ -167,7 +167,8 @@ def test_only_the_values_checked_are_resolved():
     # an unknown key is reported as such, without resolving it; ${hydra:...} outside a job is a problem, not a crash
     lines = problems("+trainer.foo=${oc.env:DESCENT_TEST_UNSET}")
     assert lines[0].startswith("trainer.foo: unknown key;") and len(lines) == 1
-    with pytest.raises(ConfigError, match=r"^optimizer\.lr: cannot be resolved: .*HydraConfig was not set"):
+    with pytest.raises(ConfigError, match=r"^lr_by_optimizer: cannot be resolved: .*HydraConfig was not set\n"
+                                          r"optimizer\.lr: cannot be resolved: .*HydraConfig was not set"):
         validate(compose_job("experiment=optimizers", hydra_config=False))
 
 
