@@ -144,3 +144,10 @@ def test_a_grid_cell_whose_last_trial_fails_does_not_end_the_sweep(tmp_path, sto
     for cell in ("descent-0", "descent-1"):  # both cells ran their one trial, which missed 0.99: FAIL
         study = optuna.load_study(study_name=cell, storage=f"sqlite:///{tmp_path / 'optuna.db'}")
         assert [t.state.name for t in study.trials] == ["FAIL"]
+    # another grid under the same sweep folder (and parent run): its job is numbered after the two there
+    first = (tmp_path / "outputs/sweep/0/mlflow_run_id").read_text()
+    train("hydra/sweeper=optuna", "hydra/sweeper/sampler=grid", "optimizer.lr=choice(0.001)",
+          "hydra.sweeper.grid={seed: '2'}", "sweep.objective=target/updates", "sweep.target_acc=0.99",
+          *TINY, cwd=tmp_path, store=store, multirun=True, check=False)
+    assert (tmp_path / "outputs/sweep/0/mlflow_run_id").read_text() == first  # job 0's folder is its own still
+    assert sorted(p.name for p in (tmp_path / "outputs/sweep").iterdir() if p.name.isdigit()) == ["0", "1", "2"]

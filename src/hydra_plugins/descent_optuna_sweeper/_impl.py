@@ -2,6 +2,7 @@
 import functools
 import logging
 import math
+from pathlib import Path
 from typing import (
     Any,
     Callable,
@@ -303,6 +304,11 @@ class OptunaSweeperImpl(Sweeper):
         self._process_searchspace_config()
         params_conf = self._parse_sweeper_params_config()
         params_conf.extend(arguments)
+        # descent: jobs are numbered after the job folders the sweep directory already holds (a study that goes
+        # on, or another grid under the same hydra.sweep.dir and parent run): no earlier job's folder is reused
+        sweep_dir = Path(str(self.config.hydra.sweep.dir))
+        taken = [int(p.name) for p in sweep_dir.iterdir() if p.name.isdigit()] if sweep_dir.is_dir() else []
+        self.job_idx = max(self.job_idx, max(taken, default=-1) + 1)
 
         is_grid_sampler = str(self.sampler_config.get("_target_")) == "optuna.samplers.GridSampler"
 
