@@ -26,11 +26,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="the batch-size scaling report of an experiment=batch_scaling sweep instead: updates and "
                              "examples to the target per optimizer and batch size, the fit S = S_min + E_min/B and "
                              "B_crit (scaling.png, .md, .csv; metrics scaling.* on the sweep's parent run)")
+    parser.add_argument("--with", dest="more", metavar="RUN_ID", action="append", default=[],
+                        help="with --scaling: also the trials of this sweep (parent) run, e.g. another study's "
+                             "learning rates for the same cells; repeatable")
     parser.add_argument("--tracking-uri", metavar="URI",
                         help="MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)")
     args = parser.parse_args(argv)
     if args.pictures and not args.parent:
         parser.error("--pictures needs --parent RUN_ID (the sweep's run)")
+    if args.more and not args.scaling:
+        parser.error("--with joins another sweep's trials to a --scaling report only")
 
     from descent import report  # mlflow and matplotlib: only once the command line is known to be good
 
@@ -38,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.scaling:
             from descent.measure.scaling import make_scaling_report
 
-            paths = make_scaling_report(args.tracking_uri, args.parent, args.out, args.experiment)
+            paths = make_scaling_report(args.tracking_uri, args.parent, args.out, args.experiment, tuple(args.more))
             paths.pop("summary")
         else:
             paths = report.make_report(args.tracking_uri, args.parent, args.experiment, args.out, args.target_acc)

@@ -4,12 +4,15 @@ the scaling report on the parent). Real Hydra, real optuna storage, real MLflow 
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import optuna
 import pytest
 from mlflow import MlflowClient
 
-from conftest import train
+from conftest import ROOT, train
 from descent.measure.scaling import b_crit, fit
 
 
@@ -71,6 +74,11 @@ def test_tiny_batch_scaling_sweep_end_to_end(tmp_path, store, mnist_root):
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
     assert {"report/scaling.png", "report/scaling.md", "report/scaling.csv"} <= artifacts
     assert (tmp_path / "outputs" / "sweep" / "scaling.png").stat().st_size > 10000
+    # `compare.py --scaling --with RUN_ID` joins another sweep's trials (here the same sweep's again: twice as many)
+    out = tmp_path / "joined"
+    subprocess.run([sys.executable, str(ROOT / "src/compare.py"), "--scaling", "--parent", parent.info.run_id,
+                    "--with", parent.info.run_id, "--out", str(out), "--tracking-uri", store], check=True)
+    assert "8 runs, 2 (optimizer, batch size) cells" in (out / "scaling.md").read_text()
     # the search report: one study per cell, trials numbered within it, each cell's best in bold
     rows = [line.split("|")[1:-1] for line in (tmp_path / "outputs/sweep/search.md").read_text().splitlines()
             if line.startswith("| batch_scaling_quick-")]

@@ -234,9 +234,12 @@ def latest_sweep(client, experiment: str) -> str:
 
 
 def make_scaling_report(tracking_uri: str | None = None, parent_run_id: str | None = None,
-                        out_dir: str | Path | None = None, experiment: str = "batch_scaling") -> dict:
+                        out_dir: str | Path | None = None, experiment: str = "batch_scaling",
+                        more_parents: tuple[str, ...] = ()) -> dict:
     """scaling.{png,md,csv} in out_dir (default: the sweep's folder) and under the parent's report/, the fit's
-    numbers as the parent's metrics scaling.<what>.<optimizer>. Returns the paths and a summary line."""
+    numbers as the parent's metrics scaling.<what>.<optimizer>. more_parents: other sweeps whose trials join
+    these (another study's parent: learning rates beyond a study's categorical grid need a study of their own).
+    Returns the paths and a summary line."""
     from mlflow import MlflowClient
 
     from descent.report import ReportError, default_out, launch_relative
@@ -245,6 +248,8 @@ def make_scaling_report(tracking_uri: str | None = None, parent_run_id: str | No
     parent_run_id = parent_run_id or latest_sweep(client, experiment)
     parent = client.get_run(parent_run_id)
     trials = read_trials(client, parent_run_id)
+    for other in more_parents:
+        trials += read_trials(client, other)
     if not trials:
         raise ReportError(f"no runs under sweep run {parent_run_id}")
     rows, fits = analyse(trials)
@@ -253,6 +258,8 @@ def make_scaling_report(tracking_uri: str | None = None, parent_run_id: str | No
     paths = {"png": out / "scaling.png", "md": out / "scaling.md", "csv": out / "scaling.csv"}
     where = launch_relative(parent.data.tags[SWEEP_DIR_TAG]) if parent.data.tags.get(SWEEP_DIR_TAG) else ""
     what = f"sweep `{parent.info.run_name}` (run `{parent_run_id}`) {where}".strip()
+    if more_parents:
+        what += " with the trials of " + ", ".join(f"`{p}`" for p in more_parents)
     header = (f"# Batch-size scaling report\n\n{what}: {len(trials)} runs, "
               f"{len({(t.optimizer, t.batch_size) for t in trials})} (optimizer, batch size) cells; "
               f"{sum(t.updates is not None for t in trials)} reached the target.")
