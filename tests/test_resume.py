@@ -39,9 +39,11 @@ def stop_at(cwd, store, overrides, env, timeout=300):
     flags = [o for o in overrides if o.startswith("-")]  # -m goes first
     args = command(*(o for o in overrides if o not in flags), cwd=cwd, script=STOP_AT)
     args[2:2] = flags
-    try:
+    try:  # SIGINT as a terminal hands it over: a suite started in the background (`&` in a script, which
+        # ignores SIGINT for its children) would pass the run an ignored SIGINT, and Ctrl-C between jobs is moot
         return subprocess.run(args, cwd=cwd, env={**os.environ, "MLFLOW_TRACKING_URI": store, **env},
-                              capture_output=True, text=True, timeout=timeout)
+                              capture_output=True, text=True, timeout=timeout,
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     except subprocess.TimeoutExpired as e:
         raise AssertionError(f"stop_at.py ran past {timeout} s\n{output_of(e)}") from None
 
