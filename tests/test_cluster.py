@@ -130,7 +130,9 @@ def test_a_job_killed_on_slurm_ends_failed_not_running(tmp_path, tracking_server
         runs = client.search_runs([e.experiment_id for e in client.search_experiments(filter_string="name = 'killed'")])
         if any(r.info.status == "RUNNING" and "descent.sweep" not in r.data.tags for r in runs):
             # the job's own process, as SLURM started it: submitit's runner on this test's sweep folder
-            job = next((p for p in psutil.process_iter(["cmdline"]) if "submitit.core._submit" in p.info["cmdline"]
+            # (a process that ends as it is listed, a zombie, shows cmdline None)
+            job = next((p for p in psutil.process_iter(["cmdline"])
+                        if "submitit.core._submit" in (p.info["cmdline"] or [])
                         and any(str(tmp_path) in arg for arg in p.info["cmdline"])), None)
     assert job is not None, "the job never ran"
     job.send_signal(signal.SIGKILL)
