@@ -241,6 +241,7 @@ def make_scaling_report(tracking_uri: str | None = None, parent_run_id: str | No
     these (another study's parent: learning rates beyond a study's categorical grid need a study of their own).
     Returns the paths and a summary line."""
     from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
 
     from descent.report import ReportError, default_out, launch_relative
 
@@ -249,7 +250,10 @@ def make_scaling_report(tracking_uri: str | None = None, parent_run_id: str | No
     parent = client.get_run(parent_run_id)
     trials = read_trials(client, parent_run_id)
     for other in more_parents:
-        trials += read_trials(client, other)
+        try:
+            trials += read_trials(client, other)
+        except MlflowException as e:
+            raise ReportError(f"--with {other}: no such sweep run in {client.tracking_uri} ({e.error_code})") from None
     if not trials:
         raise ReportError(f"no runs under sweep run {parent_run_id}")
     rows, fits = analyse(trials)
