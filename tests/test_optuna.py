@@ -132,7 +132,7 @@ def test_a_storage_password_is_not_recorded():
     assert shown_storage(socket) == socket and shown_storage("sqlite:///optuna.db") == "sqlite:///optuna.db"
 
 
-def test_a_grid_cell_whose_last_trial_fails_does_not_end_the_sweep(tmp_path, store, mnist_root):
+def test_failing_grid_cells_do_not_end_the_sweep_and_a_later_grid_keeps_their_job_folders(tmp_path, store, mnist_root):
     # optuna's grid sampler stops its study when its last point is told, which raises outside optimize();
     # upstream's sweeper caught that for a completed trial only: a cell that missed its target ended the sweep
     proc = train("hydra/sweeper=optuna", "hydra/sweeper/sampler=grid", "optimizer.lr=choice(0.001)",
