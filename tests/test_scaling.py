@@ -80,7 +80,8 @@ def test_tiny_batch_scaling_sweep_end_to_end(tmp_path, store, mnist_root):
                     "--with", parent.info.run_id, "--out", str(out), "--tracking-uri", store], check=True)
     assert "8 runs, 2 (optimizer, batch size) cells" in (out / "scaling.md").read_text()
     bad = subprocess.run([sys.executable, str(ROOT / "src/compare.py"), "--scaling", "--parent", parent.info.run_id,
-                          "--with", "0" * 32, "--out", str(out), "--tracking-uri", store], capture_output=True, text=True)
+                          "--with", "0" * 32, "--out", str(out), "--tracking-uri", store],
+                         capture_output=True, text=True)
     assert bad.returncode == 2 and f"--with {'0' * 32}: no such sweep run" in bad.stderr, bad.stderr[-2000:]
     # the search report: one study per cell, trials numbered within it, each cell's best in bold
     rows = [line.split("|")[1:-1] for line in (tmp_path / "outputs/sweep/search.md").read_text().splitlines()
