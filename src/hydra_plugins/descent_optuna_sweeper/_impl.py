@@ -350,7 +350,7 @@ class OptunaSweeperImpl(Sweeper):
         for study_name, cell in studies:
             if cell:
                 log.info(f"Grid: {' '.join(cell)}")
-            results.append(self._study(study_name, cell, directions, is_grid_sampler, search_space_for_grid_sampler,
+            results.append(self._study(study_name, cell, directions, search_space_for_grid_sampler,
                                        search_space_distributions, fixed_params, fixed_overrides))
         results_to_serialize = results[0] if not self.grid else {"name": "optuna", "grid": results}
         OmegaConf.save(
@@ -358,7 +358,7 @@ class OptunaSweeperImpl(Sweeper):
             f"{self.config.hydra.sweep.dir}/optimization_results.yaml",
         )
 
-    def _study(self, study_name, cell, directions, is_grid_sampler, search_space_for_grid_sampler,
+    def _study(self, study_name, cell, directions, search_space_for_grid_sampler,
                search_space_distributions, fixed_params, fixed_overrides) -> Dict[str, Any]:
         """descent: upstream's sweep loop for one study (one combination of a grid)."""
 
