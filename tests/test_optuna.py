@@ -135,9 +135,10 @@ def test_a_storage_password_is_not_recorded():
 def test_failing_grid_cells_do_not_end_the_sweep_and_a_later_grid_keeps_their_job_folders(tmp_path, store, mnist_root):
     # optuna's grid sampler stops its study when its last point is told, which raises outside optimize();
     # upstream's sweeper caught that for a completed trial only: a cell that missed its target ended the sweep
-    proc = train("hydra/sweeper=optuna", "hydra/sweeper/sampler=grid", "optimizer.lr=choice(0.001)",
-                 "hydra.sweeper.grid={seed: '0,1'}", "sweep.objective=target/updates", "sweep.target_acc=0.99",
-                 *TINY, cwd=tmp_path, store=store, multirun=True, check=False)
+    grid_study = ("hydra/sweeper=optuna", "hydra/sweeper/sampler=grid", "optimizer.lr=choice(0.001)",
+                  "sweep.objective=target/updates", "sweep.target_acc=0.99", *TINY)
+    proc = train(*grid_study, "hydra.sweeper.grid={seed: '0,1'}", cwd=tmp_path, store=store, multirun=True,
+                 check=False)
     out = proc.stdout + proc.stderr
     assert "Study.stop" not in out and "Traceback" not in out, out[-3000:]
     assert proc.returncode == 1 and "the study descent has no completed trial (2 FAIL)" in out, out[-3000:]
@@ -146,8 +147,6 @@ def test_failing_grid_cells_do_not_end_the_sweep_and_a_later_grid_keeps_their_jo
         assert [t.state.name for t in study.trials] == ["FAIL"]
     # another grid under the same sweep folder (and parent run): its job is numbered after the two there
     first = (tmp_path / "outputs/sweep/0/mlflow_run_id").read_text()
-    train("hydra/sweeper=optuna", "hydra/sweeper/sampler=grid", "optimizer.lr=choice(0.001)",
-          "hydra.sweeper.grid={seed: '2'}", "sweep.objective=target/updates", "sweep.target_acc=0.99",
-          *TINY, cwd=tmp_path, store=store, multirun=True, check=False)
+    train(*grid_study, "hydra.sweeper.grid={seed: '2'}", cwd=tmp_path, store=store, multirun=True, check=False)
     assert (tmp_path / "outputs/sweep/0/mlflow_run_id").read_text() == first  # job 0's folder is its own still
     assert sorted(p.name for p in (tmp_path / "outputs/sweep").iterdir() if p.name.isdigit()) == ["0", "1", "2"]
