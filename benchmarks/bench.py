@@ -369,7 +369,7 @@ def run_descent(job: dict, cfg) -> dict:
 
     pl.seed_everything(cfg.seed, verbose=False)
     datamodule = instantiate(cfg.data, seed=cfg.seed)
-    module = Classifier.from_config(cfg)
+    module = Classifier.from_config(cfg, datamodule)
     module.measures += measure.from_config(cfg, module.net)  # as train.py: the noise scale on descent-noise only
     logger = False
     if job["contender"] == "descent-mlflow":  # built as train.py builds it, against a temporary sqlite store
