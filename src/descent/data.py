@@ -440,8 +440,9 @@ def _shown(path: Path) -> str:
 class IDXDataModule(InMemoryDataModule):
     """One IDX dataset (data.name: MNIST, FashionMNIST)."""
 
-    def __init__(self, root: str = "data", name: str = "MNIST", download: bool = True, **kw):
-        super().__init__(**kw)
+    def __init__(self, root: str = "data", name: str = "MNIST", download: bool = True, val_size: int | float = 0, limit_train: int | None = None,
+                 batch_size: int | None = 128, chunk_size: int = 8192, seed: int = 0):
+        super().__init__(val_size, limit_train, batch_size, chunk_size, seed)
         self.root, self.name, self.download = Path(root), name, download
 
     def read(self):
@@ -461,10 +462,11 @@ class IDXDataModule(InMemoryDataModule):
 MNISTDataModule = IDXDataModule  # the data._target_ of runs recorded before Fashion-MNIST (resume reads their config.yaml)
 
 
-def _tensors(x: np.ndarray, y: np.ndarray, scale: float | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flat float32 rows (x * scale where given) and int64 labels, as the loop and the networks take them."""
+def _tensors(x: np.ndarray, y: np.ndarray, divisor: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat float32 rows (x / divisor where given, as MNIST's x / 255) and int64 labels, as the loop and the
+    networks take them."""
     x = torch.from_numpy(np.ascontiguousarray(x)).reshape(len(x), -1)
-    x = x.float().mul_(scale) if scale is not None else x.float()
+    x = x.float().div_(divisor) if divisor is not None else x.float()
     return x, torch.from_numpy(np.asarray(y)).long()
 
 
@@ -484,7 +486,7 @@ class DigitsDataModule(InMemoryDataModule):
         if (len(train), len(test)) != (facts.n_train, facts.n_test) or x.max() > 16:
             raise DataError(f"scikit-learn's digits: {len(train)}/{len(test)} examples, pixels up to {x.max()}; "
                             f"expected {facts.n_train}/{facts.n_test}, pixels 0..16")
-        splits = {"train": _tensors(x[train], y[train], 1 / 16), "test": _tensors(x[test], y[test], 1 / 16)}
+        splits = {"train": _tensors(x[train], y[train], 16.0), "test": _tensors(x[test], y[test], 16.0)}
         return splits, facts.shape, facts.classes, f"digits from scikit-learn {self._file().parent}"
 
     @staticmethod
@@ -502,8 +504,9 @@ class TorchvisionDataModule(InMemoryDataModule):
     descent/datasets.py's table): the files under data.root in torchvision's layout, else torchvision's download
     where the internet answers. Images are held as N x C*H*W rows in [0, 1], channels first."""
 
-    def __init__(self, root: str = "data", name: str = "CIFAR10", download: bool = True, **kw):
-        super().__init__(**kw)
+    def __init__(self, root: str = "data", name: str = "CIFAR10", download: bool = True, val_size: int | float = 0, limit_train: int | None = None,
+                 batch_size: int | None = 128, chunk_size: int = 8192, seed: int = 0):
+        super().__init__(val_size, limit_train, batch_size, chunk_size, seed)
         self.root, self.name, self.download = Path(root), name, download
         self.title = name.lower()  # the MLflow datasets' name: cifar10 (train, 50000×3072)
         self.folder = self.root
@@ -541,7 +544,7 @@ class TorchvisionDataModule(InMemoryDataModule):
             if len(y) and (y.min() < 0 or y.max() >= facts.classes):
                 raise DataError(f"{self.name} under {self.root}: {split} labels {y.min()}..{y.max()}; "
                                 f"expected 0..{facts.classes - 1}")
-            splits[split] = _tensors(x, y, 1 / 255 if x.dtype == np.uint8 else None)
+            splits[split] = _tensors(x, y, 255.0 if x.dtype == np.uint8 else None)
             self.folder = Path(getattr(ds, "raw_folder", None) or Path(ds.root) / getattr(ds, "base_folder", ""))
         return splits, facts.shape, facts.classes, f"{self.name}, {how} {_shown(self.folder)}"
 
@@ -663,8 +666,9 @@ def read_npz(path: str | Path) -> tuple[dict[str, tuple[torch.Tensor, torch.Tens
         raise DataError(f"{where}: y_train: label {present.min()}; allowed: integers 0..K-1")
     if len(present) != classes:
         skipped = sorted(set(range(classes)) - set(present.tolist()))
-        raise DataError(f"{where}: y_train: labels up to {classes - 1} but class {', '.join(map(str, skipped[:10]))} "
-                        f"has no example; allowed: integers 0..K-1, each class at least once in y_train")
+        which = f"class {skipped[0]} has" if len(skipped) == 1 else f"classes {', '.join(map(str, skipped[:10]))} have"
+        raise DataError(f"{where}: y_train: labels up to {classes - 1} but {which} no example; allowed: integers "
+                        "0..K-1, each class at least once in y_train")
     if classes < 2:
         raise DataError(f"{where}: y_train: one class only; allowed: at least two classes 0..K-1")
     for name in ("y_test", "y_val"):
@@ -674,7 +678,7 @@ def read_npz(path: str | Path) -> tuple[dict[str, tuple[torch.Tensor, torch.Tens
     x = arrays["x_train"]
     shape = x.shape[1:] if x.ndim != 3 else (1, *x.shape[1:])
     splits = {context: _tensors(arrays[f"x_{split}"], arrays[f"y_{split}"],
-                                1 / 255 if arrays[f"x_{split}"].dtype == np.uint8 else None)
+                                255.0 if arrays[f"x_{split}"].dtype == np.uint8 else None)
               for context, split in (("train", "train"), ("test", "test"), ("validation", "val")) if f"x_{split}" in arrays}
     return splits, tuple(int(s) for s in shape), classes
 
@@ -682,8 +686,9 @@ def read_npz(path: str | Path) -> tuple[dict[str, tuple[torch.Tensor, torch.Tens
 class NpzDataModule(InMemoryDataModule):
     """A user's arrays from a NumPy .npz (data.path): see read_npz and docs/how-to/your-own-data.md."""
 
-    def __init__(self, path: str = "data.npz", **kw):
-        super().__init__(**kw)
+    def __init__(self, path: str = "data.npz", val_size: int | float = 0, limit_train: int | None = None,
+                 batch_size: int | None = 128, chunk_size: int = 8192, seed: int = 0):
+        super().__init__(val_size, limit_train, batch_size, chunk_size, seed)
         self.path = Path(path)
         self.title = self.path.stem  # the MLflow datasets' name: mydata (train, 1000×64)
 

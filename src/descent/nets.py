@@ -38,7 +38,7 @@ def keras_init(net: nn.Module, init: str) -> None:
 class MLP(nn.Sequential):
     """Dense(h, relu) for each h in hidden, then Dense(classes). hidden=[512] is the book's network;
     hidden=[] is softmax regression (model=linear): a convex loss, one valley. Its input is the data's
-    features (784 for MNIST's 28x28 pixels, 64 for digits' 8x8, 3072 for CIFAR's 3x32x32), its head one
+    features (MNIST's pixels, digits' 8x8, CIFAR's 3x32x32: descent/datasets.py), its head one
     logit per class. in_features: without data only (runs recorded before the networks sized themselves)."""
 
     def __init__(self, shape: tuple[int, ...] | None = None, hidden: list[int] | int = (512,),
@@ -58,7 +58,7 @@ class ConvNet(nn.Sequential):
     """The book's convnet (DLwP ch. 8): Conv2D(32, 3, relu) -> MaxPool(2) -> Conv2D(64, 3, relu) ->
     MaxPool(2) -> Conv2D(128, 3, relu) -> Flatten -> Dense(classes); one conv per entry of filters, a
     2x2 max-pool between two convs. The flat rows are viewed as C x H x W images first (no copy): the
-    data's shape (1 x 28 x 28 for MNIST, 3 x 32 x 32 for CIFAR). side: without data only (older runs)."""
+    data's shape (one grey channel for MNIST, 3 x 32 x 32 for CIFAR). side: without data only (older runs)."""
 
     def __init__(self, shape: tuple[int, ...] | None = None, filters: list[int] = (32, 64, 128),
                  classes: int | None = None, init: str = "keras", side: int | None = None):
