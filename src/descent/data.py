@@ -32,6 +32,7 @@ FILES = {
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
 IMAGES_MAGIC, LABELS_MAGIC = 2051, 2049
+COUNTS = {"train": TABLE["MNIST"].n_train, "test": TABLE["MNIST"].n_test}  # both IDX sets: the table's sizes
 CHECKSUMS = "SHA256SUMS"  # written beside the files we build, checked on every later read
 
 
