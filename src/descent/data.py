@@ -400,7 +400,14 @@ class InMemoryDataModule(pl.LightningDataModule):
                                 f"allowed: 0 to {len(x) - 1} (or a fraction in (0, 1))")
             n_train = len(x) - n_val  # the last ones, as keras' validation_split
             x_val, y_val = x[n_train:], y[n_train:]
-        n_train = min(n_train, self.limit_train) if self.limit_train is not None else n_train
+        # the config checks these against the table's sizes; a user's file is known only now
+        if self.limit_train is not None and self.limit_train > n_train:
+            raise DataError(f"data.limit_train={self.limit_train}: the data leave {n_train} training examples; "
+                            f"allowed: null (all) or 1 to {n_train}")
+        n_train = self.limit_train if self.limit_train is not None else n_train
+        if self.batch_size is not None and self.batch_size > n_train:
+            raise DataError(f"data.batch_size={self.batch_size}: the data leave {n_train} training examples; "
+                            f"allowed: null (the whole training set, batching=full) or 1 to {n_train}")
         self.x_train, self.y_train = x[:n_train].contiguous(), y[:n_train]
         self.x_val, self.y_val, self.x_test, self.y_test = x_val, y_val, x_test, y_test
         self.source = source
@@ -449,7 +456,7 @@ class IDXDataModule(InMemoryDataModule):
     def read(self):
         source = ensure_data(self.root, self.name, self.download)
         raw = self.root / dataset(self.name).folder / "raw"
-        where = {"cache": "files", "torchvision download": "downloaded by torchvision to"}.get(source)
+        where = {"cache": "files in", "torchvision download": "downloaded by torchvision to"}.get(source)
         line = f"{self.name}, {where} {_shown(raw)}" if where else f"{self.name} from the {source}, written to {_shown(raw)}"
         facts = TABLE[self.name]
         return ({"train": load_split(self.root, train=True, name=self.name),
@@ -517,7 +524,7 @@ class TorchvisionDataModule(InMemoryDataModule):
 
         cls, kwargs = getattr(torchvision.datasets, self.name), TABLE[self.name].torchvision[split]
         try:
-            return cls(str(self.root), download=False, **kwargs), "files"
+            return cls(str(self.root), download=False, **kwargs), "files in"
         except (RuntimeError, OSError) as missing:
             if not self.download:
                 raise DataError(f"data.name={self.name}: torchvision.datasets.{self.name} found no valid files under "
