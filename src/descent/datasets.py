@@ -86,3 +86,9 @@ def held_out(name) -> int | float:
     for a user's arrays, whose size the config does not know, the fraction itself (data.py rounds it)."""
     known = facts(str(name)) if name is not None else None
     return known.held_out if known else round(1 / HELD_OUT, 4)
+
+
+def at_most(n: int, name) -> int:
+    """data.limit_train in a preset that trains on a subset: n examples, or all of a known smaller training set."""
+    known = facts(str(name)) if name is not None else None
+    return min(int(n), known.n_train) if known else int(n)
