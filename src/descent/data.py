@@ -456,6 +456,7 @@ class IDXDataModule(InMemoryDataModule):
     def read(self):
         source = ensure_data(self.root, self.name, self.download)
         raw = self.root / dataset(self.name).folder / "raw"
+        log.debug("%s from %s, files in %s", self.name, source, raw.resolve())  # the log's detail beside the line
         where = {"cache": "files in", "torchvision download": "downloaded by torchvision to"}.get(source)
         line = f"{self.name}, {where} {_shown(raw)}" if where else f"{self.name} from the {source}, written to {_shown(raw)}"
         facts = TABLE[self.name]
