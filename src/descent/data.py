@@ -703,8 +703,7 @@ class NpzDataModule(InMemoryDataModule):
 
     def read(self):
         splits, shape, classes = read_npz(self.path)
-        return splits, shape, classes, (f"{self.path.name}: {describe(shape)}, {classes} classes, "
-                                        f"from {_shown(self.path)}")
+        return splits, shape, classes, f"{describe(shape)}, {classes} classes, from {_shown(self.path)}"
 
     def split_source(self, context: str) -> str:
         return self.path.resolve().as_uri()
