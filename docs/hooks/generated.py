@@ -3,10 +3,12 @@
 - reference/config.md: every key of conf/ with its default and the comment beside (or above) it
 - reference/cli.md: what `python src/train.py --help` prints
 - notebook.md: notebooks/chapter2.ipynb (committed executed) as Markdown, its figures beside it
+- reference/layout.md: every module of src/, benchmarks/ and tests/ with the first sentence of its docstring
 - changelog.md: the top-level CHANGELOG.md
 """
 from __future__ import annotations
 
+import ast
 import os
 import re
 import subprocess
@@ -163,7 +165,45 @@ def notebook_files(config) -> list[File]:
     return files
 
 
+def first_sentence(path: Path) -> str:
+    doc = ast.get_docstring(ast.parse(path.read_text())) or ""
+    para = " ".join(doc.split("\n\n")[0].split())
+    end = re.search(r"(?<!\bal)(?<!\bch)\.\s+(?=[A-Z`(])", para)  # not "et al. 2018", "ch. 2"
+    return (para[: end.start() + 1] if end else para).strip()
+
+
+LAYOUT_TOP = [
+    ("pyproject.toml", "the package, its dependencies and extras (what `make train` and `make test` install)"),
+    ("Makefile", "`make train`, `test`, `docs`, `ui`, `server`, `ray`, `slurm`, `bench` and their `-stop`s"),
+    ("mkdocs.yml", "this site; `docs/hooks/generated.py` generates its reference pages"),
+    ("conf/", "`train.yaml` and one folder per config group: [the configuration reference](config.md)"),
+    ("docs/", "this site's pages, the studies' figures and reports"),
+    ("notebooks/", "`chapter2.py` (jupytext) and its executed `chapter2.ipynb`: [the notebook](../notebook.md)"),
+    ("src/hydra_plugins/descent_optuna_sweeper/", "descent's port of Hydra's Optuna sweeper (MIT, upstream's "
+     "licence kept; its `__init__.py` says what it changes and which release replaces it)"),
+    ("outputs/", "Hydra's run and sweep folders (kept empty in git)"),
+    (".ci/run", "what CI runs: `make test`, then `mkdocs build --strict`"),
+    ("tests/", "pytest, one file per concern: the real `conf/`, real subprocesses, real MLflow stores: "
+               "[tests and CI](../development/tests.md)"),
+]
+
+
+def layout_page() -> str:
+    out = ["# Layout", "", "Generated from the tree when the site is built: each module with the first sentence of "
+           "its docstring.", "", "| path | what |", "|---|---|"]
+    out += [f"| `{p}` | {w} |" for p, w in LAYOUT_TOP]
+    for pattern in ["src/*.py", "src/descent/**/*.py", "src/hydra_plugins/*/__init__.py", "benchmarks/*.py"]:
+        for f in sorted(ROOT.glob(pattern)):
+            rel = f.relative_to(ROOT).as_posix()
+            what = first_sentence(f)
+            if not what and f.name == "__init__.py":
+                continue
+            out.append(f"| `{rel}` | {cell(what)} |")
+    return "\n".join(out) + "\n"
+
+
 def on_files(files, config):
+    files.append(File.generated(config, "reference/layout.md", content=layout_page()))
     files.append(File.generated(config, "reference/config.md", content=config_page()))
     files.append(File.generated(config, "reference/cli.md", content=cli_page()))
     files.append(File.generated(config, "changelog.md", content=(ROOT / "CHANGELOG.md").read_text()))
