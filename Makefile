@@ -30,7 +30,7 @@ train: $(BASE)
 # the docs site (mkdocs-material) on http://127.0.0.1:$(DOCS_PORT), rebuilt on every change; offline
 DOCS_PORT ?= 8000
 docs: $(DOCS)
-	$(BIN)/mkdocs serve --strict --dev-addr 127.0.0.1:$(DOCS_PORT)
+	$(BIN)/mkdocs serve --strict --dev-addr 127.0.0.1:$(DOCS_PORT) --watch conf --watch notebooks --watch src
 
 # two pytest workers (pytest-xdist), each test file whole on one worker (its session fixtures shared): most tests
 # wait on a subprocess's start-up or a service, so two at a time fill the 2 cores; TEST_WORKERS=0 runs serially

@@ -27,11 +27,14 @@
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
-from mlflow import MlflowClient
+
+warnings.filterwarnings("ignore", "IProgress not found")  # tqdm (through mlflow) asks for ipywidgets; no bars here
+from mlflow import MlflowClient  # noqa: E402
 
 ROOT = Path.cwd().parent if Path.cwd().name == "notebooks" else Path.cwd()  # the project's folder
 os.chdir(ROOT)  # where `python src/train.py` is typed: data/, outputs/ and relative stores mean the same here
