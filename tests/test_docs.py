@@ -81,10 +81,10 @@ def test_no_page_or_figure_title_tells_the_projects_history(site):
 def test_the_site_in_a_browser_home_study_and_search(site, tmp_path):
     """Debian's chromium on the built site over a local HTTP server: the home page, the study page with its
     figure drawn, and the search box finding a word; any request that leaves the server (a web font, a CDN)
-    is refused and fails the test. Screenshots: DESCENT_SCREENSHOTS names a folder, else the test's own."""
+    is refused and fails the test. Screenshots: DESCENT_DOCS_SCREENSHOTS names a folder, else the test's own."""
     playwright = pytest.importorskip("playwright.sync_api", reason="playwright is in the dev extra")
     executable = chromium()
-    shots = Path(os.environ["DESCENT_SCREENSHOTS"]) if os.environ.get("DESCENT_SCREENSHOTS") else tmp_path
+    shots = Path(os.environ["DESCENT_DOCS_SCREENSHOTS"]) if os.environ.get("DESCENT_DOCS_SCREENSHOTS") else tmp_path
     shots.mkdir(parents=True, exist_ok=True)
     port = free_port()
     server = subprocess.Popen([sys.executable, "-u", "-m", "http.server", str(port), "--bind", "127.0.0.1",
