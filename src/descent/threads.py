@@ -1,11 +1,11 @@
 """How many intra-op threads a run uses, and how OpenMP's idle threads wait (DESIGN.md, "Threads").
 
-Measured on 2 cores (README, "Speed"): torch's default, one thread per core with OpenMP's threads
+Measured on 2 cores (docs/internals/speed.md): torch's default, one thread per core with OpenMP's threads
 spinning while they wait, collapses 4-9x as soon as another process holds a core (every parallel op
 waits a scheduler slice for the descheduled thread); online SGD is faster on one thread even on a
 quiet machine; a batch of 128 gains from a second thread. So:
 - GOMP_SPINCOUNT=SPIN_COUNT, in the environment before torch loads libgomp (which reads it once per
-  process): an idle thread spins ~10 us, then sleeps. At batch 128 on 2 threads (README, "Threads"):
+  process): an idle thread spins ~10 us, then sleeps. At batch 128 on 2 threads (docs/internals/speed.md):
   libgomp's default spin (300000) is 3.9x slower beside one CPU-bound process, and 10000 or more
   no better; OMP_WAIT_POLICY=PASSIVE (no spin) holds at 1.2x there but wakes a sleeping thread for
   every parallel op, 1.46x the quiet seed run; 1000 keeps the quiet run's speed (1.05x) and 2.1x
