@@ -149,8 +149,8 @@ def test_npz_of_colour_images_trains_the_convnet_sized_from_them(tmp_path, store
     x = g.integers(0, 256, size=(96, 3, 16, 16), dtype=np.uint8)
     y = np.arange(96) % 4
     np.savez(tmp_path / "colour.npz", x_train=x[:64], y_train=y[:64], x_test=x[64:], y_test=y[64:])
-    train("data=npz", f"data.path={tmp_path / 'colour.npz'}", "model=cnn", "model.filters=[8,16]", *SMALL,
-          cwd=tmp_path, store=store, log_model=True)
+    train("data=npz", f"data.path={tmp_path / 'colour.npz'}", "model=cnn", "model.filters=[8,16]",
+          "data.batch_size=32", *SMALL, cwd=tmp_path, store=store, log_model=True)
     [run] = runs_in(store)
     assert run.info.status == "FINISHED"
     mlflow.set_tracking_uri(store)
@@ -159,6 +159,14 @@ def test_npz_of_colour_images_trains_the_convnet_sized_from_them(tmp_path, store
     assert (inp.shape, out.shape) == ((-1, 3 * 16 * 16), (-1, 4))
     assert "3x16x16 image" in info.metadata["input"]
     assert "train_image_4.png" in {a.path for a in MlflowClient(store).list_artifacts(run.info.run_id)}
+
+
+def test_a_batch_larger_than_the_files_training_set_is_refused(tmp_path):
+    np.savez(tmp_path / "f.npz", **good(n_train=100))
+    with pytest.raises(DataError, match=r"data.batch_size=128: the data leave 100 training examples; allowed: null"):
+        NpzDataModule(str(tmp_path / "f.npz")).load()
+    with pytest.raises(DataError, match=r"data.limit_train=500: the data leave 100 training examples"):
+        NpzDataModule(str(tmp_path / "f.npz"), limit_train=500).load()
 
 
 def test_convnet_on_flat_features_is_refused_exit_2_no_run(tmp_path, store):
@@ -218,7 +226,7 @@ def test_a_cifar10_folder_reads_through_torchvision_channels_first(tmp_path):
     saved = {k: getattr(torchvision_files.CIFAR10, k) for k in ("train_list", "test_list", "meta")}
     torchvision_files.use_sums_of(tmp_path)
     try:
-        dm = TorchvisionDataModule(root=str(tmp_path), name="CIFAR10", download=False)
+        dm = TorchvisionDataModule(root=str(tmp_path), name="CIFAR10", download=False, batch_size=10)
         dm.load()
     finally:
         for k, v in saved.items():
@@ -232,7 +240,8 @@ def test_a_cifar10_folder_reads_through_torchvision_channels_first(tmp_path):
 
 def test_cifar10_folder_trains_the_convnet_end_to_end(tmp_path, store):
     fake_cifar10(tmp_path / "files")
-    args = command("data=torchvision", "data.name=CIFAR10", f"data.root={tmp_path / 'files'}", "model=cnn", *SMALL,
+    args = command("data=torchvision", "data.name=CIFAR10", f"data.root={tmp_path / 'files'}", "model=cnn",
+                   "data.batch_size=10", *SMALL,
                    cwd=tmp_path, script="tests/torchvision_files.py", log_model=True)
     env = {**os.environ, "MLFLOW_TRACKING_URI": store, "CIFAR_ROOT": str(tmp_path / "files"),
            "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
@@ -275,7 +284,7 @@ def test_network_sizes_follow_the_data(tmp_path):
     np.savez(tmp_path / "f.npz", **good())
     flat = NpzDataModule(str(tmp_path / "f.npz"))
     rows = fake_cifar10(tmp_path / "cifar")
-    cifar = TorchvisionDataModule(root=str(tmp_path / "cifar"), name="CIFAR10", download=False)
+    cifar = TorchvisionDataModule(root=str(tmp_path / "cifar"), name="CIFAR10", download=False, batch_size=10)
     import torchvision_files
 
     saved = {k: getattr(torchvision_files.CIFAR10, k) for k in ("train_list", "test_list", "meta")}
