@@ -74,12 +74,14 @@ def heavy_ball(w, lr, momentum, updates, tilt=0.25):
 
 
 def test_local_minima_momentum_rolls_past_the_local_minimum_as_the_plain_python_trajectory_does(tmp_path, monkeypatch):
+    # momentum 0 and 0.9 at lr 0.01, and 0.9's control: plain SGD at 0.01 / (1 - 0.9) = 0.1
     client, parent, children = multirun(tmp_path, monkeypatch, "experiment=local_minima", "data.n_train=300",
-                                        "optimizer.momentum=0.0,0.9", "data.noise=0.0", "seed=0")
-    assert parent.info.status == "FINISHED" and len(children) == 2
-    for run, ends in zip(children, ("local", "global")):
-        momentum = float(run.data.params["optimizer.momentum"])
-        expected = heavy_ball(-2.0, 0.01, momentum, 300)
+                                        "arm={momentum:0.0,lr:0.01},{momentum:0.9,lr:0.01},{momentum:0.0,lr:0.1}",
+                                        "draw={noise:0.0,seed:0}")
+    assert parent.info.status == "FINISHED" and len(children) == 3
+    for run, ends in zip(children, ("local", "global", "local")):
+        momentum, lr = float(run.data.params["optimizer.momentum"]), float(run.data.params["optimizer.lr"])
+        expected = heavy_ball(-2.0, lr, momentum, 300)
         w = values(client, run, "toy/w")
         assert [m.step for m in client.get_metric_history(run.info.run_id, "toy/w")] == list(range(1, 301))
         assert w == pytest.approx(expected, abs=2e-4)  # float32 in the loop, float64 here
@@ -90,7 +92,39 @@ def test_local_minima_momentum_rolls_past_the_local_minimum_as_the_plain_python_
         assert values(client, run, "val/loss")[-1] == pytest.approx(f(w[-1]), abs=1e-5)
         assert "trajectory.png" in {a.path for a in client.list_artifacts(run.info.run_id)}
     table = figure_on_parent(client, parent, "local_minima")
-    assert "| 0 | 0 | 0/1 | 1/1 | 0/1 |" in table and "| 0.9 | 0 | 1/1 | 0/1 | 0/1 |" in table
+    assert "| 0 | momentum | 0.01 | 0 | 1 | 0/1 | 1/1 | 0/1 |" in table
+    assert "| 0.9 | momentum | 0.01 | 0 | 1 | 1/1 | 0/1 | 0/1 |" in table
+    assert "| 0.9 | plain SGD | 0.1 | 0 | 1 | 0/1 | 1/1 | 0/1 |" in table  # the same step, without the inertia
+
+
+def preset_jobs(preset: str) -> list:
+    """The configs of the jobs `python src/train.py -m experiment=<preset>` runs: its sweep's grid (Hydra's
+    BasicSweeper), each job composed as Hydra composes it."""
+    from hydra import compose, initialize_config_dir
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=[f"experiment={preset}"], return_hydra_config=True)
+        params = [f"{k}={v}" for k, v in cfg.hydra.sweeper.params.items()]
+        [jobs] = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(params), None)
+        return [compose("train", overrides=[f"experiment={preset}", *job]) for job in jobs]
+
+
+def test_local_minima_runs_a_plain_sgd_control_at_lr_over_1_minus_beta_for_each_momentum_and_noise_free_cells_once():
+    jobs = [(float(c.optimizer.momentum), float(c.optimizer.lr), float(c.data.noise), int(c.seed))
+            for c in preset_jobs("local_minima")]
+    assert len(jobs) == len(set(jobs))  # no job runs twice
+    base = {lr for m, lr, _, _ in jobs if m > 0}
+    assert len(base) == 1
+    (lr,) = base
+    momenta = {m for m, *_ in jobs if m > 0}
+    assert momenta == {0.5, 0.8, 0.85, 0.9, 0.95}
+    for noise, seeds in ((0.0, {0}), (2.0, {0, 1, 2})):
+        for beta in momenta | {0.0}:
+            assert {s for m, l, n, s in jobs if (m, l, n) == (beta, lr, noise)} == seeds
+            control = [s for m, l, n, s in jobs if m == 0 and n == noise and l == pytest.approx(lr / (1 - beta))]
+            assert set(control) == seeds and len(control) == len(seeds)
 
 
 def test_step_size_sets_the_learning_rate_from_2_over_L_and_marks_the_divergent_one(tmp_path, monkeypatch):

@@ -2,12 +2,25 @@
 
 Every network takes the in-memory batch as it is, N x 784 pixels in [0, 1], and returns N x classes
 logits; softmax + categorical crossentropy live in F.cross_entropy. So the data, the loop, the graph
-path and the MLflow model's signature are the same for all of them.
+path and the MLflow model's signature are the same for all of them. The MLP can instead train on the
+squared error against one-hot targets (model.loss=mse), the loss under which Cohen et al. 2021 show
+progressive sharpening most clearly.
 """
 
 from __future__ import annotations
 
+import torch.nn.functional as F
 from torch import nn
+
+
+def mse(logits, y, reduction: str = "mean"):
+    """Half the squared error between the class scores and the one-hot target, summed over classes
+    (Cohen et al.'s square loss), with F.cross_entropy's signature: averaged or summed over examples."""
+    losses = 0.5 * (logits - F.one_hot(y, logits.shape[1]).to(logits.dtype)).square().sum(1)
+    return losses.sum() if reduction == "sum" else losses.mean()
+
+
+LOSSES = {"cross_entropy": F.cross_entropy, "mse": mse}  # model.loss for the MLP
 
 
 def keras_init(net: nn.Module, init: str) -> None:
@@ -23,10 +36,13 @@ def keras_init(net: nn.Module, init: str) -> None:
 
 class MLP(nn.Sequential):
     """Dense(h, relu) for each h in hidden, then Dense(classes). hidden=[512] is the book's network;
-    hidden=[] is softmax regression (model=linear): a convex loss, one valley."""
+    hidden=[] is softmax regression (model=linear): a convex loss, one valley. loss: cross_entropy (the
+    book's) or mse (descent.nets.mse); accuracy is the argmax of the scores either way."""
 
     def __init__(self, in_features: int = 784, hidden: list[int] | int = (512,), classes: int = 10,
-                 init: str = "keras"):
+                 init: str = "keras", loss: str = "cross_entropy"):
+        if loss not in LOSSES:
+            raise ValueError(f"model.loss={loss!r}: allowed values are {', '.join(LOSSES)}")
         widths = [hidden] if isinstance(hidden, int) else list(hidden)  # an int: the runs recorded before lists
         layers, width = [], in_features
         for h in widths:
@@ -34,6 +50,7 @@ class MLP(nn.Sequential):
             width = h
         super().__init__(*layers, nn.Linear(width, classes))
         keras_init(self, init)
+        self.criterion = LOSSES[loss]  # the loop's loss (descent/loop.py)
 
 
 class ConvNet(nn.Sequential):
