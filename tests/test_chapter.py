@@ -140,6 +140,35 @@ def test_step_size_sets_the_learning_rate_from_2_over_L_and_marks_the_divergent_
     assert table.count("| diverged (update") == 1 and "| rosenbrock | 0.0009984 | 0.5 |" in table
 
 
+def gradient_descent_updates_to(w, lr, tol, f_star, updates, tilt=0.25):
+    """The first update after which plain gradient descent on the double well has f(w) - f* < tol, in
+    python floats (None within `updates`)."""
+    for n in range(1, updates + 1):
+        w -= lr * (w**3 - w - tilt)
+        if w**4 / 4 - w**2 / 2 - tilt * w - f_star < tol:
+            return n
+    return None
+
+
+def test_step_size_tabulates_the_updates_to_tolerance_that_closed_form_gradient_descent_takes(tmp_path, monkeypatch):
+    from descent.pictures import TOLERANCE
+    from descent.toy import LOSSES
+
+    client, parent, children = multirun(tmp_path, monkeypatch, "experiment=step_size", "data.n_train=60",
+                                        "model=double_well", "lr_ratio=0.01,0.3,0.95")
+    L, w_star = LOSSES["double_well"].L, LOSSES["double_well"].minima["global"][0]
+    f_star = w_star**4 / 4 - w_star**2 / 2 - 0.25 * w_star
+    table = figure_on_parent(client, parent, "step_size")
+    counts = {}
+    for ratio in (0.01, 0.3, 0.95):
+        lr = ratio * 2 / L
+        counts[ratio] = gradient_descent_updates_to(1.6, lr, TOLERANCE, f_star, 60)
+        shown = "not in 60" if counts[ratio] is None else str(counts[ratio])
+        assert f"| double_well | {lr:.4g} | {ratio:.3g} | {shown} |" in table
+    assert counts == {0.01: None, 0.3: 3, 0.95: 37}  # the minimum near 1/L, as the quadratic's |1 - lr L| says
+    assert "- double_well: 0.3 (3) < 0.95 (37) < 0.01 (f - f* =" in table
+
+
 def test_edge_of_stability_logs_sharpness_without_changing_the_training(tmp_path, monkeypatch):
     client, parent, children = multirun(
         tmp_path, monkeypatch, "experiment=edge_of_stability", f"data.root={DATA}", "logger.log_model=false",

@@ -239,6 +239,7 @@ def step_size(runs: list[Run], title: str):
             ax.set_xscale("log")
             ax.set_yscale("log")
             ax.set_xlabel("learning rate")
+        ax_n.set_ylim(0.7, 3 * budget)  # a loss where no rate reaches the tolerance still gets its axis
         ax_n.set_ylabel(f"updates to f(w) - f* < {TOLERANCE:g}")
         ax_n.set_title(f"{loss}: updates to the tolerance; △ on top = not within {budget}, x = diverged", fontsize=10)
         ax_f.set_ylabel(f"final f(w) - f*, after {budget} updates")
