@@ -173,7 +173,7 @@ def test_edge_of_stability_logs_sharpness_without_changing_the_training(tmp_path
     client, parent, children = multirun(
         tmp_path, monkeypatch, "experiment=edge_of_stability", f"data.root={DATA}", "logger.log_model=false",
         "data.limit_train=128", "trainer.max_epochs=4", "trainer.sharpness_subset=64", "optimizer.lr=0.5",
-        "trainer.sharpness_every=2,null")
+        "model.loss=cross_entropy", "trainer.sharpness_every=2,null")
     measured, plain = children
     assert values(client, measured, "train/loss") == pytest.approx(values(client, plain, "train/loss"), rel=0)
     history = client.get_metric_history(measured.info.run_id, "sharpness/lambda_max")
@@ -193,4 +193,37 @@ def test_edge_of_stability_logs_sharpness_without_changing_the_training(tmp_path
     expected, _ = lambda_max(net, F.cross_entropy, x[:64], y[:64])
     assert measured.data.metrics["sharpness/lambda_max"] == pytest.approx(expected, rel=1e-3)
     text = figure_on_parent(client, parent, "edge_of_stability")
-    assert "| 0.5 | 4 |" in text
+    assert "| cross_entropy | 0.5 | 4 |" in text
+
+
+def test_edge_of_stability_sweeps_rates_far_below_the_initial_sharpness_under_cross_entropy_and_mse():
+    jobs = [(c.model.loss, float(c.optimizer.lr)) for c in preset_jobs("edge_of_stability")]
+    assert {loss for loss, _ in jobs} == {"cross_entropy", "mse"}
+    for loss in ("cross_entropy", "mse"):
+        thresholds = sorted(2 / lr for l, lr in jobs if l == loss)
+        # 2/η far above λ_max at initialisation (~7.8 under cross-entropy, ~73 under mse), and below it
+        assert [t for t in thresholds if t > 60] and [t for t in thresholds if 8 < t < 40] and thresholds[0] < 7
+
+
+def test_model_loss_mse_trains_and_measures_the_sharpness_of_the_squared_error(tmp_path, monkeypatch):
+    from descent.data import load_split
+    from descent.measure.sharpness import lambda_max
+    from descent.nets import MLP, mse
+
+    client, parent, [run] = multirun(
+        tmp_path, monkeypatch, "experiment=edge_of_stability", f"data.root={DATA}", "logger.log_model=false",
+        "data.limit_train=128", "trainer.max_epochs=3", "trainer.sharpness_subset=64", "optimizer.lr=0.01",
+        "model.loss=mse", "trainer.sharpness_every=1")
+    assert run.data.params["model.loss"] == "mse" and "train/acc" in run.data.metrics  # accuracy of the scores
+    assert values(client, run, "sharpness/threshold") == pytest.approx([200.0] * 3)  # updates 1, 2, 3
+    x, y = load_split(DATA, train=True)
+    net = MLP(loss="mse")
+    ckpt = torch.load(Path(run.data.tags["hydra.output_dir"]) / "checkpoints" / "last.ckpt", weights_only=False)
+    net.load_state_dict({k.removeprefix("net."): v for k, v in ckpt["state_dict"].items()})
+    # the loss half the squared error against one-hot targets, and its Hessian the one measured
+    out = net(x[:128]).detach()
+    assert float(mse(out, y[:128])) == pytest.approx(
+        float(0.5 * ((out - torch.eye(10)[y[:128]]) ** 2).sum(1).mean()), rel=1e-6)
+    expected, _ = lambda_max(net, mse, x[:64], y[:64])
+    assert run.data.metrics["sharpness/lambda_max"] == pytest.approx(expected, rel=1e-3)
+    assert "| mse | 0.01 | 200 |" in figure_on_parent(client, parent, "edge_of_stability")

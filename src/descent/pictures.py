@@ -259,43 +259,71 @@ def step_size(runs: list[Run], title: str):
 
 # -- experiment=edge_of_stability -----------------------------------------------------------------------------
 
+EDGE = 0.9  # edge_of_stability: λ_max within this fraction of 2/η counts as at the edge
+
+
+def what_it_shows(lam: np.ndarray, edge: float, diverged: bool) -> str:
+    """The run's sharpness in words: a catapult from above 2/η, progressive sharpening to it and hovering there,
+    or sharpening that stays below it (λ_max at each measurement, the first after update 1)."""
+    if not len(lam) or not np.isfinite(edge):
+        return "—"
+    late = np.median(lam[len(lam) // 2:]) / edge
+    if lam[0] > edge:
+        if diverged:
+            return "starts above 2/η and diverges"
+        return (f"starts above 2/η ({lam[0] / edge:.2f} ×) and falls below it: a catapult; then at "
+                f"{late:.2f} × 2/η (2nd-half median)")
+    if (lam >= EDGE * edge).any():
+        return ("sharpens to 2/η and hovers there" if late >= EDGE else "sharpens to 2/η, then falls below it") + \
+            f" (2nd-half median {late:.2f} × 2/η)"
+    return f"stays below 2/η: peaks at {lam.max() / edge:.2f} × 2/η"
+
+
 def edge_of_stability(runs: list[Run], title: str):
-    """λ_max against updates beside 2/η for each learning rate, and the training loss."""
+    """λ_max against updates beside 2/η for each learning rate, and the training loss, one row per loss."""
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(15, 5.5), layout="constrained")
-    ax_l, ax_loss = fig.subplots(1, 2)
+    losses = sorted({r.params.get("model.loss", "cross_entropy") for r in runs})
+    fig = Figure(figsize=(15, 5.2 * len(losses)), layout="constrained")
+    axes = fig.subplots(len(losses), 2, squeeze=False)
     rows = []
-    for i, r in enumerate(sorted(runs, key=lambda r: _float(r, "optimizer.lr"))):
-        color, lr = f"C{i}", _float(r, "optimizer.lr")
-        x, lam = _updates(r, "sharpness/lambda_max")
-        _, limit = _updates(r, "sharpness/threshold")
-        ax_l.plot(x, lam, ".-", color=color, lw=1.2, ms=4, label=f"lr {lr:g}: λ_max")
-        if len(limit):
-            ax_l.axhline(limit[0], color=color, ls="--", lw=1, label=f"lr {lr:g}: 2/η = {limit[0]:.3g}")
-        xl, loss = _updates(r, "train/loss")
-        ax_loss.plot(xl, loss, color=color, lw=1.2, label=f"lr {lr:g}" + (" (diverged)" if r.diverged else ""))
-        if len(lam):
-            late = lam[len(lam) // 2:]
+    for row, name in enumerate(losses):
+        ax_l, ax_loss = axes[row]
+        chosen = sorted([r for r in runs if r.params.get("model.loss", "cross_entropy") == name],
+                        key=lambda r: _float(r, "optimizer.lr"))
+        for i, r in enumerate(chosen):
+            color, lr = f"C{i}", _float(r, "optimizer.lr")
+            x, lam = _updates(r, "sharpness/lambda_max")
+            _, limit = _updates(r, "sharpness/threshold")
             edge = limit[0] if len(limit) else np.nan
-            reached = int(x[np.argmax(lam >= 0.9 * edge)]) if (lam >= 0.9 * edge).any() else None
-            rows.append([f"{lr:g}", f"{edge:.3g}", f"{lam[0]:.3g}", f"{lam.max():.3g}",
-                         f"{np.median(late):.3g}", f"{np.median(late) / edge:.2f}",
-                         "—" if reached is None else str(reached), f"{loss[-1]:.4g}" if len(loss) else "—", r.name])
-    ax_l.set_xlabel("optimizer updates (full batch: one per epoch)")
-    ax_l.set_ylabel("sharpness λ_max of the training loss's Hessian")
-    ax_l.set_title("sharpness (solid) and its stability threshold 2/η (dashed)", fontsize=10)
-    ax_l.legend(fontsize=8, ncols=2)
-    ax_loss.set_yscale("log")
-    ax_loss.set_xlabel("optimizer updates")
-    ax_loss.set_ylabel("training loss (full batch)")
-    ax_loss.set_title("training loss", fontsize=10)
-    ax_loss.legend(fontsize=8)
+            ax_l.plot(x, lam, ".-", color=color, lw=1.2, ms=4, label=f"lr {lr:g}: λ_max")
+            if len(limit):
+                ax_l.axhline(edge, color=color, ls="--", lw=1, label=f"lr {lr:g}: 2/η = {edge:.3g}")
+            xl, loss = _updates(r, "train/loss")
+            ax_loss.plot(xl, loss, color=color, lw=1.2, label=f"lr {lr:g}" + (" (diverged)" if r.diverged else ""))
+            if len(lam):
+                reached = int(x[np.argmax(lam >= EDGE * edge)]) if (lam >= EDGE * edge).any() else None
+                peak = int(np.argmax(lam))
+                rows.append([name, f"{lr:g}", f"{edge:.3g}", f"{lam[0]:.3g}", f"{lam.max():.3g} (update {int(x[peak])})",
+                             f"{lam[-1]:.3g} (update {int(x[-1])})", f"{np.median(lam[len(lam) // 2:]) / edge:.2f}",
+                             "—" if reached is None else str(reached), f"{loss[-1]:.4g}" if len(loss) else "—",
+                             what_it_shows(lam, edge, r.diverged), r.name])
+        ax_l.set_yscale("log")
+        ax_l.set_xlabel("optimizer updates (full batch: one per epoch)")
+        ax_l.set_ylabel("sharpness λ_max of the training loss's Hessian")
+        ax_l.set_title(f"{name}: sharpness (solid) and its stability threshold 2/η (dashed)", fontsize=10)
+        ax_l.legend(fontsize=7, ncols=2)
+        ax_loss.set_yscale("log")
+        ax_loss.set_xlabel("optimizer updates")
+        ax_loss.set_ylabel("training loss (full batch)")
+        ax_loss.set_title(f"{name}: training loss", fontsize=10)
+        ax_loss.legend(fontsize=8)
     fig.suptitle(title)
     text = ("Full-batch gradient descent on the MLP: the sharpness λ_max (Lanczos on Hessian-vector products, "
-            "descent/measure/sharpness.py) against its threshold 2/η.\n\n"
-            + _table(["lr", "2/η", "λ_max first", "λ_max max", "λ_max median (2nd half)", "median / (2/η)",
-                      "update λ_max first ≥ 0.9 × 2/η", "final train loss", "run"], rows))
+            "descent/measure/sharpness.py) against its threshold 2/η; the first measurement is after update 1 (the "
+            f"first validation point). At the edge: λ_max ≥ {EDGE:g} × 2/η.\n\n"
+            + _table(["loss", "lr", "2/η", "λ_max first", "λ_max max", "λ_max last", "median / (2/η), 2nd half",
+                      f"update λ_max first ≥ {EDGE:g} × 2/η", "final train loss", "what it shows", "run"], rows))
     return fig, text
 
 
