@@ -215,7 +215,7 @@ def step_size(runs: list[Run], title: str):
         ax.set_xlim(left=0)
         ax.set_xlabel("optimizer updates")
         ax.set_ylabel(f"f(w) - f* (global minimum; floored at {FLOOR:g})")
-        ax.set_title(f"{loss}: loss above the global minimum; dotted = {TOLERANCE:g}; x = diverged", fontsize=10)
+        ax.set_title(f"{loss}: loss above the global minimum\n(dotted: {TOLERANCE:g}; x: diverged)", fontsize=10)
         ax.legend(fontsize=7)
         ax_n, ax_f = axes[row, 2], axes[row, 3]
         for lr, final, reached, diverged, color in finals:
@@ -241,9 +241,9 @@ def step_size(runs: list[Run], title: str):
             ax.set_xlabel("learning rate")
         ax_n.set_ylim(0.7, 3 * budget)  # a loss where no rate reaches the tolerance still gets its axis
         ax_n.set_ylabel(f"updates to f(w) - f* < {TOLERANCE:g}")
-        ax_n.set_title(f"{loss}: updates to the tolerance; △ on top = not within {budget}, x = diverged", fontsize=10)
+        ax_n.set_title(f"{loss}: updates to the tolerance\n(△ on top: not within {budget}; x: diverged)", fontsize=10)
         ax_f.set_ylabel(f"final f(w) - f*, after {budget} updates")
-        ax_f.set_title(f"{loss}: where each learning rate ends; x on top = diverged", fontsize=10)
+        ax_f.set_title(f"{loss}: where each learning rate ends\n(x on top: diverged)", fontsize=10)
     fig.suptitle(title)
     text = ("Plain gradient descent on each toy loss at learning rates around 2/L, L the largest curvature at "
             "the global minimum (a quadratic with that curvature diverges above 2/L and converges fastest at 1/L, "
