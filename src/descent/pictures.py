@@ -260,23 +260,33 @@ def step_size(runs: list[Run], title: str):
 # -- experiment=edge_of_stability -----------------------------------------------------------------------------
 
 EDGE = 0.9  # edge_of_stability: λ_max within this fraction of 2/η counts as at the edge
+RISES_AFTER = 20  # edge_of_stability: updates that raised the training loss are counted after this one
 
 
-def what_it_shows(lam: np.ndarray, edge: float, diverged: bool) -> str:
+def what_it_shows(x: np.ndarray, lam: np.ndarray, edge: float, diverged: bool) -> str:
     """The run's sharpness in words: a catapult from above 2/η, progressive sharpening to it and hovering there,
-    or sharpening that stays below it (λ_max at each measurement, the first after update 1)."""
+    or sharpening (or none) that stays below it. x: the updates of the measurements, λ_max at each."""
     if not len(lam) or not np.isfinite(edge):
         return "—"
     late = np.median(lam[len(lam) // 2:]) / edge
     if lam[0] > edge:
         if diverged:
             return "starts above 2/η and diverges"
-        return (f"starts above 2/η ({lam[0] / edge:.2f} ×) and falls below it: a catapult; then at "
-                f"{late:.2f} × 2/η (2nd-half median)")
+        below = np.flatnonzero(lam < edge)
+        if not len(below):
+            return f"starts above 2/η ({lam[0] / edge:.2f} ×) and stays above it"
+        caught = f"starts above 2/η ({lam[0] / edge:.2f} ×), falls below it by update {int(x[below[0]])}: a catapult"
+        if late >= EDGE:
+            return caught + f"; then hovers at the edge (2nd half at {late:.2f} × 2/η)"
+        return caught + f"; then below the edge (2nd half at {late:.2f} × 2/η)"
     if (lam >= EDGE * edge).any():
         return ("sharpens to 2/η and hovers there" if late >= EDGE else "sharpens to 2/η, then falls below it") + \
-            f" (2nd-half median {late:.2f} × 2/η)"
-    return f"stays below 2/η: peaks at {lam.max() / edge:.2f} × 2/η"
+            f" (2nd half at {late:.2f} × 2/η)"
+    peak = int(np.argmax(lam))
+    if lam[peak] > 1.05 * lam[0]:
+        return (f"sharpens {lam[peak] / lam[0]:.2f}× by update {int(x[peak])} but stays below 2/η (at most "
+                f"{lam[peak] / edge:.2f} ×), ends at {lam[-1] / edge:.2f} ×")
+    return f"no sharpening: λ_max falls {lam[0]:.3g} → {lam[-1]:.3g}, below 2/η throughout ({lam[-1] / edge:.2f} × at the end)"
 
 
 def edge_of_stability(runs: list[Run], title: str):
@@ -302,12 +312,14 @@ def edge_of_stability(runs: list[Run], title: str):
             xl, loss = _updates(r, "train/loss")
             ax_loss.plot(xl, loss, color=color, lw=1.2, label=f"lr {lr:g}" + (" (diverged)" if r.diverged else ""))
             if len(lam):
+                late_loss = loss[xl >= RISES_AFTER]  # at the edge the loss falls non-monotonically (Cohen et al.)
+                rises = f"{int((np.diff(late_loss) > 0).sum())} of {max(len(late_loss) - 1, 0)}"
                 reached = int(x[np.argmax(lam >= EDGE * edge)]) if (lam >= EDGE * edge).any() else None
                 peak = int(np.argmax(lam))
                 rows.append([name, f"{lr:g}", f"{edge:.3g}", f"{lam[0]:.3g}", f"{lam.max():.3g} (update {int(x[peak])})",
                              f"{lam[-1]:.3g} (update {int(x[-1])})", f"{np.median(lam[len(lam) // 2:]) / edge:.2f}",
-                             "—" if reached is None else str(reached), f"{loss[-1]:.4g}" if len(loss) else "—",
-                             what_it_shows(lam, edge, r.diverged), r.name])
+                             "—" if reached is None else str(reached), f"{loss[-1]:.4g}" if len(loss) else "—", rises,
+                             what_it_shows(x, lam, edge, r.diverged), r.name])
         ax_l.set_yscale("log")
         ax_l.set_xlabel("optimizer updates (full batch: one per epoch)")
         ax_l.set_ylabel("sharpness λ_max of the training loss's Hessian")
@@ -323,7 +335,8 @@ def edge_of_stability(runs: list[Run], title: str):
             "descent/measure/sharpness.py) against its threshold 2/η; the first measurement is after update 1 (the "
             f"first validation point). At the edge: λ_max ≥ {EDGE:g} × 2/η.\n\n"
             + _table(["loss", "lr", "2/η", "λ_max first", "λ_max max", "λ_max last", "median / (2/η), 2nd half",
-                      f"update λ_max first ≥ {EDGE:g} × 2/η", "final train loss", "what it shows", "run"], rows))
+                      f"update λ_max first ≥ {EDGE:g} × 2/η", "final train loss",
+                      f"updates that raised the loss, after update {RISES_AFTER}", "what it shows", "run"], rows))
     return fig, text
 
 
