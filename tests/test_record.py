@@ -123,7 +123,8 @@ def test_the_sweeps_parent_and_jobs_describe_themselves_and_the_report_is_a_tabl
                                   "tags.`descent.sweep` = 'true'")
     note = parent.data.tags["mlflow.note.content"]
     assert note.startswith("A sweep over `optimizer`.")
-    assert "Command: `python " in note and " -m optimizer=sgd,rmsprop " in note
+    command = note.split("Command: `", 1)[1].split("`", 1)[0]
+    assert command.startswith("python ") and " -m " in command and " optimizer=sgd,rmsprop " in command
     report = (Path(parent.data.tags["hydra.sweep.dir"]) / "convergence.md").read_text()
     table = [line for line in report.splitlines() if line.startswith("|")]
     assert len(table) == 4 and "\n".join(table) in note  # header, rule, two configurations
