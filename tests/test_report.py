@@ -184,7 +184,7 @@ def test_sweep_report_files_numbers_and_artifacts(store):
     mlflow.set_tracking_uri(client.tracking_uri)  # load_table searches runs through the global store
     parent = client.get_run(store["parent"])
     table = client.load_table(parent.info.experiment_id, "report/convergence.json", run_ids=[store["parent"]])
-    assert len(table) == len(rows) and set(table["configuration"]) == set(lines)
+    assert len(table) == len(rows) and set(table["configuration"]) == set(rows)
     report.make_report(client.tracking_uri, store["parent"], out_dir=store["root"] / "again")  # made again:
     table = client.load_table(parent.info.experiment_id, "report/convergence.json", run_ids=[store["parent"]])
     assert len(table) == len(rows)  # replaced, not appended to
