@@ -162,3 +162,22 @@ def test_the_alias_best_loads_the_model_of_the_job_with_the_best_objective(small
     assert loss == pytest.approx(best.data.metrics["val/loss"], rel=1e-4)  # that job's model, on its validation data
     other = max(by_name.values(), key=lambda r: r.data.metrics["val/loss"])
     assert abs(loss - other.data.metrics["val/loss"]) > 1e-3
+
+
+@pytest.mark.parametrize("preset", ["gd_vs_sgd", "optimizers", "lr_search"])
+def test_a_presets_sweep_states_its_question_and_what_it_varies(preset):
+    """The parent's description opens with the preset's question: its opening comment (real Hydra composition)."""
+    from hydra import compose, initialize_config_dir
+
+    from conftest import ROOT
+    from descent.sweep import parent_note, swept_keys
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=[f"experiment={preset}"], return_hydra_config=True)
+    comment = (ROOT / "conf" / "experiment" / f"{preset}.yaml").read_text().split("\n#\n")[0]
+    first = comment.splitlines()[1].lstrip("# ")  # the line after "# @package _global_"
+    keys = swept_keys(cfg)
+    assert keys and set(keys) <= set(cfg.hydra.sweeper.params)
+    note = parent_note(cfg, keys, ["src/train.py", "-m", f"experiment={preset}"])
+    assert note.startswith(f"**{first}") and f"Command: `python src/train.py -m experiment={preset}`" in note
+    assert "Its jobs vary " + ", ".join(f"`{k}`" for k in keys) in note
