@@ -23,16 +23,6 @@ GRID = 25  # images in the misclassified grid (5 x 5), the most confident mistak
 DIR = "errors"
 
 
-@torch.no_grad()
-def predict(net: torch.nn.Module, x: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
-    """Class scores of the network on x, in chunks (the module's mode is kept)."""
-    was_training = net.training
-    net.eval()
-    logits = torch.cat([net(x[i : i + chunk]) for i in range(0, len(x), chunk)])
-    net.train(was_training)
-    return logits
-
-
 def image_shape(datamodule, x: torch.Tensor) -> tuple[int, ...]:
     """One example's shape as an image: the data module's, else the tensor's own, else a square (N x H*W)."""
     shape = getattr(datamodule, "image_shape", None) or getattr(datamodule, "shape", None)
@@ -151,8 +141,8 @@ def misclassified_figure(x: torch.Tensor, wrong: dict, shape: tuple[int, ...], n
 
 
 def log_errors(logger, logits: torch.Tensor, datamodule, data_name: str = "", grid: int = GRID) -> dict:
-    """Everything above for the run `logger` writes to, from the test set's class scores (the test step's,
-    or predict()'s); returns what analyse() found."""
+    """Everything above for the run `logger` writes to, from the test set's class scores in order (the test
+    step's); returns what analyse() found."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -166,9 +166,12 @@ class Record(pl.Callback):
             from descent import errors
 
             tic = time.perf_counter()
-            errors.log_errors(self.logger, torch.cat(pl_module.test_logits), trainer.datamodule, self.data_name)
-            log.debug("confusion matrix, per-class table and misclassified images logged in %.2f s",
-                     time.perf_counter() - tic)
+            try:
+                errors.log_errors(self.logger, torch.cat(pl_module.test_logits), trainer.datamodule, self.data_name)
+                log.debug("confusion matrix, per-class table and misclassified images logged in %.2f s",
+                          time.perf_counter() - tic)
+            except Exception as e:  # the run's record (model, status) matters more than these pictures
+                log.warning("what the model gets wrong was not recorded (%s: %s)", type(e).__name__, e)
         # registering needs the model; a toy loss's point (descent/toy.py) is no network to serve
         if (self.log_model or self.register_model) and pl_module.classifies:
             tic = time.perf_counter()
