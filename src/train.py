@@ -63,7 +63,7 @@ def train(cfg, hc, launch_dir, out_dir, choices, run_id, ckpt_path, changed=None
 
     from descent import measure, record, threads, toy, tracking
     from descent.loop import Classifier, Diverged, ResumeError, SafetyCheckpoints
-    from descent.sweep import Pruned, Pruning, Target, optuna_trial, parent_run_id
+    from descent.sweep import Pruned, Pruning, Target, job_tags, optuna_trial
 
     from descent.config import LR_TAG, lr_not_searched
     from descent.data import DataError
@@ -94,7 +94,7 @@ def train(cfg, hc, launch_dir, out_dir, choices, run_id, ckpt_path, changed=None
     if multirun:
         # the parent run is looked up in the tracking store: a job on another node sees no sweep folder
         tags |= {"hydra.job.num": str(hc.job.num),
-                 "mlflow.parentRunId": parent_run_id(cfg, launch_dir, hc.sweep.dir)}
+                 **job_tags(cfg, launch_dir, hc)}  # mlflow.parentRunId, and a description naming what it varies
     if trial is not None:
         tags |= {"optuna.study": trial.study.study_name, "optuna.trial": str(trial.number)}
         module.val_hooks.append(Pruning(trial, objective))  # the pruner sees each validation point

@@ -150,3 +150,17 @@ def test_failing_grid_cells_do_not_end_the_sweep_and_a_later_grid_keeps_their_jo
     train(*grid_study, "hydra.sweeper.grid={seed: '2'}", cwd=tmp_path, store=store, multirun=True, check=False)
     assert (tmp_path / "outputs/sweep/0/mlflow_run_id").read_text() == first  # job 0's folder is its own still
     assert sorted(p.name for p in (tmp_path / "outputs/sweep").iterdir() if p.name.isdigit()) == ["0", "1", "2"]
+
+
+def test_the_studys_best_trial_gets_the_alias_best(tmp_path, store, mnist_root):
+    import mlflow
+
+    train(*STUDY, "logger.register_model=tiny-study", cwd=tmp_path, store=store, multirun=True)
+    client, [parent], children = record(store)
+    best = children[int(parent.data.tags["optuna.best_trial"])]  # the study's own choice
+    assert client.get_model_version_by_alias("tiny-study", "best").run_id == best.info.run_id
+    assert parent.data.tags["descent.sweep.best_run"] == best.info.run_id
+    assert "models:/tiny-study@best" in parent.data.tags["mlflow.note.content"]
+    mlflow.set_tracking_uri(store)
+    model = mlflow.pyfunc.load_model("models:/tiny-study@best")
+    assert model.metadata.run_id == best.info.run_id

@@ -1,7 +1,11 @@
-"""What a finished run carries for MLflow's columns: the model, the datasets, system metrics; and the progress line.
+"""What a finished run carries for MLflow's columns: the model, the datasets, system metrics, best/* beside the last
+values; and the progress line. What a sweep's runs say of themselves: descriptions, the report as a table, the
+best job's model under the alias `best`.
 
 All on `small_sweep` (conftest.py): two seed-like runs (sgd, rmsprop) on 2000 training images, 1 epoch.
 """
+
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -84,3 +88,96 @@ def test_system_metrics_progress_lines_and_report_paths(small_sweep, runs):
     # the sweep's report names its folder as launched (relative), not as this machine's absolute path
     report = (launch_dir / "outputs" / "sweep" / "convergence.md").read_text()
     assert "(outputs/sweep)" in report and str(launch_dir) not in report
+
+
+def staircase(history):
+    """The points of a metric's history that improve on every earlier one: what best/* logs."""
+    steps, best = [], None
+    for m in sorted(history, key=lambda m: m.step):
+        if best is None or m.value < best:
+            best = m.value
+            steps.append((m.step, m.value))
+    return steps
+
+
+def test_best_values_are_the_extremes_of_the_logged_history_at_their_steps(runs):
+    client, by_name = runs
+    for run in by_name.values():
+        rid = run.info.run_id
+        loss, acc = client.get_metric_history(rid, "val/loss"), client.get_metric_history(rid, "val/acc")
+        assert len(loss) >= 4  # trainer.val_every_examples=500 over 2000 examples
+        assert run.data.metrics["best/val_loss"] == min(m.value for m in loss)
+        assert run.data.metrics["best/val_acc"] == max(m.value for m in acc)
+        logged = [(m.step, m.value) for m in sorted(client.get_metric_history(rid, "best/val_loss"), key=lambda m: m.step)]
+        assert logged == staircase(loss), run.info.run_name
+        negated = [type(m)(m.key, -m.value, m.timestamp, m.step) for m in acc]
+        logged = [(m.step, -m.value) for m in sorted(client.get_metric_history(rid, "best/val_acc"), key=lambda m: m.step)]
+        assert logged == staircase(negated), run.info.run_name
+        assert "best/train_loss" not in run.data.metrics  # with validation data, its best is what counts
+
+
+def test_the_sweeps_parent_and_jobs_describe_themselves_and_the_report_is_a_table(small_sweep, runs):
+    client, by_name = runs
+    _, store, _ = small_sweep
+    [parent] = client.search_runs([client.get_experiment_by_name("descent").experiment_id],
+                                  "tags.`descent.sweep` = 'true'")
+    note = parent.data.tags["mlflow.note.content"]
+    assert note.startswith("A sweep over `optimizer`.")
+    command = note.split("Command: `", 1)[1].split("`", 1)[0]
+    assert command.startswith("python ") and " -m " in command and " optimizer=sgd,rmsprop " in command
+    report = (Path(parent.data.tags["hydra.sweep.dir"]) / "convergence.md").read_text()
+    table = [line for line in report.splitlines() if line.startswith("|")]
+    assert len(table) == 4 and "\n".join(table) in note  # header, rule, two configurations
+    best = min(by_name.values(), key=lambda r: r.data.metrics["val/loss"])
+    assert f"Best run (minimize val/loss): {best.info.run_name}" in note and "models:/mnist-mlp@best" in note
+    for name, run in by_name.items():
+        optimizer = run.data.params["optimizer"]
+        assert run.data.tags["mlflow.note.content"].startswith(
+            f"Job {run.data.tags['hydra.job.num']} of the sweep {parent.info.run_name}: optimizer={optimizer} ")
+    # the report's table as an MLflow table on the parent: one row per configuration, the same numbers
+    mlflow.set_tracking_uri(store)  # load_table searches runs through the global store
+    rows = client.load_table(parent.info.experiment_id, "report/convergence.json", run_ids=[parent.info.run_id])
+    assert sorted(rows["configuration"]) == ["rmsprop-mini", "sgd-mini"]
+    for _, row in rows.iterrows():
+        [run] = [r for r in by_name.values() if row["configuration"].startswith(r.data.params["optimizer"] + "-")]
+        assert row["val_loss_mean"] == pytest.approx(run.data.metrics["val/loss"], rel=1e-9)
+
+
+def test_the_alias_best_loads_the_model_of_the_job_with_the_best_objective(small_sweep, runs):
+    import torch
+    import torch.nn.functional as F
+
+    from descent.data import IDXDataModule
+
+    client, by_name = runs
+    best = min(by_name.values(), key=lambda r: r.data.metrics["val/loss"])  # sweep.objective: val/loss, minimized
+    version = client.get_model_version_by_alias("mnist-mlp", "best")
+    assert version.run_id == best.info.run_id
+    mlflow.set_tracking_uri(small_sweep[1])
+    model = mlflow.pyfunc.load_model("models:/mnist-mlp@best")
+    dm = IDXDataModule(root=str(DATA), val_size=1000, limit_train=2000)
+    dm.setup()
+    scores = torch.from_numpy(model.predict(dm.x_val.numpy()))
+    loss = float(F.cross_entropy(scores, dm.y_val))
+    assert loss == pytest.approx(best.data.metrics["val/loss"], rel=1e-4)  # that job's model, on its validation data
+    other = max(by_name.values(), key=lambda r: r.data.metrics["val/loss"])
+    assert abs(loss - other.data.metrics["val/loss"]) > 1e-3
+
+
+@pytest.mark.parametrize("preset", ["gd_vs_sgd", "optimizers", "lr_search"])
+def test_a_presets_sweep_states_its_question_and_what_it_varies(preset):
+    """The parent's description opens with the preset's question: its opening comment (real Hydra composition)."""
+    from hydra import compose, initialize_config_dir
+
+    from conftest import ROOT
+    from descent.sweep import parent_note, swept_keys
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=[f"experiment={preset}"], return_hydra_config=True)
+    comment = (ROOT / "conf" / "experiment" / f"{preset}.yaml").read_text().split("\n#\n")[0]
+    first = comment.splitlines()[1].lstrip("# ")  # the line after "# @package _global_"
+    keys = swept_keys(cfg)
+    assert keys and set(keys) <= set(cfg.hydra.sweeper.params)
+    note = parent_note(cfg, keys, ["src/train.py", "-m", f"experiment={preset}"])
+    assert note.startswith(f"**{first}") and f"Command: `python src/train.py -m experiment={preset}`" in note
+    assert "Its jobs vary " + ", ".join(f"`{k}`" for k in keys) in note

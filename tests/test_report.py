@@ -175,9 +175,19 @@ def test_sweep_report_files_numbers_and_artifacts(store):
     assert "seeds)" not in lines["adam-mini"] and "0.3667" in lines["adam-mini"] and "| 11 " in lines["adam-mini"]
     assert "val acc ≥ 0.97" in md and "![convergence](convergence.png)" in md
 
-    # and the three files are on the parent run, under report/
+    # and the three files are on the parent run, under report/, with the table as an MLflow table
     logged = {a.path for a in client.list_artifacts(store["parent"], "report")}
-    assert logged == {"report/convergence.png", "report/convergence.md", "report/convergence.csv"}
+    assert logged == {"report/convergence.png", "report/convergence.md", "report/convergence.csv",
+                      "report/convergence.json"}
+    import mlflow
+
+    mlflow.set_tracking_uri(client.tracking_uri)  # load_table searches runs through the global store
+    parent = client.get_run(store["parent"])
+    table = client.load_table(parent.info.experiment_id, "report/convergence.json", run_ids=[store["parent"]])
+    assert len(table) == len(rows) and set(table["configuration"]) == set(rows)
+    report.make_report(client.tracking_uri, store["parent"], out_dir=store["root"] / "again")  # made again:
+    table = client.load_table(parent.info.experiment_id, "report/convergence.json", run_ids=[store["parent"]])
+    assert len(table) == len(rows)  # replaced, not appended to
     fetched = client.download_artifacts(store["parent"], "report/convergence.png", str(store["root"] / "dl"))
     assert Path(fetched).read_bytes() == png
 

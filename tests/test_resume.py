@@ -182,3 +182,28 @@ def test_ctrl_c_between_the_jobs_of_a_sweep_stops_the_sweep_at_once(tmp_path, mn
     assert [r.data.params["seed"] for r in children] == ["0"], "job #1 never started"
     assert children[0].info.status == "FINISHED"
     assert parent.info.status == "KILLED"
+
+
+def test_best_values_are_exact_across_a_stop_and_resume(tmp_path, mnist_root):
+    """best/train_loss (no validation data, as the seed run) continues from the best before the stop: its history
+    is the staircase of the whole train/loss history, as if the run had never stopped. A resumed run that forgot
+    its best would log the first point after the stop as a new best, better or not."""
+    from test_record import staircase
+
+    store = sqlite_store(tmp_path)
+    overrides = [*SMALL, "data.val_size=0", *REGIMES["mini"][0]]
+    env = {"DESCENT_STOP_AT": "1512", "DESCENT_STOP_SIGNALS": "SIGTERM"}
+    proc = stop_at(tmp_path, store, overrides, env)
+    assert proc.returncode == 128 + signal.SIGTERM, (proc.stdout + proc.stderr)[-3000:]
+    run_id = only_run_id(store)
+    client = MlflowClient(store)
+    before = client.get_metric_history(run_id, "train/loss")
+    assert max(m.step for m in before) == 1512
+    train(f"resume={run_id}", cwd=tmp_path, store=store)
+    history = client.get_metric_history(run_id, "train/loss")
+    after = sorted((m for m in history if m.step > 1512), key=lambda m: m.step)
+    assert after and after[0].value > min(m.value for m in before), \
+        "the first point after the stop is no new best: the case this test is about"
+    logged = sorted(client.get_metric_history(run_id, "best/train_loss"), key=lambda m: m.step)
+    assert [(m.step, m.value) for m in logged] == staircase(history)
+    assert client.get_run(run_id).data.metrics["best/train_loss"] == min(m.value for m in history)

@@ -47,8 +47,8 @@ def test_more_epochs_continue_a_finished_run_in_the_same_run_as_if_it_had_run_th
     assert len(client.search_runs([run.info.experiment_id])) == 1, "the same MLflow run, no new one"
     extended = history(client, run_id)
     # the steps go on where the first end left them, and the data order is the longer run's: every
-    # training point equals the uninterrupted 2-epoch run's
-    for key in ("train/loss", "train/acc", "progress/epoch", "progress/updates"):
+    # training point equals the uninterrupted 2-epoch run's (best/train_loss too: it goes on from the first end's)
+    for key in ("train/loss", "train/acc", "progress/epoch", "progress/updates", "best/train_loss"):
         assert [s for s, _ in extended[key]] == [s for s, _ in reference[key]], key
         assert [v for _, v in extended[key]] == pytest.approx([v for _, v in reference[key]], rel=1e-5), key
     # the test set is evaluated at each end: the 1-epoch point stays, the 2-epoch one is added at its step

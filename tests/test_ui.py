@@ -1,6 +1,6 @@
 """The MLflow UI in a real browser (Debian's chromium driven by Playwright) on a store holding a small sweep:
-the "Model training" view, the sweep's parent expanding to its jobs, the Dataset and Models columns filled,
-and a val/loss chart drawn. Screenshots go to the test's folder; with DESCENT_SCREENSHOTS=docs they
+the runs table at the link `make ui` prints (no toggle), the Assistant closed and staying closed, the sweep's
+parent expanding to its jobs, the Dataset, Models and best/val_loss columns filled, and a val/loss chart drawn. Screenshots go to the test's folder; with DESCENT_SCREENSHOTS=docs they
 replace the README's in docs/."""
 
 import os
@@ -12,6 +12,7 @@ import pytest
 from mlflow import MlflowClient
 
 from conftest import ROOT, free_port
+from descent import ui
 
 CHROMIUM = "/usr/bin/chromium"
 # no sandbox (root in a container), nothing fetched from the network by the browser itself
@@ -36,8 +37,6 @@ def chromium() -> str:
 @pytest.fixture
 def mlflow_ui(small_sweep, tmp_path):
     """`mlflow ui` as `make ui` starts it (descent.ui), on the sweep's store and a free loopback port."""
-    from descent import ui
-
     launch_dir, store, _ = small_sweep
     proc, url = ui.start(store, free_port(), cwd=launch_dir, log=tmp_path / "mlflow_ui.log")
     try:
@@ -61,23 +60,22 @@ def test_sweep_in_the_mlflow_ui(small_sweep, mlflow_ui, tmp_path):
     with playwright.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
         try:
-            page = browser.new_page(viewport={"width": 1400, "height": 760})
+            page = browser.new_page(viewport={"width": 1700, "height": 760})  # wide enough for a metric column
             page.set_default_timeout(TIMEOUT_MS)
-            page.goto(f"{mlflow_ui}/#/experiments/{exp.experiment_id}")
+            # the link `make ui` prints opens the runs table: no GenAI page, no toggle to click
+            page.goto(ui.experiment_url(mlflow_ui, exp.experiment_id))
+            page.locator("[role=columnheader]").filter(has_text="Run Name").first.wait_for()
+            assert not page.get_by_text("Detect Issues", exact=True).count()  # the GenAI overview's
+            assert exp.tags.get("mlflow.experimentKind") == "custom_model_development"
 
-            # MLflow 3 opens an experiment on its GenAI pages; a first-visit tip may cover them
-            toggle = page.get_by_text("Model training", exact=True)
-            toggle.wait_for()
-            got_it = page.get_by_role("button", name="Got it")
-            try:
-                got_it.wait_for(timeout=5000)
-                got_it.click()
-            except playwright.TimeoutError:
-                pass
-            toggle.click()
-            assistant = page.get_by_role("button", name="Close")  # the assistant's side panel, if it opened
-            if assistant.count():
-                assistant.first.click()
+            # the MLflow Assistant's panel opens itself on a browser's first visit (a third of the window); its
+            # close button closes it, and the browser remembers: a reload keeps it closed
+            close = page.locator("[data-component-id='mlflow.assistant.chat_panel.close']")
+            close.click()
+            close.wait_for(state="detached")
+            page.reload()
+            page.locator("[role=gridcell]").filter(has_text=parent.info.run_name).first.wait_for()
+            assert not close.count(), "the Assistant's panel came back after a reload"
 
             # the sweep's parent run expands to its two jobs
             row = page.locator("[role=row]").filter(has_text=parent.info.run_name).first
@@ -96,6 +94,16 @@ def test_sweep_in_the_mlflow_ui(small_sweep, mlflow_ui, tmp_path):
             # each job's model, shown by its registered name and version (logger.register_model=mnist-mlp)
             cells = [" ".join(c.inner_text().split()) for c in models.all()]
             assert sorted(cells) == ["-", "mnist-mlp v1", "mnist-mlp v2"], cells
+            # the best validation loss beside the last one: its column holds each job's best
+            page.get_by_role("button", name="Columns").click()
+            page.get_by_placeholder("Search columns").fill("best/val_loss")
+            page.get_by_text("best/val_loss", exact=True).click()
+            page.keyboard.press("Escape")
+            best = page.locator("[role=gridcell][col-id='metrics.`best/val_loss`']")
+            best.nth(1).wait_for()
+            shown = sorted(float(c.inner_text()) for c in best.all() if c.inner_text().strip() not in ("", "-"))
+            wanted = sorted(r.data.metrics["best/val_loss"] for r in runs if "best/val_loss" in r.data.metrics)
+            assert shown == pytest.approx(wanted, rel=1e-3), (shown, wanted)
             page.screenshot(path=str(shots / "mlflow_runs.png"))
 
             # charts: val/loss against the step (= training examples seen), one line per job

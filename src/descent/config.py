@@ -121,7 +121,8 @@ TRAINER = {
 SWEEP = {"objective": (lambda v: v in OBJECTIVES, "one of " + ", ".join(OBJECTIVES)),
          "target_acc": (lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]")}
 LOGGER = {"experiment_name": STRING, "tracking_uri": STRING, "log_checkpoint": BOOLEAN, "outage_seconds": POSITIVE,
-          "log_model": BOOLEAN, "register_model": nullable(STRING, "not registered"), "system_metrics": BOOLEAN}
+          "log_model": BOOLEAN, "register_model": nullable(STRING, "not registered"), "system_metrics": BOOLEAN,
+          "log_errors": BOOLEAN}
 
 # data, model and optimizer accept the parameters of their _target_'s __init__; these are the ones
 # with limits; the others must match the type of their default.
@@ -583,6 +584,7 @@ RESUME_MAY_CHANGE = {
     "logger.log_model": "what is recorded",
     "logger.register_model": "what is recorded",
     "logger.system_metrics": "what is recorded",
+    "logger.log_errors": "what is recorded",
     "data.root": "where the data files are (other files are refused by their checks and the checkpoint's)",
     "data.download": "where missing data files come from",
 }

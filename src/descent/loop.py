@@ -16,6 +16,7 @@ from pytorch_lightning.callbacks import Checkpoint
 from torch import nn
 
 from descent import graphs
+from descent.best import Best
 from descent.data import epoch_permutation
 from descent.optim import needs_closure
 
@@ -177,6 +178,7 @@ class Classifier(pl.LightningModule):
         self.epoch_closed = True
         self.latest: dict[str, float] = {}  # each metric's newest value, for the terminal (descent/progress.py)
         self.resumed: dict | None = None  # the descent part of the checkpoint being resumed
+        self.best = Best()  # best/val_loss, best/val_acc (best/train_loss without validation): descent/best.py
         self.val_hooks: list = []  # called with (examples, {"val/loss": .., "val/acc": ..}) at each validation
         # point, after it is logged; an Optuna trial's pruner listens here (descent/sweep.py, Pruning)
         self.measures: list = []  # measurements of the optimisation (descent/measure/): each is called with this
@@ -251,6 +253,7 @@ class Classifier(pl.LightningModule):
             # the metric points not yet in the store: written once this file is on disk (descent/tracking.py)
             "points": [p for logger in self.loggers for p in getattr(logger, "unsent", list)()],
             "measures": {type(m).__name__: m.state_dict() for m in self.measures if hasattr(m, "state_dict")},
+            "best": self.best.state_dict(),
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -263,6 +266,7 @@ class Classifier(pl.LightningModule):
             setattr(self, k, state[k])
         self.evaluations = state.get("evaluations", self.updates)  # older checkpoints: one evaluation per update
         self.resumed = state
+        self.best.load_state_dict(state.get("best", {}))  # checkpoints from before best/* have none
         saved = state.get("measures", {})  # checkpoints from before measurements have none: they start afresh
         for m in self.measures:
             if type(m).__name__ in saved and hasattr(m, "load_state_dict"):
@@ -280,6 +284,7 @@ class Classifier(pl.LightningModule):
         self.opt.zero_grad(set_to_none=True)
         graphs.match_capturable(self.opt, self.graph is not None and self.graph.capture)  # after a checkpoint's load
         self.window = Window()
+        self.best.watch(validation=len(dm.x_val) > 0)
         if self.resumed is not None:
             self._restore(self.resumed)
             self.resumed = None
@@ -514,6 +519,7 @@ class Classifier(pl.LightningModule):
         self.test_loss = torch.zeros((), device=self.device)
         self.test_correct = torch.zeros((), device=self.device, dtype=torch.long)
         self.test_n = 0
+        self.test_logits = []  # the test set's class scores, in order, for descent/errors.py
 
     def test_step(self, batch, batch_idx):
         x, y = batch
@@ -521,6 +527,7 @@ class Classifier(pl.LightningModule):
         self.test_loss += self.criterion(logits, y, reduction="sum")
         if self.classifies:
             self.test_correct += (logits.argmax(1) == y).sum()
+            self.test_logits.append(logits.detach())
         self.test_n += len(x)
 
     def on_test_epoch_end(self) -> None:
@@ -532,5 +539,6 @@ class Classifier(pl.LightningModule):
     def _log(self, metrics: dict[str, float]) -> None:
         # step = training examples seen, for every metric of every regime (see DESIGN.md)
         self.latest.update(metrics)
+        metrics = metrics | self.best(metrics)  # best/* when this point improves on them
         for logger in self.loggers:
             logger.log_metrics(metrics, step=self.examples)

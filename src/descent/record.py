@@ -154,8 +154,9 @@ class Record(pl.Callback):
     """
 
     def __init__(self, logger, data_name: str, log_model: bool = True, register_model: str | None = None,
-                 system_metrics: bool = True, resumed: bool = False, sampling_interval: float = 10):
-        self.logger, self.data_name = logger, data_name
+                 system_metrics: bool = True, resumed: bool = False, sampling_interval: float = 10,
+                 log_errors: bool = False):
+        self.logger, self.data_name, self.log_errors = logger, data_name, log_errors
         self.log_model, self.register_model = log_model, register_model
         self.machine = SystemMetrics(logger.run_id, logger._tracking_uri, sampling_interval, resumed) \
             if system_metrics else None
@@ -166,6 +167,16 @@ class Record(pl.Callback):
         self.digests = log_datasets(self.logger, trainer.datamodule, self.data_name)
 
     def on_test_end(self, trainer, pl_module) -> None:
+        if self.log_errors and pl_module.classifies:  # what the model gets wrong: descent/errors.py
+            from descent import errors
+
+            tic = time.perf_counter()
+            try:
+                errors.log_errors(self.logger, torch.cat(pl_module.test_logits), trainer.datamodule, self.data_name)
+                log.debug("confusion matrix, per-class table and misclassified images logged in %.2f s",
+                          time.perf_counter() - tic)
+            except Exception as e:  # the run's record (model, status) matters more than these pictures
+                log.warning("what the model gets wrong was not recorded (%s: %s)", type(e).__name__, e)
         # registering needs the model; a toy loss's point (descent/toy.py) is no network to serve
         if (self.log_model or self.register_model) and pl_module.classifies:
             tic = time.perf_counter()
@@ -186,11 +197,13 @@ class Record(pl.Callback):
 
 def callbacks(cfg, hc, logger, choices: dict[str, str], resumed: bool) -> list[pl.Callback]:
     """What src/train.py adds to its Trainer from this module and descent/progress.py."""
+    from omegaconf import OmegaConf
+
     from descent.progress import ExamplesProgressBar
 
     name = choices.get("data") or str(cfg.data.name).lower()  # the config group's option: "mnist"
     found = [Record(logger, name, cfg.logger.log_model, cfg.logger.register_model, cfg.logger.system_metrics,
-                    resumed)]
+                    resumed, log_errors=OmegaConf.select(cfg, "logger.log_errors", default=False))]
     if cfg.trainer.progress_bar:  # lightning refuses a bar among the callbacks when it is switched off
         found.append(ExamplesProgressBar.for_job(hc, logger._run_name))
     return found

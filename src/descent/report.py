@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from descent.store import PARENT_TAG, SWEEP_DIR_TAG, SWEEP_TAG, resolve_uri
+from descent.store import PARENT_TAG, SWEEP_DIR_TAG, SWEEP_TAG, log_table, resolve_uri
 
 TARGET_ACC = 0.97
 
@@ -588,6 +588,7 @@ def make_report(tracking_uri: str | None = None, parent_run_id: str | None = Non
     by, configs = group(runs)
     source = "val" if any("val/acc" in r.history for r in runs) else "train"
     rows = [summarize(c, f"{source}/acc", target_acc) for c in configs]
+    tables = {"convergence": rows}
 
     if parent:
         what = f"Sweep `{parent.info.run_name}` (run `{parent.info.run_id}`)"
@@ -618,6 +619,7 @@ def make_report(tracking_uri: str | None = None, parent_run_id: str | None = Non
                 r.history[objective] = _history(client, r.id, objective)
         rows = search_rows(runs, objective, params)
         if rows:
+            tables["search"] = rows
             paths |= {"search_png": out / "search.png", "search_md": out / "search.md"}
             study = parent.data.tags[STUDY_TAG]
             plot_search(rows, objective, maximize, params,
@@ -625,6 +627,10 @@ def make_report(tracking_uri: str | None = None, parent_run_id: str | None = Non
             paths["search_md"].write_text(search_markdown(rows, objective, maximize, params,
                                                           f"# Search: Optuna study `{study}`\n\n{what}."))
     if parent:
+        import pandas as pd
+
         for path in paths.values():
             client.log_artifact(parent.info.run_id, str(path), "report")
+        for name, table in tables.items():  # the tables above, as MLflow tables (the run's artifacts show them)
+            log_table(client, parent.info.run_id, pd.DataFrame(table), f"report/{name}.json")
     return paths

@@ -20,6 +20,9 @@ DEFAULT_URI = "sqlite:///mlflow.db"
 # tags: a sweep's parent run, the folder it writes to, the key its jobs look it up by, a child's parent
 SWEEP_TAG, SWEEP_DIR_TAG, SWEEP_KEY_TAG = "descent.sweep", "hydra.sweep.dir", "descent.sweep.key"
 PARENT_TAG = "mlflow.parentRunId"
+# the experiment's kind, which the MLflow UI (3.x) reads to choose its view: the runs table, not the GenAI pages
+KIND_TAG, KIND = "mlflow.experimentKind", "custom_model_development"
+NOTE_TAG = "mlflow.note.content"  # a run's description on its page
 CHECKPOINT = "checkpoints/last.ckpt"  # in a run's output folder and in its artifacts alike
 # the config groups whose chosen option becomes a param of its own, for "group by" in the UI
 GROUPS = ("data", "model", "optimizer", "batching")
@@ -92,14 +95,18 @@ def git_commit(cwd: str | Path) -> str | None:
 
 
 def experiment_id(client, name: str) -> str:
+    """The experiment's id, created when new; tagged as a model-training experiment (KIND_TAG) when it has no
+    kind yet, so `mlflow ui` opens it on its runs table. A kind a user chose in the UI is kept."""
     exp = client.get_experiment_by_name(name)
     if exp is not None and exp.lifecycle_stage == "active":
+        if KIND_TAG not in exp.tags:  # made before descent tagged its experiments: tagged on its next run
+            retry(client.set_experiment_tag, exp.experiment_id, KIND_TAG, KIND)
         return exp.experiment_id
     if exp is not None:
         raise RuntimeError(f"logger.experiment_name={name!r} names a deleted MLflow experiment; "
                            "restore it (mlflow experiments restore) or choose another name")
     try:
-        return client.create_experiment(name)
+        return client.create_experiment(name, tags={KIND_TAG: KIND})
     except Exception:  # another process created it first
         exp = client.get_experiment_by_name(name)
         if exp is None:
@@ -171,3 +178,16 @@ def find_resume(target: str, uri: str, out_dir: str | Path, check=None):
             raise ConfigError(f"resume={str(path)!r}: no checkpoint in {local} on this machine, "
                               f"nor in the run's artifacts ({why})") from None
     return run_id, out, config, choices
+
+
+def log_table(client, run_id: str, data, artifact_file: str) -> None:
+    """MLflow's log_table, replacing a table of that name (MLflow's appends to it: a report made again, or a
+    run extended and tested again, would show its rows twice)."""
+    import posixpath
+
+    folder = posixpath.dirname(artifact_file) or None
+    if any(f.path == artifact_file for f in client.list_artifacts(run_id, folder)):
+        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+        get_artifact_repository(client.get_run(run_id).info.artifact_uri).delete_artifacts(artifact_file)
+    client.log_table(run_id, data, artifact_file)

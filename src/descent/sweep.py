@@ -173,6 +173,7 @@ class MLflowSweep(Callback):
         else:
             self.run_id = self.client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
         self.experiment_id = experiment_id
+        self._describe(config)
         params = {"overrides": " ".join(config.hydra.overrides.task) or "(none)"}
         sweeper_params = OmegaConf.select(config, "hydra.sweeper.params")
         if sweeper_params:
@@ -262,6 +263,7 @@ class MLflowSweep(Callback):
                 found = self._record_study()
             except Exception as e:  # the runs are recorded: a study that cannot be read must not lose them
                 log.error("could not record the study's outcome on its parent run (%s: %s)", type(e).__name__, e)
+        headlines = []  # the report's tables, for the parent's description
         if self.report:
             try:
                 from descent.report import launch_relative, make_report
@@ -270,6 +272,7 @@ class MLflowSweep(Callback):
                 paths = make_report(self.uri, parent_run_id=self.run_id, out_dir=self.sweep_dir,
                                     target_acc=self.target_acc)
                 table = [line for line in paths["md"].read_text().splitlines() if line.startswith("|")]
+                headlines += [headline(paths[k].read_text()) for k in ("md", "search_md") if k in paths]
                 log.info("%s\nconvergence report: %s (table), %s, %s", "\n".join(table),
                          *(launch_relative(str(paths[k])) for k in ("md", "png", "csv")))
                 if "search_md" in paths:  # an Optuna study: its trials, the best in bold
@@ -303,10 +306,53 @@ class MLflowSweep(Callback):
             except Exception as e:
                 log.error("the scaling report failed (%s: %s); rerun it with python src/compare.py --scaling "
                           "--parent %s", type(e).__name__, e, self.run_id)
+        try:
+            self._record_best(config, headlines)
+        except Exception as e:  # as the report's: the runs are recorded
+            log.error("could not name the sweep's best run (%s: %s)", type(e).__name__, e)
         self.client.set_terminated(self.run_id, "FINISHED" if found else "FAILED")
         self.run_id = None
         if not found:
             sys.exit(1)
+
+    def _describe(self, config: DictConfig) -> None:
+        """The parent's description (its question, its command, what it varies) and the keys its jobs vary."""
+        from descent.store import NOTE_TAG
+
+        keys = swept_keys(config)
+        self.note = parent_note(config, keys, sys.argv)
+        self.client.set_tag(self.run_id, VARIES_TAG, json.dumps(keys))
+        self.client.set_tag(self.run_id, NOTE_TAG, self.note[:NOTE_LIMIT])
+
+    def _record_best(self, config: DictConfig, headlines: list[str]) -> None:
+        """At the end: the best child (by sweep.objective) named on the parent, its model aliased `best` when
+        registered (logger.register_model), and the report's tables added to the parent's description."""
+        from descent.config import OBJECTIVES
+        from descent.store import NOTE_TAG
+
+        objective = str(OmegaConf.select(config, "sweep.objective", default="val/loss"))
+        direction = str(OmegaConf.select(config, "hydra.sweeper.direction", default=None)
+                        if self.study else OBJECTIVES.get(objective, "minimize"))
+        best = best_child(self.client, self.run_id, objective, direction)
+        note = self.note
+        if best is not None:
+            value = best.data.metrics[objective]
+            self.client.set_tag(self.run_id, BEST_TAG, best.info.run_id)
+            note += f"\n\nBest run ({direction} {objective}): {best.info.run_name} ({objective} {value:.4g})"
+            name = OmegaConf.select(config, "logger.register_model")
+            if name:
+                version = alias_best(self.client, str(name), best)
+                if version is None:
+                    log.warning("the best run %s has no version of registered model %s: no alias `best`",
+                                best.info.run_id, name)
+                else:
+                    note += f"; its model: `models:/{name}@best` (version {version})"
+                    log.info("the sweep's best run %s (%s %.4g): models:/%s@best is its model (version %s)",
+                             best.info.run_name, objective, value, name, version)
+            note += "."
+        if headlines:
+            note += "\n\n" + "\n\n".join(headlines)
+        self.client.set_tag(self.run_id, NOTE_TAG, note[:NOTE_LIMIT])
 
     def _end_if_open(self) -> None:
         if self.run_id is not None:
@@ -329,3 +375,107 @@ class MLflowSweep(Callback):
                           "marked FAILED", run.info.run_id, run.info.run_name)
         except Exception as e:  # the store is away: the sweep's own end must still be recorded if it can
             log.error("could not check the sweep's runs for jobs that died (%s: %s)", type(e).__name__, e)
+
+
+# -- what a sweep's runs say on their MLflow pages (descriptions), and its best model (the `best` alias) ------------
+
+NOTE_LIMIT = 8000  # MLflow's longest tag value
+VARIES_TAG = "descent.sweep.varies"  # on the parent: the keys its jobs differ in, for their descriptions
+BEST_TAG = "descent.sweep.best_run"
+
+
+def swept_keys(config: DictConfig) -> list[str]:
+    """The keys a sweep's jobs differ in: the command line's sweeps (a,b / range(...)) and hydra.sweeper.params."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
+    keys = [o.get_key_element() for o in parsed if o.is_sweep_override()]
+    params = OmegaConf.select(config, "hydra.sweeper.params") or {}
+    return list(dict.fromkeys([*keys, *params]))
+
+
+def preset_question(config: DictConfig) -> str | None:
+    """The first paragraph of the chosen preset's opening comment (conf/experiment/<name>.yaml): its question."""
+    name = OmegaConf.select(config, "hydra.runtime.choices.experiment")
+    if not name:
+        return None
+    for source in OmegaConf.select(config, "hydra.runtime.config_sources") or []:
+        if source.get("schema") != "file":
+            continue
+        path = Path(source.path) / "experiment" / f"{name}.yaml"
+        if path.is_file():
+            lines = []
+            for line in path.read_text().splitlines():
+                if not line.startswith("#") or line.startswith("# @package"):
+                    if lines:
+                        break
+                    continue
+                text = line[1:].strip()
+                if not text:
+                    if lines:
+                        break
+                    continue
+                lines.append(text)
+            return " ".join(lines) or None
+    return None
+
+
+def parent_note(config: DictConfig, keys: list[str], argv: list[str]) -> str:
+    """A sweep's description at its start: its question, the command that ran it, what its jobs vary."""
+    import shlex
+
+    question = preset_question(config)
+    command = shlex.join(["python", os.path.relpath(argv[0]) if os.path.isabs(argv[0]) else argv[0], *argv[1:]])
+    varies = ", ".join(f"`{k}`" for k in keys) or "nothing (one job per seed or repeat)"
+    what = f"**{question}**" if question else f"A sweep over {varies}."
+    return f"{what}\n\nCommand: `{command}`\n\nIts jobs vary {varies}; each job is a child run."
+
+
+def job_tags(cfg: DictConfig, launch_dir: str, hc) -> dict[str, str]:
+    """A job's link to its parent run and its description: the values it takes of the keys its sweep varies."""
+    from mlflow import MlflowClient
+
+    from descent import store
+
+    parent_id = parent_run_id(cfg, launch_dir, hc.sweep.dir)
+    if parent_id is None:
+        return {}
+    parent = store.retry(MlflowClient(store.tracking_uri(cfg.logger.tracking_uri, launch_dir)).get_run, parent_id)
+    keys = json.loads(parent.data.tags.get(VARIES_TAG, "[]"))
+    values = {}
+    for override in hc.overrides.task:
+        key, _, value = override.partition("=")
+        values[key.lstrip("+~")] = value
+    mine = " ".join(f"{k}={values[k]}" for k in (k.lstrip("+~") for k in keys) if k in values)
+    note = (f"Job {hc.job.num} of the sweep {parent.info.run_name}: {mine or 'no swept key set'} "
+            "(the rest as the sweep's command, on the parent run).")
+    return {store.PARENT_TAG: parent_id, store.NOTE_TAG: note}
+
+
+def headline(md: str) -> str:
+    """A report's headline table, as Markdown: its table lines."""
+    return "\n".join(line for line in md.splitlines() if line.startswith("|"))
+
+
+def best_child(client, parent_id: str, objective: str, direction: str):
+    """The sweep's finished child with the best objective (its last value, what train.py returned), or None."""
+    experiment_id = client.get_run(parent_id).info.experiment_id
+    children = client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}' and "
+                                                   "attributes.status = 'FINISHED'", max_results=50000)
+    scored = [(r.data.metrics[objective], r) for r in children
+              if objective in r.data.metrics and r.data.metrics[objective] == r.data.metrics[objective]
+              and r.data.tags.get("optuna.state", "COMPLETE") == "COMPLETE"]
+    if not scored:
+        return None
+    pick = max if direction == "maximize" else min
+    return pick(scored, key=lambda vr: vr[0])[1]
+
+
+def alias_best(client, name: str, run) -> str | None:
+    """The alias `best` of registered model `name` on the version the run logged; its version, or None."""
+    versions = client.search_model_versions(f"name = '{name}' and run_id = '{run.info.run_id}'")
+    if not versions:
+        return None
+    version = max(versions, key=lambda v: int(v.version)).version
+    client.set_registered_model_alias(name, "best", version)
+    return version

@@ -23,6 +23,27 @@ DEFAULT_URI = "sqlite:///mlflow.db"
 HOST = "127.0.0.1"  # loopback only
 
 
+# MLflow 3's UI opens every experiment on its GenAI pages unless the browser chose "Model training" before
+# (its toggle, kept in the browser's local storage) or the link says so: descent's links say so
+VIEW = "workflowType=machine_learning"
+
+
+def experiment_url(base: str, experiment_id: str) -> str:
+    """An experiment's runs table in the MLflow UI at `base` (http://host:port)."""
+    return f"{base}/#/experiments/{experiment_id}?{VIEW}"
+
+
+def experiment_links(uri: str, base: str) -> list[str]:
+    """One line per active experiment of the store: its name and its runs table's link."""
+    from mlflow import MlflowClient
+
+    try:
+        found = MlflowClient(uri).search_experiments(order_by=["last_update_time DESC"])
+    except Exception as e:  # the UI still starts; it says what is wrong with the store itself
+        return [f"(could not list the experiments of {uri}: {type(e).__name__})"]
+    return [f"  {e.name}: {experiment_url(base, e.experiment_id)}" for e in found if e.name != "Default"]
+
+
 def store_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
 
@@ -77,7 +98,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"MLFLOW_TRACKING_URI={uri} is a tracking server: it serves the UI, open {uri}")
         return 0
     argv, env = command(uri, args.port)
-    print(f"MLflow UI on {uri}: http://{HOST}:{args.port} (Ctrl-C stops it)", flush=True)
+    base = f"http://{HOST}:{args.port}"
+    print(f"MLflow UI on {uri}: {base} (Ctrl-C stops it); each experiment's runs table:", flush=True)
+    print("\n".join(experiment_links(uri, base) or ["  (no runs yet: python src/train.py)"]), flush=True)
     os.execve(argv[0], argv, env)  # the UI in the foreground, as `mlflow ui` would be
 
 
