@@ -94,6 +94,7 @@ BAD = {
         "data.seed: unknown key; allowed keys for descent.data.IDXDataModule: root, name, download,",
     # model
     "model.init=xavier": "model.init='xavier': must be one of keras, torch",
+    "model.loss=hinge": "model.loss='hinge': must be one of cross_entropy, mse",
     "model.hidden=0": "model.hidden=0: must be a list of integers >= 1",
     "+model.hiden=3":
         "model.hiden: unknown key; allowed keys for descent.nets.MLP: hidden, classes, init, in_features",

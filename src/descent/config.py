@@ -64,8 +64,13 @@ TOP = {
                     "a mapping of <data>-<model> (mnist-mlp, ...) to mappings of option names to learning rates > 0"),
     "lr_ratio": POSITIVE,           # experiment=step_size: the learning rate as a multiple of 2/L
     "start_by_model": (lambda v: isinstance(v, dict), "a mapping of model options to starting points"),
+    # experiment=local_minima: one arm (its momentum and learning rate) and one noise draw (std and seed)
+    "arm": (lambda v: isinstance(v, dict) and set(v) == {"momentum", "lr"} and FRACTION[0](v["momentum"])
+            and POSITIVE[0](v["lr"]), "a mapping {momentum: a number in [0, 1), lr: a number > 0}"),
+    "draw": (lambda v: isinstance(v, dict) and set(v) == {"noise", "seed"} and NON_NEGATIVE[0](v["noise"])
+             and _is_int(v["seed"]) and v["seed"] >= 0, "a mapping {noise: a number >= 0, seed: an integer >= 0}"),
 }
-OPTIONAL = {"lr_by_batching", "lr_by_optimizer", "lr_searched", "lr_ratio", "start_by_model"}
+OPTIONAL = {"lr_by_batching", "lr_by_optimizer", "lr_searched", "lr_ratio", "start_by_model", "arm", "draw"}
 SECTIONS = ("trainer", "logger", "data", "model", "optimizer", "sweep")
 
 # what train.py may return, and the direction a search takes on it (never the test set: a search tuned on
@@ -135,7 +140,7 @@ TARGET_RULES = {
                           "a non-empty list of integers >= 1, the convolutions' channels (as many as the data's images "
                           "leave pixels for after the pools: descent/nets.py)"),
               "init": (lambda v: v in ("keras", "torch"), "one of keras, torch"),
-              "loss": ANY, "start": ANY},  # a toy loss (descent/toy.py): see _toy
+              "loss": ANY, "start": ANY},  # a toy loss (descent/toy.py) or the MLP's: see _toy
     "optimizer": {
         "_partial_": (lambda v: v is True, "true (the module calls it on the model's parameters)"),
         "lr": POSITIVE,
@@ -318,9 +323,15 @@ def _nesterov(opt: dict) -> list[str]:
     return []
 
 
-def _toy(model: dict) -> list[str]:
-    """A toy loss's name and its start's coordinates (one per dimension of the loss)."""
+def _toy(model: dict, target: str) -> list[str]:
+    """A toy loss's name and its start's coordinates (one per dimension of the loss); the MLP's loss."""
     if "loss" not in model:
+        return []
+    if not target.startswith("descent.toy."):
+        from descent.nets import LOSSES
+
+        if model["loss"] not in LOSSES:
+            return [f"model.loss={_show(model['loss'])}: must be one of {', '.join(LOSSES)}"]
         return []
     from descent.toy import LOSSES
 
@@ -394,7 +405,7 @@ def validate(cfg: DictConfig) -> None:
                 found, total = _data_name(node, values)
                 problems += found + _data_sizes(values, total)
             if name == "model":
-                problems += _toy(values)
+                problems += _toy(values, str(OmegaConf.select(node, "_target_", default="")))
             if name == "optimizer":
                 problems += _nesterov(values) + _optimizer(cfg, values, problems)
     problems += _toy_pair(cfg)

@@ -182,10 +182,10 @@ class Classifier(pl.LightningModule):
         self.measures: list = []  # measurements of the optimisation (descent/measure/): each is called with this
         # module at every validation point and returns {metric: value}, logged at step = examples seen; they
         # read the weights and never change them (nor the gradients, the optimizer or the random state)
-        # the loss: cross-entropy on class scores, or a toy loss's own (descent/toy.py: one loss per example,
-        # no accuracy), with F.cross_entropy's signature
+        # the loss: the net's own (the MLP's model.loss, descent/nets.py; a toy loss's, descent/toy.py: one loss
+        # per example, no accuracy), else cross-entropy on class scores; each with F.cross_entropy's signature
         self.criterion = getattr(net, "criterion", F.cross_entropy)
-        self.classifies = self.criterion is F.cross_entropy
+        self.classifies = getattr(net, "classifies", True)  # class scores: val/acc, the MLflow model
 
     @classmethod
     def from_config(cls, cfg, datamodule=None) -> "Classifier":
@@ -231,7 +231,7 @@ class Classifier(pl.LightningModule):
             # decide (line search, tolerances): no fixed sequence of kernels for a graph to record
             log.info("updates eagerly: %s's step calls a closure, which a CUDA graph cannot capture",
                      type(self.opt).__name__)
-        elif graphs.wanted(self.cuda_graphs, self.device) and self.classifies:  # the graph path: descent/graphs.py
+        elif graphs.wanted(self.cuda_graphs, self.device) and self.criterion is F.cross_entropy:  # the graph path: descent/graphs.py
             dm, capture = self.trainer.datamodule, self.device.type == "cuda"
             self.graph = graphs.GraphStep(self.net, self.opt, dm.x_train, dm.y_train, capture=capture)
             log.info("updates through descent.graphs.GraphStep (%s)",

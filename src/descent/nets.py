@@ -4,7 +4,9 @@ Every network takes the in-memory batch as it is, N x features floats (an image'
 row by row), and returns N x classes logits; softmax + categorical crossentropy live in F.cross_entropy. So the
 data, the loop, the graph path and the MLflow model's signature are the same for all of them. Their two ends
 are sized from the data (build(): the shape of one example and the class count); built without data they
-take MNIST's, from descent/datasets.py's table.
+take MNIST's, from descent/datasets.py's table. The MLP can instead train on the squared error against
+one-hot targets (model.loss=mse), the loss under which Cohen et al. 2021 show progressive sharpening most
+clearly.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import importlib
 import inspect
 import math
 
+import torch.nn.functional as F
 from torch import nn
 
 from descent.datasets import TABLE, describe
@@ -22,6 +25,16 @@ DEFAULT = TABLE["MNIST"]  # the size of a network built without data (the book's
 
 class SizeError(ValueError):
     """A network that cannot fit the data (a convnet on flat features, too many pools for small images)."""
+
+
+def mse(logits, y, reduction: str = "mean"):
+    """Half the squared error between the class scores and the one-hot target, summed over classes
+    (Cohen et al.'s square loss), with F.cross_entropy's signature: averaged or summed over examples."""
+    losses = 0.5 * (logits - F.one_hot(y, logits.shape[1]).to(logits.dtype)).square().sum(1)
+    return losses.sum() if reduction == "sum" else losses.mean()
+
+
+LOSSES = {"cross_entropy": F.cross_entropy, "mse": mse}  # model.loss for the MLP
 
 
 def keras_init(net: nn.Module, init: str) -> None:
@@ -39,10 +52,15 @@ class MLP(nn.Sequential):
     """Dense(h, relu) for each h in hidden, then Dense(classes). hidden=[512] is the book's network;
     hidden=[] is softmax regression (model=linear): a convex loss, one valley. Its input is the data's
     features (MNIST's pixels, digits' 8x8, CIFAR's 3x32x32: descent/datasets.py), its head one
-    logit per class. in_features: without data only (runs recorded before the networks sized themselves)."""
+    logit per class. in_features: without data only (runs recorded before the networks sized themselves).
+    loss: cross_entropy (the book's) or mse (descent.nets.mse); accuracy is the argmax of the scores
+    either way."""
 
     def __init__(self, shape: tuple[int, ...] | None = None, hidden: list[int] | int = (512,),
-                 classes: int | None = None, init: str = "keras", in_features: int | None = None):
+                 classes: int | None = None, init: str = "keras", in_features: int | None = None,
+                 loss: str = "cross_entropy"):
+        if loss not in LOSSES:
+            raise ValueError(f"model.loss={loss!r}: allowed values are {', '.join(LOSSES)}")
         width = math.prod(shape) if shape is not None else in_features or DEFAULT.features
         classes = classes or DEFAULT.classes
         widths = [hidden] if isinstance(hidden, int) else list(hidden)  # an int: the runs recorded before lists
@@ -52,6 +70,7 @@ class MLP(nn.Sequential):
             width = h
         super().__init__(*layers, nn.Linear(width, classes))
         keras_init(self, init)
+        self.criterion = LOSSES[loss]  # the loop's loss (descent/loop.py)
 
 
 class ConvNet(nn.Sequential):

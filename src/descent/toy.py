@@ -60,6 +60,8 @@ LOSSES = {
 class Toy(nn.Module):
     """The point w, from `start`; forward(ξ) gives each example's loss f(w) + ξ·w (see the module's doc)."""
 
+    classifies = False  # no classes: no accuracy, no MLflow model (descent/loop.py)
+
     def __init__(self, loss: str = "double_well", start: list[float] = (-2.0,)):
         super().__init__()
         if loss not in LOSSES:
