@@ -389,3 +389,28 @@ def test_every_study_preset_validates_on_other_data(preset, data):
     finally:
         HydraConfig.instance().cfg = None
     assert held_out in (0, TABLE["digits"].held_out if data == "digits" else round(1 / 6, 4))
+
+
+@pytest.mark.parametrize("overrides,expected", [
+    (["data=mnist"], None),  # searched: no warning
+    (["data=digits"], "no searched learning rate for digits-mlp with batching=mini; runs optimizer.lr=1.0, the rate "
+                      "searched for mnist-mlp"),
+    (["data=digits", "optimizer.lr=0.5"], "no searched learning rate for digits-mlp with batching=mini; runs "
+                                          "optimizer.lr=0.5, given on the command line"),
+    (["data=fashion_mnist", "model=cnn"], "no searched learning rate for fashion_mnist-cnn with batching=mini; runs "
+                                          "optimizer.lr=1.0, the rate searched for mnist-mlp"),
+])
+def test_which_unsearched_rate_a_preset_runs(overrides, expected):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+
+    from descent.config import lr_not_searched
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=["experiment=gd_vs_sgd", "batching=mini", *overrides],
+                      return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    try:
+        assert lr_not_searched(cfg, dict(cfg.hydra.runtime.choices)) == expected
+    finally:
+        HydraConfig.instance().cfg = None

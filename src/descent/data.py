@@ -448,8 +448,8 @@ def _shown(path: Path) -> str:
 class IDXDataModule(InMemoryDataModule):
     """One IDX dataset (data.name: MNIST, FashionMNIST)."""
 
-    def __init__(self, root: str = "data", name: str = "MNIST", download: bool = True, val_size: int | float = 0, limit_train: int | None = None,
-                 batch_size: int | None = 128, chunk_size: int = 8192, seed: int = 0):
+    def __init__(self, root: str = "data", name: str = "MNIST", download: bool = True, val_size: int | float = 0,
+                 limit_train: int | None = None, batch_size: int | None = 128, chunk_size: int = 8192, seed: int = 0):
         super().__init__(val_size, limit_train, batch_size, chunk_size, seed)
         self.root, self.name, self.download = Path(root), name, download
 
@@ -458,7 +458,8 @@ class IDXDataModule(InMemoryDataModule):
         raw = self.root / dataset(self.name).folder / "raw"
         log.debug("%s from %s, files in %s", self.name, source, raw.resolve())  # the log's detail beside the line
         where = {"cache": "files in", "torchvision download": "downloaded by torchvision to"}.get(source)
-        line = f"{self.name}, {where} {_shown(raw)}" if where else f"{self.name} from the {source}, written to {_shown(raw)}"
+        line = (f"{self.name}, {where} {_shown(raw)}" if where
+                else f"{self.name} from the {source}, written to {_shown(raw)}")
         facts = TABLE[self.name]
         return ({"train": load_split(self.root, train=True, name=self.name),
                  "test": load_split(self.root, train=False, name=self.name)}, facts.shape, facts.classes, line)
@@ -513,8 +514,8 @@ class TorchvisionDataModule(InMemoryDataModule):
     descent/datasets.py's table): the files under data.root in torchvision's layout, else torchvision's download
     where the internet answers. Images are held as N x C*H*W rows in [0, 1], channels first."""
 
-    def __init__(self, root: str = "data", name: str = "CIFAR10", download: bool = True, val_size: int | float = 0, limit_train: int | None = None,
-                 batch_size: int | None = 128, chunk_size: int = 8192, seed: int = 0):
+    def __init__(self, root: str = "data", name: str = "CIFAR10", download: bool = True, val_size: int | float = 0,
+                 limit_train: int | None = None, batch_size: int | None = 128, chunk_size: int = 8192, seed: int = 0):
         super().__init__(val_size, limit_train, batch_size, chunk_size, seed)
         self.root, self.name, self.download = Path(root), name, download
         self.title = name.lower()  # the MLflow datasets' name: cifar10 (train, 50000×3072)
@@ -548,8 +549,8 @@ class TorchvisionDataModule(InMemoryDataModule):
             elif x.ndim == 4 and x.shape[1] != facts.shape[0] and x.shape[-1] == facts.shape[0]:
                 x = x.transpose(0, 3, 1, 2)  # CIFAR's N x H x W x C
             if tuple(x.shape[1:]) != facts.shape or len(x) != len(y):
-                raise DataError(f"{self.name} under {self.root}: {split} split of shape {x.shape} with {len(y)} labels; "
-                                f"expected N x {'x'.join(map(str, facts.shape))} and N labels")
+                raise DataError(f"{self.name} under {self.root}: {split} split of shape {x.shape} with {len(y)} "
+                                f"labels; expected N x {'x'.join(map(str, facts.shape))} and N labels")
             if len(y) and (y.min() < 0 or y.max() >= facts.classes):
                 raise DataError(f"{self.name} under {self.root}: {split} labels {y.min()}..{y.max()}; "
                                 f"expected 0..{facts.classes - 1}")
@@ -688,7 +689,8 @@ def read_npz(path: str | Path) -> tuple[dict[str, tuple[torch.Tensor, torch.Tens
     shape = x.shape[1:] if x.ndim != 3 else (1, *x.shape[1:])
     splits = {context: _tensors(arrays[f"x_{split}"], arrays[f"y_{split}"],
                                 255.0 if arrays[f"x_{split}"].dtype == np.uint8 else None)
-              for context, split in (("train", "train"), ("test", "test"), ("validation", "val")) if f"x_{split}" in arrays}
+              for context, split in (("train", "train"), ("test", "test"), ("validation", "val"))
+              if f"x_{split}" in arrays}
     return splits, tuple(int(s) for s in shape), classes
 
 

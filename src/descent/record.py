@@ -105,7 +105,8 @@ def log_model(logger, net: torch.nn.Module, x_example: torch.Tensor, step: int, 
         registered_model_name=register_as,
         # given, not inferred: inferring loads the model in a subprocess (seconds)
         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"],
-        metadata={"input": words, "output": f"{classes} class scores (logits); argmax is the class label 0..{classes - 1}"},
+        metadata={"input": words,
+                  "output": f"{classes} class scores (logits); argmax is the class label 0..{classes - 1}"},
     )
 
 
@@ -181,7 +182,8 @@ class Record(pl.Callback):
         if (self.log_model or self.register_model) and pl_module.classifies:
             tic = time.perf_counter()
             dm = trainer.datamodule
-            log_model(self.logger, pl_module.net, dm.x_test, pl_module.examples, self.register_model, dm.shape, dm.classes)
+            log_model(self.logger, pl_module.net, dm.x_test, pl_module.examples, self.register_model, dm.shape,
+                      dm.classes)
             log.debug("model logged in %.1f s: runs:/%s/model", time.perf_counter() - tic, self.logger.run_id)
         self.finish()
 
