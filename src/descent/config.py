@@ -109,7 +109,9 @@ TRAINER = {
     "noise_probe": integer(2),
 }
 SWEEP = {"objective": (lambda v: v in OBJECTIVES, "one of " + ", ".join(OBJECTIVES)),
-         "target_acc": (lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]")}
+         "target_acc": (lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
+         "targets": (lambda v: isinstance(v, list) and all(_is_number(t) and 0 < t <= 1 for t in v),
+                     "a list of numbers in (0, 1] (val accuracies whose first crossing is logged; [] = none)")}
 LOGGER = {"experiment_name": STRING, "tracking_uri": STRING, "log_checkpoint": BOOLEAN, "outage_seconds": POSITIVE,
           "log_model": BOOLEAN, "register_model": nullable(STRING, "not registered"), "system_metrics": BOOLEAN}
 
@@ -117,7 +119,7 @@ LOGGER = {"experiment_name": STRING, "tracking_uri": STRING, "log_checkpoint": B
 # with limits; the others must match the type of their default.
 TARGET_RULES = {
     "data": {"name": (lambda v: v in DATASETS, "one of " + ", ".join(DATASETS) + " (descent/data.py's table)"),
-             "root": STRING, "download": BOOLEAN, "chunk_size": integer(1),
+             "root": STRING, "download": BOOLEAN, "chunk_size": integer(1), "drop_last": BOOLEAN,
              "val_size": ANY, "limit_train": ANY, "batch_size": ANY,  # see _data_sizes
              "noise": NON_NEGATIVE, "n_train": integer(1)},  # a toy loss's gradient oracle (descent/toy.py)
     # every dataset is 28 x 28 grey images (784 pixels) of 10 classes: the networks' ends must fit them
