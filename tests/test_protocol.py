@@ -88,3 +88,20 @@ def test_a_cell_where_no_rate_reaches_a_target_gives_up_within_its_cap():
     asked, chosen = run_cell(lambda lr, seed: {}, start=0.01, max_search=6)
     assert len(asked) == 6 and chosen == {}
     assert all(role == "search" for *_, role in asked)
+
+
+def test_the_reference_cell_runs_its_chosen_rate_once_more_with_the_noise_scale_measured():
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    sampler = Protocol(start=0.64, reference={"data.batch_size": 128})
+    flag = optuna.distributions.CategoricalDistribution([False, True])
+    sampler.space = {"optimizer.lr": LR, "seed": SEEDS, "trainer.noise_at_targets": flag}
+    study = optuna.create_study(sampler=sampler)
+    study.set_user_attr("descent.cell", {"optimizer": "sgd", "data.batch_size": "128"})
+    asked, f = [], bowl(0.9)
+    while not sampler.finished(study):
+        trial = study.ask()
+        lr, seed = trial.suggest_float("optimizer.lr", 1e-5, 10.0, log=True), trial.suggest_categorical("seed", [0, 1, 2])
+        asked.append((lr, seed, trial.suggest_categorical("trainer.noise_at_targets", [False, True])))
+        trial.set_user_attr(target_key("updates", 0.97), f(lr, seed)[0.97])
+        study.tell(trial, f(lr, seed)[0.97])
+    assert [a[2] for a in asked].count(True) == 1 and asked[-1] == (pytest.approx(0.64 * math.sqrt(2)), 0, True)

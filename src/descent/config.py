@@ -107,6 +107,7 @@ TRAINER = {
     "max_updates": nullable(integer(1), "max_epochs alone"),
     "noise_scale": BOOLEAN,
     "noise_probe": integer(2),
+    "noise_at_targets": BOOLEAN,
 }
 SWEEP = {"objective": (lambda v: v in OBJECTIVES, "one of " + ", ".join(OBJECTIVES)),
          "target_acc": (lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
@@ -518,6 +519,7 @@ RESUME_MAY_CHANGE = {
                                         "same numbers: tests/test_resume.py)",
     "trainer.max_updates": "the budget in updates (as max_epochs is in examples)",
     "trainer.noise_scale": "what is measured beside the run (never its numbers: tests/test_noise.py)",
+    "trainer.noise_at_targets": "what is measured beside the run (never its numbers: tests/test_noise.py)",
     "logger.tracking_uri": "where the run is recorded (it is looked up there)",
     "logger.log_checkpoint": "what is recorded",
     "logger.outage_seconds": "how long a tracking server may be away",

@@ -16,6 +16,10 @@ the interval of the rate parameter (tag(log, interval(1e-5, 10))). The sampler d
 alone (their rates, seeds, states and target user attributes), so a stopped study goes on where it stopped:
 the same command proposes the next rate, or nothing once the cell is done (the sweeper then moves on).
 
+3. The reference (cells matching `reference`, e.g. data.batch_size 128): the first seed at the rate chosen for
+   the highest target once more, with `reference_param` (trainer.noise_at_targets) true: B_simple measured
+   at each target crossing along that trajectory, to set beside B_crit.
+
 Any optimizer, any cell: nothing here knows what is trained. `start` gives the first rate per value of the
 cell (e.g. per optimizer); `warm` starts a cell from the rate its neighbour along that key chose (the last
 batch size done), scaled by (B/B')^warm_power.
@@ -52,10 +56,12 @@ def best_rate(trials, key: str, lr_param: str) -> float | None:
 class Protocol(BaseSampler):
     def __init__(self, lr_param: str = "optimizer.lr", seed_param: str = "seed", start: dict | float | None = None,
                  coarse: float = 4.0, fine: float = math.sqrt(2), max_search: int = 16, warm: str | None = None,
-                 warm_power: float = 0.5, seed: int | None = None):
+                 warm_power: float = 0.5, reference: dict | None = None,
+                 reference_param: str = "trainer.noise_at_targets", seed: int | None = None):
         self.lr_param, self.seed_param, self.start = lr_param, seed_param, start
         self.coarse, self.fine, self.max_search = coarse, fine, max_search
         self.warm, self.warm_power = warm, warm_power
+        self.reference, self.reference_param = dict(reference or {}), reference_param
         self._planned: dict[int, dict] = {}  # trial id -> its params (each param is asked for separately)
         self.space: dict = {}  # the search space's distributions: the sweeper hands them over before asking
 
@@ -80,7 +86,10 @@ class Protocol(BaseSampler):
             return plan["lr"]
         if param_name == self.seed_param:
             return plan["seed"]
-        raise ValueError(f"the protocol sampler sets {self.lr_param} and {self.seed_param} only; {param_name} "
+        if param_name == self.reference_param:
+            return plan["role"] == "reference"
+        raise ValueError(f"the protocol sampler sets {self.lr_param}, {self.seed_param} and {self.reference_param} "
+                         f"only; {param_name} "
                          f"belongs in hydra.sweeper.grid or on the command line")
 
     # -- the protocol -----------------------------------------------------------------------------------------
@@ -180,6 +189,12 @@ class Protocol(BaseSampler):
             for s in seeds[1:]:
                 if not any(same(lr, x) and s == y for x, y in measured):
                     return {"lr": lr, "seed": s, "role": "seed"}
+        cell = {k: str(v) for k, v in study.user_attrs.get(CELL, {}).items()}
+        if self.reference and all(cell.get(k) == str(v) for k, v in self.reference.items()) and not any(
+                t.user_attrs.get(ROLE) == "reference" for t in trials):
+            # the reference trajectory: the first seed at the rate chosen for the highest target, run again with
+            # the noise scale measured at each target (it trains exactly as the search's run did)
+            return {"lr": chosen[0], "seed": seeds[0], "role": "reference"}
         return None
 
     def finished(self, study) -> bool:
