@@ -58,7 +58,8 @@ class Protocol(BaseSampler):
                  coarse: float = 4.0, fine: float = math.sqrt(2), max_search: int = 16, warm: str | None = None,
                  warm_power: float = 0.5, reference: dict | None = None,
                  reference_param: str = "trainer.noise_at_targets", seed: int | None = None):
-        self.lr_param, self.seed_param, self.start = lr_param, seed_param, start
+        self.lr_param, self.seed_param = lr_param, seed_param
+        self.start = dict(start) if hasattr(start, "items") else start  # a DictConfig from hydra's instantiate
         self.coarse, self.fine, self.max_search = coarse, fine, max_search
         self.warm, self.warm_power = warm, warm_power
         self.reference, self.reference_param = dict(reference or {}), reference_param
