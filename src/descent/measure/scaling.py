@@ -107,7 +107,8 @@ def fit(batch_sizes, updates) -> tuple[float, float]:
 
 
 def b_crit(s_min: float, e_min: float) -> float:
-    return e_min / s_min if s_min > 0 else float("inf") if e_min > 0 else float("nan")
+    """E_min/S_min; inf when the fit puts S_min at 0 (NNLS's bound: no B where more examples stop paying)."""
+    return e_min / s_min if s_min > 1e-9 * max(e_min, 1.0) else float("inf") if e_min > 0 else float("nan")
 
 
 def bootstrap(cells: dict[int, list[float]], rng: np.random.Generator, n: int = BOOTSTRAP) -> np.ndarray:
@@ -260,11 +261,11 @@ def plot(rows: list[dict], fits: dict, noise: dict, title: str):
     ax_s.set(xlabel="batch size B", ylabel="updates to target S (median over seeds; bars: their range)",
              title="updates to each target: S_min + E_min/B (lines)")
     ax_e.set(xlabel="updates to target S", ylabel="examples trained on to target E",
-             title="the trade-off (S/S_min − 1)(E/E_min − 1) = 1: examples actually used")
+             title="the trade-off (S/S_min − 1)(E/E_min − 1) = 1:\nexamples actually trained on")
     ax_lr.set(xlabel="batch size B", ylabel="chosen learning rate (first seed)",
               title="the rate chosen per cell (highest target); dotted: square-root rule")
     ax_b.set(xlabel="target validation accuracy", ylabel="batch size",
-             title="B_crit = E_min/S_min against the target, beside B_simple on the reference trajectory")
+             title="B_crit = E_min/S_min per target;\nB_simple on the reference run (open squares)")
     for ax in (ax_s, ax_e, ax_lr, ax_b):
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
