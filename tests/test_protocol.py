@@ -105,3 +105,18 @@ def test_the_reference_cell_runs_its_chosen_rate_once_more_with_the_noise_scale_
         trial.set_user_attr(target_key("updates", 0.97), f(lr, seed)[0.97])
         study.tell(trial, f(lr, seed)[0.97])
     assert [a[2] for a in asked].count(True) == 1 and asked[-1] == (pytest.approx(0.64 * math.sqrt(2)), 0, True)
+
+
+def test_a_trial_interrupted_with_its_command_is_proposed_again():
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    sampler = Protocol(start=0.1)
+    sampler.space = {"optimizer.lr": LR, "seed": SEEDS}
+    study = optuna.create_study(sampler=sampler)
+    trial = study.ask()
+    first = trial.suggest_float("optimizer.lr", 1e-5, 10.0, log=True)
+    assert sampler.finished(study)  # it waits on the running trial
+    # what the sweeper does to a trial an earlier command left running
+    study._storage.set_trial_user_attr(trial._trial_id, "descent.interrupted", True)
+    study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
+    again = study.ask()
+    assert again.suggest_float("optimizer.lr", 1e-5, 10.0, log=True) == first

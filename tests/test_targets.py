@@ -75,3 +75,11 @@ def test_each_target_is_logged_once_also_by_a_run_stopped_and_resumed_between_tw
     assert run.data.metrics["target/updates"] == first(high) // 64 and run.data.metrics["target/examples"] == first(high)
     steps = [m.step for m in client.get_metric_history(run_id, "val/acc")]
     assert steps[-1] == first(high) and math.isclose(run.data.metrics["val/acc"], dict(acc)[first(high)])
+
+
+def test_a_target_above_the_one_the_run_stops_at_is_refused_before_anything_runs(tmp_path, store):
+    proc = train("sweep.objective=target/updates", "sweep.target_acc=0.97", "sweep.targets=[0.95,0.99]",
+                 cwd=tmp_path, store=store, check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "sweep.targets=[0.95, 0.99]: each must be <= sweep.target_acc=0.97" in proc.stdout + proc.stderr
+    assert MlflowClient(store).search_runs([e.experiment_id for e in MlflowClient(store).search_experiments()]) == []

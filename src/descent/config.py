@@ -371,6 +371,11 @@ def validate(cfg: DictConfig) -> None:
             if name == "optimizer":
                 problems += _nesterov(values) + _optimizer(cfg, values, problems)
     problems += _toy_pair(cfg)
+    targets, top = OmegaConf.select(cfg, "sweep.targets", default=None), OmegaConf.select(cfg, "sweep.target_acc")
+    targets = OmegaConf.to_container(targets) if OmegaConf.is_config(targets) else targets
+    if SWEEP["targets"][0](targets) and SWEEP["target_acc"][0](top) and any(t > top for t in targets):
+        problems.append(f"sweep.targets={_show(targets)}: each must be <= sweep.target_acc={top} (the run stops "
+                        "there, so a higher one is never reached)")
     if problems:
         raise ConfigError("\n".join(problems))
 

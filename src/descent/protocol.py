@@ -33,6 +33,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.samplers import BaseSampler
 
 ROLE, PRUNE, CELL = "descent.role", "descent.prune", "descent.cell"  # trial / study user attributes
+INTERRUPTED = "descent.interrupted"  # a trial whose command died under it (the sweeper marks it): run again
 UPDATES = "target/updates/"  # descent.sweep.target_key("updates", acc)
 
 
@@ -146,7 +147,8 @@ class Protocol(BaseSampler):
     def plan(self, study, space=None, exclude: int | None = None) -> dict | None:
         """The next trial's {lr, seed, role}, or None when the cell is done (or waits on running trials)."""
         space = space if space is not None else self._space(study)
-        trials = [t for t in study.get_trials(deepcopy=False) if t.number != exclude]
+        trials = [t for t in study.get_trials(deepcopy=False)
+                  if t.number != exclude and not t.user_attrs.get(INTERRUPTED)]
         seeds = self.seeds(space)
         low, high = self.bounds(space)
         search = [t for t in trials if t.user_attrs.get(ROLE, "search") == "search" and self.lr_param in t.params]
@@ -205,6 +207,6 @@ class Protocol(BaseSampler):
     def chosen(self, study) -> dict[str, float]:
         """target key -> the rate chosen for it (on the first seed)."""
         done = [t for t in study.get_trials(deepcopy=False) if t.state.is_finished()
-                and t.user_attrs.get(ROLE, "search") == "search"]
+                and t.user_attrs.get(ROLE, "search") == "search" and not t.user_attrs.get(INTERRUPTED)]
         return {key: best_rate(done, key, self.lr_param) for key in targets_of(done)}
 

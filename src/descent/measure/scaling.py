@@ -138,7 +138,9 @@ def point(runs: list[Run], acc: float) -> dict | None:
         return None
     lr = tried[0][1]
     at_rate = {}
-    for r in runs:  # one run per seed at that rate (a sweep joined twice counts once)
+    # one run per seed at that rate (a sweep joined twice counts once; a run interrupted and run again: the one
+    # that went furthest)
+    for r in sorted(runs, key=lambda r: (r.status != "FINISHED", -len(r.updates))):
         if same(r.lr, lr):
             at_rate.setdefault(r.seed, r)
     reached = [r for r in at_rate.values() if acc in r.updates]

@@ -379,6 +379,13 @@ class OptunaSweeperImpl(Sweeper):
             study.sampler.space = dict(search_space_distributions)
         # descent: a sampler that decides when its study is done (descent/protocol.py): n_trials is then a cap
         finished = getattr(study.sampler, "finished", lambda study: False)
+        if hasattr(study.sampler, "finished"):  # trials an earlier command left running died with it (Ctrl-C, a
+            # lost node): FAIL, marked interrupted, so that such a sampler proposes them again
+            for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
+                study._storage.set_trial_user_attr(t._trial_id, "descent.interrupted", True)
+                study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+                log.warning(f"Study {study.study_name}: trial {t.number} was left running by an earlier command: "
+                            "FAIL, to be run again")
         log.info(f"Study name: {study.study_name}" + (f" ({trials_so_far} trials so far)" if trials_so_far else ""))
         log.info(f"Sampler: {type(study.sampler).__name__}")
         log.info(f"Directions: {directions}")
