@@ -10,7 +10,8 @@ from __future__ import annotations
 
 def from_config(cfg, net) -> list:
     """The measurements the config asks for: sharpness (trainer.sharpness_every), a toy loss's trace, the
-    gradient noise scale (trainer.noise_scale: a classifier's, on by default)."""
+    gradient noise scale (trainer.noise_scale: a classifier's, on by default; trainer.noise_at_targets: with its
+    error over the whole training set at each target's first crossing)."""
     from omegaconf import OmegaConf
 
     from descent import toy
