@@ -370,7 +370,9 @@ def make_scaling_report(tracking_uri: str | None = None, parent_run_id: str | No
     header = (f"# Batch-size scaling report\n\n{what}: {len(trials)} runs, "
               f"{len({(t.optimizer, t.batch_size) for t in trials})} (optimizer, batch size) cells; "
               f"{sum(bool(t.updates) for t in trials)} reached a target.")
-    plot(rows, fits, noise, what.replace("`", "")).savefig(paths["png"], dpi=100)
+    title = f"sweep {parent.info.run_name} (run {parent_run_id})" + (  # no folder in a figure: as report.py
+        " with the trials of " + ", ".join(more_parents) if more_parents else "")
+    plot(rows, fits, noise, title).savefig(paths["png"], dpi=100, metadata={"Title": title})
     paths["md"].write_text(markdown(rows, fits, noise, header))
     write_csv(rows, fits, paths["csv"])
     top = {opt: max(acc for o, acc in fits if o == opt) for opt, _ in fits}
