@@ -1,12 +1,12 @@
-"""descent's loop against the plain PyTorch loop and Keras 3, on the MNIST runs of ch. 2 (and issue 19's
-convnet and softmax regression).
+"""descent's loop against the plain PyTorch loop and Keras 3, on the MNIST runs of ch. 2 (and on the convnet
+and softmax regression).
 
     make bench                                   # full run: ~10 minutes on 2 cores
     make bench ARGS="--quick --no-keras"         # smoke test: tiny sizes, under a minute
     make bench ARGS="--threads 1 --out FILE"     # the policy rows at one intra-op thread
-    make bench ARGS="--only seed,online-sgd,busy-seed,busy-online-sgd"   # the thread policy's rows (issue 20)
+    make bench ARGS="--only seed,online-sgd,busy-seed,busy-online-sgd"   # the thread policy's rows
     make bench ARGS="--only checkpoints"         # the seed run's checkpoints on sqlite and a tracking server
-    make bench ARGS="--only cnn,linear-online --no-keras"   # issue 19's networks against the plain loop
+    make bench ARGS="--only cnn,linear-online --no-keras"   # the other networks against the plain loop
 
 How it measures (the same on every row):
 - every (regime, contender) trains in a fresh subprocess on the real MNIST cache: one warm-up epoch
@@ -369,7 +369,7 @@ def run_descent(job: dict, cfg) -> dict:
 
     pl.seed_everything(cfg.seed, verbose=False)
     datamodule = instantiate(cfg.data, seed=cfg.seed)
-    module = Classifier.from_config(cfg)
+    module = Classifier.from_config(cfg, datamodule)
     module.measures += measure.from_config(cfg, module.net)  # as train.py: the noise scale on descent-noise only
     logger = False
     if job["contender"] == "descent-mlflow":  # built as train.py builds it, against a temporary sqlite store

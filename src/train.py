@@ -65,13 +65,30 @@ def train(cfg, hc, launch_dir, out_dir, choices, run_id, ckpt_path, changed=None
     from descent.loop import Classifier, Diverged, ResumeError, SafetyCheckpoints
     from descent.sweep import Pruned, Pruning, Target, optuna_trial, parent_run_id
 
+    from descent.config import LR_TAG, lr_not_searched
+    from descent.data import DataError
+    from descent.nets import SizeError
+
     multirun = hc.mode == RunMode.MULTIRUN
-    threads.apply(cfg, hc)  # torch's intra-op threads for this job: trainer.threads or descent/threads.py's choice
     pl.seed_everything(cfg.seed, verbose=False)
     datamodule = instantiate(cfg.data, seed=cfg.seed)
-    module = Classifier.from_config(cfg)
+    try:  # the data read and checked, the network sized from it: a bad file is refused before any MLflow run
+        datamodule.load()
+        module = Classifier.from_config(cfg, datamodule)
+    except (DataError, SizeError) as e:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        log.error("invalid data, nothing was run:\n%s", e)
+        if multirun:
+            return None  # the sweep goes on with its next job
+        sys.exit(2)
+    n_train = len(datamodule.x_train) if hasattr(datamodule, "x_train") else None
+    threads.apply(cfg, hc, n_train)  # torch's intra-op threads for this job: trainer.threads or descent/threads.py's
     module.measures += measure.from_config(cfg, module.net)  # sharpness, a toy's trace: descent/measure/
     tags = {"hydra.output_dir": str(out_dir)}
+    if run_id is None and (not_searched := lr_not_searched(cfg, dict(hc.runtime.choices))):
+        log.warning("experiment=%s: %s", hc.runtime.choices.get("experiment"), not_searched)
+        tags[LR_TAG] = not_searched
     objective = OmegaConf.select(cfg, "sweep.objective", default="val/loss")  # what this returns
     trial = optuna_trial(hc.sweeper, launch_dir) if multirun else None  # a trial of an Optuna study, or None
     if multirun:
@@ -90,6 +107,8 @@ def train(cfg, hc, launch_dir, out_dir, choices, run_id, ckpt_path, changed=None
     (out_dir / "mlflow_run_id").write_text(logger.run_id)
     if run_id is None:
         tracking.log_config(logger, cfg, choices)
+        if n_train is not None:  # what batching=full means for this data (measure/scaling.py reads it)
+            logger.log_hyperparams({"data.train_examples": n_train})
     else:
         logger.experiment.update_run(run_id, status="RUNNING")  # also corrects a stale RUNNING/KILLED (or FINISHED)
         if changed:
@@ -138,7 +157,7 @@ def train(cfg, hc, launch_dir, out_dir, choices, run_id, ckpt_path, changed=None
         if isinstance(module.net, toy.Toy):  # the chapter's other picture: the path on the curve or surface
             toy.log_trajectory(logger, module.net)
         else:
-            tracking.log_sample_image(logger, datamodule.x_train, datamodule.y_train)
+            tracking.log_sample_image(logger, datamodule.x_train, datamodule.y_train, datamodule.shape)
         trainer.test(module, datamodule=datamodule, verbose=False)
     except Pruned as e:  # the study's pruner stopped this trial: KILLED, as a stop is, and the trial PRUNED
         logger.end("KILLED")

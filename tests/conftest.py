@@ -81,7 +81,8 @@ def tracking_server(tracking_server_dir) -> str:
 # are reduced, test by test.
 DEVIATIONS = {
     "data.root": "the project's MNIST cache, built once (the default is data/ under the launch directory, "
-                 "a fresh temporary folder per test, which would rebuild it every time)",
+                 "a fresh temporary folder per test, which would rebuild it every time); not given with "
+                 "data=digits or data=npz, which have no data.root (ROOTLESS)",
     "logger.log_model": "false: 3-8 s per process; the seed run, the resume chains, test_record and test_ui keep "
                         "the default (true)",
     "hydra.run.dir": "outputs under the test's own folder, not the date-stamped default (two runs in one second "
@@ -93,14 +94,18 @@ DEVIATIONS = {
 }
 
 
+ROOTLESS = ("digits", "npz")  # data options without files under data.root
+
+
 def command(*overrides: str, cwd: Path, script: str = "src/train.py", multirun: bool = False,
             log_model: bool = False) -> list[str]:
     """The command line of a test's run: the entry point with DEVIATIONS applied, then the test's overrides."""
     args = [sys.executable, str(ROOT / script)]
     if multirun:
         args.append("-m")
+    rootless = any(o in (f"data={option}" for option in ROOTLESS) for o in overrides)
     return args + [
-        f"data.root={DATA}",
+        *([] if rootless else [f"data.root={DATA}"]),
         *([] if log_model else ["logger.log_model=false"]),
         f"hydra.run.dir={cwd}/outputs/run",
         f"hydra.sweep.dir={cwd}/outputs/sweep",

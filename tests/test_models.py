@@ -12,7 +12,7 @@ from hydra.utils import instantiate
 from omegaconf import open_dict
 
 from conftest import DATA, ROOT, Stop, StopAfterChunks, lightning_fit, train
-from descent import config, data, debian, threads
+from descent import data, datasets, debian, threads
 from descent.config import ConfigError, validate
 from descent.data import DATASETS, DataError, IDXDataModule, check_raw, ensure_data, gunzip_raw, load_split
 from descent.loop import Classifier
@@ -44,7 +44,7 @@ def fashion_root():
 def test_the_models_and_datasets_are_the_documented_ones():
     assert set(MODELS) <= {p.stem for p in (CONF / "model").glob("*.yaml")}
     assert set(DATA_OPTIONS) <= {p.stem for p in (CONF / "data").glob("*.yaml")}
-    assert tuple(DATASETS) == config.DATASETS  # config.py names them without importing torch
+    assert tuple(DATASETS) == datasets.IDX  # config.py reads the table without importing torch
 
 
 @pytest.mark.parametrize("data_option", DATA_OPTIONS)
@@ -60,10 +60,11 @@ def test_every_data_and_model_composes_and_validates(data_option, model):
 
 @pytest.mark.parametrize("override,message", [
     ("model.hidden=[512,0]", "model.hidden=[512, 0]: must be a list of integers >= 1"),
-    ("model=cnn model.filters=[32,64,128,256]", "model.filters=[32, 64, 128, 256]: must be a list of 1 to 3 integers"),
-    ("model=cnn model.side=32", "model.side=32: must be 28"),
-    ("model.in_features=100", "model.in_features=100: must be 784"),
-    ("data.name=KMNIST", "data.name='KMNIST': must be one of MNIST, FashionMNIST"),
+    ("model=cnn model.filters=[]", "model.filters=[]: must be a non-empty list of integers >= 1"),
+    ("model=cnn +model.side=0", "model.side=0: must be null"),
+    ("+model.in_features=0", "model.in_features=0: must be null"),
+    ("data.name=KMNIST", "data.name='KMNIST': must be one of MNIST, FashionMNIST for descent.data.IDXDataModule"),
+    ("data=torchvision data.name=Caltech256", "data.name='Caltech256': must be one of MNIST, FashionMNIST, CIFAR10, CIFAR100"),
 ])
 def test_bad_model_and_data_keys_are_refused_by_name(override, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):

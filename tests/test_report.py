@@ -182,6 +182,19 @@ def test_sweep_report_files_numbers_and_artifacts(store):
     assert Path(fetched).read_bytes() == png
 
 
+def test_figure_title_names_the_sweep_not_its_folder(store, tmp_path):
+    """The title travels with the figure (docs, a shared report): the sweep's name and run, no folder of the
+    machine that drew it; the header of the .md still says where the sweep's folder is."""
+    from PIL import Image
+
+    paths = report.make_report(store["uri"], parent_run_id=store["parent"], out_dir=tmp_path)
+    title = Image.open(paths["png"]).text["Title"]
+    assert title.startswith(f"Sweep sweep (run {store['parent']})"), title
+    assert str(store["root"]) not in title and "/" not in title.split(" — ")[0], title
+    assert "multiruns" not in title
+    assert "multiruns" in paths["md"].read_text().splitlines()[2]
+
+
 def test_figure_draws_diverged_runs_up_to_where_they_stopped(store):
     from mlflow import MlflowClient
 

@@ -96,7 +96,7 @@ BAD = {
     "model.init=xavier": "model.init='xavier': must be one of keras, torch",
     "model.hidden=0": "model.hidden=0: must be a list of integers >= 1",
     "+model.hiden=3":
-        "model.hiden: unknown key; allowed keys for descent.nets.MLP: in_features, hidden, classes, init",
+        "model.hiden: unknown key; allowed keys for descent.nets.MLP: hidden, classes, init, in_features",
     # trainer, logger, top level
     "trainer.max_epochs=five": "trainer.max_epochs='five': must be an integer >= 1",
     "trainer.max_epochs=2.5": "trainer.max_epochs=2.5: must be an integer >= 1",
@@ -168,6 +168,7 @@ def test_only_the_values_checked_are_resolved():
     lines = problems("+trainer.foo=${oc.env:DESCENT_TEST_UNSET}")
     assert lines[0].startswith("trainer.foo: unknown key;") and len(lines) == 1
     with pytest.raises(ConfigError, match=r"^lr_by_optimizer: cannot be resolved: .*HydraConfig was not set\n"
+                                          r"data\.val_size: cannot be resolved: .*HydraConfig was not set\n"
                                           r"optimizer\.lr: cannot be resolved: .*HydraConfig was not set"):
         validate(compose_job("experiment=optimizers", hydra_config=False))
 

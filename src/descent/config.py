@@ -13,11 +13,9 @@ import math
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError
 
+from descent import datasets
+
 TARGET_PREFIXES = ("torch.optim.", "torch.nn.", "descent.")
-N_TRAIN = 60000  # every dataset's training examples (MNIST, Fashion-MNIST), which val_size and limit_train divide up
-SIDE, CLASSES = 28, 10
-PIXELS = SIDE * SIDE
-DATASETS = ("MNIST", "FashionMNIST")  # descent/data.py's DATASETS (not imported here: it starts torch)
 
 
 class ConfigError(ValueError):
@@ -81,6 +79,13 @@ OmegaConf.register_new_resolver("descent.direction", lambda objective: OBJECTIVE
                                 replace=True)
 
 
+# conf/experiment/*.yaml: data.val_size: ${descent.held_out:...}, the validation examples a study holds out of
+# the data's training set (descent/datasets.py: MNIST's last 10000)
+OmegaConf.register_new_resolver("descent.held_out", datasets.held_out, replace=True)
+# conf/experiment/edge_of_stability.yaml: data.limit_train: ${descent.at_most:5000,...}, at most the data's examples
+OmegaConf.register_new_resolver("descent.at_most", datasets.at_most, replace=True)
+
+
 def _times_two_over_l(ratio, loss):
     from descent.toy import LOSSES
 
@@ -119,19 +124,19 @@ LOGGER = {"experiment_name": STRING, "tracking_uri": STRING, "log_checkpoint": B
 # data, model and optimizer accept the parameters of their _target_'s __init__; these are the ones
 # with limits; the others must match the type of their default.
 TARGET_RULES = {
-    "data": {"name": (lambda v: v in DATASETS, "one of " + ", ".join(DATASETS) + " (descent/data.py's table)"),
-             "root": STRING, "download": BOOLEAN, "chunk_size": integer(1), "drop_last": BOOLEAN,
+    "data": {"name": STRING,  # checked against the _target_'s sets (_data_name)
+             "root": STRING, "download": BOOLEAN, "chunk_size": integer(1), "path": STRING, "drop_last": BOOLEAN,
              "val_size": ANY, "limit_train": ANY, "batch_size": ANY,  # see _data_sizes
              "noise": NON_NEGATIVE, "n_train": integer(1)},  # a toy loss's gradient oracle (descent/toy.py)
-    # every dataset is 28 x 28 grey images (784 pixels) of 10 classes: the networks' ends must fit them
-    "model": {"in_features": (lambda v: v == PIXELS, f"{PIXELS} (the 28 x 28 pixels of every dataset)"),
-              "side": (lambda v: v == SIDE, f"{SIDE} (every dataset's images are {SIDE} x {SIDE})"),
-              "classes": (lambda v: v == CLASSES, f"{CLASSES} (every dataset's classes)"),
+    # the networks' ends are sized from the data (descent/nets.py's build); a size given must be the data's
+    "model": {"in_features": nullable(integer(1), "taken from the data"),
+              "side": nullable(integer(1), "taken from the data"),
+              "classes": nullable(integer(2), "taken from the data"),
               "hidden": (lambda v: _is_int(v) and v >= 1 or isinstance(v, list) and all(_is_int(h) and h >= 1 for h in v),
                          "a list of integers >= 1, the hidden layers' widths ([] = none: softmax regression)"),
-              "filters": (lambda v: isinstance(v, list) and 1 <= len(v) <= 3 and all(_is_int(f) and f >= 1 for f in v),
-                          "a list of 1 to 3 integers >= 1, the convolutions' channels (a 4th leaves no pixel of "
-                          f"{SIDE} x {SIDE} after its pools)"),
+              "filters": (lambda v: isinstance(v, list) and len(v) >= 1 and all(_is_int(f) and f >= 1 for f in v),
+                          "a non-empty list of integers >= 1, the convolutions' channels (as many as the data's images "
+                          "leave pixels for after the pools: descent/nets.py)"),
               "init": (lambda v: v in ("keras", "torch"), "one of keras, torch"),
               "loss": ANY, "start": ANY},  # a toy loss (descent/toy.py): see _toy
     "optimizer": {
@@ -162,7 +167,8 @@ TARGET_RULES = {
         "adamw": (lambda v: isinstance(v, dict), "a mapping of torch.optim.AdamW's keys"),  # checked as a section
     },
 }
-SUPPLIED = {"data": {"seed"}, "optimizer": {"params"}}  # arguments train.py and the module pass themselves
+SUPPLIED = {"data": {"seed"}, "model": {"shape"}, "optimizer": {"params"}}  # arguments train.py, the data and the
+# module pass themselves
 
 
 def _show(v) -> str:
@@ -261,17 +267,40 @@ def _class_rules(name: str, cls, target: str) -> tuple[dict, list, str]:
     return rules, required, f" for {target}"
 
 
-def _data_sizes(data: dict) -> list[str]:
-    """val_size, limit_train and batch_size bound each other: each is checked against those before it."""
+def _data_name(node: DictConfig, data: dict) -> tuple[list[str], int | None]:
+    """data.name against the table's sets its _target_ reads; returns the problems and the training examples
+    the config's data has (descent/datasets.py's table; None for a user's file, checked when it is read)."""
+    if "n_train" in data:  # a toy loss's oracle (descent/toy.py) says how many draws it makes
+        return [], data["n_train"] if _is_int(data["n_train"]) and data["n_train"] >= 1 else None
+    target = str(OmegaConf.select(node, "_target_", default=""))
+    kind = target.rpartition(".")[2]
+    if kind == "DigitsDataModule":
+        return [], datasets.TABLE["digits"].n_train
+    allowed = {"IDXDataModule": datasets.IDX, "MNISTDataModule": datasets.IDX,
+               "TorchvisionDataModule": datasets.TORCHVISION}.get(kind)
+    if allowed is None or "name" not in data:
+        return [], None
+    if data["name"] not in allowed:
+        return [f"data.name={_show(data['name'])}: must be one of {', '.join(allowed)} for {target} "
+                "(descent/datasets.py's table)"], None
+    return [], datasets.TABLE[data["name"]].n_train
+
+
+def _data_sizes(data: dict, total: int | None) -> list[str]:
+    """val_size, limit_train and batch_size bound each other: each is checked against those before it, and
+    against the data's training examples where the config knows them (a user's file: when it is read)."""
     problems = []
-    total = data.get("n_train", N_TRAIN)  # a toy loss's oracle (descent/toy.py) says how many draws it makes
-    total = total if _is_int(total) and total >= 1 else N_TRAIN
-    rule = integer(0, total - 1, f"the {total} training examples, minus at least one for training")
     val_size = data.get("val_size", 0)
+    if _is_number(val_size) and not _is_int(val_size) and 0 < val_size < 1:
+        val_size = int(round(val_size * total)) if total else 0  # a fraction of the training examples
+    if total is None:
+        rule = integer(0)
+    else:
+        rule = integer(0, total - 1, f"the {total} training examples, minus at least one for training")
     if not rule[0](val_size):
-        problems.append(f"data.val_size={_show(val_size)}: must be {rule[1]}")
+        problems.append(f"data.val_size={_show(data.get('val_size'))}: must be {rule[1]}, or a fraction in (0, 1)")
         val_size = 0  # judge the others as if nothing were held out
-    n = total - val_size
+    n = total - val_size if total is not None else None
     rule = nullable(integer(1, n, "the training examples left after data.val_size"), "all of them")
     limit = data.get("limit_train")
     if not rule[0](limit):
@@ -365,7 +394,8 @@ def validate(cfg: DictConfig) -> None:
         elif accepted := _target_rules(name, node, problems):
             values = _check(node, f"{name}.", *accepted, problems)
             if name == "data":
-                problems += _data_sizes(values)
+                found, total = _data_name(node, values)
+                problems += found + _data_sizes(values, total)
             if name == "model":
                 problems += _toy(values)
             if name == "optimizer":
@@ -378,6 +408,26 @@ def validate(cfg: DictConfig) -> None:
                         "there, so a higher one is never reached)")
     if problems:
         raise ConfigError("\n".join(problems))
+
+
+LR_TAG = "lr.source"  # a preset's rate for data and a model it has no searched rate for: where it came from
+
+
+def lr_not_searched(cfg: DictConfig, choices: dict) -> str | None:
+    """A preset with searched learning rates (lr_searched, per <data>-<model>) run on data or a model it has no
+    rate for runs another combination's (its oc.select default): which rate, and whose. None otherwise."""
+    searched = OmegaConf.select(cfg, "lr_searched")
+    by = next((group for group in ("batching", "optimizer") if f"lr_by_{group}" in cfg), None)
+    if searched is None or by is None:
+        return None
+    combo, option = f"{choices.get('data')}-{choices.get('model')}", choices.get(by)
+    searched = OmegaConf.to_container(searched, resolve=True)
+    if option in searched.get(combo, {}):
+        return None
+    lr = OmegaConf.select(cfg, "optimizer.lr")
+    whose = [c for c, rates in searched.items() if rates.get(option) == lr]
+    came = f"the rate searched for {whose[0]}" if whose else "given on the command line"
+    return f"no searched learning rate for {combo} with {by}={option}; runs optimizer.lr={lr}, {came}"
 
 
 def _toy_pair(cfg: DictConfig) -> list[str]:

@@ -8,7 +8,7 @@ cross-entropy, backward, optimizer step, and the loss/accuracy sums of the metri
 device and read only at log points. Before each replay the host copies the batch's slice of the epoch's
 permutation into the index buffer: two launches per update instead of ~20.
 
-Nothing here depends on the network: the step calls net(x) on the gathered N x 784 rows, so the linear
+Nothing here depends on the network: the step calls net(x) on the gathered N x features rows, so the linear
 model and the convnet (descent/nets.py; its Unflatten is a view, its convolutions and pools are kernels
 like the MLP's matmuls, warmed up on the side stream before capture, so cuDNN has chosen its algorithms)
 take the same path. Captured, they are checked against the plain loop by tests/test_models.py's cuda test,

@@ -188,12 +188,15 @@ class Classifier(pl.LightningModule):
         self.classifies = self.criterion is F.cross_entropy
 
     @classmethod
-    def from_config(cls, cfg) -> "Classifier":
-        """The module as conf/ describes it (src/train.py and the benchmark build it this way)."""
+    def from_config(cls, cfg, datamodule=None) -> "Classifier":
+        """The module as conf/ describes it, the network sized from the data (src/train.py and the benchmark
+        build it this way)."""
         from hydra.utils import instantiate
 
+        from descent import nets
+
         return cls(
-            net=instantiate(cfg.model),
+            net=nets.build(cfg.model, datamodule),
             optimizer=instantiate(cfg.optimizer),
             log_every_examples=cfg.trainer.log_every_examples,
             val_every_examples=cfg.trainer.val_every_examples,

@@ -12,7 +12,6 @@ import hashlib
 import logging
 import time
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytorch_lightning as pl
@@ -35,23 +34,22 @@ def digest(x: torch.Tensor, y: torch.Tensor) -> str:
 
 
 def datasets(datamodule, name: str) -> dict[str, "mlflow.data.Dataset"]:
-    """One MLflow dataset per non-empty split: name "mnist (train, 60000×784)", digest, source, schema."""
+    """One MLflow dataset per non-empty split: name "<data> (train, N×features)", digest, source (the split's
+    file or folder, datamodule.split_source), schema. A torchvision set or a user's file names itself."""
     import mlflow.data
 
-    raw = (Path(datamodule.root) / datamodule.name / "raw").resolve()
+    name = getattr(datamodule, "title", None) or name
     found = {}
     for context, field in CONTEXTS.items():
         x, y = getattr(datamodule, field), getattr(datamodule, "y" + field[1:])
         if len(x) == 0:  # data.val_size=0: no validation split
             continue
-        split = "test" if context == "test" else "train"  # validation is the tail of the training file
-        files = raw / f"{'t10k' if split == 'test' else 'train'}-images-idx3-ubyte"
         shape = "×".join(map(str, x.shape))
         with warnings.catch_warnings():  # MLflow registers two equal "local" source classes and says so
             warnings.filterwarnings("ignore", "The specified dataset source can be interpreted in multiple ways")
             found[context] = mlflow.data.from_numpy(
                 x.detach().cpu().numpy(), targets=y.detach().cpu().numpy(),
-                source=getattr(datamodule, "source_uri", None) or files.as_uri(),  # a toy's: its code
+                source=datamodule.split_source(context),  # a toy's: its code
                 name=f"{name} ({context}, {shape})", digest=digest(x, y))
     return found
 
@@ -73,8 +71,10 @@ def log_datasets(logger, datamodule, name: str) -> dict[str, str]:
     return {context: ds.digest for context, ds in found.items()}
 
 
-def log_model(logger, net: torch.nn.Module, x_example: torch.Tensor, step: int, register_as: str | None = None):
-    """The trained network as an MLflow Model: 784 float32 pixels in [0, 1] -> 10 class scores (logits).
+def log_model(logger, net: torch.nn.Module, x_example: torch.Tensor, step: int, register_as: str | None = None,
+              shape: tuple[int, ...] | None = None, classes: int | None = None):
+    """The trained network as an MLflow Model: the data's features as float32 rows -> one score per class
+    (logits); signature and input example from the data (shape: one example's, for the metadata's words).
 
     Saved with torch.export (MLflow's default "pt2" format): loading it needs torch, not descent's
     code and no unpickling of arbitrary objects. `step` (examples seen) links the run's metrics at
@@ -88,7 +88,13 @@ def log_model(logger, net: torch.nn.Module, x_example: torch.Tensor, step: int, 
     example = x_example[:5].detach().cpu().numpy().astype(np.float32)
     with torch.no_grad():
         scores = net(torch.from_numpy(example)).numpy()
-    signature = infer_signature(example, scores)  # tensors (-1, 784) float32 -> (-1, 10) float32
+    signature = infer_signature(example, scores)  # tensors (-1, features) float32 -> (-1, classes) float32
+    features, classes = example.shape[1], classes or scores.shape[1]
+    if shape is not None and len(shape) == 3:
+        words = (f"{features} float32 values in [0, 1], a {'x'.join(map(str, shape))} image (channels, height, "
+                 "width) row by row")
+    else:
+        words = f"{features} float32 features, as in the training data"
     logger.flush()  # metric points first: the model links the run's metrics at its step
     # log_model writes through MLflow's global state: this run's store, and its experiment (else the
     # model would land in the store's default experiment, where runs:/<id>/model does not look)
@@ -99,8 +105,7 @@ def log_model(logger, net: torch.nn.Module, x_example: torch.Tensor, step: int, 
         registered_model_name=register_as,
         # given, not inferred: inferring loads the model in a subprocess (seconds)
         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"],
-        metadata={"input": "784 float32 pixels in [0, 1] (x / 255), a 28x28 image row by row",
-                  "output": "10 class scores (logits); argmax is the class (the digit, the kind of clothing)"},
+        metadata={"input": words, "output": f"{classes} class scores (logits); argmax is the class label 0..{classes - 1}"},
     )
 
 
@@ -164,7 +169,8 @@ class Record(pl.Callback):
         # registering needs the model; a toy loss's point (descent/toy.py) is no network to serve
         if (self.log_model or self.register_model) and pl_module.classifies:
             tic = time.perf_counter()
-            log_model(self.logger, pl_module.net, trainer.datamodule.x_test, pl_module.examples, self.register_model)
+            dm = trainer.datamodule
+            log_model(self.logger, pl_module.net, dm.x_test, pl_module.examples, self.register_model, dm.shape, dm.classes)
             log.debug("model logged in %.1f s: runs:/%s/model", time.perf_counter() - tic, self.logger.run_id)
         self.finish()
 

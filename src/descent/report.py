@@ -591,19 +591,20 @@ def make_report(tracking_uri: str | None = None, parent_run_id: str | None = Non
 
     if parent:
         what = f"Sweep `{parent.info.run_name}` (run `{parent.info.run_id}`)"
-        if parent.data.tags.get(SWEEP_DIR_TAG):
-            what += f" ({launch_relative(parent.data.tags[SWEEP_DIR_TAG])})"
+        where = f" ({launch_relative(parent.data.tags[SWEEP_DIR_TAG])})" if parent.data.tags.get(SWEEP_DIR_TAG) else ""
     else:
-        what = f"All runs of experiment `{experiment}` (no sweep found)"
+        what, where = f"All runs of experiment `{experiment}` (no sweep found)", ""
     grouped = ", ".join(by) if by else "nothing varies"
-    header = (f"# Convergence report\n\n{what}: {len(runs)} runs in {len(configs)} configurations "
+    header = (f"# Convergence report\n\n{what}{where}: {len(runs)} runs in {len(configs)} configurations "
               f"(grouped by {grouped}); target {source}/acc ≥ {target_acc:g}.")
 
     out = (Path(out_dir) if out_dir is not None else default_out(parent)).absolute()
     out.mkdir(parents=True, exist_ok=True)
     paths = {"png": out / "convergence.png", "md": out / "convergence.md", "csv": out / "convergence.csv"}
+    # the figure names the sweep and its run, never a folder: a title travels (docs, a report shared) where
+    # this machine's paths mean nothing; the title is also the PNG's Title, which tests and docs read back
     title = what.replace("`", "") + f" — {len(runs)} runs, {len(configs)} configurations"
-    plot(configs, source, title).savefig(paths["png"], dpi=100)
+    plot(configs, source, title).savefig(paths["png"], dpi=100, metadata={"Title": title})
     paths["md"].write_text(markdown(rows, header))
     write_csv(rows, paths["csv"])
     if parent and STUDY_TAG in parent.data.tags:  # an Optuna study: its search, beside the curves

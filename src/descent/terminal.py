@@ -36,6 +36,9 @@ NOISE = [
     ("pytorch_lightning", "`Trainer.fit` stopped: `max_epochs="),  # the bars show the epochs
     ("pytorch_lightning", "Restoring states from the checkpoint path at "),  # train.py says it resumes
     ("pytorch_lightning", "Restored all states from the checkpoint"),
+    # matplotlib's first import on a machine builds its font cache and says so (once per machine)
+    ("matplotlib.font_manager", "generated new fontManager"),
+    ("matplotlib.font_manager", "Matplotlib is building the font cache"),
     # warnings (logging.captureWarnings): "<file>:<line>: <Category>: <message>"
     ("py.warnings", re.compile(r".*: The `srun` command is available on your system but is not used")),
     ("py.warnings", re.compile(r".*: `isinstance\(treespec, LeafSpec\)` is deprecated")),  # lightning vs torch 2.x

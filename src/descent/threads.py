@@ -1,11 +1,11 @@
 """How many intra-op threads a run uses, and how OpenMP's idle threads wait (DESIGN.md, "Threads").
 
-Measured on 2 cores (README, "Speed"): torch's default, one thread per core with OpenMP's threads
+Measured on 2 cores (docs/internals/speed.md): torch's default, one thread per core with OpenMP's threads
 spinning while they wait, collapses 4-9x as soon as another process holds a core (every parallel op
 waits a scheduler slice for the descheduled thread); online SGD is faster on one thread even on a
 quiet machine; a batch of 128 gains from a second thread. So:
 - GOMP_SPINCOUNT=SPIN_COUNT, in the environment before torch loads libgomp (which reads it once per
-  process): an idle thread spins ~10 us, then sleeps. At batch 128 on 2 threads (README, "Threads"):
+  process): an idle thread spins ~10 us, then sleeps. At batch 128 on 2 threads (docs/internals/speed.md):
   libgomp's default spin (300000) is 3.9x slower beside one CPU-bound process, and 10000 or more
   no better; OMP_WAIT_POLICY=PASSIVE (no spin) holds at 1.2x there but wakes a sleeping thread for
   every parallel op, 1.46x the quiet seed run; 1000 keeps the quiet run's speed (1.05x) and 2.1x
@@ -101,16 +101,22 @@ def choose(batch_size: int, cpus: int, jobs: int = 1) -> int:
     return max(1, min(share, batch_size // EXAMPLES_PER_THREAD))
 
 
-def batch_size(cfg) -> int:
-    """Examples per update: data.batch_size, or the whole training set for batch gradient descent."""
-    from descent.config import N_TRAIN
+def batch_size(cfg, n_train: int | None = None) -> int:
+    """Examples per update: data.batch_size, or the whole training set for batch gradient descent: n_train,
+    the examples the loaded data has (train.py), else the table's for data.name (descent/datasets.py)."""
+    from descent.datasets import TABLE
 
     if cfg.data.get("batch_size"):
         return int(cfg.data.batch_size)
-    return int(cfg.data.get("limit_train") or N_TRAIN - (cfg.data.get("val_size") or 0))
+    if n_train is not None:
+        return int(n_train)
+    facts = TABLE.get(str(cfg.data.get("name")), TABLE["MNIST"])
+    val_size = cfg.data.get("val_size") or 0
+    val_size = int(round(val_size * facts.n_train)) if isinstance(val_size, float) else val_size
+    return int(cfg.data.get("limit_train") or facts.n_train - val_size)
 
 
-def apply(cfg, hydra_cfg=None) -> int:
+def apply(cfg, hydra_cfg=None, n_train: int | None = None) -> int:
     """Set torch's intra-op threads for this run: trainer.threads, or the policy's choice."""
     import torch
 
@@ -118,7 +124,7 @@ def apply(cfg, hydra_cfg=None) -> int:
     if cfg.trainer.get("threads"):
         n, why = cfg.trainer.threads, "trainer.threads"
     else:
-        batch, cpus, jobs = batch_size(cfg), cpus_granted(), jobs_at_once(hydra_cfg)
+        batch, cpus, jobs = batch_size(cfg, n_train), cpus_granted(), jobs_at_once(hydra_cfg)
         n, why = choose(batch, cpus, jobs), f"batch {batch}, {cpus} CPUs granted, {jobs} job(s) at once"
     torch.set_num_threads(n)
     log.debug("torch threads: %d (%s); OpenMP wait: %s", n, why, _in_effect)

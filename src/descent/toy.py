@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from descent.data import IDXDataModule
+from descent.data import InMemoryDataModule
 
 TILT = 0.25  # the double well's tilt: its right-hand minimum is the global one
 
@@ -80,7 +80,7 @@ class Toy(nn.Module):
         return losses.sum() if reduction == "sum" else losses.mean()
 
 
-class ToyData(IDXDataModule):
+class ToyData(InMemoryDataModule):
     """`n_train` draws of gradient noise (normal, std `noise` per coordinate, centred), as the training set.
 
     Their dimension is the model's (read from the module at setup). The chunking is the image datasets'.
@@ -88,13 +88,15 @@ class ToyData(IDXDataModule):
 
     def __init__(self, noise: float = 0.0, n_train: int = 1000, batch_size: int | None = 1,
                  chunk_size: int = 8192, seed: int = 0):
-        super().__init__(root=str(Path(__file__).parent), name="toy", download=False, batch_size=batch_size,
-                         chunk_size=chunk_size, seed=seed)
+        super().__init__(batch_size=batch_size, chunk_size=chunk_size, seed=seed)
         self.noise, self.n_train = noise, n_train
         self.source_uri = Path(__file__).as_uri()  # where the data comes from: this code (the run's dataset record)
 
-    def prepare_data(self) -> None:
-        pass
+    def load(self) -> None:
+        pass  # drawn at setup, in the model's dimension
+
+    def split_source(self, context: str) -> str:
+        return self.source_uri
 
     def setup(self, stage: str | None = None) -> None:
         if hasattr(self, "x_train"):

@@ -362,16 +362,23 @@ def log_resume(logger: Logger, cfg: DictConfig, changed: dict) -> None:
     client.log_text(logger.run_id, OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
 
 
-def log_sample_image(logger: Logger, x, y, index: int = 4) -> None:
-    """The book's picture: plt.imshow(train_images[4], cmap=plt.cm.binary)."""
+def log_sample_image(logger: Logger, x, y, shape: tuple[int, ...], index: int = 4) -> None:
+    """The book's picture: plt.imshow(train_images[4], cmap=plt.cm.binary); a colour image in colour; none
+    for feature vectors (shape (D,)) or a training set too small to have that example."""
     logger.wait_for_store()  # training is over: a server still away is waited for here, up to the bound
+    if len(shape) != 3 or len(x) <= index:
+        return
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(3, 3))
-    ax.imshow(x[index].reshape(28, 28).cpu().numpy(), cmap=plt.cm.binary)
+    image = x[index].reshape(shape).cpu().numpy()
+    if shape[0] == 1:
+        ax.imshow(image[0], cmap=plt.cm.binary)
+    else:  # channels first in memory, last for imshow
+        ax.imshow(image.transpose(1, 2, 0).clip(0, 1) if shape[0] == 3 else image[0], cmap=plt.cm.binary)
     ax.set_title(f"train image {index}: label {int(y[index])}")
     ax.axis("off")
     logger.experiment.log_figure(logger.run_id, fig, f"train_image_{index}.png")
