@@ -23,9 +23,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pictures", metavar="NAME", choices=("local_minima", "step_size", "edge_of_stability"),
                         help="also draw this preset's figure (descent/pictures.py) for the sweep --parent names")
     parser.add_argument("--scaling", action="store_true",
-                        help="the batch-size scaling report of an experiment=batch_scaling sweep instead: updates and "
-                             "examples to the target per optimizer and batch size, the fit S = S_min + E_min/B and "
-                             "B_crit (scaling.png, .md, .csv; metrics scaling.* on the sweep's parent run)")
+                        help="the batch-size scaling report of an experiment=batch_scaling sweep instead: per optimizer, "
+                             "batch size and target, the seeds' median updates and examples at the rate chosen on the "
+                             "first seed; per optimizer and target the fit S = S_min + E_min/B and B_crit with 95 %% "
+                             "bootstrap intervals over seeds, beside B_simple of the reference run (scaling.png, .md, "
+                             ".csv; metrics scaling.<what>.<optimizer>.<target> on the sweep's parent run)")
     parser.add_argument("--with", dest="more", metavar="RUN_ID", action="append", default=[],
                         help="with --scaling: also the trials of this sweep (parent) run, e.g. another study's "
                              "learning rates for the same cells; repeatable")

@@ -100,7 +100,8 @@ def train(cfg, hc, launch_dir, out_dir, choices, run_id, ckpt_path, changed=None
         module.val_hooks.append(Pruning(trial, objective))  # the pruner sees each validation point
     if objective.startswith("target/"):  # the run stops where it reaches the target; it returns the updates
         # (examples) it took; in a study, it stops as pruned once it cannot beat the study's best trial
-        module.val_hooks.append(Target(module, cfg.sweep.target_acc, trial, objective))
+        module.val_hooks.append(Target(module, cfg.sweep.target_acc, trial, objective,
+                                       OmegaConf.select(cfg, "sweep.targets", default=None) or ()))
     logger = tracking.make_logger(cfg, choices, launch_dir, run_id=run_id,
                                   tags=tags if run_id is None else {"hydra.output_dir": str(out_dir)})
     (out_dir / "mlflow_run_id").write_text(logger.run_id)

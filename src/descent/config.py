@@ -117,9 +117,12 @@ TRAINER = {
     "max_updates": nullable(integer(1), "max_epochs alone"),
     "noise_scale": BOOLEAN,
     "noise_probe": integer(2),
+    "noise_at_targets": BOOLEAN,
 }
 SWEEP = {"objective": (lambda v: v in OBJECTIVES, "one of " + ", ".join(OBJECTIVES)),
-         "target_acc": (lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]")}
+         "target_acc": (lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
+         "targets": (lambda v: isinstance(v, list) and all(_is_number(t) and 0 < t <= 1 for t in v),
+                     "a list of numbers in (0, 1] (val accuracies whose first crossing is logged; [] = none)")}
 LOGGER = {"experiment_name": STRING, "tracking_uri": STRING, "log_checkpoint": BOOLEAN, "outage_seconds": POSITIVE,
           "log_model": BOOLEAN, "register_model": nullable(STRING, "not registered"), "system_metrics": BOOLEAN,
           "log_errors": BOOLEAN}
@@ -128,7 +131,7 @@ LOGGER = {"experiment_name": STRING, "tracking_uri": STRING, "log_checkpoint": B
 # with limits; the others must match the type of their default.
 TARGET_RULES = {
     "data": {"name": STRING,  # checked against the _target_'s sets (_data_name)
-             "root": STRING, "download": BOOLEAN, "chunk_size": integer(1), "path": STRING,
+             "root": STRING, "download": BOOLEAN, "chunk_size": integer(1), "path": STRING, "drop_last": BOOLEAN,
              "val_size": ANY, "limit_train": ANY, "batch_size": ANY,  # see _data_sizes
              "noise": NON_NEGATIVE, "n_train": integer(1)},  # a toy loss's gradient oracle (descent/toy.py)
     # the networks' ends are sized from the data (descent/nets.py's build); a size given must be the data's
@@ -410,6 +413,11 @@ def validate(cfg: DictConfig) -> None:
             if name == "optimizer":
                 problems += _nesterov(values) + _optimizer(cfg, values, problems)
     problems += _toy_pair(cfg)
+    targets, top = OmegaConf.select(cfg, "sweep.targets", default=None), OmegaConf.select(cfg, "sweep.target_acc")
+    targets = OmegaConf.to_container(targets) if OmegaConf.is_config(targets) else targets
+    if SWEEP["targets"][0](targets) and SWEEP["target_acc"][0](top) and any(t > top for t in targets):
+        problems.append(f"sweep.targets={_show(targets)}: each must be <= sweep.target_acc={top} (the run stops "
+                        "there, so a higher one is never reached)")
     if problems:
         raise ConfigError("\n".join(problems))
 
@@ -578,6 +586,7 @@ RESUME_MAY_CHANGE = {
                                         "same numbers: tests/test_resume.py)",
     "trainer.max_updates": "the budget in updates (as max_epochs is in examples)",
     "trainer.noise_scale": "what is measured beside the run (never its numbers: tests/test_noise.py)",
+    "trainer.noise_at_targets": "what is measured beside the run (never its numbers: tests/test_noise.py)",
     "logger.tracking_uri": "where the run is recorded (it is looked up there)",
     "logger.log_checkpoint": "what is recorded",
     "logger.outage_seconds": "how long a tracking server may be away",

@@ -317,18 +317,20 @@ class EpochChunks:
     example. The module's checkpoint is the one record of it (lightning's prefetcher reads ahead).
     """
 
-    def __init__(self, x, y, batch_size: int, chunk_size: int, seed: int, epoch_fn, position_fn=lambda: (0, 0)):
+    def __init__(self, x, y, batch_size: int, chunk_size: int, seed: int, epoch_fn, position_fn=lambda: (0, 0),
+                 length: int | None = None):
         self.x, self.y, self.seed, self.epoch_fn, self.position_fn = x, y, seed, epoch_fn, position_fn
         self.step = chunk_length(batch_size, chunk_size)
+        self.length = len(x) if length is None else length  # examples per epoch: fewer under drop_last
 
     def __len__(self) -> int:
-        return -(-len(self.x) // self.step)
+        return -(-self.length // self.step)
 
     def __iter__(self):
         epoch = self.epoch_fn()
         at_epoch, consumed = self.position_fn()
         start = consumed if at_epoch == epoch else 0
-        perm = epoch_permutation(len(self.x), self.seed, epoch, self.x.device)
+        perm = epoch_permutation(len(self.x), self.seed, epoch, self.x.device)[: self.length]
         for i in range(start, len(perm), self.step):
             idx = perm[i : i + self.step]
             yield self.x[idx], self.y[idx]
@@ -357,9 +359,9 @@ class InMemoryDataModule(pl.LightningDataModule):
     """
 
     def __init__(self, val_size: int | float = 0, limit_train: int | None = None, batch_size: int | None = 128,
-                 chunk_size: int = 8192, seed: int = 0):
+                 chunk_size: int = 8192, seed: int = 0, drop_last: bool = False):
         super().__init__()
-        self.val_size, self.limit_train = val_size, limit_train
+        self.val_size, self.limit_train, self.drop_last = val_size, limit_train, drop_last
         self.batch_size, self.chunk_size, self.seed = batch_size, chunk_size, seed
         self.source: str | None = None
         self.shape: tuple[int, ...] | None = None  # one example: (C, H, W) images or (D,) features
@@ -427,12 +429,20 @@ class InMemoryDataModule(pl.LightningDataModule):
         """Examples per update; None in the config means the whole training set (batch GD)."""
         return self.batch_size or len(self.x_train)
 
+    @property
+    def epoch_length(self) -> int:
+        """Examples trained on per epoch: all of them, or under drop_last the whole batches only (the epoch's
+        permutation cut after its last whole batch: no partial update; the examples left out differ by epoch)."""
+        n = len(self.x_train)
+        return n - n % self.updates_batch_size if self.drop_last else n
+
     def train_dataloader(self):
         trainer = self.trainer
         return EpochChunks(
             self.x_train, self.y_train, self.updates_batch_size, self.chunk_size, self.seed,
             epoch_fn=lambda: trainer.current_epoch,
             position_fn=lambda: (trainer.lightning_module.offset_epoch, trainer.lightning_module.epoch_offset),
+            length=self.epoch_length,
         )
 
     def test_dataloader(self):
@@ -449,8 +459,9 @@ class IDXDataModule(InMemoryDataModule):
     """One IDX dataset (data.name: MNIST, FashionMNIST)."""
 
     def __init__(self, root: str = "data", name: str = "MNIST", download: bool = True, val_size: int | float = 0,
-                 limit_train: int | None = None, batch_size: int | None = 128, chunk_size: int = 8192, seed: int = 0):
-        super().__init__(val_size, limit_train, batch_size, chunk_size, seed)
+                 limit_train: int | None = None, batch_size: int | None = 128, chunk_size: int = 8192, seed: int = 0,
+                 drop_last: bool = False):
+        super().__init__(val_size, limit_train, batch_size, chunk_size, seed, drop_last)
         self.root, self.name, self.download = Path(root), name, download
 
     def read(self):
@@ -515,8 +526,9 @@ class TorchvisionDataModule(InMemoryDataModule):
     where the internet answers. Images are held as N x C*H*W rows in [0, 1], channels first."""
 
     def __init__(self, root: str = "data", name: str = "CIFAR10", download: bool = True, val_size: int | float = 0,
-                 limit_train: int | None = None, batch_size: int | None = 128, chunk_size: int = 8192, seed: int = 0):
-        super().__init__(val_size, limit_train, batch_size, chunk_size, seed)
+                 limit_train: int | None = None, batch_size: int | None = 128, chunk_size: int = 8192, seed: int = 0,
+                 drop_last: bool = False):
+        super().__init__(val_size, limit_train, batch_size, chunk_size, seed, drop_last)
         self.root, self.name, self.download = Path(root), name, download
         self.title = name.lower()  # the MLflow datasets' name: cifar10 (train, 50000×3072)
         self.folder = self.root
@@ -698,8 +710,8 @@ class NpzDataModule(InMemoryDataModule):
     """A user's arrays from a NumPy .npz (data.path): see read_npz and docs/how-to/your-own-data.md."""
 
     def __init__(self, path: str = "data.npz", val_size: int | float = 0, limit_train: int | None = None,
-                 batch_size: int | None = 128, chunk_size: int = 8192, seed: int = 0):
-        super().__init__(val_size, limit_train, batch_size, chunk_size, seed)
+                 batch_size: int | None = 128, chunk_size: int = 8192, seed: int = 0, drop_last: bool = False):
+        super().__init__(val_size, limit_train, batch_size, chunk_size, seed, drop_last)
         self.path = Path(path)
         self.title = self.path.stem  # the MLflow datasets' name: mydata (train, 1000×64)
 

@@ -101,12 +101,12 @@ class SafetyCheckpoints(Checkpoint):
 # end (its last train point and validation) has been logged
 PROGRESS = ("examples", "updates", "train_seconds", "last_val_step", "epoch_offset", "offset_epoch", "epoch_closed")
 # what the data must match for a checkpoint to be resumed (same examples, same order, same updates)
-DATA_KEYS = ("n_train", "val_size", "limit_train", "batch_size")
+DATA_KEYS = ("n_train", "val_size", "limit_train", "batch_size", "drop_last")
 
 
 def data_signature(dm) -> dict:
     return {"n_train": len(dm.x_train), "val_size": dm.val_size, "limit_train": dm.limit_train,
-            "batch_size": dm.updates_batch_size}
+            "batch_size": dm.updates_batch_size, "drop_last": getattr(dm, "drop_last", False)}
 
 
 class Window:
@@ -254,6 +254,8 @@ class Classifier(pl.LightningModule):
             "points": [p for logger in self.loggers for p in getattr(logger, "unsent", list)()],
             "measures": {type(m).__name__: m.state_dict() for m in self.measures if hasattr(m, "state_dict")},
             "best": self.best.state_dict(),
+            # what a validation hook has done so far (sweep.Target: the targets already logged)
+            "hooks": {type(h).__name__: h.state_dict() for h in self.val_hooks if hasattr(h, "state_dict")},
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -271,6 +273,10 @@ class Classifier(pl.LightningModule):
         for m in self.measures:
             if type(m).__name__ in saved and hasattr(m, "load_state_dict"):
                 m.load_state_dict(saved[type(m).__name__])
+        hooks = state.get("hooks", {})
+        for h in self.val_hooks:
+            if type(h).__name__ in hooks and hasattr(h, "load_state_dict"):
+                h.load_state_dict(hooks[type(h).__name__])
 
     def on_train_start(self) -> None:
         global _FIRST_FIT
@@ -278,7 +284,8 @@ class Classifier(pl.LightningModule):
             _FIRST_FIT = False
             log.info("first update %.2f s after the process started", seconds_since_process_start())
         dm = self.trainer.datamodule
-        self.n_train, self.batch_size = len(dm.x_train), dm.updates_batch_size
+        # examples per epoch: the training set, or its whole batches under data.drop_last (no partial update)
+        self.n_train, self.batch_size = getattr(dm, "epoch_length", len(dm.x_train)), dm.updates_batch_size
         # trainer.max_updates (lightning's max_steps, checked between chunks): the run ends at that update
         self.max_updates = self.trainer.max_steps if self.trainer.max_steps > 0 else math.inf
         self.opt.zero_grad(set_to_none=True)
@@ -292,8 +299,8 @@ class Classifier(pl.LightningModule):
 
     def _restore(self, state: dict) -> None:
         found = data_signature(self.trainer.datamodule)
-        differ = [f"{k} {state['data'][k]} in the checkpoint, {found[k]} now" for k in DATA_KEYS
-                  if state["data"][k] != found[k]]
+        recorded = {"drop_last": False} | state["data"]  # checkpoints from before drop_last trained on every example
+        differ = [f"{k} {recorded[k]} in the checkpoint, {found[k]} now" for k in DATA_KEYS if recorded[k] != found[k]]
         if differ:
             raise ResumeError(f"checkpoint {self.trainer.ckpt_path} was written for other data: " + "; ".join(differ))
         self.window = Window(**state["window"])
@@ -323,7 +330,8 @@ class Classifier(pl.LightningModule):
                 self._close_epoch()
             self.offset_epoch, self.epoch_offset, self.epoch_pos = epoch, 0, 0
         if self.graph is not None:  # the epoch's order on the device; the window's sums move there too
-            perm = epoch_permutation(self.n_train, self.trainer.datamodule.seed, self.current_epoch, self.device)
+            dm = self.trainer.datamodule  # the whole set's permutation: drop_last trains on its first n_train
+            perm = epoch_permutation(len(dm.x_train), dm.seed, self.current_epoch, self.device)
             self.window = self.graph.start_epoch(perm, self.window, pending=self.epoch_offset % self.batch_size)
         self.tic = time.perf_counter()
 
@@ -392,7 +400,7 @@ class Classifier(pl.LightningModule):
                     pieces = [(x[a:b], y[a:b])]
                 else:
                     dm = self.trainer.datamodule
-                    perm = epoch_permutation(self.n_train, dm.seed, self.current_epoch, self.device)
+                    perm = epoch_permutation(len(dm.x_train), dm.seed, self.current_epoch, self.device)
                     index = perm[offset + b - batch_len : offset + b].split(len(x))  # chunk-sized pieces
                     pieces = [(dm.x_train[i], dm.y_train[i]) for i in index]
                 self.opt.step(self._closure(pieces, batch_len))

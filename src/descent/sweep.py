@@ -76,42 +76,81 @@ class Pruning:
             raise Pruned(f"trial {self.trial.number} pruned at {examples} examples ({self.objective} {value:.4g})")
 
 
+def target_key(what: str, acc: float) -> str:
+    """The metric of one target's first crossing: target/updates/0.97 (MLflow's names admit no @)."""
+    return f"target/{what}/{acc:g}"
+
+
 class Target:
     """The loop's validation hook for sweep.objective=target/*: at the first validation point where val/acc
-    reaches the target it logs target/updates, target/examples and target/seconds (training seconds) and
-    stops the run there (lightning's should_stop; the loop takes no further update).
+    reaches sweep.target_acc it logs target/updates, target/examples and target/seconds (training seconds)
+    and stops the run there (lightning's should_stop; the loop takes no further update). On the way, the first
+    crossing of each of sweep.targets (and of target_acc) is logged once as target/updates/<acc>,
+    target/examples/<acc>, target/seconds/<acc>; which were logged is in the checkpoint (state_dict), so a run
+    stopped and resumed between two targets logs each of them once.
 
-    In a study (`trial` given) a run that has not reached the target and has already spent as many updates
-    (examples) as the study's best completed trial took is pruned there: it can no longer beat that trial,
-    and the objective is the best trial's count (Shallue et al. 2019). The best is read at each validation
-    point, so trials running side by side (hydra.sweeper.n_jobs, a cluster) bound each other as they finish."""
+    In a study (`trial` given) each crossing is also the trial's user attribute (target/updates/0.97: the
+    study's sampler and later trials read it), and a run is pruned once it can no longer win any target it
+    has not reached: it has spent as many updates (examples) as the study's best trial took to each of them
+    (Shallue et al. 2019). The bests are read at each validation point, so trials running side by side
+    (hydra.sweeper.n_jobs, a cluster) bound each other as they finish. A trial the study marks as a
+    measurement (user attribute descent.prune false: descent/protocol.py's seed re-runs) is never pruned."""
 
-    def __init__(self, module, target_acc: float, trial=None, objective: str = "target/updates"):
+    def __init__(self, module, target_acc: float, trial=None, objective: str = "target/updates",
+                 targets=()):
         self.module, self.target_acc, self.reached = module, target_acc, False
         self.trial, self.objective = trial, objective
+        self.accs = sorted({float(a) for a in targets if float(a) <= target_acc} | {float(target_acc)})
+        self.crossed: list[float] = []  # the targets logged so far (in the checkpoint)
+        self.prunes = trial is not None and trial.user_attrs.get("descent.prune", True)
+
+    def state_dict(self) -> dict:
+        return {"crossed": list(self.crossed), "reached": self.reached}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.crossed, self.reached = list(state["crossed"]), bool(state["reached"])
 
     def __call__(self, examples: int, metrics: dict) -> None:
         m = self.module
         acc = metrics.get("val/acc")
         if self.reached:
             return
+        if acc is not None:
+            for t in self.accs:
+                if acc >= t and t not in self.crossed:
+                    self.crossed.append(t)
+                    point = {"updates": m.updates, "examples": examples, "seconds": m.train_seconds}
+                    m._log({target_key(k, t): v for k, v in point.items()})
+                    if self.trial is not None:
+                        for k, v in point.items():
+                            self.trial.set_user_attr(target_key(k, t), v)
         if acc is not None and acc >= self.target_acc:
             self.reached = True
             m._log({"target/updates": m.updates, "target/examples": examples, "target/seconds": m.train_seconds})
             m.trainer.should_stop = True
             return
-        spent = m.updates if self.objective == "target/updates" else examples
-        if self.trial is not None and spent >= (bound := self.best()):
-            raise Pruned(f"trial {self.trial.number} pruned at {examples} examples: {spent} "
-                         f"{self.objective.split('/')[1]} without val/acc >= {self.target_acc}, and the study's "
-                         f"best trial reached it in {bound:.0f}")
+        what = self.objective.split("/")[1]
+        spent = m.updates if what == "updates" else examples
+        if self.prunes and spent >= (bound := self.best(what)):
+            raise Pruned(f"trial {self.trial.number} pruned at {examples} examples: {spent} {what} without "
+                         f"val/acc >= {self.open_targets()[0]:g}, and the study's best trials reached each target "
+                         f"not yet reached in at most {bound:.0f}")
 
-    def best(self) -> float:
-        """The study's best completed objective so far (inf before any)."""
-        from optuna.trial import TrialState
+    def open_targets(self) -> list[float]:
+        return [t for t in self.accs if t not in self.crossed]
 
-        done = self.trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        return min((t.value for t in done), default=float("inf"))
+    def best(self, what: str = "updates") -> float:
+        """The most the run may still spend: the largest, over the targets it has not reached, of the study's
+        fewest updates (examples) to that target so far (any trial's crossing, pruned or not; inf before any)."""
+        found = self.trial.study.get_trials(deepcopy=False)
+        bounds = []
+        for t in self.open_targets():
+            key = target_key(what, t)
+            done = [tr.user_attrs[key] for tr in found if key in tr.user_attrs and tr.number != self.trial.number]
+            if t == self.target_acc:  # trials recorded before per-target attributes: their objective value
+                done += [tr.value for tr in found if tr.state.name == "COMPLETE" and key not in tr.user_attrs]
+            bounds.append(min(done, default=float("inf")))
+        return max(bounds, default=float("inf"))
 
 
 def quiet_optuna() -> None:

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 def from_config(cfg, net) -> list:
     """The measurements the config asks for: sharpness (trainer.sharpness_every), a toy loss's trace, the
-    gradient noise scale (trainer.noise_scale: a classifier's, on by default)."""
+    gradient noise scale (trainer.noise_scale: a classifier's, on by default; trainer.noise_at_targets: with its
+    error over the whole training set at each target's first crossing)."""
     from omegaconf import OmegaConf
 
     from descent import toy
@@ -28,6 +29,12 @@ def from_config(cfg, net) -> list:
             import logging
 
             logging.getLogger("descent").warning("%s: not measured", e)
+    if OmegaConf.select(cfg, "trainer.noise_at_targets", default=False):
+        from descent.measure.noise import NoiseAtTargets, linear_layers
+
+        linear_layers(net)  # a net it cannot measure is refused here: this one was asked for
+        targets = [*(OmegaConf.select(cfg, "sweep.targets", default=None) or ()), cfg.sweep.target_acc]
+        found.append(NoiseAtTargets([t for t in targets if t <= cfg.sweep.target_acc]))
     if cfg.trainer.get("sharpness_every"):
         from descent.measure.sharpness import Sharpness
 

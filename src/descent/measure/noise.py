@@ -28,13 +28,8 @@ def linear_layers(net: nn.Module) -> list[nn.Linear]:
     return layers
 
 
-def per_example_grads(net: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                      loss_fn=F.cross_entropy) -> tuple[torch.Tensor, torch.Tensor]:
-    """(‖g_i‖² per example, ‖mean_i g_i‖²) of the loss (the training loss: cross-entropy), over every
-    parameter of the net.
-
-    Nothing is accumulated into .grad (autograd.grad), no module is left hooked.
-    """
+def _deltas(net: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn):
+    """(layers, their inputs, ∂L/∂outputs) of the summed loss: δ_i is example i's own gradient at a layer's output."""
     layers = linear_layers(net)
     inputs, outputs = [], []
 
@@ -45,33 +40,83 @@ def per_example_grads(net: nn.Module, x: torch.Tensor, y: torch.Tensor,
     handles = [m.register_forward_hook(keep) for m in layers]
     try:
         with torch.enable_grad():
-            loss = loss_fn(net(x), y, reduction="sum")  # summed: δ_i is example i's own gradient
+            loss = loss_fn(net(x), y, reduction="sum")
             deltas = torch.autograd.grad(loss, outputs)
     finally:
         for h in handles:
             h.remove()
     n = len(x)
+    return layers, [a.detach().reshape(n, -1) for a in inputs], [d.reshape(n, -1) for d in deltas]
+
+
+def per_example_grads(net: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                      loss_fn=F.cross_entropy) -> tuple[torch.Tensor, torch.Tensor]:
+    """(‖g_i‖² per example, ‖mean_i g_i‖²) of the loss (the training loss: cross-entropy), over every
+    parameter of the net.
+
+    Nothing is accumulated into .grad (autograd.grad), no module is left hooked.
+    """
+    sq, total = per_example_and_sum(net, x, y, loss_fn)
+    return sq, (total / len(x)).square().sum()
+
+
+def per_example_and_sum(net: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                        loss_fn=F.cross_entropy) -> tuple[torch.Tensor, torch.Tensor]:
+    """(‖g_i‖² per example, Σ_i g_i flattened over every parameter), float64."""
+    layers, inputs, deltas = _deltas(net, x, y, loss_fn)
+    n = len(x)
     sq = torch.zeros(n, dtype=torch.float64, device=x.device)
-    mean_sq = torch.zeros((), dtype=torch.float64, device=x.device)
+    parts = []
     with torch.no_grad():
         for a, d, layer in zip(inputs, deltas, layers):
-            a, d = a.detach().reshape(n, -1), d.reshape(n, -1)
             bias = 1.0 if layer.bias is not None else 0.0
             sq += (d.square().sum(1) * (a.square().sum(1) + bias)).double()
-            # the mean gradient: (Σ δ_i a_iᵀ)/n and Σ δ_i/n
-            mean_sq += (d.T @ a / n).double().square().sum()
+            parts.append((d.T @ a).double().flatten())  # Σ δ_i a_iᵀ and Σ δ_i
             if layer.bias is not None:
-                mean_sq += (d.sum(0) / n).double().square().sum()
-    return sq, mean_sq
+                parts.append(d.sum(0).double())
+    return sq, torch.cat(parts)
 
 
 def estimates(sq: torch.Tensor, mean_sq: torch.Tensor) -> tuple[float, float]:
     """(|G|², tr Σ) from per-example squared norms (B_small = 1) and the mean's (B_big = n): appendix A.1."""
-    n = len(sq)
-    small, big = float(sq.mean()), float(mean_sq)
-    grad_sq = (n * big - small) / (n - 1)
-    trace_cov = (small - big) / (1 - 1 / n)
-    return grad_sq, trace_cov
+    return _unbiased(len(sq), float(sq.mean()), float(mean_sq))
+
+
+def _unbiased(n: int, small: float, big: float) -> tuple[float, float]:
+    return (n * big - small) / (n - 1), (small - big) / (1 - 1 / n)
+
+
+def b_simple_with_error(blocks: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
+    """B_simple = tr Σ / |G|² over every example of `blocks` [(‖g_i‖² of the block, Σ g_i of the block)], with
+    its delete-one-block jackknife standard error (Quenouille-Tukey: the probe's own sampling error; the ratio's
+    bias is O(1/n) and the jackknife's estimate of it is reported as noise/b_simple_bias)."""
+    k = len(blocks)
+    counts = torch.tensor([len(sq) for sq, _ in blocks], dtype=torch.float64)
+    q = torch.stack([sq.sum() for sq, _ in blocks])  # Σ ‖g_i‖² per block
+    sums = torch.stack([s for _, s in blocks])        # Σ g_i per block (k x P)
+    total, n = sums.sum(0), float(counts.sum())
+    gram = sums @ total                               # S_k · S
+    norms = sums.square().sum(1)                      # ‖S_k‖²
+
+    def ratio(m, q_sum, s_sq):
+        grad_sq, trace_cov = _unbiased(m, q_sum / m, s_sq / m**2)
+        return grad_sq, trace_cov, trace_cov / grad_sq if grad_sq > 0 else float("nan")
+
+    s_sq = float(total.square().sum())
+    grad_sq, trace_cov, full = ratio(n, float(q.sum()), s_sq)
+    leave = torch.tensor([ratio(n - float(counts[i]), float(q.sum() - q[i]),
+                                s_sq - 2 * float(gram[i]) + float(norms[i]))[2] for i in range(k)])
+    se = float(((k - 1) / k * (leave - leave.mean()).square().sum()).sqrt()) if k > 1 else float("nan")
+    return {"grad_sq": grad_sq, "trace_cov": trace_cov, "b_simple": full, "b_simple_se": se,
+            "b_simple_bias": float((k - 1) * (leave.mean() - full)), "probe": n}
+
+
+def measure_with_error(net: nn.Module, x: torch.Tensor, y: torch.Tensor, blocks: int = 32,
+                       loss_fn=F.cross_entropy) -> dict[str, float]:
+    """b_simple_with_error over all of (x, y), in `blocks` contiguous blocks (one forward and backward each)."""
+    edges = torch.linspace(0, len(x), blocks + 1).round().long().tolist()
+    return b_simple_with_error([per_example_and_sum(net, x[a:b], y[a:b], loss_fn) for a, b in zip(edges, edges[1:])
+                                if b > a])
 
 
 class NoiseScale:
@@ -120,3 +165,40 @@ class NoiseScale:
         a["trace_cov"] = beta * a["trace_cov"] + (1 - beta) * trace_cov
         b_simple = a["trace_cov"] / a["grad_sq"] if a["grad_sq"] > 0 else float("nan")
         return {"noise/grad_sq": grad_sq, "noise/trace_cov": trace_cov, "noise/b_simple": b_simple}
+
+
+class NoiseAtTargets:
+    """B_simple with its error at the first validation point where val/acc reaches each target (trainer.
+    noise_at_targets): probe = the whole training set (|G|² from the mean gradient over every training example,
+    tr Σ from every example's gradient norm), in `blocks` blocks for the jackknife; one point's own estimate,
+    no average over the run. Logs noise/b_simple/<acc>, noise/b_simple_se/<acc>, noise/grad_sq/<acc>,
+    noise/trace_cov/<acc> (and at that step noise/b_simple, noise/b_simple_se). Costs about one pass of
+    forward and backward over the training set per target (outside progress/seconds, as every measure)."""
+
+    def __init__(self, targets, blocks: int = 32):
+        self.targets, self.blocks = sorted({float(t) for t in targets}), blocks
+        self.crossed: list[float] = []  # in the checkpoint
+
+    def state_dict(self) -> dict:
+        return {"crossed": list(self.crossed)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.crossed = list(state["crossed"])
+
+    def __call__(self, module) -> dict[str, float]:
+        acc = module.latest.get("val/acc")  # this point's: the loop logs it before it calls the measures
+        due = [t for t in self.targets if acc is not None and acc >= t and t not in self.crossed]
+        if not due:
+            return {}
+        dm, net = module.trainer.datamodule, module.net
+        buffers = [b.clone() for b in net.buffers()]
+        with torch.random.fork_rng(devices=[dm.x_train.device] if dm.x_train.device.type == "cuda" else []):
+            found = measure_with_error(net, dm.x_train, dm.y_train, self.blocks)
+        with torch.no_grad():
+            for b, saved in zip(net.buffers(), buffers):
+                b.copy_(saved)
+        out = {"noise/b_simple": found["b_simple"], "noise/b_simple_se": found["b_simple_se"]}
+        for t in due:
+            self.crossed.append(t)
+            out |= {f"noise/{k}/{t:g}": found[k] for k in ("b_simple", "b_simple_se", "grad_sq", "trace_cov")}
+        return out

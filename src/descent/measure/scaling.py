@@ -1,76 +1,96 @@
 """Where a bigger batch stops paying: the batch-size scaling report of experiment=batch_scaling.
 
 McCandlish et al. 2018 (arXiv:1812.06162): with the best learning rate at each batch size B, the updates S
-and examples E = B·S to reach a target trade off as (S/S_min − 1)(E/E_min − 1) = 1, i.e. S(B) = S_min + E_min/B.
+and examples E to reach a target trade off as (S/S_min − 1)(E/E_min − 1) = 1, i.e. S(B) = S_min + E_min/B.
 Below B_crit = E_min/S_min doubling the batch nearly halves the updates (perfect scaling); above it, it
-nearly doubles the examples. A point here is, per (optimizer, B), the trial of that cell's learning-rate
-study that reached sweep.target_acc in the fewest updates (Shallue et al. 2019's "best trial").
+nearly doubles the examples.
 
-Reads MLflow only (no torch): the sweep's children carry target/updates, target/examples (descent/sweep.py,
-Target) and noise/b_simple (descent/measure/noise.py).
+A point here is, per (optimizer, B, target), the median over seeds of the updates to that target at the rate
+chosen for it on the first seed (descent/protocol.py: the rate with the fewest updates among the first seed's
+trials; then that rate on every seed). Its interval: a bootstrap over seeds (each cell's seeds resampled with
+replacement, the medians refitted). Runs recorded before several targets and seeds (one target, one seed)
+give points of one seed, which the bootstrap cannot vary.
+
+Reads MLflow only (no torch): the sweep's children carry target/updates/<acc>, target/examples/<acc>
+(descent/sweep.py, Target), and the reference run noise/b_simple/<acc>, noise/b_simple_se/<acc>
+(descent/measure/noise.py, NoiseAtTargets).
 """
 
 from __future__ import annotations
 
 import csv
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from descent.store import PARENT_TAG, SWEEP_DIR_TAG, SWEEP_TAG, resolve_uri
 
-BOOTSTRAP = 1000  # resamples of each cell's trials for the intervals
+BOOTSTRAP = 1000  # resamples of the seeds for the intervals
+N_TRAIN = 60000   # MNIST's training set, before data.val_size and data.limit_train
+UPDATES, EXAMPLES = "target/updates/", "target/examples/"
 
 
 @dataclass
-class Trial:
+class Run:
     optimizer: str
     batch_size: int
     lr: float
+    seed: int
     status: str
-    updates: float | None   # target/updates: None when the run missed the target
-    examples: float | None
-    b_simple: float | None  # noise/b_simple at the target's validation point
+    updates: dict[float, float] = field(default_factory=dict)   # target acc -> updates at its first crossing
+    examples: dict[float, float] = field(default_factory=dict)  # ... examples actually trained on by then
+    val_every: int | None = None    # trainer.val_every_examples: how finely a crossing is resolved
+    reference: bool = False         # the reference trajectory (trainer.noise_at_targets): not a cell's trial
+    noise: dict[float, tuple[float, float]] = field(default_factory=dict)  # acc -> (B_simple, its error)
 
 
 def batch_size_of(params: dict[str, str]) -> int:
-    """data.batch_size as run: null means the whole training set (after val_size and limit_train): the run's
-    data.train_examples, or for runs recorded before it the table's training split (descent/datasets.py)."""
-    from descent.datasets import TABLE
-
+    """data.batch_size as run: null means the whole training set (after val_size and limit_train)."""
     b = params.get("data.batch_size", "None")
     if b not in ("None", "null", ""):
         return int(b)
-    if params.get("data.train_examples"):
-        return int(params["data.train_examples"])
-    n = TABLE.get(params.get("data.name", ""), TABLE["MNIST"]).n_train - int(params.get("data.val_size", 0) or 0)
+    n = N_TRAIN - int(params.get("data.val_size", 0) or 0)
     limit = params.get("data.limit_train", "None")
     return min(n, int(limit)) if limit not in ("None", "null", "") else n
 
 
-def read_trials(client, parent_run_id: str) -> list[Trial]:
+def _int(value) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def read_runs(client, parent_run_id: str) -> list[Run]:
     parent = client.get_run(parent_run_id)
-    runs = client.search_runs([parent.info.experiment_id], f"tags.`{PARENT_TAG}` = '{parent_run_id}'",
-                              max_results=5000)
-    trials = []
-    for r in runs:
+    found = client.search_runs([parent.info.experiment_id], f"tags.`{PARENT_TAG}` = '{parent_run_id}'",
+                               max_results=5000)
+    runs = []
+    for r in found:
         p, m = r.data.params, r.data.metrics
-        updates, examples = m.get("target/updates"), m.get("target/examples")
-        b_simple = None
-        if examples is not None and "noise/b_simple" in m:
-            at = [x.value for x in client.get_metric_history(r.info.run_id, "noise/b_simple") if x.step == examples]
-            b_simple = at[-1] if at else None
-        trials.append(Trial(p.get("optimizer", "?"), batch_size_of(p), float(p.get("optimizer.lr", "nan")),
-                            r.info.status, updates, examples, b_simple))
-    return trials
+        run = Run(p.get("optimizer", "?"), batch_size_of(p), float(p.get("optimizer.lr", "nan")),
+                  _int(p.get("seed")) or 0, r.info.status, val_every=_int(p.get("trainer.val_every_examples")),
+                  reference=p.get("trainer.noise_at_targets") == "True")
+        for key, value in m.items():
+            if key.startswith(UPDATES):
+                run.updates[float(key[len(UPDATES):])] = value
+            elif key.startswith(EXAMPLES):
+                run.examples[float(key[len(EXAMPLES):])] = value
+            elif key.startswith("noise/b_simple/"):
+                acc = float(key.rsplit("/", 1)[1])
+                run.noise[acc] = (value, m.get(f"noise/b_simple_se/{key.rsplit('/', 1)[1]}", float("nan")))
+        acc = p.get("sweep.target_acc")  # runs recorded before several targets: their one target
+        if "target/updates" in m and acc is not None and float(acc) not in run.updates:
+            run.updates[float(acc)] = m["target/updates"]
+            run.examples[float(acc)] = m.get("target/examples", float("nan"))
+        runs.append(run)
+    return runs
 
 
-def best(trials: list[Trial]) -> Trial | None:
-    """The trial that reached the target in the fewest updates."""
-    reached = [t for t in trials if t.updates is not None]
-    return min(reached, key=lambda t: t.updates) if reached else None
+def same(a: float, b: float) -> bool:
+    return abs(math.log(a) - math.log(b)) < 1e-6 if a > 0 and b > 0 else a == b
 
 
 def fit(batch_sizes, updates) -> tuple[float, float]:
@@ -87,103 +107,170 @@ def fit(batch_sizes, updates) -> tuple[float, float]:
 
 
 def b_crit(s_min: float, e_min: float) -> float:
-    return e_min / s_min if s_min > 0 else float("inf") if e_min > 0 else float("nan")
+    """E_min/S_min; inf when the fit puts S_min at 0 (NNLS's bound: no B where more examples stop paying)."""
+    return e_min / s_min if s_min > 1e-9 * max(e_min, 1.0) else float("inf") if e_min > 0 else float("nan")
 
 
-def bootstrap(cells: dict[int, list[Trial]], rng: np.random.Generator, n: int = BOOTSTRAP) -> np.ndarray:
-    """B_crit over resamples of each cell's trials (with replacement): how much it owes to which trials
-    the learning-rate search happened to draw. Not an interval over seeds (one seed per trial)."""
-    out = []
-    for _ in range(n):
-        points = []
-        for b, trials in cells.items():
-            pick = best([trials[i] for i in rng.integers(0, len(trials), len(trials))])
-            if pick is not None:
-                points.append((b, pick.updates))
-        if len({b for b, _ in points}) >= 2:
-            out.append(b_crit(*fit(*zip(*points))))
-    return np.array(out)
+def bootstrap(cells: dict[int, list[float]], rng: np.random.Generator, n: int = BOOTSTRAP) -> np.ndarray:
+    """(S_min, E_min, B_crit) of fits to resampled points: each cell's seeds drawn with replacement, their median
+    the point. An interval over seeds (how much a point owes to which seeds ran), not over learning rates."""
+    sizes = sorted(cells)
+    values = [np.asarray(cells[b], float) for b in sizes]
+    out = np.empty((n, 3))
+    for i in range(n):
+        points = [float(np.median(v[rng.integers(0, len(v), len(v))])) for v in values]
+        s_min, e_min = fit(sizes, points)
+        out[i] = s_min, e_min, b_crit(s_min, e_min)
+    return out
 
 
-def analyse(trials: list[Trial], seed: int = 0) -> tuple[list[dict], dict[str, dict]]:
-    """(one row per optimizer and batch size, the fit per optimizer)."""
+def interval(samples: np.ndarray) -> tuple[float, float, str]:
+    finite = samples[np.isfinite(samples)]
+    lo, hi = np.percentile(finite, [2.5, 97.5]) if len(finite) else (float("nan"),) * 2
+    return float(lo), float(hi), f"{len(finite)}/{len(samples)}"
+
+
+def point(runs: list[Run], acc: float) -> dict | None:
+    """One cell at one target: the first seed's best rate, then every seed at that rate."""
+    first = min(r.seed for r in runs)
+    tried = sorted((r.updates[acc], r.lr) for r in runs if r.seed == first and acc in r.updates)
+    if not tried:
+        return None
+    lr = tried[0][1]
+    at_rate = {}
+    # one run per seed at that rate (a sweep joined twice counts once; a run interrupted and run again: the one
+    # that went furthest)
+    for r in sorted(runs, key=lambda r: (r.status != "FINISHED", -len(r.updates))):
+        if same(r.lr, lr):
+            at_rate.setdefault(r.seed, r)
+    reached = [r for r in at_rate.values() if acc in r.updates]
+    s = [r.updates[acc] for r in reached]
+    e = [r.examples.get(acc, float("nan")) for r in reached]
+    every = [r.val_every for r in reached if r.val_every]
+    b = runs[0].batch_size
+    step = max(1.0, every[0] / b) if every else float("nan")  # updates between two checks of the target
+    return {"lr": lr, "seeds": sorted(at_rate), "reached": len(reached), "updates": s,
+            "s": float(np.median(s)), "e": float(np.median(e)), "resolution": step / float(np.median(s)),
+            "search_trials": sum(r.seed == first for r in runs)}
+
+
+def analyse(runs: list[Run], seed: int = 0, n_boot: int = BOOTSTRAP) -> tuple[list[dict], dict, dict]:
+    """(one row per optimizer, batch size and target; the fit per (optimizer, target); B_simple of the reference
+    runs per (optimizer, target))."""
     rng = np.random.default_rng(seed)
-    rows, fits = [], {}
-    for opt in dict.fromkeys(t.optimizer for t in trials):
-        cells: dict[int, list[Trial]] = {}
-        for t in trials:
-            if t.optimizer == opt:
-                cells.setdefault(t.batch_size, []).append(t)
-        points = []
-        for b in sorted(cells):
-            top = best(cells[b])
-            rows.append({"optimizer": opt, "batch_size": b, "trials": len(cells[b]),
-                         "reached": sum(t.updates is not None for t in cells[b]),
-                         "best_lr": top.lr if top else None, "updates_to_target": top.updates if top else None,
-                         "examples_to_target": top.examples if top else None,
-                         "b_simple_at_target": top.b_simple if top else None})
-            if top:
-                points.append((b, top.updates))
-        s_min, e_min = fit(*zip(*points)) if points else (float("nan"), float("nan"))
-        boot = bootstrap(cells, rng)
-        finite = boot[np.isfinite(boot)]
-        lo, hi = (np.percentile(finite, [2.5, 97.5]) if len(finite) else (float("nan"),) * 2)
-        simple = [r["b_simple_at_target"] for r in rows if r["optimizer"] == opt and r["b_simple_at_target"]]
-        fits[opt] = {"s_min": s_min, "e_min": e_min, "b_crit": b_crit(s_min, e_min), "b_crit_low": float(lo),
-                     "b_crit_high": float(hi), "bootstrap_finite": f"{len(finite)}/{len(boot)}",
-                     "b_simple": float(np.median(simple)) if simple else float("nan"), "points": len(points)}
-    return rows, fits
+    rows, fits, noise = [], {}, {}
+    trials = [r for r in runs if not r.reference]
+    for opt in dict.fromkeys(r.optimizer for r in runs):
+        mine = [r for r in trials if r.optimizer == opt]
+        cells: dict[int, list[Run]] = {}
+        for r in mine:
+            cells.setdefault(r.batch_size, []).append(r)
+        accs = sorted({a for r in mine for a in r.updates})
+        for acc in accs:
+            seeds_s = {}
+            for b in sorted(cells):
+                p = point(cells[b], acc)
+                rows.append({"optimizer": opt, "batch_size": b, "target": acc, "trials": len(cells[b]),
+                             "best_lr": p["lr"] if p else None, "seeds": len(p["seeds"]) if p else 0,
+                             "seeds_reached": p["reached"] if p else 0,
+                             "updates_to_target": p["s"] if p else None,
+                             "updates_by_seed": " ".join(f"{v:g}" for v in p["updates"]) if p else "",
+                             "examples_to_target": p["e"] if p else None,
+                             "resolution": p["resolution"] if p else None})
+                if p:
+                    seeds_s[b] = p["updates"]
+            s_min, e_min = fit(list(seeds_s), [float(np.median(v)) for v in seeds_s.values()]) if seeds_s else (
+                float("nan"),) * 2
+            boot = bootstrap(seeds_s, rng, n_boot) if len(seeds_s) >= 2 else np.full((1, 3), np.nan)
+            (s_lo, s_hi, _), (e_lo, e_hi, _), (lo, hi, finite) = (interval(boot[:, i]) for i in range(3))
+            fits[opt, acc] = {"s_min": s_min, "e_min": e_min, "b_crit": b_crit(s_min, e_min),
+                              "b_crit_low": lo, "b_crit_high": hi, "s_min_low": s_lo, "s_min_high": s_hi,
+                              "e_min_low": e_lo, "e_min_high": e_hi, "bootstrap_finite": finite,
+                              "points": len(seeds_s), "seeds_per_point": max((len(v) for v in seeds_s.values()),
+                                                                             default=0)}
+        for r in runs:
+            if r.reference and r.optimizer == opt:
+                for acc, (value, se) in r.noise.items():
+                    noise[opt, acc] = {"b_simple": value, "b_simple_se": se, "batch_size": r.batch_size,
+                                       "lr": r.lr}
+    return rows, fits, noise
 
 
 # ---------------------------------------------------------------------------------------------
 
-def plot(rows: list[dict], fits: dict[str, dict], title: str):
+MARKERS = "osD^vP*X"
+
+
+def plot(rows: list[dict], fits: dict, noise: dict, title: str):
     from matplotlib import colormaps
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(16, 5.5), layout="constrained")
-    ax_s, ax_e, ax_lr = fig.subplots(1, 3)
+    fig = Figure(figsize=(15, 11), layout="constrained")
+    (ax_s, ax_e), (ax_lr, ax_b) = fig.subplots(2, 2)
     palette = colormaps["tab10"]
-    for i, (opt, f) in enumerate(fits.items()):
+    opts = list(dict.fromkeys(opt for opt, _ in fits))
+    accs = sorted({acc for _, acc in fits})
+    top = accs[-1] if accs else None
+    for i, opt in enumerate(opts):
         color = palette(i)
-        pts = [r for r in rows if r["optimizer"] == opt and r["updates_to_target"] is not None]
-        missed = [r for r in rows if r["optimizer"] == opt and r["updates_to_target"] is None]
-        b = np.array([r["batch_size"] for r in pts], float)
-        s = np.array([r["updates_to_target"] for r in pts], float)
-        label = f"{opt}: B_crit {f['b_crit']:.3g}" if math.isfinite(f["b_crit"]) else f"{opt}: no finite B_crit"
-        ax_s.plot(b, s, "o", color=color, label=label)
-        for r in missed:  # cells where no trial reached the target: marked on the bottom edge
-            ax_s.plot([r["batch_size"]], [0.02], "v", color=color, transform=ax_s.get_xaxis_transform(), clip_on=False)
-        ax_e.plot(s, b * s, "o", color=color, label=opt)
-        if len(pts):
-            ax_s.plot(b, s[0] * b[0] / b, ":", color=color, lw=1)  # perfect scaling from the smallest batch
-        if math.isfinite(f["s_min"]) and len(pts):
-            grid = np.geomspace(min(b.min(), 1), max(b.max(), 2), 200)
-            fit_s = f["s_min"] + f["e_min"] / grid
-            ax_s.plot(grid, fit_s, "-", color=color, lw=1.4)
-            ax_e.plot(fit_s, grid * fit_s, "-", color=color, lw=1.4)
-            if math.isfinite(f["b_crit"]) and f["b_crit"] > 0:
-                ax_s.axvline(f["b_crit"], color=color, ls="--", lw=0.8)
-        lrs = [(r["batch_size"], r["best_lr"]) for r in pts]
-        if lrs:
-            lb, lv = np.array(lrs, float).T
-            ax_lr.plot(lb, lv, "o-", color=color, label=opt)
-            ax_lr.plot(lb, lv[0] * lb / lb[0], "--", color=color, lw=0.8, alpha=0.7)
-            ax_lr.plot(lb, lv[0] * np.sqrt(lb / lb[0]), ":", color=color, lw=0.8, alpha=0.7)
+        for j, acc in enumerate(accs):
+            f = fits.get((opt, acc))
+            if f is None:
+                continue
+            pts = [r for r in rows if r["optimizer"] == opt and r["target"] == acc and r["updates_to_target"]]
+            b = np.array([r["batch_size"] for r in pts], float)
+            s = np.array([r["updates_to_target"] for r in pts], float)
+            e = np.array([r["examples_to_target"] for r in pts], float)
+            spread = [[float(v) for v in r["updates_by_seed"].split()] for r in pts]
+            lo, hi = np.array([min(v) for v in spread]), np.array([max(v) for v in spread])
+            marker, alpha = MARKERS[j % len(MARKERS)], 0.35 + 0.65 * (j + 1) / len(accs)
+            ax_s.errorbar(b, s, yerr=[s - lo, hi - s], fmt=marker, color=color, alpha=alpha, ms=5, capsize=2,
+                          label=f"{opt} @ {acc:g}")
+            ax_e.plot(s, e, marker, color=color, alpha=alpha, ms=5)
+            if math.isfinite(f["s_min"]) and len(pts):
+                grid = np.geomspace(min(b.min(), 1), max(b.max(), 2), 200)
+                fit_s = f["s_min"] + f["e_min"] / grid
+                ax_s.plot(grid, fit_s, "-", color=color, lw=1, alpha=alpha)
+                ax_e.plot(fit_s, grid * fit_s, "-", color=color, lw=1, alpha=alpha)
+            if acc == top:
+                lrs = [(r["batch_size"], r["best_lr"]) for r in pts]
+                if lrs:
+                    lb, lv = np.array(lrs, float).T
+                    ax_lr.plot(lb, lv, "o-", color=color, label=f"{opt} (target {acc:g})")
+                    ax_lr.plot(lb, lv[0] * np.sqrt(lb / lb[0]), ":", color=color, lw=0.8, alpha=0.7)
+        crit = [(acc, fits[opt, acc]) for acc in accs if (opt, acc) in fits and math.isfinite(fits[opt, acc]["b_crit"])]
+        if crit:
+            x = np.array([a for a, _ in crit])
+            y = np.array([f["b_crit"] for _, f in crit])
+            lo = np.array([f["b_crit_low"] for _, f in crit])
+            hi = np.array([f["b_crit_high"] for _, f in crit])
+            ok = np.isfinite(lo) & np.isfinite(hi)
+            ax_b.errorbar(x + 0.0008 * (i - len(opts) / 2), y, yerr=np.where(ok, [y - lo, hi - y], 0), fmt="o-",
+                          color=color, capsize=3, label=f"{opt}: B_crit (95 % bootstrap over seeds)")
+        simple = sorted((acc, v) for (o, acc), v in noise.items() if o == opt)
+        if simple:
+            x = np.array([a for a, _ in simple])
+            y = np.array([v["b_simple"] for _, v in simple])
+            se = np.array([v["b_simple_se"] for _, v in simple])
+            ax_b.errorbar(x + 0.0008 * (i - len(opts) / 2) + 0.0004, y, yerr=1.96 * se, fmt="s--", color=color,
+                          mfc="white", capsize=3, label=f"{opt}: B_simple ± 1.96 se (B = {simple[0][1]['batch_size']})")
     for ax in (ax_s, ax_e, ax_lr):
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.grid(True, which="major", alpha=0.3)
-    ax_s.set(xlabel="batch size B", ylabel="updates to target S",
-             title="updates to target: dots = best trial, line = S_min + E_min/B,\n"
-                   "dotted = perfect scaling, dashed = B_crit, ▼ = no trial reached it")
-    ax_e.set(xlabel="updates to target S", ylabel="examples to target E = B·S",
-             title="the trade-off: (S/S_min − 1)(E/E_min − 1) = 1")
-    ax_lr.set(xlabel="batch size B", ylabel="best learning rate",
-              title="best lr (of the trials drawn) against B;\ndashed: linear rule, dotted: square-root rule")
-    for ax in (ax_s, ax_e, ax_lr):
+    ax_b.set_yscale("log")
+    ax_b.grid(True, which="major", alpha=0.3)
+    ax_s.set(xlabel="batch size B", ylabel="updates to target S (median over seeds; bars: their range)",
+             title="updates to each target: S_min + E_min/B (lines)")
+    ax_e.set(xlabel="updates to target S", ylabel="examples trained on to target E",
+             title="the trade-off (S/S_min − 1)(E/E_min − 1) = 1:\nexamples actually trained on")
+    ax_lr.set(xlabel="batch size B", ylabel="chosen learning rate (first seed)",
+              title="the rate chosen per cell (highest target); dotted: square-root rule")
+    ax_b.set(xlabel="target validation accuracy", ylabel="batch size",
+             title="B_crit = E_min/S_min per target;\nB_simple on the reference run (open squares)")
+    for ax in (ax_s, ax_e, ax_lr, ax_b):
         if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
+            ax.legend(fontsize=7)
     fig.suptitle(title)
     return fig
 
@@ -192,36 +279,48 @@ def _g(x) -> str:
     return "—" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.4g}"
 
 
-def markdown(rows: list[dict], fits: dict[str, dict], header: str) -> str:
-    lines = [header, "", "| optimizer | B | trials reached / run | best lr | updates to target | examples to target | "
-             "noise/b_simple at target |", "|---|---|---|---|---|---|---|"]
+def markdown(rows: list[dict], fits: dict, noise: dict, header: str, n_boot: int = BOOTSTRAP) -> str:
+    lines = [header, "", "| optimizer | B | target | trials | chosen lr | seeds reached / run | updates to target "
+             "(median) | by seed | examples to target (median) | resolution |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['optimizer']} | {r['batch_size']} | {r['reached']}/{r['trials']} | {_g(r['best_lr'])} | "
-                     f"{_g(r['updates_to_target'])} | {_g(r['examples_to_target'])} | {_g(r['b_simple_at_target'])} |")
-    lines += ["", "| optimizer | points | S_min | E_min | B_crit = E_min/S_min | 95 % bootstrap over trials | "
-              "B_simple (median at target) |", "|---|---|---|---|---|---|---|"]
-    for opt, f in fits.items():
-        lines.append(f"| {opt} | {f['points']} | {_g(f['s_min'])} | {_g(f['e_min'])} | {_g(f['b_crit'])} | "
-                     f"{_g(f['b_crit_low'])} – {_g(f['b_crit_high'])} ({f['bootstrap_finite']} finite) | "
-                     f"{_g(f['b_simple'])} |")
-    lines += ["", "A point is the cell's trial that reached the target in the fewest updates. The fit: least squares "
-              "on relative residuals of S(B) = S_min + E_min/B with S_min, E_min >= 0, over the points that reached "
-              f"the target. Interval: {BOOTSTRAP} resamples of each cell's trials with replacement (the "
-              "learning-rate search's luck; one seed, so not seed-to-seed variation; a trial pruned once it had "
-              "spent the cell's best count counts as missing the target there, so a resample without the best "
-              "drops the cell rather than taking a slower point). B_simple: the gradient noise "
-              "scale measured by the best runs at their target point (median over batch sizes).", "",
-              "![scaling](scaling.png)", ""]
+        resolution = "—" if r["resolution"] is None else f"{100 * r['resolution']:.2g} %"
+        lines.append(f"| {r['optimizer']} | {r['batch_size']} | {r['target']:g} | {r['trials']} | {_g(r['best_lr'])} | "
+                     f"{r['seeds_reached']}/{r['seeds']} | {_g(r['updates_to_target'])} | {r['updates_by_seed']} | "
+                     f"{_g(r['examples_to_target'])} | {resolution} |")
+    coarse = [r for r in rows if r["resolution"] is not None and r["resolution"] > 0.02]
+    lines += ["", f"Resolved to <= 2 % (updates between two checks of the target over S): "
+              + ("every cell." if not coarse else "all but " + ", ".join(
+                  f"{r['optimizer']} B {r['batch_size']} @ {r['target']:g} ({100 * r['resolution']:.2g} %)"
+                  for r in coarse) + ".")]
+    lines += ["", "| optimizer | target | points | seeds per point | S_min [95 %] | E_min [95 %] | B_crit = E_min/S_min "
+              "[95 % bootstrap over seeds] | B_simple ± se (reference run) |", "|---|---|---|---|---|---|---|---|"]
+    for (opt, acc), f in fits.items():
+        n = noise.get((opt, acc))
+        simple = f"{_g(n['b_simple'])} ± {_g(n['b_simple_se'])}" if n else "—"
+        lines.append(f"| {opt} | {acc:g} | {f['points']} | {f['seeds_per_point']} | {_g(f['s_min'])} "
+                     f"[{_g(f['s_min_low'])}, {_g(f['s_min_high'])}] | {_g(f['e_min'])} [{_g(f['e_min_low'])}, "
+                     f"{_g(f['e_min_high'])}] | {_g(f['b_crit'])} [{_g(f['b_crit_low'])}, {_g(f['b_crit_high'])}] "
+                     f"({f['bootstrap_finite']} finite) | {simple} |")
+    lines += ["", "A point: per optimizer, batch size and target, the learning rate with the fewest updates to the "
+              "target among the first seed's trials, then the median over the seeds run at that rate (the first "
+              "seed's run included). The fit: least squares on relative residuals of S(B) = S_min + E_min/B with "
+              f"S_min, E_min >= 0. Intervals: {n_boot} resamples of each cell's seeds with replacement, the medians "
+              "refitted, 2.5th to 97.5th percentiles (an interval over seeds at the chosen rates; the choice of the "
+              "rate itself is not resampled). Resolution: updates between two checks of the target over the updates "
+              "to it. B_simple = tr Σ/|G|² over the whole training set at the first validation point past each "
+              "target of the reference run (the reference cell's chosen rate), ± its delete-one-block jackknife "
+              "standard error over the training examples.", "", "![scaling](scaling.png)", ""]
     return "\n".join(lines)
 
 
-def write_csv(rows: list[dict], fits: dict[str, dict], path: Path) -> None:
-    fields = list(rows[0]) + [f"fit_{k}" for k in next(iter(fits.values()))] if rows else []
+def write_csv(rows: list[dict], fits: dict, path: Path) -> None:
+    fields = list(rows[0]) + [f"fit_{k}" for k in next(iter(fits.values()))] if rows and fits else []
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fields)
         writer.writeheader()
         for r in rows:
-            row = r | {f"fit_{k}": v for k, v in fits[r["optimizer"]].items()}
+            fitted = fits.get((r["optimizer"], r["target"]), {})
+            row = r | {f"fit_{k}": v for k, v in fitted.items()}
             writer.writerow({k: "" if v is None or (isinstance(v, float) and math.isnan(v)) else v
                              for k, v in row.items()})
 
@@ -252,15 +351,15 @@ def make_scaling_report(tracking_uri: str | None = None, parent_run_id: str | No
     client = MlflowClient(resolve_uri(tracking_uri))
     parent_run_id = parent_run_id or latest_sweep(client, experiment)
     parent = client.get_run(parent_run_id)
-    trials = read_trials(client, parent_run_id)
+    trials = read_runs(client, parent_run_id)
     for other in more_parents:
         try:
-            trials += read_trials(client, other)
+            trials += read_runs(client, other)
         except MlflowException as e:
             raise ReportError(f"--with {other}: no such sweep run in {client.tracking_uri} ({e.error_code})") from None
     if not trials:
         raise ReportError(f"no runs under sweep run {parent_run_id}")
-    rows, fits = analyse(trials)
+    rows, fits, noise = analyse(trials)
     out = (Path(out_dir) if out_dir is not None else default_out(parent)).absolute()
     out.mkdir(parents=True, exist_ok=True)
     paths = {"png": out / "scaling.png", "md": out / "scaling.md", "csv": out / "scaling.csv"}
@@ -270,18 +369,23 @@ def make_scaling_report(tracking_uri: str | None = None, parent_run_id: str | No
         what += " with the trials of " + ", ".join(f"`{p}`" for p in more_parents)
     header = (f"# Batch-size scaling report\n\n{what}: {len(trials)} runs, "
               f"{len({(t.optimizer, t.batch_size) for t in trials})} (optimizer, batch size) cells; "
-              f"{sum(t.updates is not None for t in trials)} reached the target.")
+              f"{sum(bool(t.updates) for t in trials)} reached a target.")
     title = f"sweep {parent.info.run_name} (run {parent_run_id})" + (  # no folder in a figure: as report.py
         " with the trials of " + ", ".join(more_parents) if more_parents else "")
-    plot(rows, fits, title).savefig(paths["png"], dpi=100, metadata={"Title": title})
-    paths["md"].write_text(markdown(rows, fits, header))
+    plot(rows, fits, noise, title).savefig(paths["png"], dpi=100, metadata={"Title": title})
+    paths["md"].write_text(markdown(rows, fits, noise, header))
     write_csv(rows, fits, paths["csv"])
-    for opt, f in fits.items():
-        for key in ("b_crit", "s_min", "e_min", "b_crit_low", "b_crit_high", "b_simple"):
-            if math.isfinite(f[key]):
-                client.log_metric(parent_run_id, f"scaling.{key}.{opt}", f[key])
+    top = {opt: max(acc for o, acc in fits if o == opt) for opt, _ in fits}
+    for (opt, acc), f in fits.items():
+        values = dict(f) | ({k: v for k, v in noise[opt, acc].items() if k.startswith("b_simple")}
+                            if (opt, acc) in noise else {})
+        for key in ("b_crit", "s_min", "e_min", "b_crit_low", "b_crit_high", "b_simple", "b_simple_se"):
+            if key in values and math.isfinite(values[key]):
+                client.log_metric(parent_run_id, f"scaling.{key}.{opt}.{acc:g}", values[key])
+                if acc == top[opt]:  # the highest target (where the runs stop) under the names without one
+                    client.log_metric(parent_run_id, f"scaling.{key}.{opt}", values[key])
     for path in paths.values():
         client.log_artifact(parent_run_id, str(path), "report")
-    paths["summary"] = "; ".join(f"{opt}: B_crit {_g(f['b_crit'])} [{_g(f['b_crit_low'])}, {_g(f['b_crit_high'])}], "
-                                 f"B_simple {_g(f['b_simple'])}" for opt, f in fits.items())
+    paths["summary"] = "; ".join(f"{opt} @ {acc:g}: B_crit {_g(f['b_crit'])} [{_g(f['b_crit_low'])}, "
+                                 f"{_g(f['b_crit_high'])}]" for (opt, acc), f in fits.items())
     return paths

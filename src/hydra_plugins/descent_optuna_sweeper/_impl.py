@@ -373,6 +373,19 @@ class OptunaSweeperImpl(Sweeper):
         trials_so_far = len(study.trials)
         self.job_idx = max(self.job_idx, trials_so_far)  # a grid's studies: one job numbering in the sweep
         study.sampler = self._make_sampler(search_space_for_grid_sampler, trials_so_far)
+        if cell:  # descent: the grid's values on the study (a sampler may read them: descent/protocol.py)
+            study.set_user_attr("descent.cell", dict(o.split("=", 1) for o in cell))
+        if hasattr(study.sampler, "space"):  # descent: a sampler that plans all parameters at once
+            study.sampler.space = dict(search_space_distributions)
+        # descent: a sampler that decides when its study is done (descent/protocol.py): n_trials is then a cap
+        finished = getattr(study.sampler, "finished", lambda study: False)
+        if hasattr(study.sampler, "finished"):  # trials an earlier command left running died with it (Ctrl-C, a
+            # lost node): FAIL, marked interrupted, so that such a sampler proposes them again
+            for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
+                study._storage.set_trial_user_attr(t._trial_id, "descent.interrupted", True)
+                study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+                log.warning(f"Study {study.study_name}: trial {t.number} was left running by an earlier command: "
+                            "FAIL, to be run again")
         log.info(f"Study name: {study.study_name}" + (f" ({trials_so_far} trials so far)" if trials_so_far else ""))
         log.info(f"Sampler: {type(study.sampler).__name__}")
         log.info(f"Directions: {directions}")
@@ -381,9 +394,17 @@ class OptunaSweeperImpl(Sweeper):
         n_trials_to_go = self.n_trials
 
         while n_trials_to_go > 0:
-            batch_size = min(n_trials_to_go, batch_size)
+            batch_size = min(n_trials_to_go, self.n_jobs)
 
-            trials = [study.ask() for _ in range(batch_size)]
+            trials = []
+            for _ in range(batch_size):
+                if finished(study):
+                    break
+                trials.append(study.ask())
+            if not trials:
+                log.info(f"Study {study.study_name}: its sampler has nothing left to run")
+                break
+            batch_size = len(trials)
             overrides = self._configure_trials(
                 trials, search_space_distributions, fixed_params, fixed_overrides, cell
             )

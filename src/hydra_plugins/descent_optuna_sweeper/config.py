@@ -126,6 +126,32 @@ class QMCSamplerConfig(SamplerConfig):
     warn_independent_sampling: bool = True
 
 
+@dataclass
+class ProtocolSamplerConfig(SamplerConfig):
+    """descent: the batch-size study's protocol per cell of hydra.sweeper.grid (descent/protocol.py): the rate
+    searched on the first seed (x`coarse` while the best is at an edge of what was tried, then `fine` (√2) on
+    both sides of the best, for every target the runs record), then each chosen rate on the other seeds, never
+    pruned. The seeds are hydra.sweeper.params.seed's choices, the rates' bounds optimizer.lr's interval;
+    n_trials caps the trials per cell, which ends when the protocol has nothing left to run."""
+
+    _target_: str = "descent.protocol.Protocol"
+    lr_param: str = "optimizer.lr"
+    seed_param: str = "seed"
+    # the first rate: a number, a mapping of a cell's value (an optimizer's name; `default`) to one, or None
+    # (the geometric middle of the rate's bounds)
+    start: Any = None
+    coarse: float = 4.0  # the step while the best rate is the largest (smallest) tried
+    fine: float = 1.4142135623730951  # the refinement around the best: √2
+    max_search: int = 16  # search trials per cell at most (then the cell measures what it found)
+    warm: Optional[str] = None  # a grid key (data.batch_size): start from the rate the nearest cell along it chose
+    warm_power: float = 0.5  # ... times (B / B')^warm_power (0.5: the square-root rule)
+    # grid values of the cell that also runs the reference trajectory ({data.batch_size: 128}): the first seed at
+    # the chosen rate once more with reference_param true
+    reference: Any = None
+    reference_param: str = "trainer.noise_at_targets"
+    seed: Optional[int] = None  # unused (the protocol is deterministic); the sweeper moves it on like the others'
+
+
 defaults = [{"sampler": "tpe"}]
 
 
@@ -202,6 +228,7 @@ for name, node in {
     "grid": GridSamplerConfig,
     "gp": GPSamplerConfig,
     "qmc": QMCSamplerConfig,
+    "protocol": ProtocolSamplerConfig,
 }.items():
     ConfigStore.instance().store(
         group="hydra/sweeper/sampler",
