@@ -36,8 +36,8 @@ def image_shape(datamodule, x: torch.Tensor) -> tuple[int, ...]:
 
 
 def class_names(datamodule, k: int) -> list[str]:
-    names = getattr(datamodule, "classes", None)
-    if names is not None and len(names) == k:
+    names = getattr(datamodule, "classes", None)  # descent's data modules hold the count; a list names them
+    if isinstance(names, (list, tuple)) and len(names) == k:
         return [str(n) for n in names]
     if getattr(datamodule, "name", None) == "FashionMNIST":
         from torchvision.datasets import FashionMNIST

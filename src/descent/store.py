@@ -189,5 +189,6 @@ def log_table(client, run_id: str, data, artifact_file: str) -> None:
     if any(f.path == artifact_file for f in client.list_artifacts(run_id, folder)):
         from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
-        get_artifact_repository(client.get_run(run_id).info.artifact_uri).delete_artifacts(artifact_file)
+        get_artifact_repository(client.get_run(run_id).info.artifact_uri,
+                                tracking_uri=client.tracking_uri).delete_artifacts(artifact_file)
     client.log_table(run_id, data, artifact_file)

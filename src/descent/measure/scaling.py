@@ -28,7 +28,6 @@ import numpy as np
 from descent.store import PARENT_TAG, SWEEP_DIR_TAG, SWEEP_TAG, resolve_uri
 
 BOOTSTRAP = 1000  # resamples of the seeds for the intervals
-N_TRAIN = 60000   # MNIST's training set, before data.val_size and data.limit_train
 UPDATES, EXAMPLES = "target/updates/", "target/examples/"
 
 
@@ -47,11 +46,16 @@ class Run:
 
 
 def batch_size_of(params: dict[str, str]) -> int:
-    """data.batch_size as run: null means the whole training set (after val_size and limit_train)."""
+    """data.batch_size as run: null means the whole training set (after val_size and limit_train): the run's
+    data.train_examples, or for runs recorded before it the table's training split (descent/datasets.py)."""
+    from descent.datasets import TABLE
+
     b = params.get("data.batch_size", "None")
     if b not in ("None", "null", ""):
         return int(b)
-    n = N_TRAIN - int(params.get("data.val_size", 0) or 0)
+    if params.get("data.train_examples"):
+        return int(params["data.train_examples"])
+    n = TABLE.get(params.get("data.name", ""), TABLE["MNIST"]).n_train - int(params.get("data.val_size", 0) or 0)
     limit = params.get("data.limit_train", "None")
     return min(n, int(limit)) if limit not in ("None", "null", "") else n
 
