@@ -382,11 +382,11 @@ def run_descent(job: dict, cfg) -> dict:
         for name in ("log_metrics", "flush", "save"):
             timed(logger, name)
     measure_seconds = [0.0]
-    for i, measure in enumerate(module.measures):  # descent-noise: the time inside each measurement
-        def timed_measure(m, measure=measure):
+    for i, one in enumerate(module.measures):  # descent-noise: the time inside each measurement
+        def timed_measure(m, one=one):
             tic = time.perf_counter()
             try:
-                return measure(m)
+                return one(m)
             finally:
                 measure_seconds[0] += time.perf_counter() - tic
 

@@ -1,7 +1,6 @@
 """Every option of every config group composes and instantiates; bad options get hydra's list."""
 
 from functools import partial
-from pathlib import Path
 
 import pytest
 import torch

@@ -242,7 +242,6 @@ def test_fashion_mnist_convnet_run_is_recorded_with_its_dataset_and_model(tmp_pa
     # the command, `python src/train.py data=fashion_mnist model=cnn`, reduced in data and epochs, with
     # the model logged as shipped: its MLflow record names the dataset, and the logged model is the convnet
     import mlflow
-    import numpy as np
     from mlflow import MlflowClient
 
     train("data=fashion_mnist", "model=cnn", "data.limit_train=256", "data.val_size=0", "trainer.max_epochs=1",

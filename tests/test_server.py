@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import optuna
-import pytest
 import torch
 from mlflow import MlflowClient
 

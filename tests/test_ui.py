@@ -6,7 +6,6 @@ replace the README's in docs/."""
 import os
 import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient

@@ -124,7 +124,6 @@ def misclassified_figure(x: torch.Tensor, wrong: dict, shape: tuple[int, ...], n
     images = [to_image(e, shape) for e in x[index].detach().cpu().float().numpy()]
     h, w = images[0].shape[:2]
     cols = math.ceil(math.sqrt(shown)) if w <= 4 * h else 1  # a strip of features: one per row
-    rows = math.ceil(shown / cols)
     pad, top = max(2, w // 10), max(4, round(h * 0.6))  # room above each image for its two lines
     sheet = montage(images, cols, pad, top)
     inches = 1.6 / h  # per pixel: an image about 1.6 inches high

@@ -12,10 +12,14 @@ import hashlib
 import logging
 import time
 import warnings
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
+
+if TYPE_CHECKING:  # only for the annotation: importing mlflow.data at start-up costs time
+    import mlflow.data
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +37,7 @@ def digest(x: torch.Tensor, y: torch.Tensor) -> str:
     return h.hexdigest()[:DIGEST_CHARS]
 
 
-def datasets(datamodule, name: str) -> dict[str, "mlflow.data.Dataset"]:
+def datasets(datamodule, name: str) -> dict[str, mlflow.data.Dataset]:
     """One MLflow dataset per non-empty split: name "<data> (train, N×features)", digest, source (the split's
     file or folder, datamodule.split_source), schema. A torchvision set or a user's file names itself."""
     import mlflow.data

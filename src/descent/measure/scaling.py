@@ -292,7 +292,7 @@ def markdown(rows: list[dict], fits: dict, noise: dict, header: str, n_boot: int
                      f"{r['seeds_reached']}/{r['seeds']} | {_g(r['updates_to_target'])} | {r['updates_by_seed']} | "
                      f"{_g(r['examples_to_target'])} | {resolution} |")
     coarse = [r for r in rows if r["resolution"] is not None and r["resolution"] > 0.02]
-    lines += ["", f"Resolved to <= 2 % (updates between two checks of the target over S): "
+    lines += ["", "Resolved to <= 2 % (updates between two checks of the target over S): "
               + ("every cell." if not coarse else "all but " + ", ".join(
                   f"{r['optimizer']} B {r['batch_size']} @ {r['target']:g} ({100 * r['resolution']:.2g} %)"
                   for r in coarse) + ".")]
