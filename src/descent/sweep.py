@@ -310,13 +310,11 @@ class MLflowSweep(Callback):
 
                 paths = make_report(self.uri, parent_run_id=self.run_id, out_dir=self.sweep_dir,
                                     target_acc=self.target_acc)
-                table = [line for line in paths["md"].read_text().splitlines() if line.startswith("|")]
                 headlines += [headline(paths[k].read_text()) for k in ("md", "search_md") if k in paths]
-                log.info("%s\nconvergence report: %s (table), %s, %s", "\n".join(table),
+                log.info("%s\nconvergence report: %s (table), %s, %s", headlines[0],
                          *(launch_relative(str(paths[k])) for k in ("md", "png", "csv")))
                 if "search_md" in paths:  # an Optuna study: its trials, the best in bold
-                    search = [line for line in paths["search_md"].read_text().splitlines() if line.startswith("|")]
-                    log.info("%s\nthe search: %s (table), %s", "\n".join(search),
+                    log.info("%s\nthe search: %s (table), %s", headlines[1],
                              *(launch_relative(str(paths[k])) for k in ("search_md", "search_png")))
                 log.info("the sweep's MLflow run %s; to look at it: %s", self.run_id,
                          how_to_look(self.uri, os.getcwd(), self.experiment_id, self.run_id))
