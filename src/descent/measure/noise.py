@@ -12,6 +12,8 @@ the gradient of L_i with respect to (W, b) is (δ_i a_iᵀ, δ_i) with δ_i = �
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -119,6 +121,18 @@ def measure_with_error(net: nn.Module, x: torch.Tensor, y: torch.Tensor, blocks:
                                 if b > a])
 
 
+@contextmanager
+def untouched(net: nn.Module, device: torch.device):
+    """A measurement leaves training as it was: the net's buffers (batch norm's running statistics, if a net had
+    them) restored, and the RNG (dropout) forked."""
+    buffers = [b.clone() for b in net.buffers()]
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        yield
+    with torch.no_grad():
+        for b, saved in zip(net.buffers(), buffers):
+            b.copy_(saved)
+
+
 class NoiseScale:
     """noise/grad_sq, noise/trace_cov (this point's estimates) and noise/b_simple (the ratio of their EMAs).
 
@@ -152,13 +166,8 @@ class NoiseScale:
         if len(idx) < 2:
             return {}
         net = module.net
-        # buffers (batch norm's running statistics, if a net had them) as they were, and the RNG (dropout)
-        buffers = [b.clone() for b in net.buffers()]
-        with torch.random.fork_rng(devices=[dm.x_train.device] if dm.x_train.device.type == "cuda" else []):
-            sq, mean_sq = per_example_grads(net, dm.x_train[idx], dm.y_train[idx])
-        with torch.no_grad():
-            for b, saved in zip(net.buffers(), buffers):
-                b.copy_(saved)
+        with untouched(net, dm.x_train.device):
+            sq, mean_sq = per_example_grads(net, dm.x_train[idx], dm.y_train[idx], module.criterion)
         grad_sq, trace_cov = estimates(sq, mean_sq)
         a, beta = self.avg, self.ema
         a["grad_sq"] = beta * a["grad_sq"] + (1 - beta) * grad_sq
@@ -191,12 +200,8 @@ class NoiseAtTargets:
         if not due:
             return {}
         dm, net = module.trainer.datamodule, module.net
-        buffers = [b.clone() for b in net.buffers()]
-        with torch.random.fork_rng(devices=[dm.x_train.device] if dm.x_train.device.type == "cuda" else []):
-            found = measure_with_error(net, dm.x_train, dm.y_train, self.blocks)
-        with torch.no_grad():
-            for b, saved in zip(net.buffers(), buffers):
-                b.copy_(saved)
+        with untouched(net, dm.x_train.device):
+            found = measure_with_error(net, dm.x_train, dm.y_train, self.blocks, module.criterion)
         out = {"noise/b_simple": found["b_simple"], "noise/b_simple_se": found["b_simple_se"]}
         for t in due:
             self.crossed.append(t)
