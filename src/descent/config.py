@@ -298,7 +298,7 @@ def _data_sizes(data: dict, total: int | None) -> list[str]:
     problems = []
     val_size = data.get("val_size", 0)
     if _is_number(val_size) and not _is_int(val_size) and 0 < val_size < 1:
-        val_size = int(round(val_size * total)) if total else 0  # a fraction of the training examples
+        val_size = datasets.val_examples(val_size, total) if total else 0  # a fraction of the training examples
     if total is None:
         rule = integer(0)
     else:

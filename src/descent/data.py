@@ -22,7 +22,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 
-from descent.datasets import DIGITS_SPLIT_SEED, TABLE, describe
+from descent.datasets import DIGITS_SPLIT_SEED, TABLE, describe, val_examples
 
 log = logging.getLogger(__name__)
 
@@ -396,7 +396,7 @@ class InMemoryDataModule(pl.LightningDataModule):
                                 f"({len(splits['validation'][0])} examples); allowed: 0")
             (x_val, y_val), n_train = splits["validation"], len(x)
         else:
-            n_val = self.val_size if isinstance(self.val_size, int) else int(round(self.val_size * len(x)))
+            n_val = val_examples(self.val_size, len(x))
             if not 0 <= n_val < len(x):
                 raise DataError(f"data.val_size={self.val_size!r}: the training split has {len(x)} examples; "
                                 f"allowed: 0 to {len(x) - 1} (or a fraction in (0, 1))")

@@ -88,6 +88,11 @@ def held_out(name) -> int | float:
     return known.held_out if known else round(1 / HELD_OUT, 4)
 
 
+def val_examples(val_size: int | float, n_train: int) -> int:
+    """data.val_size as examples: a count as it is, a fraction in (0, 1) of the n_train training examples."""
+    return val_size if isinstance(val_size, int) else int(round(val_size * n_train))
+
+
 def at_most(n: int, name) -> int:
     """data.limit_train in a preset that trains on a subset: n examples, or all of a known smaller training set."""
     known = facts(str(name)) if name is not None else None

@@ -104,7 +104,7 @@ def choose(batch_size: int, cpus: int, jobs: int = 1) -> int:
 def batch_size(cfg, n_train: int | None = None) -> int:
     """Examples per update: data.batch_size, or the whole training set for batch gradient descent: n_train,
     the examples the loaded data has (train.py), else the table's for data.name (descent/datasets.py)."""
-    from descent.datasets import TABLE
+    from descent.datasets import TABLE, val_examples
 
     if cfg.data.get("batch_size"):
         return int(cfg.data.batch_size)
@@ -112,7 +112,7 @@ def batch_size(cfg, n_train: int | None = None) -> int:
         return int(n_train)
     facts = TABLE.get(str(cfg.data.get("name")), TABLE["MNIST"])
     val_size = cfg.data.get("val_size") or 0
-    val_size = int(round(val_size * facts.n_train)) if isinstance(val_size, float) else val_size
+    val_size = val_examples(val_size, facts.n_train)
     return int(cfg.data.get("limit_train") or facts.n_train - val_size)
 
 
