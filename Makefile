@@ -39,31 +39,31 @@ test: $(FULL)
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # the MLflow UI on 127.0.0.1:$(UI_PORT) over the project's store (or $$MLFLOW_TRACKING_URI), one worker and no
-# job-execution workers (descent/ui.py; the browser test starts it the same way)
+# job-execution workers (descent/services/ui.py; the browser test starts it the same way)
 UI_PORT ?= 5000
 ui: $(BASE)
-	$(BIN)/python -m descent.ui --port $(UI_PORT)
+	$(BIN)/python -m descent.services.ui --port $(UI_PORT)
 
 # the team tracking server: PostgreSQL + MLflow on 127.0.0.1:5000, state in outputs/tracking/ (docs/how-to/team-server.md)
 server: $(BASE)
-	$(BIN)/python -m descent.server start $(ARGS)
+	$(BIN)/python -m descent.services.server start $(ARGS)
 
 server-stop: $(BASE)
-	$(BIN)/python -m descent.server stop $(ARGS)
+	$(BIN)/python -m descent.services.server stop $(ARGS)
 
 # single-node clusters for hydra/launcher=ray|slurm (docs/how-to/cluster.md): a Ray head and one
 # worker node (state in outputs/ray/), SLURM's munged + slurmctld + slurmd as root (outputs/slurm/)
 ray: $(BASE)
-	$(BIN)/python -m descent.cluster ray start $(ARGS)
+	$(BIN)/python -m descent.services.cluster ray start $(ARGS)
 
 ray-stop: $(BASE)
-	$(BIN)/python -m descent.cluster ray stop $(ARGS)
+	$(BIN)/python -m descent.services.cluster ray stop $(ARGS)
 
 slurm: $(BASE)
-	$(BIN)/python -m descent.cluster slurm start $(ARGS)
+	$(BIN)/python -m descent.services.cluster slurm start $(ARGS)
 
 slurm-stop: $(BASE)
-	$(BIN)/python -m descent.cluster slurm stop $(ARGS)
+	$(BIN)/python -m descent.services.cluster slurm stop $(ARGS)
 
 bench: $(BASE)
 	$(BIN)/python benchmarks/bench.py $(ARGS)

@@ -17,10 +17,10 @@ How it measures (the same on every row):
 - same model (descent.nets.MLP, or the row's conf/model option; keras init, seed 0), same data order
   (descent.data.epoch_permutation), same hyperparameters (conf/optimizer/*.yaml); flush-denormal on for
   descent and the plain loop.
-- descent = a real pytorch_lightning.Trainer fitting descent.loop.Classifier on IDXDataModule, built
+- descent = a real pytorch_lightning.Trainer fitting descent.engine.loop.Classifier on IDXDataModule, built
   from conf/ as src/train.py builds it; its time is the Classifier's own clock (train_seconds: from
   on_train_epoch_start to the epoch's last update, lightning's per-chunk overhead included).
-- plain = descent.reference.plain_train with torch's default optimizer (for-loop, not fused, eager).
+- plain = descent.engine.reference.plain_train with torch's default optimizer (for-loop, not fused, eager).
 - with CUDA, gpu-* rows (--no-gpu skips them): descent as configured (trainer.cuda_graphs=auto: one CUDA
   graph replay per update), descent-eager (cuda_graphs=false), plain on the GPU, and bare-graph: a
   captured loop with nothing around it (no lightning, no metrics), the floor for descent's graph path.
@@ -28,7 +28,7 @@ How it measures (the same on every row):
   the epoch, which reads the device (a sync).
 - peak memory = the process's resident-set high-water mark (VmHWM) over the job, and in brackets its
   growth over the resident set after imports (torch + lightning alone hold ~900 MiB here).
-- threads: plain, descent and their variants run at descent's thread policy (descent/threads.py: the
+- threads: plain, descent and their variants run at descent's thread policy (descent/engine/threads.py: the
   intra-op threads it chooses for the regime's batch size on this machine, GOMP_SPINCOUNT=1000);
   plain-2t and descent-2t at 2 intra-op threads with OpenMP's default wait policy (torch's default on
   a 2-core machine, and descent's before the policy); Keras as a user gets it. The table names each row's.
@@ -206,7 +206,7 @@ def run_plain(job: dict, cfg) -> dict:
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    import descent.reference as reference
+    import descent.engine.reference as reference
     from descent.data import ensure_data, epoch_permutation, load_split
 
     ensure_data(cfg.data.root, download=False)
@@ -254,7 +254,7 @@ def run_bare_graph(job: dict, cfg) -> dict:
     from hydra.utils import instantiate
 
     from descent.data import ensure_data, epoch_permutation, load_split
-    from descent.graphs import optimizer_kwargs
+    from descent.engine.graphs import optimizer_kwargs
 
     ensure_data(cfg.data.root, download=False)
     device = torch.device("cuda")
@@ -309,8 +309,9 @@ def run_descent(job: dict, cfg) -> dict:
     import pytorch_lightning as pl
     from hydra.utils import instantiate
 
-    from descent import measure, tracking
-    from descent.loop import Classifier
+    from descent import measure
+    from descent.tracking import logger as tracking
+    from descent.engine.loop import Classifier
 
     class EpochClock(pl.Callback):
         """Reads the Classifier's clock and update count at each epoch boundary; times the first compiled steps."""
@@ -431,9 +432,9 @@ def worker(jobs_file: str) -> None:
     import pytorch_lightning  # noqa: F401
 
     import descent.data  # noqa: F401
-    import descent.loop  # noqa: F401
+    import descent.engine.loop  # noqa: F401
 
-    from descent import threads
+    from descent.engine import threads
 
     for job in jobs:
         cfg = compose(job)
@@ -561,11 +562,11 @@ CHECKPOINT_TARGET = 1.03  # issue 20: the seed run with checkpoints uploaded <= 
 
 def checkpoint_costs(rounds: int, data: str, tmp: Path, env: dict, quick: bool) -> list[str]:
     """The seed run through src/train.py (MLflow, checkpoints as shipped) with logger.log_checkpoint true and
-    false, on a sqlite store and on a tracking server (descent.server, PostgreSQL + MLflow, started here and
+    false, on a sqlite store and on a tracking server (descent.services.server, PostgreSQL + MLflow, started here and
     stopped after); training seconds per epoch (the run's progress/seconds), medians over the rounds."""
     from mlflow import MlflowClient
 
-    from descent import server
+    from descent.services import server
 
     epochs, limit = (2, 8192) if quick else (3, None)
     state = Path(tempfile.mkdtemp(prefix="descent-bench-server-"))  # PostgreSQL's own user must reach it
@@ -658,7 +659,7 @@ def verdict(ratio: float, target: float, what: str) -> str:
 
 
 def threads_used(row: Row) -> str:
-    """Intra-op threads and OpenMP's wait (descent.threads.wait_policy) of the row's processes (Keras: as a user gets them)."""
+    """Intra-op threads and OpenMP's wait (descent.engine.threads.wait_policy) of the row's processes (Keras: as a user gets them)."""
     if "threads" not in row.extra:
         return "torch's default"
     return ", ".join(sorted({f"{n} ({w})" for n, w in zip(row.extra["threads"], row.extra["wait_policy"])}))
@@ -722,7 +723,7 @@ def overheads(rows: dict[tuple[str, str], Row], firsts: list[float], walls: list
         lines.append(
             f"| MLflow logging, % of seed-epoch time | {statistics.median(share):.2f} % | "
             + ", ".join(f"{s:.2f}" for s in share)
-            + " | time inside descent.tracking.Logger's log_metrics/flush/save (sqlite store, final flush included) "
+            + " | time inside descent.tracking.logger.Logger's log_metrics/flush/save (sqlite store, final flush included) "
             f"over the Classifier's training seconds; epoch medians with vs without the logger differ by {diff:+.1f} % |"
         )
     if ("seed", "descent-noise") in rows:
@@ -755,7 +756,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-wait", type=float, help="seconds in all that the run may spend waiting, before jobs (15 s "
                    "at most each), for the other processes on this machine to go quiet (default 60, --quick 0)")
     p.add_argument("--threads", type=int, help="intra-op threads for plain, descent and their variants (default: "
-                   "descent/threads.py's choice per regime); the -2t rows stay at 2, Keras at torch's default")
+                   "descent/engine/threads.py's choice per regime); the -2t rows stay at 2, Keras at torch's default")
     p.add_argument("--budget", type=float, help="seconds for the whole run (default 540, --quick: no limit): "
                    "under load, jobs stop after fewer timed epochs (at least one) to stay within it")
     p.add_argument("--only", help="comma-separated regimes to run (seed, online-sgd, online-rmsprop, full-batch, "
@@ -782,7 +783,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = {(r.key, c): Row(r, c) for r in regs for c in r.contenders}
     info: dict = {"load_start": open("/proc/loadavg").read().split()[0]}
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in [str(ROOT / "src"), os.environ.get("PYTHONPATH")] if p)}
-    from descent.threads import SPIN_COUNT  # (importing descent puts it in this process's environment too)
+    from descent.engine.threads import SPIN_COUNT  # (importing descent puts it in this process's environment too)
 
     with tempfile.TemporaryDirectory(prefix="descent-bench-") as tmp_name:
         tmp = Path(tmp_name)

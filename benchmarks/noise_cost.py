@@ -1,5 +1,5 @@
 """The gradient noise scale's cost against the seed run, interleaved in one process so that other load hits both
-alike: an epoch of the seed run's updates (descent.reference.plain_train, RMSprop, batch 128, 60000 examples),
+alike: an epoch of the seed run's updates (descent.engine.reference.plain_train, RMSprop, batch 128, 60000 examples),
 then one noise probe (descent.measure.noise, 1024 examples), 3 times; the median ratio of the last 2.
 
     python benchmarks/noise_cost.py          # one intra-op thread (a shared machine; README, "Threads")
@@ -16,7 +16,7 @@ import torch
 from descent.data import load_split
 from descent.measure.noise import per_example_grads
 from descent.nets import MLP
-from descent.reference import plain_train
+from descent.engine.reference import plain_train
 
 torch.set_flush_denormal(True)
 torch.set_num_threads(1)

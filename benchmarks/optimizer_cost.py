@@ -1,4 +1,4 @@
-"""Each optimizer's cost per update against plain SGD's: the plain loop (descent.reference.plain_train), the
+"""Each optimizer's cost per update against plain SGD's: the plain loop (descent.engine.reference.plain_train), the
 optimizers as conf/optimizer/*.yaml builds them, on the real MNIST cache.
 
     python benchmarks/optimizer_cost.py                      # ~3 min on 2 cores
@@ -10,7 +10,7 @@ optimizers as conf/optimizer/*.yaml builds them, on the real MNIST cache.
 Each (optimizer, batch) times `--updates` updates after as many warm-up ones, `--rounds` times, the order
 reversed each round; the table gives medians and the ratio to sgd's median at the same batch size. Same
 model (descent.nets.MLP, keras init, seed 0), data order, flush-denormal, intra-op threads and OpenMP
-wait policy (descent/threads.py).
+wait policy (descent/engine/threads.py).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from descent import threads
+from descent.engine import threads
 
 threads.set_wait_policy()  # descent's OpenMP wait, before torch loads libgomp
 
@@ -30,8 +30,8 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.utils import instantiate
 
 from descent.data import ensure_data, load_split  # noqa: E402
-from descent.optim import needs_closure  # noqa: E402
-from descent.reference import plain_train  # noqa: E402
+from descent.nets.optim import needs_closure  # noqa: E402
+from descent.engine.reference import plain_train  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MINI = ("sgd", "sgd_momentum", "adam", "adamw", "muon")

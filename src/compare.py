@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", metavar="DIR",
                         help="output folder (default: the sweep's folder, else outputs/reports/<timestamp>/)")
     parser.add_argument("--pictures", metavar="NAME", choices=("local_minima", "step_size", "edge_of_stability"),
-                        help="also draw this preset's figure (descent/pictures.py) for the sweep --parent names")
+                        help="also draw this preset's figure (descent/reports/pictures.py) for the sweep --parent names")
     parser.add_argument("--scaling", action="store_true",
                         help="the batch-size scaling report of an experiment=batch_scaling sweep instead: per optimizer, "
                              "batch size and target, the seeds' median updates and examples at the rate chosen on the "
@@ -39,11 +39,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.more and not args.scaling:
         parser.error("--with joins another sweep's trials to a --scaling report only")
 
-    from descent import report  # mlflow and matplotlib: only once the command line is known to be good
+    from descent.reports import convergence as report  # mlflow and matplotlib: only once the command line is known to be good
 
     try:
         if args.scaling:
-            from descent.measure.scaling import make_scaling_report
+            from descent.reports.scaling import make_scaling_report
 
             paths = make_scaling_report(args.tracking_uri, args.parent, args.out, args.experiment, tuple(args.more))
             paths.pop("summary")
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"compare.py: {e}", file=sys.stderr)
         return 2
     if args.pictures:
-        from descent import pictures
+        from descent.reports import pictures
 
         paths |= {f"{args.pictures}_{k}": v for k, v in pictures.make(
             args.pictures, args.tracking_uri, args.parent, args.out or paths["md"].parent).items()}

@@ -17,11 +17,11 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from descent import terminal
+from descent.console import terminal
 from descent.config import ConfigError, resume_config, validate
 
 log = logging.getLogger("descent")
-terminal.quiet_third_parties()  # before MLflow is imported: its log lines through Hydra's (descent/terminal.py)
+terminal.quiet_third_parties()  # before MLflow is imported: its log lines through Hydra's (descent/console/terminal.py)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
@@ -34,7 +34,7 @@ def main(cfg: DictConfig) -> float | None:
         os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     try:  # every problem at once, before anything is built and before any MLflow run exists
         validate(cfg)
-        from descent import store
+        from descent.tracking import store
 
         uri = store.tracking_uri(cfg.logger.tracking_uri, launch_dir)
         store.check_store(uri)
@@ -61,9 +61,13 @@ def train(cfg, hc, launch_dir, out_dir, choices, run_id, ckpt_path, changed=None
     import pytorch_lightning as pl
     from pytorch_lightning.callbacks import LambdaCallback, ModelCheckpoint
 
-    from descent import measure, record, threads, toy, tracking
-    from descent.loop import Classifier, Diverged, ResumeError, SafetyCheckpoints
-    from descent.sweep import Pruned, Pruning, Target, job_tags, optuna_trial
+    from descent import measure
+    from descent.tracking import record
+    from descent.engine import threads
+    from descent.nets import toy
+    from descent.tracking import logger as tracking
+    from descent.engine.loop import Classifier, Diverged, ResumeError, SafetyCheckpoints
+    from descent.sweep.driver import Pruned, Pruning, Target, job_tags, optuna_trial
 
     from descent.config import LR_TAG, lr_not_searched
     from descent.data import DataError
@@ -83,7 +87,7 @@ def train(cfg, hc, launch_dir, out_dir, choices, run_id, ckpt_path, changed=None
             return None  # the sweep goes on with its next job
         sys.exit(2)
     n_train = len(datamodule.x_train) if hasattr(datamodule, "x_train") else None
-    threads.apply(cfg, hc, n_train)  # torch's intra-op threads for this job: trainer.threads or descent/threads.py's
+    threads.apply(cfg, hc, n_train)  # torch's intra-op threads for this job: trainer.threads or descent/engine/threads.py's
     module.measures += measure.from_config(cfg, module.net)  # sharpness, a toy's trace: descent/measure/
     tags = {"hydra.output_dir": str(out_dir)}
     if run_id is None and (not_searched := lr_not_searched(cfg, dict(hc.runtime.choices))):
@@ -122,7 +126,7 @@ def train(cfg, hc, launch_dir, out_dir, choices, run_id, ckpt_path, changed=None
         accelerator=cfg.trainer.accelerator,
         devices=1,
         logger=logger,
-        callbacks=[LambdaCallback(on_fit_start=partial(  # the line saying what runs (descent/terminal.py)
+        callbacks=[LambdaCallback(on_fit_start=partial(  # the line saying what runs (descent/console/terminal.py)
                        terminal.start_line, name=logger._run_name, choices=choices,
                        uri=terminal.shown_uri(cfg.logger.tracking_uri, launch_dir),
                        out_dir=terminal.shown(out_dir, launch_dir))),

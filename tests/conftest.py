@@ -66,9 +66,9 @@ def tracking_server_dir():
 
 @pytest.fixture(scope="session")
 def tracking_server(tracking_server_dir) -> str:
-    """A real PostgreSQL + MLflow tracking server, started as `make server` does (descent.server), on a
+    """A real PostgreSQL + MLflow tracking server, started as `make server` does (descent.services.server), on a
     free loopback port; yields its http URI and stops both processes at the end of the session."""
-    from descent import server
+    from descent.services import server
 
     try:
         yield server.start(tracking_server_dir, free_port())

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import hydra.core.utils
 
-from descent import tracking
-from descent.loop import Classifier
+from descent.tracking import logger as tracking
+from descent.engine.loop import Classifier
 
 env = os.environ
 targets = [int(v) for v in env.get("DESCENT_STOP_AT", "").split(",") if v]

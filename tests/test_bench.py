@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 from conftest import ROOT
-from descent.threads import SPIN_COUNT
+from descent.engine.threads import SPIN_COUNT
 
 THREADS = {"plain", "descent", "plain-2t", "descent-2t"}  # the thread policy's rows and 2 threads (issue 20)
 CONTENDERS = {

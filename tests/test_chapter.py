@@ -30,7 +30,7 @@ def multirun(tmp_path, monkeypatch, *overrides):
     monkeypatch.setattr(sys, "argv", ["src/train.py", "-m", f"hydra.sweep.dir={tmp_path}/sweep",
                                       "trainer.progress_bar=false", *overrides])
     # what a run sets for its own process, put back for the tests that follow in this one: the environment,
-    # logging (Hydra's job logging), torch's threads (descent/threads.py)
+    # logging (Hydra's job logging), torch's threads (descent/engine/threads.py)
     environ, root = dict(os.environ), logging.getLogger()
     handlers, level, threads = list(root.handlers), root.level, torch.get_num_threads()
     GlobalHydra.instance().clear()
@@ -151,8 +151,8 @@ def gradient_descent_updates_to(w, lr, tol, f_star, updates, tilt=0.25):
 
 
 def test_step_size_tabulates_the_updates_to_tolerance_that_closed_form_gradient_descent_takes(tmp_path, monkeypatch):
-    from descent.pictures import TOLERANCE
-    from descent.toy import LOSSES
+    from descent.reports.pictures import TOLERANCE
+    from descent.nets.toy import LOSSES
 
     client, parent, children = multirun(tmp_path, monkeypatch, "experiment=step_size", "data.n_train=60",
                                         "model=double_well", "lr_ratio=0.01,0.3,0.95")

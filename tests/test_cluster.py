@@ -1,6 +1,6 @@
 """The same small study on real single-node clusters: Ray (hydra/launcher=ray) and SLURM (hydra/launcher=slurm).
 
-Both clusters are started by descent.cluster, as `make ray` / `make slurm` start them, on free loopback
+Both clusters are started by descent.services.cluster, as `make ray` / `make slurm` start them, on free loopback
 ports with their state under pytest's temp folder, and stopped at the end whatever happens. The jobs log
 to the real tracking server (PostgreSQL + MLflow, `tracking_server`) over http, as jobs on other nodes would.
 """
@@ -16,7 +16,7 @@ import pytest
 from mlflow import MlflowClient
 
 from conftest import train
-from descent import cluster
+from descent.services import cluster
 
 STUDY = ["experiment=gd_vs_sgd", "batching=full,mini", "seed=0", "data.limit_train=2000", "data.val_size=1000",
          "trainer.max_epochs=2", "trainer.log_every_examples=500", "trainer.val_every_examples=1000",
@@ -70,7 +70,7 @@ def check_study(uri: str, experiment: str, tmp_path: Path) -> None:
 
 def test_a_study_on_ray(tmp_path, tracking_server, ray_cluster, mnist_root):
     # RAY_ADDRESS only, as a user who did not export the loopback mode `make ray` prints: the launcher
-    # config's callback (descent.cluster.RayLoopback) sets it in the driver
+    # config's callback (descent.services.cluster.RayLoopback) sets it in the driver
     assert "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" not in os.environ
     train(*STUDY, "hydra/launcher=ray", "logger.experiment_name=on-ray", cwd=tmp_path, store=tracking_server,
           multirun=True, env={"RAY_ADDRESS": ray_cluster.address}, timeout=600)

@@ -47,7 +47,7 @@ def test_every_option_composes_and_instantiates(group, option):
     assert net(torch.zeros(2, 784)).shape == (2, 10)  # every network reads the in-memory N x 784 rows
     make_opt = instantiate(cfg.optimizer)
     assert isinstance(make_opt, partial)
-    opt = make_opt(net.named_parameters())  # as the module passes them (descent.optim.MuonAdamW picks by name)
+    opt = make_opt(net.named_parameters())  # as the module passes them (descent.nets.optim.MuonAdamW picks by name)
     assert isinstance(opt, torch.optim.Optimizer)
     dm = instantiate(cfg.data, seed=cfg.seed)
     assert dm.batch_size == {"mini": 128, "online": 1, "full": None}.get(cfg_choice(group, option, "batching"), 128)

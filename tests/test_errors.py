@@ -1,4 +1,4 @@
-"""What the model gets wrong (logger.log_errors=true: descent/errors.py) on a seed-style run, best/train_loss
+"""What the model gets wrong (logger.log_errors=true: descent/reports/errors.py) on a seed-style run, best/train_loss
 without validation data, the experiment's kind; and the misclassified grid on data of another shape."""
 
 import numpy as np
@@ -74,7 +74,7 @@ def test_best_train_loss_without_validation_data(seed_style):
 
 
 def test_experiments_are_tagged_for_the_runs_table_new_and_old(seed_style, tmp_path):
-    from descent import store
+    from descent.tracking import store
     from conftest import sqlite_store
 
     client, run = seed_style
@@ -94,7 +94,7 @@ def test_the_grid_takes_its_shape_and_classes_from_the_data(tmp_path):
     import matplotlib
 
     matplotlib.use("Agg")
-    from descent import errors
+    from descent.reports import errors
 
     class Data:
         image_shape = (3, 12, 20)

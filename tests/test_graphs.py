@@ -1,4 +1,4 @@
-"""The graph path (descent/graphs.py): the same updates as the plain loop, through resume and faults.
+"""The graph path (descent/engine/graphs.py): the same updates as the plain loop, through resume and faults.
 
 Without CUDA the graph path's step runs uncaptured (trainer.cuda_graphs=true on CPU) with the same static
 buffers, warm-up and state reset; those tests prove the bookkeeping. Capturing and replaying are proven
@@ -14,12 +14,12 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 from conftest import ROOT, Stop, StopAfterChunks, lightning_fit, train
-from descent import graphs
+from descent.engine import graphs
 from descent.config import ConfigError, validate
 from descent.data import IDXDataModule
-from descent.loop import Classifier, Diverged
+from descent.engine.loop import Classifier, Diverged
 from descent.nets import MLP
-from descent.reference import plain_train
+from descent.engine.reference import plain_train
 
 N, EPOCHS, SEED = 600, 2, 7
 OPTIMIZERS = ("sgd", "sgd_momentum", "nesterov", "rmsprop", "adam")
@@ -172,7 +172,7 @@ def test_cuda_graphs_setting_is_validated():
 def test_entry_point_runs_the_graph_path_uncaptured_on_cpu(tmp_path, store, mnist_root):
     proc = train("trainer.cuda_graphs=true", "data.limit_train=1000", "trainer.max_epochs=1",
                  "logger.log_checkpoint=false", cwd=tmp_path, store=store)
-    assert "updates through descent.graphs.GraphStep (uncaptured: cpu)" in proc.stdout + proc.stderr
+    assert "updates through descent.engine.graphs.GraphStep (uncaptured: cpu)" in proc.stdout + proc.stderr
     [run] = MlflowClient(store).search_runs([MlflowClient(store).get_experiment_by_name("descent").experiment_id])
     assert run.info.status == "FINISHED" and run.data.metrics["progress/updates"] == -(-1000 // 128)
 

@@ -10,8 +10,8 @@ from hydra.utils import instantiate
 
 from conftest import ROOT
 from descent.data import IDXDataModule
-from descent.loop import Classifier, segments
-from descent.reference import plain_train
+from descent.engine.loop import Classifier, segments
+from descent.engine.reference import plain_train
 
 N, EPOCHS, SEED = 600, 2, 7
 

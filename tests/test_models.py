@@ -12,11 +12,14 @@ from hydra.utils import instantiate
 from omegaconf import open_dict
 
 from conftest import DATA, ROOT, Stop, StopAfterChunks, lightning_fit, train
-from descent import data, datasets, debian, threads
+from descent import data
+from descent.data import datasets
+from descent.services import debian
+from descent.engine import threads
 from descent.config import ConfigError, validate
 from descent.data import DATASETS, DataError, IDXDataModule, check_raw, ensure_data, gunzip_raw, load_split
-from descent.loop import Classifier
-from descent.reference import plain_train
+from descent.engine.loop import Classifier
+from descent.engine.reference import plain_train
 
 CONF = ROOT / "conf"
 MODELS = ["cnn", "linear", "mlp"]  # the networks; model=double_well, rosenbrock are toy losses (tests/test_toy.py)
@@ -152,7 +155,7 @@ def restore_threads():
 
 def fit(root, name, model, opt_name, batching, cuda_graphs=False, ckpt=None, callbacks=(), epochs=EPOCHS,
         accelerator="cpu", **model_kw):
-    # the intra-op threads src/train.py would give this batch size (descent/threads.py): one for online SGD,
+    # the intra-op threads src/train.py would give this batch size (descent/engine/threads.py): one for online SGD,
     # where two collapse ~100x for the CNN beside another CPU-bound process
     torch.set_num_threads(threads.choose(BATCHES[batching] or SIZES[batching], threads.cpus_granted()))
     torch.manual_seed(0)
@@ -223,7 +226,7 @@ def test_a_cnn_run_resumes_to_the_uninterrupted_run(mnist_root, tmp_path):
 
 
 def test_the_report_groups_by_every_config_group_that_differs():
-    from descent.report import Run, group
+    from descent.reports.convergence import Run, group
 
     def run(batching, model, data, seed):
         params = {"optimizer": "sgd", "batching": batching, "model": model, "data": data, "seed": str(seed),

@@ -60,7 +60,7 @@ def _fit(mnist_root, measures):
     import pytorch_lightning as pl
 
     from descent.data import MNISTDataModule
-    from descent.loop import Classifier
+    from descent.engine.loop import Classifier
 
     pl.seed_everything(0, verbose=False)
     dm = MNISTDataModule(root=str(mnist_root), download=False, val_size=500, limit_train=1500, batch_size=50, seed=0)

@@ -11,8 +11,8 @@ from hydra.utils import instantiate
 from conftest import ROOT, lightning_fit
 from descent.config import ConfigError, validate
 from descent.data import MNISTDataModule
-from descent.loop import Classifier
-from descent.reference import plain_train
+from descent.engine.loop import Classifier
+from descent.engine.reference import plain_train
 
 N, EPOCHS, SEED = 600, 2, 7
 

@@ -1,6 +1,6 @@
 """Any classification set: a user's .npz (features, images; each bad file refused), scikit-learn's digits,
 torchvision's CIFAR-10 from a folder in its own format; the networks sized from the data; no dataset
-number outside descent/datasets.py's table."""
+number outside descent/data/datasets.py's table."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from mlflow import MlflowClient
 from conftest import ROOT, command, output_of, terminal, train
 from descent import nets
 from descent.data import DataError, DigitsDataModule, NpzDataModule, TorchvisionDataModule
-from descent.datasets import TABLE
+from descent.data.datasets import TABLE
 
 SMALL = ("trainer.max_epochs=1", "trainer.noise_scale=false")  # data size is the file's; one epoch
 
@@ -317,7 +317,7 @@ def test_network_sizes_follow_the_data(tmp_path):
 
 
 def test_no_dataset_number_outside_the_table():
-    """784, 60000 and a 28x28 side, and 10 as a class count, are written in descent/datasets.py alone."""
+    """784, 60000 and a 28x28 side, and 10 as a class count, are written in descent/data/datasets.py alone."""
     patterns = [r"\b784\b", r"\b60_?000\b", r"(?<![-\d])\b28\b(?!-)", r"classes\W{1,3}10\b", r"\b10 class",
                 r"\b0\.\.9\b", r"Dense\(10\b"]
     found = []
@@ -363,7 +363,7 @@ def test_first_run_screen_names_the_source_in_one_line(tmp_path):
 
 
 PRESETS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml")
-                 if "descent.toy" not in (ROOT / "conf" / "experiment" / p.name).read_text()
+                 if "descent.nets.toy" not in (ROOT / "conf" / "experiment" / p.name).read_text()
                  and "data: toy" not in p.read_text())
 
 

@@ -1,4 +1,4 @@
-"""The batch-size study's protocol (descent/protocol.py) on synthetic cells whose best rate is known: a real
+"""The batch-size study's protocol (descent/sweep/protocol.py) on synthetic cells whose best rate is known: a real
 Optuna study driven as the sweeper drives it (ask, the job's target attributes, tell), no training."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import math
 import optuna
 import pytest
 
-from descent.protocol import Protocol
-from descent.sweep import target_key
+from descent.sweep.protocol import Protocol
+from descent.sweep.driver import target_key
 
 LR = optuna.distributions.FloatDistribution(1e-5, 10.0, log=True)
 SEEDS = optuna.distributions.CategoricalDistribution([0, 1, 2])

@@ -48,7 +48,7 @@ def test_model_reproduces_the_runs_test_accuracy(small_sweep, runs):
 
 def test_datasets_are_run_inputs_with_context_shape_and_digest(runs):
     from descent.data import IDXDataModule
-    from descent.record import digest
+    from descent.tracking.record import digest
 
     client, by_name = runs
     inputs = {name: {t.value: i.dataset for i in run.inputs.dataset_inputs for t in i.tags
@@ -170,7 +170,7 @@ def test_a_presets_sweep_states_its_question_and_what_it_varies(preset):
     from hydra import compose, initialize_config_dir
 
     from conftest import ROOT
-    from descent.sweep import parent_note, swept_keys
+    from descent.sweep.driver import parent_note, swept_keys
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=[f"experiment={preset}"], return_hydra_config=True)

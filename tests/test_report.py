@@ -15,7 +15,7 @@ import pytest
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 
-from descent import report
+from descent.reports import convergence as report
 
 ROOT = Path(__file__).resolve().parents[1]
 N_TRAIN = 3000  # examples per epoch in the fake runs; 2 epochs each

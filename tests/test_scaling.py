@@ -15,8 +15,8 @@ import pytest
 from mlflow import MlflowClient
 
 from conftest import ROOT, train
-from descent.measure.scaling import Run, analyse, b_crit, bootstrap, fit
-from descent.sweep import target_key
+from descent.reports.scaling import Run, analyse, b_crit, bootstrap, fit
+from descent.sweep.driver import target_key
 
 
 def test_fit_recovers_s_min_and_e_min_from_points_on_the_curve():

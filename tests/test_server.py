@@ -1,4 +1,4 @@
-"""The team tracking server (descent.server): real PostgreSQL, real `mlflow server`, real train.py runs.
+"""The team tracking server (descent.services.server): real PostgreSQL, real `mlflow server`, real train.py runs.
 
 An Optuna study with parallel trials in the server's PostgreSQL, resume on "another machine" (another folder,
 no local outputs), and the server going away in the middle of a run: for a few seconds (survived) and for good
@@ -19,7 +19,7 @@ import torch
 from mlflow import MlflowClient
 
 from conftest import ROOT, command, train, wait_for
-from descent import server
+from descent.services import server
 
 # 3 epochs of 100 batches of 128, a checkpoint every second (each one writes the metric points and
 # uploads the checkpoint); stop requests are served every 1280 examples
@@ -98,10 +98,10 @@ def restart(dir: Path, uri: str) -> None:
 
 
 def test_start_is_idempotent_and_reports_the_uri(tracking_server, tracking_server_dir):
-    out = subprocess.run([sys.executable, "-m", "descent.server", "start", "--dir", str(tracking_server_dir)],
+    out = subprocess.run([sys.executable, "-m", "descent.services.server", "start", "--dir", str(tracking_server_dir)],
                          capture_output=True, text=True, timeout=60, check=True).stdout
     assert "already running" in out and f"export MLFLOW_TRACKING_URI={tracking_server}" in out
-    status = subprocess.run([sys.executable, "-m", "descent.server", "status", "--dir", str(tracking_server_dir)],
+    status = subprocess.run([sys.executable, "-m", "descent.services.server", "status", "--dir", str(tracking_server_dir)],
                             capture_output=True, text=True, timeout=60)
     assert status.returncode == 0 and "postgresql: running" in status.stdout
     assert server.backend_uri(tracking_server_dir).startswith("postgresql+psycopg2://")

@@ -12,9 +12,9 @@ from mlflow import MlflowClient
 
 from conftest import lightning_fit, train
 from descent.data import IDXDataModule
-from descent.loop import Classifier
+from descent.engine.loop import Classifier
 from descent.nets import MLP
-from descent.sweep import target_key
+from descent.sweep.driver import target_key
 from test_resume import stop_at
 
 

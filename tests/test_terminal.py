@@ -80,7 +80,7 @@ def test_a_sweep_shows_each_job_then_the_report(tmp_path, mnist_root):
 
 
 def test_the_screen_filter_drops_only_known_chatter_unless_verbose():
-    from descent.terminal import Quiet
+    from descent.console.terminal import Quiet
 
     def record(name, level, message):
         return logging.LogRecord(name, level, __file__, 1, message, None, None)
@@ -106,7 +106,7 @@ def test_a_terminal_of_0_columns_gets_log_lines():
     import struct
     import termios
 
-    from descent.progress import terminal_columns
+    from descent.console.progress import terminal_columns
 
     master, slave = pty.openpty()
     try:

@@ -1,4 +1,4 @@
-"""The thread policy (descent/threads.py): its choice from the batch size, the CPUs granted and the jobs run
+"""The thread policy (descent/engine/threads.py): its choice from the batch size, the CPUs granted and the jobs run
 at once, and OpenMP's spin (GOMP_SPINCOUNT) set before torch loads. A real run's params are checked in tests/test_train.py."""
 
 import os
@@ -9,7 +9,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from conftest import ROOT
-from descent import threads
+from descent.engine import threads
 
 
 @pytest.mark.parametrize("batch,cpus,jobs,expected", [

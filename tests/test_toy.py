@@ -1,11 +1,11 @@
-"""The toy losses (descent/toy.py): gradients, minima and curvatures against finite differences and torch's
+"""The toy losses (descent/nets/toy.py): gradients, minima and curvatures against finite differences and torch's
 Hessian; the double well's basins."""
 
 import numpy as np
 import pytest
 import torch
 
-from descent.toy import LOSSES, Toy, which_minimum
+from descent.nets.toy import LOSSES, Toy, which_minimum
 
 
 @pytest.mark.parametrize("name", list(LOSSES))

@@ -6,7 +6,7 @@ import yaml
 from mlflow import MlflowClient
 
 from conftest import train
-from descent import threads
+from descent.engine import threads
 
 
 def runs(store, experiment="descent"):

@@ -11,7 +11,7 @@ import pytest
 from mlflow import MlflowClient
 
 from conftest import ROOT, free_port
-from descent import ui
+from descent.services import ui
 
 CHROMIUM = "/usr/bin/chromium"
 # no sandbox (root in a container), nothing fetched from the network by the browser itself
@@ -35,7 +35,7 @@ def chromium() -> str:
 
 @pytest.fixture
 def mlflow_ui(small_sweep, tmp_path):
-    """`mlflow ui` as `make ui` starts it (descent.ui), on the sweep's store and a free loopback port."""
+    """`mlflow ui` as `make ui` starts it (descent.services.ui), on the sweep's store and a free loopback port."""
     launch_dir, store, _ = small_sweep
     proc, url = ui.start(store, free_port(), cwd=launch_dir, log=tmp_path / "mlflow_ui.log")
     try:

@@ -108,7 +108,7 @@ BAD = {
         "trainer.val_every_examples=0: must be null (at epoch ends only) or an integer >= 1",
     "trainer.checkpoint_every_seconds=0": "trainer.checkpoint_every_seconds=0: must be a finite number > 0",
     "trainer.threads=0": "trainer.threads=0: must be null (chosen from the batch size and the CPUs granted: "
-                         "descent/threads.py) or an integer >= 1",
+                         "descent/engine/threads.py) or an integer >= 1",
     "trainer.threads=-1": "trainer.threads=-1: must be null (chosen from the batch size",
     "trainer.threads=two": "trainer.threads='two': must be null (chosen from the batch size",
     "trainer.progress_bar=maybe": "trainer.progress_bar='maybe': must be true or false",
@@ -174,7 +174,7 @@ def test_only_the_values_checked_are_resolved():
         validate(compose_job("experiment=optimizers", hydra_config=False))
 
 
-# the toy losses and their gradient oracle come in pairs (descent/toy.py)
+# the toy losses and their gradient oracle come in pairs (descent/nets/toy.py)
 PARTNER = {("data", "toy"): "model=double_well", ("model", "double_well"): "data=toy", ("model", "rosenbrock"): "data=toy"}
 
 

@@ -8,7 +8,7 @@ import runpy
 import sys
 from pathlib import Path
 
-import descent  # noqa: F401  (before torch, as every entry point: descent/threads.py)
+import descent  # noqa: F401  (before torch, as every entry point: descent/engine/threads.py)
 from torchvision.datasets import CIFAR10
 from torchvision.datasets.utils import calculate_md5
 

@@ -13,7 +13,7 @@ import math
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError
 
-from descent import datasets
+from descent.data import datasets
 
 TARGET_PREFIXES = ("torch.optim.", "torch.nn.", "descent.")
 
@@ -85,14 +85,14 @@ OmegaConf.register_new_resolver("descent.direction", lambda objective: OBJECTIVE
 
 
 # conf/experiment/*.yaml: data.val_size: ${descent.held_out:...}, the validation examples a study holds out of
-# the data's training set (descent/datasets.py: MNIST's last 10000)
+# the data's training set (descent/data/datasets.py: MNIST's last 10000)
 OmegaConf.register_new_resolver("descent.held_out", datasets.held_out, replace=True)
 # conf/experiment/edge_of_stability.yaml: data.limit_train: ${descent.at_most:5000,...}, at most the data's examples
 OmegaConf.register_new_resolver("descent.at_most", datasets.at_most, replace=True)
 
 
 def _times_two_over_l(ratio, loss):
-    from descent.toy import LOSSES
+    from descent.nets.toy import LOSSES
 
     return float(ratio) * 2 / LOSSES[loss].L
 
@@ -111,7 +111,7 @@ TRAINER = {
     "flush_denormal": BOOLEAN,
     "cuda_graphs": (lambda v: v is True or v is False or v == "auto", "auto, true or false"),
     "checkpoint_every_seconds": POSITIVE,
-    "threads": nullable(integer(1), "chosen from the batch size and the CPUs granted: descent/threads.py"),
+    "threads": nullable(integer(1), "chosen from the batch size and the CPUs granted: descent/engine/threads.py"),
     "sharpness_every": nullable(integer(1), "not measured"),
     "sharpness_subset": integer(1, why="training examples the Hessian is taken on"),
     "max_updates": nullable(integer(1), "max_epochs alone"),
@@ -133,8 +133,8 @@ TARGET_RULES = {
     "data": {"name": STRING,  # checked against the _target_'s sets (_data_name)
              "root": STRING, "download": BOOLEAN, "chunk_size": integer(1), "path": STRING, "drop_last": BOOLEAN,
              "val_size": ANY, "limit_train": ANY, "batch_size": ANY,  # see _data_sizes
-             "noise": NON_NEGATIVE, "n_train": integer(1)},  # a toy loss's gradient oracle (descent/toy.py)
-    # the networks' ends are sized from the data (descent/nets.py's build); a size given must be the data's
+             "noise": NON_NEGATIVE, "n_train": integer(1)},  # a toy loss's gradient oracle (descent/nets/toy.py)
+    # the networks' ends are sized from the data (descent/nets/networks.py's build); a size given must be the data's
     "model": {"in_features": nullable(integer(1), "taken from the data"),
               "side": nullable(integer(1), "taken from the data"),
               "classes": nullable(integer(2), "taken from the data"),
@@ -142,9 +142,9 @@ TARGET_RULES = {
                          "a list of integers >= 1, the hidden layers' widths ([] = none: softmax regression)"),
               "filters": (lambda v: isinstance(v, list) and len(v) >= 1 and all(_is_int(f) and f >= 1 for f in v),
                           "a non-empty list of integers >= 1, the convolutions' channels (as many as the data's images "
-                          "leave pixels for after the pools: descent/nets.py)"),
+                          "leave pixels for after the pools: descent/nets/networks.py)"),
               "init": (lambda v: v in ("keras", "torch"), "one of keras, torch"),
-              "loss": ANY, "start": ANY},  # a toy loss (descent/toy.py) or the MLP's: see _toy
+              "loss": ANY, "start": ANY},  # a toy loss (descent/nets/toy.py) or the MLP's: see _toy
     "optimizer": {
         "_partial_": (lambda v: v is True, "true (the module calls it on the model's parameters)"),
         "lr": POSITIVE,
@@ -164,7 +164,7 @@ TARGET_RULES = {
         "tolerance_grad": NON_NEGATIVE,
         "tolerance_change": NON_NEGATIVE,
         "line_search_fn": (lambda v: v in (None, "strong_wolfe"), "null (a fixed step of lr) or strong_wolfe"),
-        # descent.optim.MuonAdamW (torch.optim.Muon's and AdamW's keys)
+        # descent.nets.optim.MuonAdamW (torch.optim.Muon's and AdamW's keys)
         "ns_steps": integer(1, 99),
         "adjust_lr_fn": (lambda v: v in (None, "original", "match_rms_adamw", "spectral_unclamped"),
                          "null, original, match_rms_adamw or spectral_unclamped"),
@@ -275,8 +275,8 @@ def _class_rules(name: str, cls, target: str) -> tuple[dict, list, str]:
 
 def _data_name(node: DictConfig, data: dict) -> tuple[list[str], int | None]:
     """data.name against the table's sets its _target_ reads; returns the problems and the training examples
-    the config's data has (descent/datasets.py's table; None for a user's file, checked when it is read)."""
-    if "n_train" in data:  # a toy loss's oracle (descent/toy.py) says how many draws it makes
+    the config's data has (descent/data/datasets.py's table; None for a user's file, checked when it is read)."""
+    if "n_train" in data:  # a toy loss's oracle (descent/nets/toy.py) says how many draws it makes
         return [], data["n_train"] if _is_int(data["n_train"]) and data["n_train"] >= 1 else None
     target = str(OmegaConf.select(node, "_target_", default=""))
     kind = target.rpartition(".")[2]
@@ -288,7 +288,7 @@ def _data_name(node: DictConfig, data: dict) -> tuple[list[str], int | None]:
         return [], None
     if data["name"] not in allowed:
         return [f"data.name={_show(data['name'])}: must be one of {', '.join(allowed)} for {target} "
-                "(descent/datasets.py's table)"], None
+                "(descent/data/datasets.py's table)"], None
     return [], datasets.TABLE[data["name"]].n_train
 
 
@@ -331,13 +331,13 @@ def _toy(model: dict, target: str) -> list[str]:
     """A toy loss's name and its start's coordinates (one per dimension of the loss); the MLP's loss."""
     if "loss" not in model:
         return []
-    if not target.startswith("descent.toy."):
+    if not target.startswith("descent.nets.toy."):
         from descent.nets import LOSSES
 
         if model["loss"] not in LOSSES:
             return [f"model.loss={_show(model['loss'])}: must be one of {', '.join(LOSSES)}"]
         return []
-    from descent.toy import LOSSES
+    from descent.nets.toy import LOSSES
 
     loss, start = model["loss"], model.get("start")
     if loss not in LOSSES:
@@ -360,7 +360,7 @@ def _optimizer(cfg: DictConfig, values: dict, problems: list) -> list[str]:
     MuonAdamW's nested adamw keys and its parameter groups, against the model's parameter names."""
     import torch
 
-    from descent.optim import MuonAdamW, needs_closure
+    from descent.nets.optim import MuonAdamW, needs_closure
 
     cls, found = _target_class(cfg.optimizer), []
     batch_size = OmegaConf.select(cfg, "data.batch_size", throw_on_resolution_failure=False)
@@ -443,9 +443,9 @@ def lr_not_searched(cfg: DictConfig, choices: dict) -> str | None:
 
 
 def _toy_pair(cfg: DictConfig) -> list[str]:
-    """A toy loss (descent/toy.py) and its gradient oracle go together: neither trains with anything else."""
+    """A toy loss (descent/nets/toy.py) and its gradient oracle go together: neither trains with anything else."""
     targets = {name: OmegaConf.select(cfg, f"{name}._target_", default=None) for name in ("data", "model")}
-    toys = {name: str(t).startswith("descent.toy.") for name, t in targets.items()}
+    toys = {name: str(t).startswith("descent.nets.toy.") for name, t in targets.items()}
     if toys["data"] == toys["model"]:
         return []
     return [f"data._target_={_show(targets['data'])} with model._target_={_show(targets['model'])}: a toy loss "

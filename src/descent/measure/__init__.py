@@ -14,7 +14,7 @@ def from_config(cfg, net) -> list:
     error over the whole training set at each target's first crossing)."""
     from omegaconf import OmegaConf
 
-    from descent import toy
+    from descent.nets import toy
 
     found = []
     if isinstance(net, toy.Toy):  # the point on the curve or surface and the step that moved it

@@ -5,7 +5,7 @@
 # 2c03d1b925fe239e0b67b923699d4027685f198f (plugin version 1.4.0.dev9, optuna >= 4.9), because the released
 # hydra-optuna-sweeper (1.2.0, 1.3.0) pins optuna < 3, whose database storage fails on SQLAlchemy 2.
 # Replaced by: the first hydra-optuna-sweeper release from that branch (1.4.0) that installs beside
-# hydra-core 1.3 with optuna >= 4.9; what descent adds (below) then moves into descent/sweep.py.
+# hydra-core 1.3 with optuna >= 4.9; what descent adds (below) then moves into descent/sweep/driver.py.
 #
 # Changes from upstream, each marked "descent:" where it is made:
 # - config registered as hydra/sweeper/descent_optuna (conf/hydra/sweeper/optuna.yaml sits on top of it);

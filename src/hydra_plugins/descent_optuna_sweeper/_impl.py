@@ -373,11 +373,11 @@ class OptunaSweeperImpl(Sweeper):
         trials_so_far = len(study.trials)
         self.job_idx = max(self.job_idx, trials_so_far)  # a grid's studies: one job numbering in the sweep
         study.sampler = self._make_sampler(search_space_for_grid_sampler, trials_so_far)
-        if cell:  # descent: the grid's values on the study (a sampler may read them: descent/protocol.py)
+        if cell:  # descent: the grid's values on the study (a sampler may read them: descent/sweep/protocol.py)
             study.set_user_attr("descent.cell", dict(o.split("=", 1) for o in cell))
         if hasattr(study.sampler, "space"):  # descent: a sampler that plans all parameters at once
             study.sampler.space = dict(search_space_distributions)
-        # descent: a sampler that decides when its study is done (descent/protocol.py): n_trials is then a cap
+        # descent: a sampler that decides when its study is done (descent/sweep/protocol.py): n_trials is then a cap
         finished = getattr(study.sampler, "finished", lambda study: False)
         if hasattr(study.sampler, "finished"):  # trials an earlier command left running died with it (Ctrl-C, a
             # lost node): FAIL, marked interrupted, so that such a sampler proposes them again

@@ -128,13 +128,13 @@ class QMCSamplerConfig(SamplerConfig):
 
 @dataclass
 class ProtocolSamplerConfig(SamplerConfig):
-    """descent: the batch-size study's protocol per cell of hydra.sweeper.grid (descent/protocol.py): the rate
+    """descent: the batch-size study's protocol per cell of hydra.sweeper.grid (descent/sweep/protocol.py): the rate
     searched on the first seed (x`coarse` while the best is at an edge of what was tried, then `fine` (√2) on
     both sides of the best, for every target the runs record), then each chosen rate on the other seeds, never
     pruned. The seeds are hydra.sweeper.params.seed's choices, the rates' bounds optimizer.lr's interval;
     n_trials caps the trials per cell, which ends when the protocol has nothing left to run."""
 
-    _target_: str = "descent.protocol.Protocol"
+    _target_: str = "descent.sweep.protocol.Protocol"
     lr_param: str = "optimizer.lr"
     seed_param: str = "seed"
     # the first rate: a number, a mapping of a cell's value (an optimizer's name; `default`) to one, or None

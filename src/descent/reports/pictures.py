@@ -2,7 +2,7 @@
 
 The sweep's callback draws the one its preset names (hydra.callbacks.mlflow_sweep.pictures) beside the
 convergence report, from the runs' record only, and logs <name>.png and <name>.md to the parent run under
-report/. Like descent/report.py it reads MLflow and draws with matplotlib's object API.
+report/. Like descent/reports/convergence.py it reads MLflow and draws with matplotlib's object API.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from descent.report import ReportError, Run, select_runs
+from descent.reports.convergence import ReportError, Run, select_runs
 
 FLOOR = 1e-8  # f - f* below this is drawn here: the loop's float32 resolves f no finer near the minimum
 TOY_METRICS = ("toy/w", "toy/x", "toy/y", "toy/step", "val/loss")
@@ -31,7 +31,7 @@ def _start(run: Run) -> list[float]:
 
 def _path(run: Run) -> np.ndarray:
     """The run's trajectory: its start, then the point at each validation point (up to a non-finite one)."""
-    from descent.toy import LOSSES
+    from descent.nets.toy import LOSSES
 
     coords = LOSSES[run.params["model.loss"]].coords
     columns = [run.curve(f"toy/{c}")[1] for c in coords]
@@ -48,7 +48,7 @@ def _outcome(run: Run) -> tuple[str, str]:
     """(where it ended: global | local | diverged, in words with how)."""
     import torch
 
-    from descent.toy import LOSSES, which_minimum
+    from descent.nets.toy import LOSSES, which_minimum
 
     loss = run.params["model.loss"]
     if run.diverged:
@@ -87,7 +87,7 @@ def local_minima(runs: list[Run], title: str):
     from matplotlib import colormaps
     from matplotlib.figure import Figure
 
-    from descent.toy import draw
+    from descent.nets.toy import draw
 
     base_lr = min(_float(r, "optimizer.lr") for r in runs)  # the momentum arms' lr; a control's is larger
     noises = sorted({_float(r, "data.noise", 0.0) for r in runs})
@@ -139,7 +139,7 @@ def local_minima(runs: list[Run], title: str):
                 f"{ends.count('diverged')}/{len(ends)}"]
                for (noise, control, beta, lr), ends in sorted(counts.items())]
     text = ("Which minimum each run of the double well ended in: the minimum its final point's gradient flow "
-            "reaches (descent.toy.which_minimum). A momentum run (β at lr η) and its control (plain SGD at "
+            "reaches (descent.nets.toy.which_minimum). A momentum run (β at lr η) and its control (plain SGD at "
             "η/(1 - β), the step momentum reaches on a steady slope) share the row's β.\n\n"
             + _table(["β", "arm", "lr", "noise std", "runs", "global", "local", "diverged"], summary)
             + "\n\nEach run:\n\n"
@@ -167,7 +167,7 @@ def step_size(runs: list[Run], title: str):
     from matplotlib import colormaps
     from matplotlib.figure import Figure
 
-    from descent.toy import LOSSES, draw
+    from descent.nets.toy import LOSSES, draw
 
     losses = list(dict.fromkeys(r.params["model.loss"] for r in runs))
     fig = Figure(figsize=(22, 5 * len(losses)), layout="constrained")
@@ -349,7 +349,7 @@ def make(name: str, tracking_uri: str, parent_run_id: str, out_dir: str | Path) 
     them to the parent run under report/. Returns {"png", "md"} -> path."""
     from mlflow import MlflowClient
 
-    from descent.store import resolve_uri
+    from descent.tracking.store import resolve_uri
 
     if name not in PICTURES:
         raise ReportError(f"no picture {name!r}: there are {', '.join(PICTURES)}")

@@ -4,11 +4,11 @@
 1. The rate, on the first seed: a local search on a log lattice. From a start it steps by `coarse` (x4) while
    the best rate is the largest (smallest) tried (a best at the edge of what was tried is extended until it is
    not), then by `fine` (√2) on both sides of the best until both neighbours are tried and neither beats it.
-   It does so for every target the runs record (target/updates/<acc>, descent/sweep.py's Target): the
+   It does so for every target the runs record (target/updates/<acc>, descent/sweep/driver.py's Target): the
    best rate may differ by target. "Best" is the fewest updates to the target; a tie goes to the smaller rate.
 2. The measurement: each chosen rate again on the other seeds (the run of the first seed at that rate is
    its first measurement: the same run), never pruned. A cell's point for a target is the median over the
-   seeds at that target's rate (descent/measure/scaling.py): the trials that chose the rate are not the only
+   seeds at that target's rate (descent/reports/scaling.py): the trials that chose the rate are not the only
    ones that measure it, so the winner's curse of "min over noisy trials" is left to one seed in three.
 
 The seeds are the choices of the seed parameter (hydra.sweeper.params.seed: choice(0,1,2)), the rates' bounds

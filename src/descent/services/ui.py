@@ -1,6 +1,6 @@
 """`mlflow ui` on the project's store: what `make ui` runs, and what the browser test starts.
 
-    python -m descent.ui [--port 5000]      # in the launch directory; Ctrl-C stops it
+    python -m descent.services.ui [--port 5000]      # in the launch directory; Ctrl-C stops it
 
 The store is $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here (the default of src/train.py). A
 tracking server (http://...) already serves the UI: then this only says where. One uvicorn worker and

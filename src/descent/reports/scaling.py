@@ -6,13 +6,13 @@ Below B_crit = E_min/S_min doubling the batch nearly halves the updates (perfect
 nearly doubles the examples.
 
 A point here is, per (optimizer, B, target), the median over seeds of the updates to that target at the rate
-chosen for it on the first seed (descent/protocol.py: the rate with the fewest updates among the first seed's
+chosen for it on the first seed (descent/sweep/protocol.py: the rate with the fewest updates among the first seed's
 trials; then that rate on every seed). Its interval: a bootstrap over seeds (each cell's seeds resampled with
 replacement, the medians refitted). Runs recorded before several targets and seeds (one target, one seed)
 give points of one seed, which the bootstrap cannot vary.
 
 Reads MLflow only (no torch): the sweep's children carry target/updates/<acc>, target/examples/<acc>
-(descent/sweep.py, Target), and the reference run noise/b_simple/<acc>, noise/b_simple_se/<acc>
+(descent/sweep/driver.py, Target), and the reference run noise/b_simple/<acc>, noise/b_simple_se/<acc>
 (descent/measure/noise.py, NoiseAtTargets).
 """
 
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from descent.store import PARENT_TAG, SWEEP_DIR_TAG, SWEEP_TAG, resolve_uri
+from descent.tracking.store import PARENT_TAG, SWEEP_DIR_TAG, SWEEP_TAG, resolve_uri
 
 BOOTSTRAP = 1000  # resamples of the seeds for the intervals
 UPDATES, EXAMPLES = "target/updates/", "target/examples/"
@@ -47,8 +47,8 @@ class Run:
 
 def batch_size_of(params: dict[str, str]) -> int:
     """data.batch_size as run: null means the whole training set (after val_size and limit_train): the run's
-    data.train_examples, or for runs recorded before it the table's training split (descent/datasets.py)."""
-    from descent.datasets import TABLE
+    data.train_examples, or for runs recorded before it the table's training split (descent/data/datasets.py)."""
+    from descent.data.datasets import TABLE
 
     b = params.get("data.batch_size", "None")
     if b not in ("None", "null", ""):
@@ -334,7 +334,7 @@ def latest_sweep(client, experiment: str) -> str:
     sweeps = client.search_runs([exp.experiment_id], f"tags.`{SWEEP_TAG}` = 'true'",
                                 order_by=["attributes.start_time DESC"], max_results=1) if exp else []
     if not sweeps:
-        from descent.report import ReportError
+        from descent.reports.convergence import ReportError
 
         raise ReportError(f"no sweep in experiment {experiment!r} of {client.tracking_uri}")
     return sweeps[0].info.run_id
@@ -350,7 +350,7 @@ def make_scaling_report(tracking_uri: str | None = None, parent_run_id: str | No
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from descent.report import ReportError, default_out, launch_relative
+    from descent.reports.convergence import ReportError, default_out, launch_relative
 
     client = MlflowClient(resolve_uri(tracking_uri))
     parent_run_id = parent_run_id or latest_sweep(client, experiment)

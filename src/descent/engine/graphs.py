@@ -9,7 +9,7 @@ device and read only at log points. Before each replay the host copies the batch
 permutation into the index buffer: two launches per update instead of ~20.
 
 Nothing here depends on the network: the step calls net(x) on the gathered N x features rows, so the linear
-model and the convnet (descent/nets.py; its Unflatten is a view, its convolutions and pools are kernels
+model and the convnet (descent/nets/networks.py; its Unflatten is a view, its convolutions and pools are kernels
 like the MLP's matmuls, warmed up on the side stream before capture, so cuDNN has chosen its algorithms)
 take the same path. Captured, they are checked against the plain loop by tests/test_models.py's cuda test,
 which runs where CUDA is; issue 19's session had no GPU, so their replay speed is not measured yet.
@@ -58,7 +58,7 @@ def match_capturable(optimizer: torch.optim.Optimizer, capturable: bool) -> None
 class DeviceWindow:
     """The metric window of the graph path: sums on the device, added to inside the graph.
 
-    Same interface as descent.loop.Window (n, pop); reading costs one sync, at log points only.
+    Same interface as descent.engine.loop.Window (n, pop); reading costs one sync, at log points only.
     """
 
     def __init__(self, device: torch.device):

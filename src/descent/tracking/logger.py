@@ -14,8 +14,9 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import MLFlowLogger
 from pytorch_lightning.plugins.io import AsyncCheckpointIO, TorchCheckpointIO
 
-from descent import store, threads
-from descent.store import GROUPS, retry
+from descent.tracking import store
+from descent.engine import threads
+from descent.tracking.store import GROUPS, retry
 
 log = logging.getLogger(__name__)
 

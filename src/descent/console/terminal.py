@@ -1,5 +1,5 @@
 """What `python src/train.py` prints: one line saying what runs, the examples bar per epoch
-(descent/progress.py), and a closing block with the final metrics, the MLflow run and where to look.
+(descent/console/progress.py), and a closing block with the final metrics, the MLflow run and where to look.
 
 The screen is set up by conf/hydra/job_logging/descent.yaml: a console handler with `Screen` (the message;
 warnings and errors say so) and `Quiet` (the known third-party chatter dropped, by logger and message), and
@@ -118,7 +118,8 @@ def run_url(base: str, experiment_id: str, run_id: str) -> str:
 
 def how_to_look(uri: str, launch_dir: str | Path, experiment_id: str, run_id: str) -> str:
     """The UI page of a run: the tracking server's, or `make ui`'s over a local store."""
-    from descent import store, ui
+    from descent.tracking import store
+    from descent.services import ui
 
     if uri.startswith(("http://", "https://")):
         return f"open {run_url(uri, experiment_id, run_id)}"

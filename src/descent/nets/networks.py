@@ -4,7 +4,7 @@ Every network takes the in-memory batch as it is, N x features floats (an image'
 row by row), and returns N x classes logits; softmax + categorical crossentropy live in F.cross_entropy. So the
 data, the loop, the graph path and the MLflow model's signature are the same for all of them. Their two ends
 are sized from the data (build(): the shape of one example and the class count); built without data they
-take MNIST's, from descent/datasets.py's table. The MLP can instead train on the squared error against
+take MNIST's, from descent/data/datasets.py's table. The MLP can instead train on the squared error against
 one-hot targets (model.loss=mse), the loss under which Cohen et al. 2021 show progressive sharpening most
 clearly.
 """
@@ -18,7 +18,7 @@ import math
 import torch.nn.functional as F
 from torch import nn
 
-from descent.datasets import TABLE, describe
+from descent.data.datasets import TABLE, describe
 
 DEFAULT = TABLE["MNIST"]  # the size of a network built without data (the book's)
 
@@ -51,7 +51,7 @@ def keras_init(net: nn.Module, init: str) -> None:
 class MLP(nn.Sequential):
     """Dense(h, relu) for each h in hidden, then Dense(classes). hidden=[512] is the book's network;
     hidden=[] is softmax regression (model=linear): a convex loss, one valley. Its input is the data's
-    features (MNIST's pixels, digits' 8x8, CIFAR's 3x32x32: descent/datasets.py), its head one
+    features (MNIST's pixels, digits' 8x8, CIFAR's 3x32x32: descent/data/datasets.py), its head one
     logit per class. in_features: without data only (runs recorded before the networks sized themselves).
     loss: cross_entropy (the book's) or mse (descent.nets.mse); accuracy is the argmax of the scores
     either way."""
@@ -70,7 +70,7 @@ class MLP(nn.Sequential):
             width = h
         super().__init__(*layers, nn.Linear(width, classes))
         keras_init(self, init)
-        self.criterion = LOSSES[loss]  # the loop's loss (descent/loop.py)
+        self.criterion = LOSSES[loss]  # the loop's loss (descent/engine/loop.py)
 
 
 class ConvNet(nn.Sequential):

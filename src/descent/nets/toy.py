@@ -60,7 +60,7 @@ LOSSES = {
 class Toy(nn.Module):
     """The point w, from `start`; forward(ξ) gives each example's loss f(w) + ξ·w (see the module's doc)."""
 
-    classifies = False  # no classes: no accuracy, no MLflow model (descent/loop.py)
+    classifies = False  # no classes: no accuracy, no MLflow model (descent/engine/loop.py)
 
     def __init__(self, loss: str = "double_well", start: list[float] = (-2.0,)):
         super().__init__()
@@ -137,7 +137,7 @@ class Trace:
         return found
 
 
-# -- pictures: a run's trajectory (train.py logs it), and the presets' figures (descent/pictures.py) --------
+# -- pictures: a run's trajectory (train.py logs it), and the presets' figures (descent/reports/pictures.py) --------
 
 def which_minimum(loss: str, point) -> str:
     """The minimum the gradient flow from `point` ends in (small plain steps, float64): 'global', 'local', or

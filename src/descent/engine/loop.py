@@ -15,10 +15,10 @@ import torch.nn.functional as F
 from pytorch_lightning.callbacks import Checkpoint
 from torch import nn
 
-from descent import graphs
-from descent.best import Best
+from descent.engine import graphs
+from descent.engine.best import Best
 from descent.data import epoch_permutation
-from descent.optim import needs_closure
+from descent.nets.optim import needs_closure
 
 
 def seconds_since_process_start() -> float:
@@ -120,7 +120,7 @@ class Window:
     def add(self, loss, weight, logits, targets) -> None:
         self.losses.append(loss)
         self.weights.append(weight)
-        if logits.dim() == 2:  # class scores; a toy loss (descent/toy.py) gives one loss per example, no accuracy
+        if logits.dim() == 2:  # class scores; a toy loss (descent/nets/toy.py) gives one loss per example, no accuracy
             self.preds.append(logits.detach().argmax(1))
             self.targets.append(targets)
         self.n += len(targets)
@@ -165,7 +165,7 @@ class Classifier(pl.LightningModule):
         self.net, self.make_optimizer = net, optimizer
         self.log_every, self.val_every = log_every_examples, val_every_examples
         self.compile_optimizer, self.flush_denormal = compile_optimizer, flush_denormal
-        self.cuda_graphs = cuda_graphs  # "auto", True or False: see descent/graphs.py
+        self.cuda_graphs = cuda_graphs  # "auto", True or False: see descent/engine/graphs.py
         self.graph: graphs.GraphStep | None = None
         # progress, kept in the checkpoint so a resumed run continues the same axes
         self.examples = 0  # training examples seen: the step of every logged metric
@@ -176,15 +176,15 @@ class Classifier(pl.LightningModule):
         self.epoch_offset = 0  # examples of epoch offset_epoch already trained on
         self.offset_epoch = 0
         self.epoch_closed = True
-        self.latest: dict[str, float] = {}  # each metric's newest value, for the terminal (descent/progress.py)
+        self.latest: dict[str, float] = {}  # each metric's newest value, for the terminal (descent/console/progress.py)
         self.resumed: dict | None = None  # the descent part of the checkpoint being resumed
-        self.best = Best()  # best/val_loss, best/val_acc (best/train_loss without validation): descent/best.py
+        self.best = Best()  # best/val_loss, best/val_acc (best/train_loss without validation): descent/engine/best.py
         self.val_hooks: list = []  # called with (examples, {"val/loss": .., "val/acc": ..}) at each validation
-        # point, after it is logged; an Optuna trial's pruner listens here (descent/sweep.py, Pruning)
+        # point, after it is logged; an Optuna trial's pruner listens here (descent/sweep/driver.py, Pruning)
         self.measures: list = []  # measurements of the optimisation (descent/measure/): each is called with this
         # module at every validation point and returns {metric: value}, logged at step = examples seen; they
         # read the weights and never change them (nor the gradients, the optimizer or the random state)
-        # the loss: the net's own (the MLP's model.loss, descent/nets.py; a toy loss's, descent/toy.py: one loss
+        # the loss: the net's own (the MLP's model.loss, descent/nets/networks.py; a toy loss's, descent/nets/toy.py: one loss
         # per example, no accuracy), else cross-entropy on class scores; each with F.cross_entropy's signature
         self.criterion = getattr(net, "criterion", F.cross_entropy)
         self.classifies = getattr(net, "classifies", True)  # class scores: val/acc, the MLflow model
@@ -209,7 +209,7 @@ class Classifier(pl.LightningModule):
 
     def configure_optimizers(self):
         capture = graphs.wanted(self.cuda_graphs, self.device) and self.device.type == "cuda"
-        # named: descent.optim.MuonAdamW picks its groups by name; torch's optimizers record the names
+        # named: descent.nets.optim.MuonAdamW picks its groups by name; torch's optimizers record the names
         return self.make_optimizer(self.net.named_parameters(), **graphs.optimizer_kwargs(self.make_optimizer, capture))
 
     def forward(self, x):
@@ -233,10 +233,10 @@ class Classifier(pl.LightningModule):
             # decide (line search, tolerances): no fixed sequence of kernels for a graph to record
             log.info("updates eagerly: %s's step calls a closure, which a CUDA graph cannot capture",
                      type(self.opt).__name__)
-        elif graphs.wanted(self.cuda_graphs, self.device) and self.criterion is F.cross_entropy:  # the graph path: descent/graphs.py
+        elif graphs.wanted(self.cuda_graphs, self.device) and self.criterion is F.cross_entropy:  # the graph path: descent/engine/graphs.py
             dm, capture = self.trainer.datamodule, self.device.type == "cuda"
             self.graph = graphs.GraphStep(self.net, self.opt, dm.x_train, dm.y_train, capture=capture)
-            log.info("updates through descent.graphs.GraphStep (%s)",
+            log.info("updates through descent.engine.graphs.GraphStep (%s)",
                      "one CUDA graph per batch size" if capture else f"uncaptured: {self.device.type}")
             if capture:  # batches are gathered by index inside the graph, so chunks only pace lightning
                 # (~1.5 ms of its machinery each): one per epoch; signals and timed checkpoints are then
@@ -250,7 +250,7 @@ class Classifier(pl.LightningModule):
             "window": self.window.state(),
             "grads": None if all(g is None for g in grads) else grads,
             "data": data_signature(self.trainer.datamodule),
-            # the metric points not yet in the store: written once this file is on disk (descent/tracking.py)
+            # the metric points not yet in the store: written once this file is on disk (descent/tracking/logger.py)
             "points": [p for logger in self.loggers for p in getattr(logger, "unsent", list)()],
             "measures": {type(m).__name__: m.state_dict() for m in self.measures if hasattr(m, "state_dict")},
             "best": self.best.state_dict(),
@@ -527,7 +527,7 @@ class Classifier(pl.LightningModule):
         self.test_loss = torch.zeros((), device=self.device)
         self.test_correct = torch.zeros((), device=self.device, dtype=torch.long)
         self.test_n = 0
-        self.test_logits = []  # the test set's class scores, in order, for descent/errors.py
+        self.test_logits = []  # the test set's class scores, in order, for descent/reports/errors.py
 
     def test_step(self, batch, batch_idx):
         x, y = batch

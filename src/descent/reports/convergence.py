@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from descent.store import PARENT_TAG, SWEEP_DIR_TAG, SWEEP_TAG, log_table, resolve_uri
+from descent.tracking.store import PARENT_TAG, SWEEP_DIR_TAG, SWEEP_TAG, log_table, resolve_uri
 
 TARGET_ACC = 0.97
 

@@ -17,7 +17,7 @@ import math
 import numpy as np
 import torch
 
-from descent import store
+from descent.tracking import store
 
 GRID = 25  # images in the misclassified grid (5 x 5), the most confident mistakes first
 DIR = "errors"

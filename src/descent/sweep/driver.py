@@ -20,7 +20,7 @@ def parent_run_id(cfg: DictConfig, launch_dir: str, sweep_dir: str) -> str | Non
     """A job's parent run, found in the tracking store (a job on another node sees no sweep folder)."""
     from mlflow import MlflowClient
 
-    from descent import store
+    from descent.tracking import store
 
     client = MlflowClient(store.tracking_uri(cfg.logger.tracking_uri, launch_dir))
     return store.retry(store.find_parent, client, cfg.logger.experiment_name, str(sweep_dir))
@@ -51,7 +51,7 @@ def optuna_trial(sweeper, launch_dir: str):
     import optuna
     from hydra.utils import instantiate
 
-    from descent import store
+    from descent.tracking import store
 
     quiet_optuna()
     pruner = instantiate(sweeper.pruner) if sweeper.get("pruner") else None
@@ -94,7 +94,7 @@ class Target:
     has not reached: it has spent as many updates (examples) as the study's best trial took to each of them
     (Shallue et al. 2019). The bests are read at each validation point, so trials running side by side
     (hydra.sweeper.n_jobs, a cluster) bound each other as they finish. A trial the study marks as a
-    measurement (user attribute descent.prune false: descent/protocol.py's seed re-runs) is never pruned."""
+    measurement (user attribute descent.prune false: descent/sweep/protocol.py's seed re-runs) is never pruned."""
 
     def __init__(self, module, target_acc: float, trial=None, objective: str = "target/updates",
                  targets=()):
@@ -165,8 +165,8 @@ class MLflowSweep(Callback):
     def __init__(self, target_acc: float = 0.97, report: bool = True, pictures: str | None = None,
                  scaling: bool = False):
         self.target_acc, self.report = target_acc, report
-        self.pictures = pictures  # a figure of descent/pictures.py drawn beside the report (the chapter's presets)
-        self.scaling = scaling  # the batch-size scaling report (descent/measure/scaling.py: experiment=batch_scaling)
+        self.pictures = pictures  # a figure of descent/reports/pictures.py drawn beside the report (the chapter's presets)
+        self.scaling = scaling  # the batch-size scaling report (descent/reports/scaling.py: experiment=batch_scaling)
         self.client = self.run_id = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
@@ -181,7 +181,7 @@ class MLflowSweep(Callback):
                 raise
             log.error("invalid sweep, nothing was run:\n%s", e)
             sys.exit(2)
-        from descent import store
+        from descent.tracking import store
 
         self.uri = store.tracking_uri(config.logger.tracking_uri, os.getcwd())
         self.sweep_dir = Path(str(config.hydra.sweep.dir)).resolve()
@@ -225,7 +225,7 @@ class MLflowSweep(Callback):
                  if self.sweep_dir.is_relative_to(Path.cwd()) else self.sweep_dir)
 
     def _study_tags(self, config: DictConfig) -> dict[str, str]:
-        from descent import store
+        from descent.tracking import store
 
         sweeper = config.hydra.sweeper
         pruner = sweeper.get("pruner")
@@ -305,8 +305,8 @@ class MLflowSweep(Callback):
         headlines = []  # the report's tables, for the parent's description
         if self.report:
             try:
-                from descent.report import launch_relative, make_report
-                from descent.terminal import how_to_look
+                from descent.reports.convergence import launch_relative, make_report
+                from descent.console.terminal import how_to_look
 
                 paths = make_report(self.uri, parent_run_id=self.run_id, out_dir=self.sweep_dir,
                                     target_acc=self.target_acc)
@@ -323,8 +323,8 @@ class MLflowSweep(Callback):
                           type(e).__name__, e, self.run_id)
         if self.pictures:
             try:
-                from descent import pictures
-                from descent.report import launch_relative
+                from descent.reports import pictures
+                from descent.reports.convergence import launch_relative
 
                 paths = pictures.make(self.pictures, self.uri, self.run_id, self.sweep_dir)
                 log.info("%s\n%s: %s, %s", paths["md"].read_text().split("\n\n![")[0], self.pictures,
@@ -334,8 +334,8 @@ class MLflowSweep(Callback):
                           "--pictures %s", self.pictures, type(e).__name__, e, self.run_id, self.pictures)
         if self.scaling:
             try:
-                from descent.measure.scaling import make_scaling_report
-                from descent.report import launch_relative
+                from descent.reports.scaling import make_scaling_report
+                from descent.reports.convergence import launch_relative
 
                 paths = make_scaling_report(self.uri, self.run_id, self.sweep_dir)
                 log.info("%s\nscaling report: %s (table), %s, %s", paths["summary"],
@@ -354,7 +354,7 @@ class MLflowSweep(Callback):
 
     def _describe(self, config: DictConfig) -> None:
         """The parent's description (its question, its command, what it varies) and the keys its jobs vary."""
-        from descent.store import NOTE_TAG
+        from descent.tracking.store import NOTE_TAG
 
         keys = swept_keys(config)
         self.note = parent_note(config, keys, sys.argv)
@@ -365,7 +365,7 @@ class MLflowSweep(Callback):
         """At the end: the best child (by sweep.objective) named on the parent, its model aliased `best` when
         registered (logger.register_model), and the report's tables added to the parent's description."""
         from descent.config import OBJECTIVES
-        from descent.store import NOTE_TAG
+        from descent.tracking.store import NOTE_TAG
 
         objective = str(OmegaConf.select(config, "sweep.objective", default="val/loss"))
         direction = str(OmegaConf.select(config, "hydra.sweeper.direction", default=None)
@@ -472,7 +472,7 @@ def job_tags(cfg: DictConfig, launch_dir: str, hc) -> dict[str, str]:
     """A job's link to its parent run and its description: the values it takes of the keys its sweep varies."""
     from mlflow import MlflowClient
 
-    from descent import store
+    from descent.tracking import store
 
     parent_id = parent_run_id(cfg, launch_dir, hc.sweep.dir)
     if parent_id is None:

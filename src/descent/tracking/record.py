@@ -63,7 +63,7 @@ def log_datasets(logger, datamodule, name: str) -> dict[str, str]:
     from mlflow.entities import DatasetInput, InputTag
     from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
-    from descent.tracking import retry
+    from descent.tracking.logger import retry
 
     found = datasets(datamodule, name)
     inputs = [DatasetInput(ds._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])
@@ -172,8 +172,8 @@ class Record(pl.Callback):
         self.digests = log_datasets(self.logger, trainer.datamodule, self.data_name)
 
     def on_test_end(self, trainer, pl_module) -> None:
-        if self.log_errors and pl_module.classifies:  # what the model gets wrong: descent/errors.py
-            from descent import errors
+        if self.log_errors and pl_module.classifies:  # what the model gets wrong: descent/reports/errors.py
+            from descent.reports import errors
 
             tic = time.perf_counter()
             try:
@@ -182,7 +182,7 @@ class Record(pl.Callback):
                           time.perf_counter() - tic)
             except Exception as e:  # the run's record (model, status) matters more than these pictures
                 log.warning("what the model gets wrong was not recorded (%s: %s)", type(e).__name__, e)
-        # registering needs the model; a toy loss's point (descent/toy.py) is no network to serve
+        # registering needs the model; a toy loss's point (descent/nets/toy.py) is no network to serve
         if (self.log_model or self.register_model) and pl_module.classifies:
             tic = time.perf_counter()
             dm = trainer.datamodule
@@ -202,10 +202,10 @@ class Record(pl.Callback):
 
 
 def callbacks(cfg, hc, logger, choices: dict[str, str], resumed: bool) -> list[pl.Callback]:
-    """What src/train.py adds to its Trainer from this module and descent/progress.py."""
+    """What src/train.py adds to its Trainer from this module and descent/console/progress.py."""
     from omegaconf import OmegaConf
 
-    from descent.progress import ExamplesProgressBar
+    from descent.console.progress import ExamplesProgressBar
 
     name = choices.get("data") or str(cfg.data.name).lower()  # the config group's option: "mnist"
     found = [Record(logger, name, cfg.logger.log_model, cfg.logger.register_model, cfg.logger.system_metrics,

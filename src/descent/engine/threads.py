@@ -103,8 +103,8 @@ def choose(batch_size: int, cpus: int, jobs: int = 1) -> int:
 
 def batch_size(cfg, n_train: int | None = None) -> int:
     """Examples per update: data.batch_size, or the whole training set for batch gradient descent: n_train,
-    the examples the loaded data has (train.py), else the table's for data.name (descent/datasets.py)."""
-    from descent.datasets import TABLE, val_examples
+    the examples the loaded data has (train.py), else the table's for data.name (descent/data/datasets.py)."""
+    from descent.data.datasets import TABLE, val_examples
 
     if cfg.data.get("batch_size"):
         return int(cfg.data.batch_size)

@@ -1,7 +1,7 @@
 """Single-node Ray and SLURM clusters on this machine, for `hydra/launcher=ray|slurm`, without systemd.
 
-    python -m descent.cluster ray start|stop|status [--dir outputs/ray] [--port 6379]
-    python -m descent.cluster slurm start|stop|status [--dir outputs/slurm]
+    python -m descent.services.cluster ray start|stop|status [--dir outputs/ray] [--port 6379]
+    python -m descent.services.cluster slurm start|stop|status [--dir outputs/slurm]
 
 Ray: a head node plus one worker node (two raylets, as on a real cluster), 1 CPU each, on 127.0.0.1 only
 (Ray's loopback mode, see LOOPBACK below; hydra/launcher=ray puts its driver in it, RayLoopback below; other
@@ -29,8 +29,8 @@ from pathlib import Path
 
 from hydra.experimental.callback import Callback
 
-from descent import debian
-from descent.server import kill_group
+from descent.services import debian
+from descent.services.server import kill_group
 
 ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT = 120  # s, for a cluster to answer after its daemons were started
@@ -289,7 +289,7 @@ class Ray:
 # SLURM
 
 SLURM_CONF = """\
-# written by python -m descent.cluster slurm start: a one-node cluster on 127.0.0.1, no systemd, no cgroups
+# written by python -m descent.services.cluster slurm start: a one-node cluster on 127.0.0.1, no systemd, no cgroups
 ClusterName=descent
 SlurmctldHost={host}(127.0.0.1)
 SlurmctldPort={ctld_port}
@@ -335,7 +335,7 @@ PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
 # answers that question from slurmctld's memory (squeue -t all); `start` puts it first on the PATH it prints.
 SACCT = """\
 #!/bin/sh
-# written by python -m descent.cluster slurm start: sacct for a cluster without slurmdbd (see cluster.py)
+# written by python -m descent.services.cluster slurm start: sacct for a cluster without slurmdbd (see cluster.py)
 ids=""
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -430,7 +430,7 @@ class Slurm:
 # the commands
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m descent.cluster", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m descent.services.cluster", description=__doc__.split("\n\n")[0])
     parser.add_argument("engine", choices=("ray", "slurm"))
     parser.add_argument("command", choices=("start", "stop", "status"))
     parser.add_argument("--dir", help="state folder: config, logs, pids (default outputs/<engine>)")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 
 from descent.data import epoch_permutation
-from descent.optim import needs_closure
+from descent.nets.optim import needs_closure
 
 
 def plain_train(net, optimizer, x, y, batch_size: int, epochs: int, seed: int, max_updates: int | None = None):

@@ -22,7 +22,7 @@ import time
 from pytorch_lightning.callbacks.progress import ProgressBar
 from tqdm import tqdm
 
-from descent.terminal import metric_text
+from descent.console.terminal import metric_text
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """The team's tracking server: PostgreSQL + `mlflow server` on this machine, without systemd.
 
-    python -m descent.server start [--dir outputs/tracking] [--port 5000]   # idempotent
-    python -m descent.server status | stop
+    python -m descent.services.server start [--dir outputs/tracking] [--port 5000]   # idempotent
+    python -m descent.services.server status | stop
 
 Everything lives under one folder (default outputs/tracking/): postgres/ (the cluster's data, its
 socket too: PostgreSQL listens on no TCP port, only MLflow talks to it), artifacts/ (what runs upload,
@@ -65,7 +65,7 @@ def ensure_postgresql() -> None:
         return
     except ServerError:
         pass
-    from descent import debian
+    from descent.services import debian
 
     if os.geteuid() == 0:
         print("installing PostgreSQL (apt-get install postgresql)", flush=True)
@@ -229,7 +229,7 @@ def start_mlflow(dir: Path, port: int, workers: int = WORKERS) -> str:
 
 
 def kill_group(pid: int, timeout: float = 20) -> None:
-    """SIGTERM to a daemon's process group, SIGKILL to what is left after `timeout` (also descent.cluster's)."""
+    """SIGTERM to a daemon's process group, SIGKILL to what is left after `timeout` (also descent.services.cluster's)."""
     for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5)):
         try:
             os.killpg(pid, sig)
@@ -289,7 +289,7 @@ def status(dir: str | Path = DEFAULT_DIR) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m descent.server", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m descent.services.server", description=__doc__.split("\n\n")[0])
     parser.add_argument("command", choices=("start", "stop", "status"))
     parser.add_argument("--dir", default=os.environ.get("DESCENT_TRACKING_DIR", str(DEFAULT_DIR)),
                         help="state folder: database, artifacts, logs (default %(default)s)")

@@ -1,6 +1,6 @@
 """Classification sets held in memory as N x features float tensors and int64 labels: the IDX sets (MNIST,
 Fashion-MNIST: find or build the files, check them), scikit-learn's digits, a user's .npz, torchvision's sets
-whose files are there. Their facts (shape, classes, sizes) are descent/datasets.py's table, or the file's."""
+whose files are there. Their facts (shape, classes, sizes) are descent/data/datasets.py's table, or the file's."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 
-from descent.datasets import DIGITS_SPLIT_SEED, TABLE, describe, val_examples
+from descent.data.datasets import DIGITS_SPLIT_SEED, TABLE, describe, val_examples
 
 log = logging.getLogger(__name__)
 
@@ -230,7 +230,7 @@ def _download(root: Path, folder: str) -> None:
 
 
 def _from_debian(raw: Path, spec: IDXSet) -> str:
-    from descent import debian
+    from descent.services import debian
 
     package, folder = spec.debian
     with tempfile.TemporaryDirectory(dir=raw.parent, prefix=".debian-") as scratch:
@@ -267,7 +267,7 @@ def ensure_data(root: str | Path, name: str = "MNIST", download: bool = True) ->
     missing = (f"{name} not found under {raw}" + (f" ({problem})" if problem else "")
                + ", torchvision could not download it")
     if spec.debian is not None:
-        from descent.debian import DebianError
+        from descent.services.debian import DebianError
 
         try:
             raw.mkdir(parents=True, exist_ok=True)
@@ -522,7 +522,7 @@ class DigitsDataModule(InMemoryDataModule):
 
 class TorchvisionDataModule(InMemoryDataModule):
     """A classification set torchvision.datasets reads (data.name: CIFAR10, CIFAR100, KMNIST, EMNIST, SVHN, ...;
-    descent/datasets.py's table): the files under data.root in torchvision's layout, else torchvision's download
+    descent/data/datasets.py's table): the files under data.root in torchvision's layout, else torchvision's download
     where the internet answers. Images are held as N x C*H*W rows in [0, 1], channels first."""
 
     def __init__(self, root: str = "data", name: str = "CIFAR10", download: bool = True, val_size: int | float = 0,

@@ -1,0 +1,1 @@
+"""tracking/: MLflow: the store and its lookups, the logger, what a run records (data, machine, model)."""

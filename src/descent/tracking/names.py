@@ -1,0 +1,77 @@
+"""Every metric, tag and study attribute name descent writes or reads: grep this file to see what a run records.
+
+A name used by more than one module lives here and nowhere else (tests/test_layout.py greps src/ for metric strings
+outside this file). Metrics are logged at step = training examples seen; `docs/reference/metrics.md` explains them.
+No import here beyond the standard library: the reports and the sweep's driver read it in a second of start-up.
+"""
+
+from __future__ import annotations
+
+# --- metrics of a run (step = examples seen) ---------------------------------------------------------------------
+TRAIN_LOSS, TRAIN_ACC = "train/loss", "train/acc"      # means over the examples since the last log point
+VAL_LOSS, VAL_ACC = "val/loss", "val/acc"              # on the held-out examples (data.val_size)
+TEST_LOSS, TEST_ACC = "test/loss", "test/acc"          # once, at the end
+EPOCH = "progress/epoch"                                # fractional epochs
+UPDATES = "progress/updates"                            # optimizer updates so far
+SECONDS = "progress/seconds"                            # training wall time so far (checks and logging excluded)
+EVALUATIONS = "progress/evaluations"                    # validation passes so far
+TRAIN, VAL, TEST, SYSTEM = "train/", "val/", "test/", "system/"  # prefixes (SYSTEM: MLflow's system metrics)
+
+# the best value so far, logged when it improves: best/val_loss, best/val_acc, best/train_loss
+BEST = "best/"
+
+
+def best_key(key: str) -> str:
+    return BEST + key.replace("/", "_")  # val/loss -> best/val_loss
+
+
+# the first crossing of each target (val/acc >= acc): target/updates/0.97, target/examples/0.97, target/seconds/0.97
+TARGET = "target/"
+TARGET_UPDATES, TARGET_EXAMPLES, TARGET_SECONDS = "target/updates", "target/examples", "target/seconds"
+
+
+def target_key(what: str, acc: float) -> str:
+    """target/updates/0.97: `what` is updates, examples or seconds."""
+    return f"{TARGET}{what}/{acc:g}"
+
+
+# the gradient noise scale (descent/measure/noise.py)
+NOISE_GRAD_SQ, NOISE_TRACE_COV = "noise/grad_sq", "noise/trace_cov"  # |G|^2 and tr(Σ) (EMA)
+NOISE_B_SIMPLE, NOISE_B_SIMPLE_SE = "noise/b_simple", "noise/b_simple_se"  # tr(Σ)/|G|^2 and its standard error
+
+
+def noise_at_key(what: str, acc: float) -> str:
+    """noise/b_simple/0.97: a noise measurement at a target's first crossing (trainer.noise_at_targets)."""
+    return f"noise/{what}/{acc:g}"
+
+
+# sharpness (descent/measure/sharpness.py)
+SHARPNESS, SHARPNESS_THRESHOLD = "sharpness/lambda_max", "sharpness/threshold"  # λ_max and 2/η (momentum: (2+2β)/η)
+
+# a toy loss's point and step (descent/measure/toy.py)
+TOY = "toy/"
+TOY_STEP = "toy/step"
+
+
+def toy_key(coordinate: str) -> str:
+    return f"{TOY}{coordinate}"  # toy/w, toy/x, toy/y
+
+
+# --- tags ----------------------------------------------------------------------------------------------------------
+PARENT = "mlflow.parentRunId"                     # a sweep's child names its parent run
+NOTE = "mlflow.note.content"                      # a run's description on its page
+KIND, KIND_VALUE = "mlflow.experimentKind", "custom_model_development"  # the UI opens on the runs table
+GIT_COMMIT = "mlflow.source.git.commit"
+SWEEP = "descent.sweep"                           # "true" on a sweep's parent run
+SWEEP_DIR = "hydra.sweep.dir"                     # the sweep's folder, on the parent and each child
+SWEEP_KEY = "descent.sweep.key"                   # what a parent run is found by when the driver restarts
+SWEEP_VARIES = "descent.sweep.varies"             # on the parent: the keys its jobs differ in
+SWEEP_BEST = "descent.sweep.best_run"             # on the parent: the best child's run id
+ENDED_BY = "descent.ended_by"                     # "sweep": a child the sweep's end closed
+LR_SOURCE = "lr.source"                           # a preset's rate for a data/model it has no searched rate for
+RESUME_OVERRIDES = "resume.overrides"             # a resumed run's overrides that differ from the first run's
+STUDY = "optuna.study"                            # a study's name on its runs
+
+# --- Optuna study and trial attributes (the batch-size protocol, descent/sweep/protocol.py) -----------------------
+ROLE, PRUNE, CELL = "descent.role", "descent.prune", "descent.cell"
+INTERRUPTED = "descent.interrupted"               # a trial whose command died under it: run again
