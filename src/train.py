@@ -65,9 +65,10 @@ def train(cfg, hc, launch_dir, out_dir, choices, run_id, ckpt_path, changed=None
     from descent.tracking import record
     from descent.engine import threads
     from descent.nets import toy
+    from descent.reports import pictures
     from descent.tracking import logger as tracking
     from descent.engine.loop import Classifier, Diverged, ResumeError, SafetyCheckpoints
-    from descent.sweep.driver import Pruned, Pruning, Target, job_tags, optuna_trial
+    from descent.sweep.job import Pruned, Pruning, Target, job_tags, optuna_trial
 
     from descent.config import LR_TAG, lr_not_searched
     from descent.data import DataError
@@ -159,7 +160,7 @@ def train(cfg, hc, launch_dir, out_dir, choices, run_id, ckpt_path, changed=None
         if received or trainer.received_sigterm:
             raise SystemExit  # stopped inside the last chunk: lightning ended fit quietly
         if isinstance(module.net, toy.Toy):  # the chapter's other picture: the path on the curve or surface
-            toy.log_trajectory(logger, module.net)
+            pictures.log_trajectory(logger, module.net)
         else:
             tracking.log_sample_image(logger, datamodule.x_train, datamodule.y_train, datamodule.shape)
         trainer.test(module, datamodule=datamodule, verbose=False)

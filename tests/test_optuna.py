@@ -124,7 +124,7 @@ def test_bad_bounds_and_no_validation_data_refused_before_launch(tmp_path, store
 
 
 def test_a_storage_password_is_not_recorded():
-    from descent.sweep.driver import shown_storage
+    from descent.sweep.job import shown_storage
 
     assert shown_storage("postgresql+psycopg2://team:s3cret@db.lab:5432/optuna") == \
         "postgresql+psycopg2://team:***@db.lab:5432/optuna"

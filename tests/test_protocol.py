@@ -9,7 +9,7 @@ import optuna
 import pytest
 
 from descent.sweep.protocol import Protocol
-from descent.sweep.driver import target_key
+from descent.tracking.names import target_key
 
 LR = optuna.distributions.FloatDistribution(1e-5, 10.0, log=True)
 SEEDS = optuna.distributions.CategoricalDistribution([0, 1, 2])

@@ -16,7 +16,7 @@ from mlflow import MlflowClient
 
 from conftest import ROOT, train
 from descent.reports.scaling import Run, analyse, b_crit, bootstrap, fit
-from descent.sweep.driver import target_key
+from descent.tracking.names import target_key
 
 
 def test_fit_recovers_s_min_and_e_min_from_points_on_the_curve():

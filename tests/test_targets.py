@@ -14,7 +14,7 @@ from conftest import lightning_fit, train
 from descent.data import IDXDataModule
 from descent.engine.loop import Classifier
 from descent.nets import MLP
-from descent.sweep.driver import target_key
+from descent.tracking.names import target_key
 from test_resume import stop_at
 
 

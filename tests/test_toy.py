@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from descent.nets.toy import LOSSES, Toy, which_minimum
+from descent.nets.toy import LOSSES, Toy
+from descent.reports.pictures import which_minimum
 
 
 @pytest.mark.parametrize("name", list(LOSSES))

@@ -86,9 +86,9 @@ def metric_text(key: str, value: float) -> str:
     return f"{100 * value:.2f}%" if key.endswith("acc") else f"{value:.4f}"
 
 
-def shown(path: str | Path, launch_dir: str | Path) -> str:
-    """A path as typed from the launch directory when it lies under it."""
-    path, launch_dir = Path(path).resolve(), Path(launch_dir).resolve()
+def shown(path: str | Path, launch_dir: str | Path | None = None) -> str:
+    """A path as typed from the launch directory (default: the working directory) when it lies under it."""
+    path, launch_dir = Path(path).resolve(), Path(launch_dir or os.getcwd()).resolve()
     return str(path.relative_to(launch_dir)) if path.is_relative_to(launch_dir) else str(path)
 
 

@@ -1,14 +1,27 @@
 """Measurements of the optimisation, run by the loop at each validation point (Classifier.measures).
 
-Each is an object called with the LightningModule that returns {metric: value} (logged at step = examples
-seen; an empty dict when it is not due); it reads the weights and the data and changes nothing the training
-uses (weights, gradients, optimizer state, random state).
+Each is an object called with a `Point` (what it measures, handed by the loop) that returns {metric: value}
+(logged at step = examples seen; an empty dict when it is not due); it reads the weights and the data and
+changes nothing the training uses (weights, gradients, optimizer state, random state). Its metric names are
+in descent/tracking/names.py. A new one is a module here and its `_target_` under `trainer.measures` in the
+config (docs/internals/layout.md); the built-in ones are switched on by their own trainer.* keys.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any
+
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from descent.measure.noise import NoiseAtTargets, NoiseScale, linear_layers
+from descent.measure.sharpness import Sharpness
+from descent.measure.toy import Trace
+from descent.nets.toy import Toy
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -29,32 +42,23 @@ class Point:
 def from_config(cfg, net) -> list:
     """The measurements the config asks for: sharpness (trainer.sharpness_every), a toy loss's trace, the
     gradient noise scale (trainer.noise_scale: a classifier's, on by default; trainer.noise_at_targets: with its
-    error over the whole training set at each target's first crossing)."""
-    from omegaconf import OmegaConf
-
-    from descent.nets import toy
-
+    error over the whole training set at each target's first crossing), and each of trainer.measures (name ->
+    {_target_: descent.measure.<module>.<Class>, its arguments}), instantiated as configured."""
     found = []
-    if isinstance(net, toy.Toy):  # the point on the curve or surface and the step that moved it
-        found.append(toy.Trace(net))
+    if isinstance(net, Toy):  # the point on the curve or surface and the step that moved it
+        found.append(Trace(net))
     elif OmegaConf.select(cfg, "trainer.noise_scale", default=False):  # absent from runs recorded before it
-        from descent.measure.noise import NoiseScale, linear_layers
-
         try:  # on by default: a net it cannot measure (the convnet) trains without it, and says so
             linear_layers(net)
-            found.append(NoiseScale(probe=cfg.trainer.noise_probe))
+            found.append(NoiseScale(probe=cfg.trainer.noise_probe, seed=cfg.seed))
         except ValueError as e:
-            import logging
-
-            logging.getLogger("descent").warning("%s: not measured", e)
+            log.warning("%s: not measured", e)
     if OmegaConf.select(cfg, "trainer.noise_at_targets", default=False):
-        from descent.measure.noise import NoiseAtTargets, linear_layers
-
         linear_layers(net)  # a net it cannot measure is refused here: this one was asked for
         targets = [*(OmegaConf.select(cfg, "sweep.targets", default=None) or ()), cfg.sweep.target_acc]
         found.append(NoiseAtTargets([t for t in targets if t <= cfg.sweep.target_acc]))
     if cfg.trainer.get("sharpness_every"):
-        from descent.measure.sharpness import Sharpness
-
         found.append(Sharpness(cfg.trainer.sharpness_every, cfg.trainer.sharpness_subset))
+    for spec in (OmegaConf.select(cfg, "trainer.measures", default=None) or {}).values():
+        found.append(instantiate(spec))
     return found

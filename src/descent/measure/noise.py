@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from descent.tracking import names
+
 
 def linear_layers(net: nn.Module) -> list[nn.Linear]:
     """The net's linear layers; refused unless they hold every parameter (the identity covers nothing else)."""
@@ -143,8 +145,8 @@ class NoiseScale:
     correction, which cancels in the ratio: the first point's b_simple is that point's own ratio.
     """
 
-    def __init__(self, probe: int = 1024, ema: float = 0.5):
-        self.probe, self.ema = probe, ema
+    def __init__(self, probe: int = 1024, ema: float = 0.5, seed: int = 0):
+        self.probe, self.ema, self.seed = probe, ema, seed
         self.avg = {"grad_sq": 0.0, "trace_cov": 0.0}  # in the checkpoint (state_dict)
 
     def state_dict(self) -> dict:
@@ -153,27 +155,26 @@ class NoiseScale:
     def load_state_dict(self, state: dict) -> None:
         self.avg = dict(state)
 
-    def _indices(self, n: int, seed: int, device) -> torch.Tensor:
-        if getattr(self, "_probe_key", None) != (n, seed, device):
-            g = torch.Generator().manual_seed(seed)
+    def _indices(self, n: int, device) -> torch.Tensor:
+        if getattr(self, "_probe_key", None) != (n, device):
+            g = torch.Generator().manual_seed(self.seed)
             self._idx = torch.randperm(n, generator=g)[: min(self.probe, n)].to(device)
-            self._probe_key = (n, seed, device)
+            self._probe_key = (n, device)
         return self._idx
 
-    def __call__(self, module) -> dict[str, float]:
-        dm = module.trainer.datamodule
-        idx = self._indices(len(dm.x_train), dm.seed, dm.x_train.device)
+    def __call__(self, point) -> dict[str, float]:
+        x, y = point.x_train, point.y_train
+        idx = self._indices(len(x), x.device)
         if len(idx) < 2:
             return {}
-        net = module.net
-        with untouched(net, dm.x_train.device):
-            sq, mean_sq = per_example_grads(net, dm.x_train[idx], dm.y_train[idx], module.criterion)
+        with untouched(point.net, x.device):
+            sq, mean_sq = per_example_grads(point.net, x[idx], y[idx], point.criterion)
         grad_sq, trace_cov = estimates(sq, mean_sq)
         a, beta = self.avg, self.ema
         a["grad_sq"] = beta * a["grad_sq"] + (1 - beta) * grad_sq
         a["trace_cov"] = beta * a["trace_cov"] + (1 - beta) * trace_cov
         b_simple = a["trace_cov"] / a["grad_sq"] if a["grad_sq"] > 0 else float("nan")
-        return {"noise/grad_sq": grad_sq, "noise/trace_cov": trace_cov, "noise/b_simple": b_simple}
+        return {names.NOISE_GRAD_SQ: grad_sq, names.NOISE_TRACE_COV: trace_cov, names.NOISE_B_SIMPLE: b_simple}
 
 
 class NoiseAtTargets:
@@ -194,16 +195,15 @@ class NoiseAtTargets:
     def load_state_dict(self, state: dict) -> None:
         self.crossed = list(state["crossed"])
 
-    def __call__(self, module) -> dict[str, float]:
-        acc = module.latest.get("val/acc")  # this point's: the loop logs it before it calls the measures
+    def __call__(self, point) -> dict[str, float]:
+        acc = point.latest.get(names.VAL_ACC)  # this point's: the loop logs it before it calls the measures
         due = [t for t in self.targets if acc is not None and acc >= t and t not in self.crossed]
         if not due:
             return {}
-        dm, net = module.trainer.datamodule, module.net
-        with untouched(net, dm.x_train.device):
-            found = measure_with_error(net, dm.x_train, dm.y_train, self.blocks, module.criterion)
-        out = {"noise/b_simple": found["b_simple"], "noise/b_simple_se": found["b_simple_se"]}
+        with untouched(point.net, point.x_train.device):
+            found = measure_with_error(point.net, point.x_train, point.y_train, self.blocks, point.criterion)
+        out = {names.NOISE_B_SIMPLE: found["b_simple"], names.NOISE_B_SIMPLE_SE: found["b_simple_se"]}
         for t in due:
             self.crossed.append(t)
-            out |= {f"noise/{k}/{t:g}": found[k] for k in ("b_simple", "b_simple_se", "grad_sq", "trace_cov")}
+            out |= {names.noise_at_key(k, t): found[k] for k in ("b_simple", "b_simple_se", "grad_sq", "trace_cov")}
         return out

@@ -14,6 +14,8 @@ import math
 import numpy as np
 import torch
 
+from descent.tracking import names
+
 
 def hessian_vector_product(net, criterion, x, y, chunk: int = 2048):
     """v -> H v for the mean loss over (x, y), H the Hessian in the net's parameters (flat float64 numpy).
@@ -47,6 +49,8 @@ def lambda_max(net, criterion, x, y, tol: float = 1e-4, v0: np.ndarray | None = 
     vector (numpy's generator seeded 0), so the measurement never draws from torch's random state. ncv:
     Lanczos vectors kept by ARPACK; 8 took 9-13 products on the MLP here (warm or cold), its default 20 took 21.
     """
+    # scipy.sparse.linalg costs 0.13 s to import (-X importtime), at every training start if at the top: the
+    # measurement is off by default
     from scipy.sparse.linalg import LinearOperator, eigsh
 
     hvp, size = hessian_vector_product(net, criterion, x, y, chunk)
@@ -90,15 +94,14 @@ class Sharpness:
         self.due = state["due"]
         self.vector = None if state["vector"] is None else state["vector"].numpy()
 
-    def __call__(self, module) -> dict[str, float]:
-        if module.updates < self.due:
+    def __call__(self, point) -> dict[str, float]:
+        if point.updates < self.due:
             return {}
-        self.due = (module.updates // self.every + 1) * self.every
-        dm = module.trainer.datamodule
-        x, y = dm.x_train[: self.subset], dm.y_train[: self.subset]
-        value, self.vector = lambda_max(module.net, module.criterion, x, y, self.tol, self.vector)
-        found = {"sharpness/lambda_max": value}
-        limit = threshold(module.opt.param_groups[0])
+        self.due = (point.updates // self.every + 1) * self.every
+        x, y = point.x_train[: self.subset], point.y_train[: self.subset]
+        value, self.vector = lambda_max(point.net, point.criterion, x, y, self.tol, self.vector)
+        found = {names.SHARPNESS: value}
+        limit = threshold(point.optimizer.param_groups[0])
         if limit is not None and math.isfinite(limit):
-            found["sharpness/threshold"] = limit
+            found[names.SHARPNESS_THRESHOLD] = limit
         return found

@@ -1,63 +1,56 @@
-"""The chapter's pictures as a sweep's report: experiment=local_minima, step_size and edge_of_stability.
+"""The chapter's pictures as a sweep's report: experiment=local_minima, step_size (here) and edge_of_stability
+(descent/reports/edge_of_stability.py), and a toy run's own trajectory.png (train.py logs it).
 
 The sweep's callback draws the one its preset names (hydra.callbacks.mlflow_sweep.pictures) beside the
 convergence report, from the runs' record only, and logs <name>.png and <name>.md to the parent run under
-report/. Like descent/reports/convergence.py it reads MLflow and draws with matplotlib's object API.
+report/. It draws the toy losses of descent/nets/toy.py with matplotlib's object API.
 """
 
 from __future__ import annotations
 
+import ast
 from pathlib import Path
 
 import numpy as np
+import torch
+from matplotlib import colormaps
+from matplotlib.figure import Figure
 
-from descent.reports.convergence import ReportError, Run, select_runs
+from descent.nets.toy import LOSSES
+from descent.reports import edge_of_stability as edge, skeleton
+from descent.reports.skeleton import ReportError, Run, select_runs, table
+from descent.tracking import names
 
 FLOOR = 1e-8  # f - f* below this is drawn here: the loop's float32 resolves f no finer near the minimum
-TOY_METRICS = ("toy/w", "toy/x", "toy/y", "toy/step", "val/loss")
-SHARPNESS_METRICS = ("sharpness/lambda_max", "sharpness/threshold", "train/loss")
-
-
-def _float(run: Run, key: str, default=None):
-    value = run.params.get(key)
-    return default if value in (None, "None") else float(value)
+TOY_METRICS = (*(names.toy_key(c) for c in ("w", "x", "y")), names.TOY_STEP, names.VAL_LOSS)  # histories read
 
 
 def _start(run: Run) -> list[float]:
-    import ast
-
     return [float(v) for v in ast.literal_eval(run.params["model.start"])]
 
 
-def _path(run: Run) -> np.ndarray:
-    """The run's trajectory: its start, then the point at each validation point (up to a non-finite one)."""
-    from descent.nets.toy import LOSSES
-
-    coords = LOSSES[run.params["model.loss"]].coords
-    columns = [run.curve(f"toy/{c}")[1] for c in coords]
+def trajectory(start, columns) -> np.ndarray:
+    """The start, then the point at each validation point: columns are the coordinates' logged values."""
     n = min(map(len, columns))
-    return np.concatenate([[_start(run)], np.stack([c[:n] for c in columns], 1)])
+    return np.concatenate([np.asarray(start, dtype=float).reshape(1, -1),
+                           np.stack([np.asarray(c[:n], dtype=float) for c in columns], 1)])
 
 
-def _updates(run: Run, key: str) -> tuple[np.ndarray, np.ndarray]:
-    steps, values = run.curve(key)
-    return run.progress("updates", steps), values
+def _path(run: Run) -> np.ndarray:
+    """The run's trajectory, up to a non-finite point."""
+    return trajectory(_start(run), [run.curve(names.toy_key(c))[1] for c in LOSSES[run.params["model.loss"]].coords])
 
 
 def _outcome(run: Run) -> tuple[str, str]:
     """(where it ended: global | local | diverged, in words with how)."""
-    import torch
-
-    from descent.nets.toy import LOSSES, which_minimum
-
     loss = run.params["model.loss"]
     if run.diverged:
-        at = run.tags.get("diverged.updates")
+        at = run.tags.get(names.DIVERGED_UPDATES)
         return "diverged", f"diverged (update {at})" if at else "diverged"
     end = _path(run)[-1]
     where = which_minimum(loss, end)
     gap = float(LOSSES[loss].fn(torch.tensor(end))) - float(LOSSES[loss].fn(torch.tensor(LOSSES[loss].minima[where])))
-    steps = run.curve("toy/step")[1]
+    steps = run.curve(names.TOY_STEP)[1]
     last = float(np.mean(steps[-10:])) if len(steps) else float("nan")
     if gap < 1e-4:
         return where, f"in the {where} minimum"
@@ -66,16 +59,85 @@ def _outcome(run: Run) -> tuple[str, str]:
     return where, f"on its way to the {where} minimum (f - f* = {gap:.2g})"
 
 
-def _table(header: list[str], rows: list[list]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
+# -- the toy losses drawn: a curve or a surface, the minimum a point flows to, a run's trajectory ----------------
+
+def which_minimum(loss: str, point) -> str:
+    """The minimum the gradient flow from `point` ends in (small plain steps, float64): 'global', 'local', or
+    'diverged' for a non-finite point."""
+    surface = LOSSES[loss]
+    p = torch.tensor(np.asarray(point, dtype=np.float64).reshape(-1))
+    if not torch.isfinite(p).all():
+        return "diverged"
+    lr = 0.2 / surface.L
+    for _ in range(20000):
+        p = p.detach().requires_grad_(True)
+        (g,) = torch.autograd.grad(surface.fn(p), p)
+        p = p - lr * g
+        if g.norm() < 1e-10:
+            break
+    return min(surface.minima, key=lambda m: float((p.detach() - torch.tensor(surface.minima[m])).norm()))
+
+
+def draw(ax, loss: str, paths: list[tuple[np.ndarray, str, str]], end_marker: str = "*") -> None:
+    """The loss curve (1-D) or the surface's contours (2-D, log-spaced levels) with paths drawn on it.
+
+    paths: (points n x dim, colour, label); the start is a circle, the end `end_marker`.
+    """
+    surface = LOSSES[loss]
+    if surface.dim == 1:
+        w = np.linspace(*surface.box[0], 400)
+        curve = surface.fn(torch.tensor(w)[:, None]).numpy()
+        ax.plot(w, curve, color="0.3", lw=1.5)
+        margin = 0.08 * (curve.max() - curve.min())
+        ax.set_ylim(curve.min() - margin, curve.max() + margin)  # a diverging path leaves the picture
+        for points, color, label in paths:
+            w = points[:, 0]
+            f = surface.fn(torch.tensor(points)).numpy()
+            ax.plot(w, f, "-", color=color, lw=0.8, alpha=0.7, label=label)
+            ax.plot(w, f, ".", color=color, ms=3, alpha=0.5)
+            ax.plot(w[:1], f[:1], "o", color=color, ms=6)
+            ax.plot(w[-1:], f[-1:], end_marker, color=color, ms=11, mec="k", mew=0.5)
+        ax.set_xlabel("w")
+        ax.set_ylabel("loss f(w)")
+        ax.set_xlim(*surface.box[0])
+    else:
+        (x0, x1), (y0, y1) = surface.box
+        x, y = np.meshgrid(np.linspace(x0, x1, 300), np.linspace(y0, y1, 300))
+        f = surface.fn(torch.tensor(np.stack([x, y], -1))).numpy()
+        ax.contour(x, y, f, levels=np.geomspace(max(f.min(), 1e-3), f.max(), 18), colors="0.6", linewidths=0.7)
+        for points, color, label in paths:
+            ax.plot(points[:, 0], points[:, 1], "-", color=color, lw=1, alpha=0.8, label=label)
+            ax.plot(points[:1, 0], points[:1, 1], "o", color=color, ms=6)
+            ax.plot(points[-1:, 0], points[-1:, 1], end_marker, color=color, ms=11, mec="k", mew=0.5)
+        ax.set_xlim(x0, x1)
+        ax.set_ylim(y0, y1)
+        ax.set_xlabel(surface.coords[0])
+        ax.set_ylabel(surface.coords[1])
+    for name, point in surface.minima.items():
+        at = (point[0], float(surface.fn(torch.tensor(point)))) if surface.dim == 1 else point
+        ax.plot(*at, "+", color="k", ms=12, mew=1.5)
+        ax.annotate(f"{name} minimum", at, textcoords="offset points", xytext=(0, -16), ha="center", fontsize=8)
+
+
+def log_trajectory(logger, net) -> None:
+    """The run's artifact trajectory.png: its path on the curve or surface, from the record."""
+    logger.wait_for_store()  # every point written first: the picture is drawn from the record
+    columns = [[m.value for m in sorted(logger.experiment.get_metric_history(logger.run_id, names.toy_key(c)),
+                                        key=lambda m: m.step)] for c in LOSSES[net.loss].coords]
+    points = trajectory(net.start, columns)
+    fig = Figure(figsize=(6, 4.5), layout="constrained")
+    ax = fig.subplots()
+    draw(ax, net.loss, [(points, "C0", None)])
+    ax.set_title(f"{logger.run_name}: {len(points) - 1} points from {net.start} to "
+                 f"{', '.join(f'{v:.4g}' for v in points[-1])}", fontsize=9)
+    logger.experiment.log_figure(logger.run_id, fig, "trajectory.png")
 
 
 # -- experiment=local_minima ----------------------------------------------------------------------------------
 
 def _arm(run: Run, base_lr: float) -> tuple[float, bool]:
     """(β, control): a momentum run's β, or, for plain SGD at base_lr / (1 - β), that β and True."""
-    momentum, lr = _float(run, "optimizer.momentum", 0.0), _float(run, "optimizer.lr")
+    momentum, lr = run.number("optimizer.momentum", 0.0), run.number("optimizer.lr")
     if momentum == 0 and lr > base_lr * (1 + 1e-9):
         return round(1 - base_lr / lr, 6), True
     return momentum, False
@@ -84,26 +146,21 @@ def _arm(run: Run, base_lr: float) -> tuple[float, bool]:
 def local_minima(runs: list[Run], title: str):
     """Momentum from the same start on the double well, and its control, plain SGD at lr / (1 - β), with and
     without gradient noise: the paths on the curve, w against updates, and which minimum each run ended in."""
-    from matplotlib import colormaps
-    from matplotlib.figure import Figure
-
-    from descent.nets.toy import draw
-
-    base_lr = min(_float(r, "optimizer.lr") for r in runs)  # the momentum arms' lr; a control's is larger
-    noises = sorted({_float(r, "data.noise", 0.0) for r in runs})
+    base_lr = min(r.number("optimizer.lr") for r in runs)  # the momentum arms' lr; a control's is larger
+    noises = sorted({r.number("data.noise", 0.0) for r in runs})
     momenta = sorted({_arm(r, base_lr)[0] for r in runs})
     colors = {m: colormaps["viridis"](i / max(1, len(momenta) - 1)) for i, m in enumerate(momenta)}
 
     def label(r):
         beta, control = _arm(r, base_lr)
-        lr = _float(r, "optimizer.lr")
+        lr = r.number("optimizer.lr")
         return f"plain SGD, lr {lr:.3g} = {base_lr:g}/(1 - {beta:g})" if control else f"momentum {beta:g}, lr {lr:g}"
 
     fig = Figure(figsize=(20, 4.6 * len(noises)), layout="constrained")
     axes = fig.subplots(len(noises), 3, squeeze=False)
     rows, counts = [], {}
     for row, noise in enumerate(noises):
-        chosen = [r for r in runs if _float(r, "data.noise", 0.0) == noise]
+        chosen = [r for r in runs if r.number("data.noise", 0.0) == noise]
         seeds = sorted({int(r.params.get("seed", 0)) for r in chosen})
         first = {}  # one path per arm on the curve (the lowest seed): more would hide the curve
         for r in sorted(chosen, key=lambda r: int(r.params.get("seed", 0))):
@@ -119,10 +176,10 @@ def local_minima(runs: list[Run], title: str):
         ax = axes[row, 2]
         for r in chosen:
             beta, control = _arm(r, base_lr)
-            x, w = _updates(r, "toy/w")
+            x, w = r.by_updates(names.toy_key("w"))
             ax.plot(np.r_[0, x], np.r_[_start(r), w], color=colors[beta], lw=1, alpha=0.8, ls="--" if control else "-")
             where, words = _outcome(r)
-            counts.setdefault((noise, control, beta, _float(r, "optimizer.lr")), []).append(where)
+            counts.setdefault((noise, control, beta, r.number("optimizer.lr")), []).append(where)
             rows.append([f"{beta:g}", "plain SGD at lr/(1 - β)" if control else "momentum", r.params.get("optimizer.lr"),
                          f"{noise:g}", r.params.get("seed", "0"), f"{w[-1]:.4f}" if len(w) else "—", words, r.name])
         ax.axhline(-0.2696, color="0.5", ls=":", lw=1)
@@ -139,11 +196,11 @@ def local_minima(runs: list[Run], title: str):
                 f"{ends.count('diverged')}/{len(ends)}"]
                for (noise, control, beta, lr), ends in sorted(counts.items())]
     text = ("Which minimum each run of the double well ended in: the minimum its final point's gradient flow "
-            "reaches (descent.nets.toy.which_minimum). A momentum run (β at lr η) and its control (plain SGD at "
+            "reaches (descent.reports.pictures.which_minimum). A momentum run (β at lr η) and its control (plain SGD at "
             "η/(1 - β), the step momentum reaches on a steady slope) share the row's β.\n\n"
-            + _table(["β", "arm", "lr", "noise std", "runs", "global", "local", "diverged"], summary)
+            + table(["β", "arm", "lr", "noise std", "runs", "global", "local", "diverged"], summary)
             + "\n\nEach run:\n\n"
-            + _table(["β", "arm", "lr", "noise std", "seed", "final w", "ended", "run"], rows))
+            + table(["β", "arm", "lr", "noise std", "seed", "final w", "ended", "run"], rows))
     return fig, text
 
 
@@ -155,7 +212,7 @@ TOLERANCE = 1e-5  # step_size's table: the updates gradient descent takes to f(w
 def updates_to(run: Run, f_star: float, tol: float = TOLERANCE) -> int | None:
     """The first update after which f(w) - f* < tol (val/loss is f(w), logged at every update in the preset);
     None if the run never gets there."""
-    x, v = _updates(run, "val/loss")
+    x, v = run.by_updates(names.VAL_LOSS)
     below = np.flatnonzero(v - f_star < tol)
     return int(round(x[below[0]])) if len(below) else None
 
@@ -163,12 +220,6 @@ def updates_to(run: Run, f_star: float, tol: float = TOLERANCE) -> int | None:
 def step_size(runs: list[Run], title: str):
     """Learning rates from too small to divergent on each toy loss: paths, loss against updates, the updates
     each rate takes to f - f* < TOLERANCE, and the final loss, against the learning rate with 1/L and 2/L."""
-    import torch
-    from matplotlib import colormaps
-    from matplotlib.figure import Figure
-
-    from descent.nets.toy import LOSSES, draw
-
     losses = list(dict.fromkeys(r.params["model.loss"] for r in runs))
     fig = Figure(figsize=(22, 5 * len(losses)), layout="constrained")
     axes = fig.subplots(len(losses), 4, squeeze=False)
@@ -177,17 +228,17 @@ def step_size(runs: list[Run], title: str):
         surface = LOSSES[loss]
         f_star = float(surface.fn(torch.tensor(surface.minima["global"])))
         bound = 2 / surface.L
-        chosen = sorted([r for r in runs if r.params["model.loss"] == loss], key=lambda r: _float(r, "optimizer.lr"))
+        chosen = sorted([r for r in runs if r.params["model.loss"] == loss], key=lambda r: r.number("optimizer.lr"))
         colors = [colormaps["plasma"](0.9 * i / max(1, len(chosen) - 1)) for i in range(len(chosen))]
-        budget = int(max(r.progress("updates", [r.history.get("val/loss", ([0], 0))[0][-1]])[0] for r in chosen))
+        budget = int(max(r.progress("updates", [r.history.get(names.VAL_LOSS, ([0], 0))[0][-1]])[0] for r in chosen))
         paths, finals = [], []
         for r, color in zip(chosen, colors):
-            lr = _float(r, "optimizer.lr")
+            lr = r.number("optimizer.lr")
             label = f"lr {lr:.3g} = {lr / bound:.3g} × 2/L"
             path = _path(r)
             if len(path) > 1:
                 paths.append((path, color, label + (" (diverged)" if r.diverged else "")))
-            x, v = _updates(r, "val/loss")
+            x, v = r.by_updates(names.VAL_LOSS)
             axes[row, 1].plot(x, np.maximum(v - f_star, FLOOR), color=color, lw=1.2, label=label)
             if r.diverged and len(x):
                 axes[row, 1].plot(x[-1:], np.maximum(v[-1:] - f_star, FLOOR), "x", color=color, ms=9, mew=2)
@@ -208,7 +259,7 @@ def step_size(runs: list[Run], title: str):
         axes[row, 0].set_title(f"{loss}: paths from {_start(chosen[0])} (o start, * end)", fontsize=10)
         ax = axes[row, 1]
         ax.set_yscale("log")
-        first = [float(r.history["val/loss"][1][0]) - f_star for r in chosen if len(r.history.get("val/loss", ((), ()))[1])]
+        first = [float(r.history[names.VAL_LOSS][1][0]) - f_star for r in chosen if len(r.history.get(names.VAL_LOSS, ((), ()))[1])]
         ax.set_ylim(FLOOR / 2, 10 * max([v for v in first if np.isfinite(v)] + [1]))  # diverged runs go off the top
         ax.axhline(TOLERANCE, color="0.5", ls=":", lw=1)
         ax.set_xscale("symlog", linthresh=10)
@@ -252,117 +303,25 @@ def step_size(runs: list[Run], title: str):
             "logged at every update) is within the tolerance of the global minimum's f*.\n\n"
             "Fastest first (lr / (2/L), then the updates to the tolerance, or the final f - f* where it was not "
             "reached):\n\n" + "\n".join(f"- {o}" for o in orders) + "\n\n"
-            + _table(["loss", "lr", "lr / (2/L)", f"updates to f - f* < {TOLERANCE:g}", "ended", "final f - f*",
+            + table(["loss", "lr", "lr / (2/L)", f"updates to f - f* < {TOLERANCE:g}", "ended", "final f - f*",
                       "run"], rows))
     return fig, text
 
 
-# -- experiment=edge_of_stability -----------------------------------------------------------------------------
-
-EDGE = 0.9  # edge_of_stability: λ_max within this fraction of 2/η counts as at the edge
-RISES_AFTER = 20  # edge_of_stability: updates that raised the training loss are counted after this one
-
-
-def what_it_shows(x: np.ndarray, lam: np.ndarray, edge: float, diverged: bool) -> str:
-    """The run's sharpness in words: a catapult from above 2/η, progressive sharpening to it and hovering there,
-    or sharpening (or none) that stays below it. x: the updates of the measurements, λ_max at each."""
-    if not len(lam) or not np.isfinite(edge):
-        return "—"
-    late = np.median(lam[len(lam) // 2:]) / edge
-    if lam[0] > edge:
-        if diverged:
-            return "starts above 2/η and diverges"
-        below = np.flatnonzero(lam < edge)
-        if not len(below):
-            return f"starts above 2/η ({lam[0] / edge:.2f} ×) and stays above it"
-        caught = f"starts above 2/η ({lam[0] / edge:.2f} ×), falls below it by update {int(x[below[0]])}: a catapult"
-        if late >= EDGE:
-            return caught + f"; then hovers at the edge (2nd half at {late:.2f} × 2/η)"
-        return caught + f"; then below the edge (2nd half at {late:.2f} × 2/η)"
-    if (lam >= EDGE * edge).any():
-        return ("sharpens to 2/η and hovers there" if late >= EDGE else "sharpens to 2/η, then falls below it") + \
-            f" (2nd half at {late:.2f} × 2/η)"
-    peak = int(np.argmax(lam))
-    if lam[peak] > 1.05 * lam[0]:
-        return (f"sharpens {lam[peak] / lam[0]:.2f}× by update {int(x[peak])} but stays below 2/η (at most "
-                f"{lam[peak] / edge:.2f} ×), ends at {lam[-1] / edge:.2f} ×")
-    return f"no sharpening: λ_max falls {lam[0]:.3g} → {lam[-1]:.3g}, below 2/η throughout ({lam[-1] / edge:.2f} × at the end)"
-
-
-def edge_of_stability(runs: list[Run], title: str):
-    """λ_max against updates beside 2/η for each learning rate, and the training loss, one row per loss."""
-    from matplotlib.figure import Figure
-
-    losses = sorted({r.params.get("model.loss", "cross_entropy") for r in runs})
-    fig = Figure(figsize=(15, 5.2 * len(losses)), layout="constrained")
-    axes = fig.subplots(len(losses), 2, squeeze=False)
-    rows = []
-    for row, name in enumerate(losses):
-        ax_l, ax_loss = axes[row]
-        chosen = sorted([r for r in runs if r.params.get("model.loss", "cross_entropy") == name],
-                        key=lambda r: _float(r, "optimizer.lr"))
-        for i, r in enumerate(chosen):
-            color, lr = f"C{i}", _float(r, "optimizer.lr")
-            x, lam = _updates(r, "sharpness/lambda_max")
-            _, limit = _updates(r, "sharpness/threshold")
-            edge = limit[0] if len(limit) else np.nan
-            ax_l.plot(x, lam, ".-", color=color, lw=1.2, ms=4, label=f"lr {lr:g}: λ_max")
-            if len(limit):
-                ax_l.axhline(edge, color=color, ls="--", lw=1, label=f"lr {lr:g}: 2/η = {edge:.3g}")
-            xl, loss = _updates(r, "train/loss")
-            ax_loss.plot(xl, loss, color=color, lw=1.2, label=f"lr {lr:g}" + (" (diverged)" if r.diverged else ""))
-            if len(lam):
-                late_loss = loss[xl >= RISES_AFTER]  # at the edge the loss falls non-monotonically (Cohen et al.)
-                rises = f"{int((np.diff(late_loss) > 0).sum())} of {max(len(late_loss) - 1, 0)}"
-                reached = int(x[np.argmax(lam >= EDGE * edge)]) if (lam >= EDGE * edge).any() else None
-                peak = int(np.argmax(lam))
-                rows.append([name, f"{lr:g}", f"{edge:.3g}", f"{lam[0]:.3g}", f"{lam.max():.3g} (update {int(x[peak])})",
-                             f"{lam[-1]:.3g} (update {int(x[-1])})", f"{np.median(lam[len(lam) // 2:]) / edge:.2f}",
-                             "—" if reached is None else str(reached), f"{loss[-1]:.4g}" if len(loss) else "—", rises,
-                             what_it_shows(x, lam, edge, r.diverged), r.name])
-        ax_l.set_yscale("log")
-        ax_l.set_xlabel("optimizer updates (full batch: one per epoch)")
-        ax_l.set_ylabel("sharpness λ_max of the training loss's Hessian")
-        ax_l.set_title(f"{name}: sharpness (solid) and its stability threshold 2/η (dashed)", fontsize=10)
-        ax_l.legend(fontsize=7, ncols=2)
-        ax_loss.set_yscale("log")
-        ax_loss.set_xlabel("optimizer updates")
-        ax_loss.set_ylabel("training loss (full batch)")
-        ax_loss.set_title(f"{name}: training loss", fontsize=10)
-        ax_loss.legend(fontsize=8)
-    fig.suptitle(title)
-    text = ("Full-batch gradient descent on the MLP: the sharpness λ_max (Lanczos on Hessian-vector products, "
-            "descent/measure/sharpness.py) against its threshold 2/η; the first measurement is after update 1 (the "
-            f"first validation point). At the edge: λ_max ≥ {EDGE:g} × 2/η.\n\n"
-            + _table(["loss", "lr", "2/η", "λ_max first", "λ_max max", "λ_max last", "median / (2/η), 2nd half",
-                      f"update λ_max first ≥ {EDGE:g} × 2/η", "final train loss",
-                      f"updates that raised the loss, after update {RISES_AFTER}", "what it shows", "run"], rows))
-    return fig, text
-
-
 PICTURES = {"local_minima": (local_minima, TOY_METRICS), "step_size": (step_size, TOY_METRICS),
-            "edge_of_stability": (edge_of_stability, SHARPNESS_METRICS)}
+            "edge_of_stability": (edge.edge_of_stability, edge.METRICS)}
 
 
 def make(name: str, tracking_uri: str, parent_run_id: str, out_dir: str | Path) -> dict[str, Path]:
     """Draw picture `name` of the sweep `parent_run_id`; write <name>.png and <name>.md into out_dir and log
     them to the parent run under report/. Returns {"png", "md"} -> path."""
-    from mlflow import MlflowClient
-
-    from descent.tracking.store import resolve_uri
-
     if name not in PICTURES:
         raise ReportError(f"no picture {name!r}: there are {', '.join(PICTURES)}")
-    draw, metrics = PICTURES[name]
-    client = MlflowClient(resolve_uri(tracking_uri))
+    draw_it, metrics = PICTURES[name]
+    client = skeleton.client(tracking_uri)
     parent, runs = select_runs(client, parent_run_id, metrics=metrics)
     title = f"{name}: sweep {parent.info.run_name} (run {parent.info.run_id}), {len(runs)} runs"
-    fig, text = draw(runs, title)
-    out = Path(out_dir).absolute()
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {"png": out / f"{name}.png", "md": out / f"{name}.md"}
-    fig.savefig(paths["png"], dpi=100)
-    paths["md"].write_text(f"# {title}\n\n{text}\n\n![{name}]({name}.png)\n")
-    for path in paths.values():
-        client.log_artifact(parent.info.run_id, str(path), "report")
+    fig, text = draw_it(runs, title)
+    paths = skeleton.write(skeleton.folder(out_dir, parent), name, fig, f"# {title}\n\n{text}\n\n![{name}]({name}.png)\n")
+    skeleton.to_parent(client, parent.info.run_id, paths)
     return paths

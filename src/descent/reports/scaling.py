@@ -18,17 +18,25 @@ Reads MLflow only (no torch): the sweep's children carry target/updates/<acc>, t
 
 from __future__ import annotations
 
-import csv
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from matplotlib import colormaps
+from matplotlib.figure import Figure
+from mlflow.exceptions import MlflowException
+from scipy.optimize import nnls
 
-from descent.tracking.store import PARENT_TAG, SWEEP_DIR_TAG, SWEEP_TAG, resolve_uri
+from descent.console.terminal import shown
+from descent.data.datasets import TABLE
+from descent.reports import skeleton
+from descent.reports.skeleton import ReportError
+from descent.tracking import names
 
 BOOTSTRAP = 1000  # resamples of the seeds for the intervals
-UPDATES, EXAMPLES = "target/updates/", "target/examples/"
+UPDATES, EXAMPLES = names.TARGET_UPDATES + "/", names.TARGET_EXAMPLES + "/"  # + the target: names.target_key
+B_SIMPLE = names.NOISE_B_SIMPLE + "/"  # + the target: names.noise_at_key
 
 
 @dataclass
@@ -48,8 +56,6 @@ class Run:
 def batch_size_of(params: dict[str, str]) -> int:
     """data.batch_size as run: null means the whole training set (after val_size and limit_train): the run's
     data.train_examples, or for runs recorded before it the table's training split (descent/data/datasets.py)."""
-    from descent.data.datasets import TABLE
-
     b = params.get("data.batch_size", "None")
     if b not in ("None", "null", ""):
         return int(b)
@@ -68,9 +74,7 @@ def _int(value) -> int | None:
 
 
 def read_runs(client, parent_run_id: str) -> list[Run]:
-    parent = client.get_run(parent_run_id)
-    found = client.search_runs([parent.info.experiment_id], f"tags.`{PARENT_TAG}` = '{parent_run_id}'",
-                               max_results=5000)
+    found = skeleton.children(client, client.get_run(parent_run_id))
     runs = []
     for r in found:
         p, m = r.data.params, r.data.metrics
@@ -82,13 +86,13 @@ def read_runs(client, parent_run_id: str) -> list[Run]:
                 run.updates[float(key[len(UPDATES):])] = value
             elif key.startswith(EXAMPLES):
                 run.examples[float(key[len(EXAMPLES):])] = value
-            elif key.startswith("noise/b_simple/"):
-                acc = float(key.rsplit("/", 1)[1])
-                run.noise[acc] = (value, m.get(f"noise/b_simple_se/{key.rsplit('/', 1)[1]}", float("nan")))
+            elif key.startswith(B_SIMPLE):
+                acc = float(key[len(B_SIMPLE):])
+                run.noise[acc] = (value, m.get(names.noise_at_key("b_simple_se", acc), float("nan")))
         acc = p.get("sweep.target_acc")  # runs recorded before several targets: their one target
-        if "target/updates" in m and acc is not None and float(acc) not in run.updates:
-            run.updates[float(acc)] = m["target/updates"]
-            run.examples[float(acc)] = m.get("target/examples", float("nan"))
+        if names.TARGET_UPDATES in m and acc is not None and float(acc) not in run.updates:
+            run.updates[float(acc)] = m[names.TARGET_UPDATES]
+            run.examples[float(acc)] = m.get(names.TARGET_EXAMPLES, float("nan"))
         runs.append(run)
     return runs
 
@@ -100,8 +104,6 @@ def same(a: float, b: float) -> bool:
 def fit(batch_sizes, updates) -> tuple[float, float]:
     """(S_min, E_min) of S(B) = S_min + E_min/B: least squares on relative residuals (S spans decades: each
     point counts by its ratio to the fit, not its absolute updates), both >= 0 (NNLS). NaN for < 2 sizes."""
-    from scipy.optimize import nnls
-
     b, s = np.asarray(batch_sizes, float), np.asarray(updates, float)
     if len(set(b)) < 2:
         return float("nan"), float("nan")
@@ -206,9 +208,6 @@ MARKERS = "osD^vP*X"
 
 
 def plot(rows: list[dict], fits: dict, noise: dict, title: str):
-    from matplotlib import colormaps
-    from matplotlib.figure import Figure
-
     fig = Figure(figsize=(15, 11), layout="constrained")
     (ax_s, ax_e), (ax_lr, ax_b) = fig.subplots(2, 2)
     palette = colormaps["tab10"]
@@ -317,27 +316,9 @@ def markdown(rows: list[dict], fits: dict, noise: dict, header: str, n_boot: int
     return "\n".join(lines)
 
 
-def write_csv(rows: list[dict], fits: dict, path: Path) -> None:
-    fields = list(rows[0]) + [f"fit_{k}" for k in next(iter(fits.values()))] if rows and fits else []
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fields)
-        writer.writeheader()
-        for r in rows:
-            fitted = fits.get((r["optimizer"], r["target"]), {})
-            row = r | {f"fit_{k}": v for k, v in fitted.items()}
-            writer.writerow({k: "" if v is None or (isinstance(v, float) and math.isnan(v)) else v
-                             for k, v in row.items()})
-
-
-def latest_sweep(client, experiment: str) -> str:
-    exp = client.get_experiment_by_name(experiment)
-    sweeps = client.search_runs([exp.experiment_id], f"tags.`{SWEEP_TAG}` = 'true'",
-                                order_by=["attributes.start_time DESC"], max_results=1) if exp else []
-    if not sweeps:
-        from descent.reports.convergence import ReportError
-
-        raise ReportError(f"no sweep in experiment {experiment!r} of {client.tracking_uri}")
-    return sweeps[0].info.run_id
+def csv_rows(rows: list[dict], fits: dict) -> list[dict]:
+    """The table's rows, each with its fit's numbers (fit_s_min, ...)."""
+    return [r | {f"fit_{k}": v for k, v in fits.get((r["optimizer"], r["target"]), {}).items()} for r in rows]
 
 
 def make_scaling_report(tracking_uri: str | None = None, parent_run_id: str | None = None,
@@ -347,13 +328,12 @@ def make_scaling_report(tracking_uri: str | None = None, parent_run_id: str | No
     numbers as the parent's metrics scaling.<what>.<optimizer>. more_parents: other sweeps whose trials join
     these (another study's parent: learning rates beyond a study's categorical grid need a study of their own).
     Returns the paths and a summary line."""
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
-    from descent.reports.convergence import ReportError, default_out, launch_relative
-
-    client = MlflowClient(resolve_uri(tracking_uri))
-    parent_run_id = parent_run_id or latest_sweep(client, experiment)
+    client = skeleton.client(tracking_uri)
+    if parent_run_id is None:
+        latest = skeleton.latest_sweep(client, experiment)
+        if latest is None:
+            raise ReportError(f"no sweep in experiment {experiment!r} of {client.tracking_uri}")
+        parent_run_id = latest.info.run_id
     parent = client.get_run(parent_run_id)
     trials = read_runs(client, parent_run_id)
     for other in more_parents:
@@ -364,32 +344,28 @@ def make_scaling_report(tracking_uri: str | None = None, parent_run_id: str | No
     if not trials:
         raise ReportError(f"no runs under sweep run {parent_run_id}")
     rows, fits, noise = analyse(trials)
-    out = (Path(out_dir) if out_dir is not None else default_out(parent)).absolute()
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {"png": out / "scaling.png", "md": out / "scaling.md", "csv": out / "scaling.csv"}
-    where = launch_relative(parent.data.tags[SWEEP_DIR_TAG]) if parent.data.tags.get(SWEEP_DIR_TAG) else ""
+    out = skeleton.folder(out_dir, parent)
+    where = shown(skeleton.sweep_dir(parent)) if skeleton.sweep_dir(parent) else ""
     what = f"sweep `{parent.info.run_name}` (run `{parent_run_id}`) {where}".strip()
     if more_parents:
         what += " with the trials of " + ", ".join(f"`{p}`" for p in more_parents)
     header = (f"# Batch-size scaling report\n\n{what}: {len(trials)} runs, "
               f"{len({(t.optimizer, t.batch_size) for t in trials})} (optimizer, batch size) cells; "
               f"{sum(bool(t.updates) for t in trials)} reached a target.")
-    title = f"sweep {parent.info.run_name} (run {parent_run_id})" + (  # no folder in a figure: as report.py
+    title = f"sweep {parent.info.run_name} (run {parent_run_id})" + (  # no folder in a figure: as convergence's
         " with the trials of " + ", ".join(more_parents) if more_parents else "")
-    plot(rows, fits, noise, title).savefig(paths["png"], dpi=100, metadata={"Title": title})
-    paths["md"].write_text(markdown(rows, fits, noise, header))
-    write_csv(rows, fits, paths["csv"])
+    paths = skeleton.write(out, "scaling", plot(rows, fits, noise, title), markdown(rows, fits, noise, header),
+                           csv_rows(rows, fits), title)
     top = {opt: max(acc for o, acc in fits if o == opt) for opt, _ in fits}
     for (opt, acc), f in fits.items():
         values = dict(f) | ({k: v for k, v in noise[opt, acc].items() if k.startswith("b_simple")}
                             if (opt, acc) in noise else {})
         for key in ("b_crit", "s_min", "e_min", "b_crit_low", "b_crit_high", "b_simple", "b_simple_se"):
             if key in values and math.isfinite(values[key]):
-                client.log_metric(parent_run_id, f"scaling.{key}.{opt}.{acc:g}", values[key])
+                client.log_metric(parent_run_id, names.scaling_key(key, opt, acc), values[key])
                 if acc == top[opt]:  # the highest target (where the runs stop) under the names without one
-                    client.log_metric(parent_run_id, f"scaling.{key}.{opt}", values[key])
-    for path in paths.values():
-        client.log_artifact(parent_run_id, str(path), "report")
+                    client.log_metric(parent_run_id, names.scaling_key(key, opt), values[key])
+    skeleton.to_parent(client, parent_run_id, paths)
     paths["summary"] = "; ".join(f"{opt} @ {acc:g}: B_crit {_g(f['b_crit'])} [{_g(f['b_crit_low'])}, "
                                  f"{_g(f['b_crit_high'])}]" for (opt, acc), f in fits.items())
     return paths

@@ -32,9 +32,9 @@ import math
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.samplers import BaseSampler
 
-ROLE, PRUNE, CELL = "descent.role", "descent.prune", "descent.cell"  # trial / study user attributes
-INTERRUPTED = "descent.interrupted"  # a trial whose command died under it (the sweeper marks it): run again
-UPDATES = "target/updates/"  # descent.sweep.target_key("updates", acc)
+from descent.tracking.names import CELL, INTERRUPTED, PRUNE, ROLE, TARGET_UPDATES
+
+UPDATES = TARGET_UPDATES + "/"  # + the target: descent.tracking.names.target_key("updates", acc)
 
 
 def targets_of(trials) -> list[str]:
