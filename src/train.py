@@ -128,7 +128,7 @@ def train(cfg, hc, launch_dir, out_dir, choices, run_id, ckpt_path, changed=None
         devices=1,
         logger=logger,
         callbacks=[LambdaCallback(on_fit_start=partial(  # the line saying what runs (descent/console/terminal.py)
-                       terminal.start_line, name=logger._run_name, choices=choices,
+                       terminal.start_line, name=logger.run_name, choices=choices,
                        uri=terminal.shown_uri(cfg.logger.tracking_uri, launch_dir),
                        out_dir=terminal.shown(out_dir, launch_dir))),
                    checkpoint, SafetyCheckpoints(checkpoint, cfg.trainer.checkpoint_every_seconds),

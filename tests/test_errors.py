@@ -74,19 +74,19 @@ def test_best_train_loss_without_validation_data(seed_style):
 
 
 def test_experiments_are_tagged_for_the_runs_table_new_and_old(seed_style, tmp_path):
-    from descent.tracking import store
+    from descent.tracking import names, store
     from conftest import sqlite_store
 
     client, run = seed_style
-    assert client.get_experiment(run.info.experiment_id).tags[store.KIND_TAG] == "custom_model_development"
+    assert client.get_experiment(run.info.experiment_id).tags[names.KIND] == "custom_model_development"
     other = MlflowClient(sqlite_store(tmp_path))
     old = other.create_experiment("made-before")  # an experiment from before: no kind
-    assert store.KIND_TAG not in other.get_experiment(old).tags
+    assert names.KIND not in other.get_experiment(old).tags
     assert store.experiment_id(other, "made-before") == old  # what the next run calls
-    assert other.get_experiment(old).tags[store.KIND_TAG] == "custom_model_development"
-    other.set_experiment_tag(old, store.KIND_TAG, "genai_development")  # a user's choice in the UI stays
+    assert other.get_experiment(old).tags[names.KIND] == "custom_model_development"
+    other.set_experiment_tag(old, names.KIND, "genai_development")  # a user's choice in the UI stays
     store.experiment_id(other, "made-before")
-    assert other.get_experiment(old).tags[store.KIND_TAG] == "genai_development"
+    assert other.get_experiment(old).tags[names.KIND] == "genai_development"
 
 
 def test_the_grid_takes_its_shape_and_classes_from_the_data(tmp_path):

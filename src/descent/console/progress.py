@@ -23,6 +23,7 @@ from pytorch_lightning.callbacks.progress import ProgressBar
 from tqdm import tqdm
 
 from descent.console.terminal import metric_text
+from descent.tracking import names
 
 log = logging.getLogger(__name__)
 
@@ -125,10 +126,11 @@ class ExamplesProgressBar(ProgressBar):
 
     def fields(self, pl_module, end: bool = False) -> list[str]:
         """The latest train metrics; at the epoch's end, validation's if it ran there (as Keras)."""
-        latest, keys = pl_module.latest, ["train/loss", "train/acc"]
+        latest, keys = pl_module.latest, [names.TRAIN_LOSS, names.TRAIN_ACC]
         if end and pl_module.last_val_step == pl_module.examples:
-            keys += ["val/loss", "val/acc"]
-        return [f"{k.removeprefix('train/').replace('/', '_')} {metric_text(k, latest[k])}" for k in keys if k in latest]
+            keys += [names.VAL_LOSS, names.VAL_ACC]
+        return [f"{k.removeprefix(names.TRAIN).replace('/', '_')} {metric_text(k, latest[k])}" for k in keys
+                if k in latest]
 
     def postfix(self, pl_module, n: int, now: float, end: bool = False) -> str:
         rate = (n - self.start[0]) / max(now - self.start[1], 1e-9)  # examples resumed at are not in it

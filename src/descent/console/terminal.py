@@ -134,7 +134,7 @@ def closing(logger, metrics: dict[str, float], uri: str, launch_dir: str | Path,
     final = ", ".join(f"{k} {metric_text(k, v)}" for k, v in metrics.items())
     log.info("%s after %d examples, %d updates, %.1f s of training\nMLflow run %s (%s, experiment %s)\n"
              "to look at it: %s", final, module.examples, module.updates, module.train_seconds, logger.run_id,
-             logger._run_name, logger._experiment_name,
+             logger.run_name, logger.experiment_name,
              how_to_look(uri, launch_dir, logger.experiment_id, logger.run_id))
 
 

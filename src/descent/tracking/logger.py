@@ -14,8 +14,9 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import MLFlowLogger
 from pytorch_lightning.plugins.io import AsyncCheckpointIO, TorchCheckpointIO
 
-from descent.tracking import store
 from descent.engine import threads
+from descent.tracking import names, store
+from descent.tracking.mlflow_private import logger_started
 from descent.tracking.store import GROUPS, retry
 
 log = logging.getLogger(__name__)
@@ -62,8 +63,11 @@ class Logger(MLFlowLogger):
     machine.
     """
 
-    def __init__(self, *args, outage_seconds: float = 300, upload_checkpoints: bool = True, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, experiment_name: str, run_name: str, tracking_uri: str, *args, outage_seconds: float = 300,
+                 upload_checkpoints: bool = True, **kwargs):
+        super().__init__(experiment_name, run_name, tracking_uri, *args, **kwargs)
+        # what it was made with, public (Lightning's own copies are private)
+        self.experiment_name, self.run_name, self.tracking_uri = experiment_name, run_name, tracking_uri
         self.pending: list = []
         self.sent: dict[str, int] = {}  # per key, the last step the store has
         self.lock = threading.Lock()  # pending is appended by training and pruned by the checkpoint writer
@@ -89,7 +93,7 @@ class Logger(MLFlowLogger):
         """Continue a run: learn what the store has, then queue the checkpoint's points it lacks."""
         from mlflow.entities import Metric
 
-        keys = [k for k in retry(self.experiment.get_run, self.run_id).data.metrics if not k.startswith("system/")]
+        keys = [k for k in retry(self.experiment.get_run, self.run_id).data.metrics if not k.startswith(names.SYSTEM)]
         for key in keys:  # system/* are MLflow's own, written by its monitor, not through this logger
             history = retry(self.experiment.get_metric_history, self.run_id, key)
             self.sent[key] = max((m.step for m in history), default=-1)
@@ -111,7 +115,7 @@ class Logger(MLFlowLogger):
         if not self.away:
             self.away_since = time.monotonic()
             log.warning("the tracking server %s does not answer (%s); training goes on, %d metric points wait "
-                        "for it (up to logger.outage_seconds=%g s)", self._tracking_uri, what, len(self.pending),
+                        "for it (up to logger.outage_seconds=%g s)", self.tracking_uri, what, len(self.pending),
                         self.outage_seconds)
         return False
 
@@ -124,7 +128,7 @@ class Logger(MLFlowLogger):
     def send(self, points: list) -> bool:
         """Write those of `points` the store lacks; False (all kept) while the server is away."""
         points = [m for m in points if m.step > self.sent.get(m.key, -1)]
-        if (points or self.away) and not store.reachable(self._tracking_uri):
+        if (points or self.away) and not store.reachable(self.tracking_uri):
             return self._went_away("writing metrics")
         try:
             for i in range(0, len(points), MAX_BATCH):  # what was written leaves the buffer; a failure keeps the rest
@@ -133,7 +137,7 @@ class Logger(MLFlowLogger):
                 for m in batch:
                     self.sent[m.key] = max(self.sent.get(m.key, -1), m.step)
         except Exception as e:
-            if store.reachable(self._tracking_uri):
+            if store.reachable(self.tracking_uri):
                 raise
             return self._went_away(f"{type(e).__name__} writing metrics")
         finally:
@@ -156,14 +160,14 @@ class Logger(MLFlowLogger):
         if not self.upload_checkpoints:
             return
         self.unsent_checkpoint = path
-        if self.away or not store.reachable(self._tracking_uri):
+        if self.away or not store.reachable(self.tracking_uri):
             self._went_away("uploading a checkpoint")
             return  # the save that brings the points back uploads it
         try:
             self.experiment.log_artifact(self.run_id, path, "checkpoints")
             self.unsent_checkpoint = None
         except Exception as e:
-            if store.reachable(self._tracking_uri):
+            if store.reachable(self.tracking_uri):
                 log.warning("uploading %s failed (%s: %s); it stays local", path, type(e).__name__, e)
                 self.unsent_checkpoint = None
             else:
@@ -177,9 +181,9 @@ class Logger(MLFlowLogger):
     def wait_for_store(self) -> None:
         """Outside training (start of test, end of run): wait for an absent server, up to the bound."""
         self.drain()
-        if not self.away and not self.pending and store.reachable(self._tracking_uri):
+        if not self.away and not self.pending and store.reachable(self.tracking_uri):
             return
-        while not store.reachable(self._tracking_uri):
+        while not store.reachable(self.tracking_uri):
             self._went_away("waiting to end the run")
             if self.away_too_long():
                 raise self.give_up(self.unsent_checkpoint)
@@ -192,11 +196,11 @@ class Logger(MLFlowLogger):
         self.drain()
         self._went_away("giving up")
         # test metrics are not carried: a resume from the end-of-training checkpoint tests again
-        waiting = sum(not m.key.startswith("test/") for m in self.pending)
+        waiting = sum(not m.key.startswith(names.TEST) for m in self.pending)
         where = f", with the {waiting} metric points it did not get" if checkpoint and waiting else ""
         self.pending = []
         return StoreUnavailable(
-            f"the tracking server {self._tracking_uri} has not answered for {time.monotonic() - self.away_since:.0f} s "
+            f"the tracking server {self.tracking_uri} has not answered for {time.monotonic() - self.away_since:.0f} s "
             f"(logger.outage_seconds={self.outage_seconds:g}): stopped with the checkpoint {checkpoint or '(none)'}"
             f"{where}. Nothing is lost: when the server is back (make server), continue on this machine with: "
             f"python src/train.py resume={self.run_id}")
@@ -205,21 +209,21 @@ class Logger(MLFlowLogger):
         pass  # lightning calls this after every training batch; we write with checkpoints instead
 
     def finalize(self, status: str = "success") -> None:
-        if not self._initialized:
+        if not logger_started(self):
             return
         # a crash inside lightning: record it now, the process may not get further
         if status != "success" and self.flush():
             retry(self.experiment.set_terminated, self.run_id, "FAILED")
 
     def end(self, status: str) -> None:
-        if not self._initialized:
+        if not logger_started(self):
             return
         try:
             if status == "FINISHED":
                 self.wait_for_store()
             else:
                 self.drain()  # a stop waits for the checkpoint in flight: resume-anywhere holds
-                if not store.reachable(self._tracking_uri):  # but is not held up by an absent server
+                if not store.reachable(self.tracking_uri):  # but is not held up by an absent server
                     raise self.give_up(self.unsent_checkpoint)
         except StoreUnavailable as e:
             log.error("%s", e)
@@ -293,7 +297,7 @@ class StoreWatch(pl.Callback):
         if not self.logger.away or time.monotonic() - self.last_probe < PROBE_EVERY:
             return
         self.last_probe = time.monotonic()
-        back = store.reachable(self.logger._tracking_uri)
+        back = store.reachable(self.logger.tracking_uri)
         if back or self.logger.away_too_long():
             path = os.path.join(self.checkpoint.dirpath, "last.ckpt")
             trainer.save_checkpoint(path, weights_only=False)  # its points are written, then it is uploaded
@@ -316,7 +320,7 @@ def make_logger(cfg: DictConfig, choices: dict[str, str], launch_dir: str, tags:
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")  # ~20 s: rides out a server restart
     commit = store.git_commit(launch_dir)
     if commit:
-        tags["mlflow.source.git.commit"] = commit
+        tags[names.GIT_COMMIT] = commit
     logger = Logger(
         experiment_name=cfg.logger.experiment_name,
         run_name=run_name(choices, cfg.seed),
@@ -329,8 +333,8 @@ def make_logger(cfg: DictConfig, choices: dict[str, str], launch_dir: str, tags:
     if run_id is None:
         from mlflow import MlflowClient
 
-        # the experiment exists before lightning looks it up (parallel jobs race to create it)
-        logger._experiment_id = store.experiment_id(MlflowClient(logger._tracking_uri), cfg.logger.experiment_name)
+        # the experiment exists before lightning looks it up (parallel jobs race to create it): lightning finds it
+        store.experiment_id(MlflowClient(logger.tracking_uri), cfg.logger.experiment_name)
     else:
         for key, value in tags.items():
             logger.experiment.set_tag(run_id, key, value)
@@ -345,9 +349,6 @@ def log_config(logger: Logger, cfg: DictConfig, choices: dict[str, str]) -> None
     logger.experiment.log_text(logger.run_id, OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
 
 
-RESUME_TAG = "resume.overrides"
-
-
 def log_resume(logger: Logger, cfg: DictConfig, changed: dict) -> None:
     """A resume that changed keys (config.RESUME_MAY_CHANGE, e.g. more epochs). MLflow params cannot be
     changed: they keep the values the run started with. The tag resume.overrides lists each such resume's
@@ -356,8 +357,8 @@ def log_resume(logger: Logger, cfg: DictConfig, changed: dict) -> None:
     new end."""
     client = logger.experiment
     now = ", ".join(f"{key}: {was} -> {given}" for key, (was, given) in changed.items())
-    before = client.get_run(logger.run_id).data.tags.get(RESUME_TAG)
-    client.set_tag(logger.run_id, RESUME_TAG, f"{before}; {now}" if before else now)
+    before = client.get_run(logger.run_id).data.tags.get(names.RESUME_OVERRIDES)
+    client.set_tag(logger.run_id, names.RESUME_OVERRIDES, f"{before}; {now}" if before else now)
     client.log_text(logger.run_id, OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
 
 

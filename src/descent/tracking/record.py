@@ -17,6 +17,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pytorch_lightning as pl
 import torch
+from omegaconf import OmegaConf
+
+from descent.console.progress import ExamplesProgressBar
+from descent.tracking.mlflow_private import stop_monitor
+from descent.tracking.store import retry
 
 if TYPE_CHECKING:  # only for the annotation: importing mlflow.data at start-up costs time
     import mlflow.data
@@ -63,8 +68,6 @@ def log_datasets(logger, datamodule, name: str) -> dict[str, str]:
     from mlflow.entities import DatasetInput, InputTag
     from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
-    from descent.tracking.logger import retry
-
     found = datasets(datamodule, name)
     inputs = [DatasetInput(ds._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])
               for context, ds in found.items()]
@@ -102,7 +105,7 @@ def log_model(logger, net: torch.nn.Module, x_example: torch.Tensor, step: int, 
     logger.flush()  # metric points first: the model links the run's metrics at its step
     # log_model writes through MLflow's global state: this run's store, and its experiment (else the
     # model would land in the store's default experiment, where runs:/<id>/model does not look)
-    mlflow.set_tracking_uri(logger._tracking_uri)
+    mlflow.set_tracking_uri(logger.tracking_uri)
     mlflow.set_experiment(experiment_id=logger.experiment_id)
     return mlflow.pytorch.log_model(
         net, name="model", signature=signature, input_example=example, step=step, run_id=logger.run_id,
@@ -135,12 +138,7 @@ class SystemMetrics:
 
     def finish(self, publish: bool = True) -> None:
         m = self.monitor
-        if m._process is None:
-            return
-        m._shutdown_event.set()
-        m._process.join()
-        m._process = None
-        if not publish:
+        if not stop_monitor(m) or not publish:
             return
         if not any(mon.metrics for mon in m.monitors):
             m.collect_metrics()  # stopped before its first sample was published
@@ -163,7 +161,7 @@ class Record(pl.Callback):
                  log_errors: bool = False):
         self.logger, self.data_name, self.log_errors = logger, data_name, log_errors
         self.log_model, self.register_model = log_model, register_model
-        self.machine = SystemMetrics(logger.run_id, logger._tracking_uri, sampling_interval, resumed) \
+        self.machine = SystemMetrics(logger.run_id, logger.tracking_uri, sampling_interval, resumed) \
             if system_metrics else None
 
     def on_fit_start(self, trainer, pl_module) -> None:
@@ -203,13 +201,9 @@ class Record(pl.Callback):
 
 def callbacks(cfg, hc, logger, choices: dict[str, str], resumed: bool) -> list[pl.Callback]:
     """What src/train.py adds to its Trainer from this module and descent/console/progress.py."""
-    from omegaconf import OmegaConf
-
-    from descent.console.progress import ExamplesProgressBar
-
     name = choices.get("data") or str(cfg.data.name).lower()  # the config group's option: "mnist"
     found = [Record(logger, name, cfg.logger.log_model, cfg.logger.register_model, cfg.logger.system_metrics,
                     resumed, log_errors=OmegaConf.select(cfg, "logger.log_errors", default=False))]
     if cfg.trainer.progress_bar:  # lightning refuses a bar among the callbacks when it is switched off
-        found.append(ExamplesProgressBar.for_job(hc, logger._run_name))
+        found.append(ExamplesProgressBar.for_job(hc, logger.run_name))
     return found

@@ -15,14 +15,9 @@ import urllib.request
 from pathlib import Path
 
 from descent.config import ConfigError
+from descent.tracking import names
 
 DEFAULT_URI = "sqlite:///mlflow.db"
-# tags: a sweep's parent run, the folder it writes to, the key its jobs look it up by, a child's parent
-SWEEP_TAG, SWEEP_DIR_TAG, SWEEP_KEY_TAG = "descent.sweep", "hydra.sweep.dir", "descent.sweep.key"
-PARENT_TAG = "mlflow.parentRunId"
-# the experiment's kind, which the MLflow UI (3.x) reads to choose its view: the runs table, not the GenAI pages
-KIND_TAG, KIND = "mlflow.experimentKind", "custom_model_development"
-NOTE_TAG = "mlflow.note.content"  # a run's description on its page
 CHECKPOINT = "checkpoints/last.ckpt"  # in a run's output folder and in its artifacts alike
 # the config groups whose chosen option becomes a param of its own, for "group by" in the UI
 GROUPS = ("data", "model", "optimizer", "batching")
@@ -47,13 +42,16 @@ def is_server(uri: str) -> bool:
 
 def reachable(uri: str, timeout: float = 2) -> bool:
     """A quick look at a server's /health (MLflow's own client retries for minutes before it gives up)."""
-    if not is_server(uri):
-        return True
+    return not is_server(uri) or health(uri, timeout) is None
+
+
+def health(uri: str, timeout: float) -> Exception | None:
+    """None when the server at `uri` answers its /health, else why not."""
     try:
         urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).close()
-        return True
-    except (urllib.error.URLError, OSError):
-        return False
+        return None
+    except (urllib.error.URLError, OSError) as e:
+        return e
 
 
 def check_store(uri: str) -> None:
@@ -65,12 +63,9 @@ def check_store(uri: str) -> None:
             raise ConfigError(f"logger.tracking_uri={uri!r}: the folder {path.parent} does not exist")
         if not os.access(target, os.W_OK):
             raise ConfigError(f"logger.tracking_uri={uri!r}: {target} is not writable")
-    elif is_server(uri):
-        try:
-            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5).close()
-        except (urllib.error.URLError, OSError) as e:
-            raise ConfigError(f"logger.tracking_uri={uri!r}: the MLflow server does not answer ({e}); "
-                              "start one with `make server`") from None
+    elif is_server(uri) and (e := health(uri, timeout=5)) is not None:
+        raise ConfigError(f"logger.tracking_uri={uri!r}: the MLflow server does not answer ({e}); "
+                          "start one with `make server`")
 
 
 def retry(fn, *args, attempts: int = 8, races: tuple[str, ...] = (), **kwargs):
@@ -95,18 +90,19 @@ def git_commit(cwd: str | Path) -> str | None:
 
 
 def experiment_id(client, name: str) -> str:
-    """The experiment's id, created when new; tagged as a model-training experiment (KIND_TAG) when it has no
-    kind yet, so `mlflow ui` opens it on its runs table. A kind a user chose in the UI is kept."""
+    """The experiment's id, created when new; tagged as a model-training experiment (names.KIND) when it has no
+    kind yet, so `mlflow ui` opens it on its runs table (MLflow 3.x reads it to choose its view: the runs table, not the
+    GenAI pages). A kind a user chose in the UI is kept."""
     exp = client.get_experiment_by_name(name)
     if exp is not None and exp.lifecycle_stage == "active":
-        if KIND_TAG not in exp.tags:  # made before descent tagged its experiments: tagged on its next run
-            retry(client.set_experiment_tag, exp.experiment_id, KIND_TAG, KIND)
+        if names.KIND not in exp.tags:  # made before descent tagged its experiments: tagged on its next run
+            retry(client.set_experiment_tag, exp.experiment_id, names.KIND, names.KIND_VALUE)
         return exp.experiment_id
     if exp is not None:
         raise RuntimeError(f"logger.experiment_name={name!r} names a deleted MLflow experiment; "
                            "restore it (mlflow experiments restore) or choose another name")
     try:
-        return client.create_experiment(name, tags={KIND_TAG: KIND})
+        return client.create_experiment(name, tags={names.KIND: names.KIND_VALUE})
     except Exception:  # another process created it first
         exp = client.get_experiment_by_name(name)
         if exp is None:
@@ -125,7 +121,7 @@ def find_parent(client, experiment_name: str, sweep_key: str) -> str | None:
         return None
     key = sweep_key.replace("'", "\\'")
     runs = client.search_runs([exp.experiment_id],
-                              f"tags.`{SWEEP_KEY_TAG}` = '{key}' and attributes.status = 'RUNNING'",
+                              f"tags.`{names.SWEEP_KEY}` = '{key}' and attributes.status = 'RUNNING'",
                               order_by=["attributes.start_time DESC"], max_results=1)
     return runs[0].info.run_id if runs else None
 
@@ -163,7 +159,7 @@ def find_resume(target: str, uri: str, out_dir: str | Path, check=None):
     choices = {g: run.data.params[g] for g in GROUPS if g in run.data.params}
     if check is not None:
         config = check(config, choices, run_id, run.info.status)
-    local = Path(run.data.tags.get("hydra.output_dir", ""))
+    local = Path(run.data.tags.get(names.OUTPUT_DIR, ""))
     if path.is_dir() or (local / CHECKPOINT).is_file():
         out = path if path.is_dir() else local
         if not (out / CHECKPOINT).is_file():
