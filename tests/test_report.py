@@ -16,6 +16,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 
 from descent.reports import convergence as report
+from descent.tracking.store import resolve_uri
 
 ROOT = Path(__file__).resolve().parents[1]
 N_TRAIN = 3000  # examples per epoch in the fake runs; 2 epochs each
@@ -250,11 +251,11 @@ def test_experiment_without_sweep_reports_all_its_runs(store, tmp_path, monkeypa
 
 def test_tracking_uri_defaults_like_train_py(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    assert report.resolve_uri(None, tmp_path) == f"sqlite:///{tmp_path / 'mlflow.db'}"
-    assert report.resolve_uri("sqlite:///sub/x.db", tmp_path) == f"sqlite:///{tmp_path / 'sub' / 'x.db'}"
+    assert resolve_uri(None, tmp_path) == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert resolve_uri("sqlite:///sub/x.db", tmp_path) == f"sqlite:///{tmp_path / 'sub' / 'x.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://localhost:5000")
-    assert report.resolve_uri(None, tmp_path) == "http://localhost:5000"
-    assert report.resolve_uri("sqlite:////abs/m.db", tmp_path) == "sqlite:////abs/m.db"
+    assert resolve_uri(None, tmp_path) == "http://localhost:5000"
+    assert resolve_uri("sqlite:////abs/m.db", tmp_path) == "sqlite:////abs/m.db"
 
 
 def test_cli(store, tmp_path, capsys):

@@ -118,6 +118,8 @@ TRAINER = {
     "noise_scale": BOOLEAN,
     "noise_probe": integer(2),
     "noise_at_targets": BOOLEAN,
+    "measures": (lambda v: isinstance(v, dict) and all(isinstance(m, dict) and "_target_" in m for m in v.values()),
+                 "a mapping of names to {_target_: descent.measure.<module>.<Class>, its arguments}"),
 }
 SWEEP = {"objective": (lambda v: v in OBJECTIVES, "one of " + ", ".join(OBJECTIVES)),
          "target_acc": (lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
