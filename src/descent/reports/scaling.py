@@ -12,7 +12,7 @@ replacement, the medians refitted). Runs recorded before several targets and see
 give points of one seed, which the bootstrap cannot vary.
 
 Reads MLflow only (no torch): the sweep's children carry target/updates/<acc>, target/examples/<acc>
-(descent/sweep/driver.py, Target), and the reference run noise/b_simple/<acc>, noise/b_simple_se/<acc>
+(descent/sweep/job.py, Target), and the reference run noise/b_simple/<acc>, noise/b_simple_se/<acc>
 (descent/measure/noise.py, NoiseAtTargets).
 """
 

@@ -159,8 +159,6 @@ def search_markdown(rows: list[dict], objective: str, maximize: bool, params: li
             + table(header_row, cells) + "\n")
 
 
-
-
 def make_search(client, parent, runs: list[Run], by: list[str], out, what: str) -> tuple[dict, list[dict]]:
     """search.{png,md} of the study whose parent run this is: ({"search_png", "search_md"} -> path, its rows);
     nothing when no run is a trial."""

@@ -311,7 +311,6 @@ def parent_note(config: DictConfig, keys: list[str], argv: list[str]) -> str:
     return f"{what}\n\nCommand: `{command}`\n\nIts jobs vary {varies}; each job is a child run."
 
 
-
 def headline(md: str) -> str:
     """A report's headline table, as Markdown: its table lines."""
     return "\n".join(line for line in md.splitlines() if line.startswith("|"))

@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from descent.tracking import names, store
 
+
 def parent_run_id(cfg: DictConfig, launch_dir: str, sweep_dir: str) -> str | None:
     """A job's parent run, found in the tracking store (a job on another node sees no sweep folder)."""
     from mlflow import MlflowClient
@@ -149,7 +150,6 @@ def quiet_optuna() -> None:
 
     optuna.logging.disable_default_handler()
     optuna.logging.enable_propagation()
-
 
 
 def job_tags(cfg: DictConfig, launch_dir: str, hc) -> dict[str, str]:

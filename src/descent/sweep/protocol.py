@@ -4,7 +4,7 @@
 1. The rate, on the first seed: a local search on a log lattice. From a start it steps by `coarse` (x4) while
    the best rate is the largest (smallest) tried (a best at the edge of what was tried is extended until it is
    not), then by `fine` (√2) on both sides of the best until both neighbours are tried and neither beats it.
-   It does so for every target the runs record (target/updates/<acc>, descent/sweep/driver.py's Target): the
+   It does so for every target the runs record (target/updates/<acc>, descent/sweep/job.py's Target): the
    best rate may differ by target. "Best" is the fewest updates to the target; a tie goes to the smaller rate.
 2. The measurement: each chosen rate again on the other seeds (the run of the first seed at that rate is
    its first measurement: the same run), never pruned. A cell's point for a target is the median over the

@@ -1,6 +1,6 @@
 """The MLflow tracking store: where it is, whether it answers, and the lookups runs and sweeps make in it.
 
-No torch or lightning import here (report.py and the sweep callback use it in a second of start-up).
+No torch or lightning import here (the reports and the sweep's driver use it in a second of start-up).
 Jobs on other machines share no filesystem with the driver: whatever they need (the sweep's parent
 run, a checkpoint to resume) they find through the store.
 """
