@@ -13,7 +13,9 @@ def logger_started(logger) -> bool:
 def stop_monitor(monitor) -> bool:
     """Stop MLflow's SystemMetricsMonitor thread without writing what it buffered; False if it was not running.
     Its public finish() also flushes the buffered points, which waits for an absent tracking server (minutes):
-    a finish(flush=False) would replace this."""
+    a finish(flush=False) would replace this. (mlflow.system_metrics documents only global switches, no per-run
+    monitor: the monitor's non-underscore methods descent calls, start, collect/aggregate/publish_metrics, are
+    undocumented too.)"""
     if monitor._process is None:
         return False
     monitor._shutdown_event.set()

@@ -1,7 +1,7 @@
 """Every metric, tag and study attribute name descent writes or reads: grep this file to see what a run records.
 
 A name used by more than one module lives here and nowhere else (tests/test_layout.py greps src/ for metric strings
-outside this file). Metrics are logged at step = training examples seen; `docs/reference/metrics.md` explains them.
+outside this file). Metrics are logged at step = training examples seen; docs/reference/mlflow-record.md explains them.
 No import here beyond the standard library: the reports and the sweep's driver read it in a second of start-up.
 """
 
