@@ -38,7 +38,7 @@ def test_the_cpus_granted_are_the_fewest_that_affinity_slurm_and_omp_allow():
 
 def test_the_affinity_of_the_process_bounds_the_threads():
     code = ("import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
-            "from descent import threads; print(threads.cpus_granted({}))")
+            "from descent.engine import threads; print(threads.cpus_granted({}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "1"
 
@@ -58,7 +58,7 @@ def test_the_joblib_launcher_runs_n_jobs_at_once():
 
 
 def test_the_spin_is_set_before_torch_loads_and_a_users_own_wait_is_kept():
-    show = ("import os; from descent import threads; "
+    show = ("import os; from descent.engine import threads; "
             "print(os.environ.get('OMP_WAIT_POLICY'), os.environ.get('GOMP_SPINCOUNT'), threads._in_effect, sep='|')")
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     run = lambda code, env: subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
