@@ -249,3 +249,37 @@ def test_both_are_off_by_default_and_their_keys_are_checked():
         validate(bad)
     assert "trainer.noise_hessian_at_targets=3: must be true or false" in str(e.value)
     assert "trainer.noise_hessian_subset=0: must be an integer >= 2" in str(e.value)
+
+
+def test_the_muon_preset_puts_only_the_hidden_to_hidden_matrix_on_muon_and_measures_on_the_reference_run():
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.utils import instantiate
+    from omegaconf import open_dict
+
+    from conftest import ROOT
+    from descent.config import ConfigError, validate
+
+    with initialize_config_dir(str(ROOT / "conf"), version_base=None):
+        cfg = compose("train", ["experiment=batch_scaling_muon", "optimizer=muon_mlp2", "trainer.noise_at_targets=true"],
+                      return_hydra_config=True)
+        plain = compose("train", ["optimizer=muon_mlp2"])  # the book's one hidden layer: no 4.weight
+    HydraConfig.instance().set_config(cfg)
+    try:
+        with open_dict(cfg):
+            del cfg["hydra"]
+        validate(cfg)
+        assert cfg.trainer.noise_hessian_at_targets is True and cfg.trainer.noise_preconditioned_at_targets is True
+        with open_dict(cfg):
+            cfg.trainer.noise_at_targets = False  # every trial but the reference
+        assert cfg.trainer.noise_hessian_at_targets is False and cfg.trainer.noise_preconditioned_at_targets is False
+        net = instantiate(cfg.model)
+        opt = instantiate(cfg.optimizer)(net.named_parameters())
+    finally:
+        HydraConfig.instance().cfg = None
+    assert [tuple(p.shape) for g in opt.muon.param_groups for p in g["params"]] == [(512, 512)]
+    assert sorted(tuple(p.shape) for g in opt.adamw.param_groups for p in g["params"]) == [
+        (10,), (10, 512), (512,), (512,), (512, 784)]
+    assert opt.adamw.param_groups[0]["lr"] == opt.muon.param_groups[0]["lr"] == cfg.optimizer.lr
+    with pytest.raises(ConfigError, match="'4.weight' names no parameter"):
+        validate(plain)
