@@ -167,3 +167,23 @@ def test_the_report_sets_b_noise_and_b_precond_beside_b_simple_and_adamw_against
     assert "| muon_mlp2 | 0.9 |" in text and "| 280 ± 20 | 110 ± 14 | — |" in text
     assert "S_adamw/S_muon_mlp2 = E_adamw/E_muon_mlp2" in text and "| 64 | 0.9 | 2 [" in text
     assert ratios([r for r in rows if r["optimizer"] == "adamw"]) == []  # no Muon: no comparison
+
+
+def test_the_reference_runs_noise_scales_are_read_from_the_store(store):
+    from descent.measure.scaling import read_runs
+    from descent.store import PARENT_TAG
+
+    client = MlflowClient(store)
+    exp = client.create_experiment("scales")
+    parent = client.create_run(exp).info.run_id
+    child = client.create_run(exp, tags={PARENT_TAG: parent}).info.run_id
+    for key, value in {"optimizer": "adamw", "data.batch_size": "64", "optimizer.lr": "0.001", "seed": "0",
+                       "trainer.noise_at_targets": "True"}.items():
+        client.log_param(child, key, value)
+    for key, value in {"target/updates/0.9": 200, "noise/b_simple/0.9": 300, "noise/b_simple_se/0.9": 20,
+                       "noise/b_noise/0.9": 120, "noise/b_noise_se/0.9": 15, "noise/b_precond/0.9": 700,
+                       "noise/b_precond_se/0.9": 50, "noise/b_noise": 120, "noise/grad_h_grad/0.9": 1.0}.items():
+        client.log_metric(child, key, value)
+    [run] = read_runs(client, parent)
+    assert run.reference and run.noise == {0.9: (300, 20)}
+    assert run.scales == {("b_noise", 0.9): (120, 15), ("b_precond", 0.9): (700, 50)}
