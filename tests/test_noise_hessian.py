@@ -19,8 +19,8 @@ from descent.measure import curvature_noise as cn
 
 
 class Quadratic(nn.Module):
-    """Per-example loss ½ (w − w*)ᵀ H (w − w*) − ξ_iᵀ w: example i's gradient is H (w − w*) − ξ_i, the Hessian H
-    for every example, G = H (w − w*), Σ = Cov(ξ). The input of example i is its ξ_i."""
+    """Per-example loss ½ (w − w*)ᵀ H (w − w*) − ξ_iᵀ w: example i's gradient is H (w − w*) − ξ_i, the Hessian
+    H for every example, G = H (w − w*), Σ = Cov(ξ). The input of example i is its ξ_i."""
 
     def __init__(self, h, w_star, w):
         super().__init__()
@@ -47,7 +47,8 @@ def _quadratic(n, d=12, seed=0):
     sigma = a @ a.T + 0.2 * torch.eye(d, dtype=torch.float64)
     w_star, r = torch.zeros(d, dtype=torch.float64), torch.randn(d, generator=g, dtype=torch.float64) * 0.02
     net = Quadratic(h, w_star, w_star + r)
-    xi = torch.randn(n, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) @ torch.linalg.cholesky(sigma).T
+    noise = torch.randn(n, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    xi = noise @ torch.linalg.cholesky(sigma).T
     grad = h @ r
     known = {"b_noise": float(torch.trace(h @ sigma) / (grad @ h @ grad)),
              "b_simple": float(torch.trace(sigma) / (grad @ grad))}
