@@ -106,7 +106,7 @@ def b_noise_with_error(net: nn.Module, criterion, x: torch.Tensor, y: torch.Tens
     """B_noise = tr(HΣ)/(GᵀHG) on (x, y): H on the first `hessian_examples` (at most half of them), the
     gradients in `groups` groups of the rest; with its jackknife error over the groups."""
     nh = min(hessian_examples, len(x) // 2)
-    grads, m = group_gradients(net, criterion, x[nh:], y[nh:], groups)
+    grads, m = group_gradients(net, criterion, x[nh:], y[nh:], min(groups, len(x) - nh))  # a tiny set: fewer
     found = two_batch_with_error(hessian_quadratic(net, criterion, x[:nh], y[:nh], grads), m)
     return found | {"hessian_examples": nh}
 
@@ -164,7 +164,7 @@ def b_precond_with_error(net: nn.Module, criterion, x: torch.Tensor, y: torch.Te
     try:
         linear_layers(net)
     except ValueError:
-        grads, m = group_gradients(net, criterion, x, y, blocks)
+        grads, m = group_gradients(net, criterion, x, y, min(blocks, len(x)))
         p = torch.cat([precond[id(t)].reshape(-1) for t in net.parameters() if t.requires_grad]).to(grads)
         found = two_batch_with_error((grads * p) @ grads.T, m)
         return {"grad_p_grad": found["quad"], "trace_p_cov": found["trace"], "b_precond": found["ratio"],
