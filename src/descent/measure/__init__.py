@@ -59,7 +59,8 @@ def _curvature_noise(cfg) -> list:
     targets = [t for t in targets if t <= cfg.sweep.target_acc]
     found = []
     if hessian:
-        found.append(cn.HessianNoiseAtTargets(targets, subset=OmegaConf.select(cfg, "trainer.noise_hessian_subset", default=4096)))
+        subset = OmegaConf.select(cfg, "trainer.noise_hessian_subset", default=4096)  # absent from older records
+        found.append(cn.HessianNoiseAtTargets(targets, subset=subset))
     target = OmegaConf.select(cfg, "optimizer._target_", default=None)
     if precond and target in cn.PRECONDITIONED:
         found.append(cn.PreconditionedNoiseAtTargets(targets))
