@@ -112,7 +112,7 @@ def train(cfg, hc, launch_dir, out_dir, choices, run_id, ckpt_path, changed=None
     (out_dir / "mlflow_run_id").write_text(logger.run_id)
     if run_id is None:
         tracking.log_config(logger, cfg, choices)
-        if n_train is not None:  # what batching=full means for this data (measure/scaling.py reads it)
+        if n_train is not None:  # what batching=full means for this data (reports/scaling.py reads it)
             logger.log_hyperparams({"data.train_examples": n_train})
     else:
         logger.experiment.update_run(run_id, status="RUNNING")  # also corrects a stale RUNNING/KILLED (or FINISHED)

@@ -19,7 +19,8 @@ def compose_with(*overrides):
 
 
 def test_groups_are_the_documented_ones():
-    assert GROUPS["optimizer"] == ["adam", "adamw", "lbfgs", "muon", "nesterov", "rmsprop", "sgd", "sgd_momentum"]
+    assert GROUPS["optimizer"] == ["adam", "adamw", "lbfgs", "muon", "muon_mlp2", "nesterov", "rmsprop", "sgd",
+                                   "sgd_momentum"]
     assert GROUPS["batching"] == ["full", "mini", "online"]
     assert {"data", "model", "experiment"} <= set(GROUPS)
 
@@ -41,9 +42,10 @@ TOYS = {("model", "double_well"), ("model", "rosenbrock"), ("data", "toy")}
 @pytest.mark.parametrize("group,option", [(g, o) for g, opts in GROUPS.items() for o in opts
                                           if g != "experiment" and (g, o) not in TOYS])
 def test_every_option_composes_and_instantiates(group, option):
-    cfg = compose_with(f"{group}={option}")
+    cfg = compose_with(f"{group}={option}", *NEEDS.get((group, option), ()))
     net = instantiate(cfg.model)
-    assert sum(p.numel() for p in net.parameters()) == PARAMETERS[cfg_choice(group, option, "model", "mlp")]
+    expected = PARAMETERS["mlp2" if (group, option) in NEEDS else cfg_choice(group, option, "model", "mlp")]
+    assert sum(p.numel() for p in net.parameters()) == expected
     assert net(torch.zeros(2, 784)).shape == (2, 10)  # every network reads the in-memory N x 784 rows
     make_opt = instantiate(cfg.optimizer)
     assert isinstance(make_opt, partial)
@@ -60,8 +62,12 @@ def cfg_choice(group, option, wanted, default="mini"):
     return option if group == wanted else default
 
 
+# an option made for another network than its group's default: composed with it
+NEEDS = {("optimizer", "muon_mlp2"): ["model.hidden=[512,512]"]}  # Muon on the hidden-to-hidden matrix
+
 PARAMETERS = {  # keras' model.summary() of the book's networks
     "mlp": 784 * 512 + 512 + 512 * 10 + 10,  # 407050
+    "mlp2": 784 * 512 + 512 + 512 * 512 + 512 + 512 * 10 + 10,  # model.hidden=[512,512]: 669706
     "linear": 784 * 10 + 10,  # 7850
     "cnn": (9 * 32 + 32) + (9 * 32 * 64 + 64) + (9 * 64 * 128 + 128) + (3 * 3 * 128 * 10 + 10),  # 104202 (ch. 8)
 }

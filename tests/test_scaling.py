@@ -137,3 +137,53 @@ def test_tiny_batch_scaling_study_runs_the_protocol_end_to_end_and_goes_on_where
                           "--with", "0" * 32, "--out", str(joined), "--tracking-uri", store],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and f"--with {'0' * 32}: no such sweep run" in bad.stderr, bad.stderr[-2000:]
+
+
+def test_the_report_sets_b_noise_and_b_precond_beside_b_simple_and_adamw_against_muon_per_batch_size():
+    from descent.reports.scaling import markdown, ratios
+
+    # adamw needs 2x muon's updates at B = 64 on every seed, the same at B = 512; the reference runs measured
+    # B_simple, B_noise and (adamw only) B_precond at 0.9
+    runs = []
+    for opt, slow in (("adamw", 2.0), ("muon_mlp2", 1.0)):
+        for b, s in ((64, 100.0), (512, 30.0)):
+            for seed, jitter in enumerate((1.0, 1.1, 0.9)):
+                factor = slow if b == 64 else 1.0
+                runs.append(Run(opt, b, 0.001, seed, "FINISHED", {0.9: s * factor * jitter},
+                                {0.9: s * factor * jitter * b}))
+    ref = Run("adamw", 64, 0.001, 0, "FINISHED", {0.9: 200}, {0.9: 12800}, reference=True,
+              noise={0.9: (300.0, 20.0)}, scales={("b_noise", 0.9): (120.0, 15.0), ("b_precond", 0.9): (700.0, 50.0)})
+    ref_m = Run("muon_mlp2", 64, 0.001, 0, "FINISHED", {0.9: 100}, {0.9: 6400}, reference=True,
+                noise={0.9: (280.0, 20.0)}, scales={("b_noise", 0.9): (110.0, 14.0)})
+    rows, fits, noise = analyse(runs + [ref, ref_m], n_boot=50)
+    assert noise["adamw", 0.9] | {} == {"b_simple": 300.0, "b_simple_se": 20.0, "b_noise": 120.0, "b_noise_se": 15.0,
+                                        "b_precond": 700.0, "b_precond_se": 50.0, "batch_size": 64, "lr": 0.001}
+    assert "b_precond" not in noise["muon_mlp2", 0.9]
+    pairs = {p["batch_size"]: p for p in ratios(rows, n_boot=200)}
+    assert pairs[64]["ratio"] == pytest.approx(2.0) and pairs[512]["ratio"] == pytest.approx(1.0)
+    assert pairs[64]["low"] > 1.0 and pairs[512]["low"] < 1.0 < pairs[512]["high"]
+    text = markdown(rows, fits, noise, "# t", n_boot=50)
+    assert "| adamw | 0.9 |" in text and "| 300 ± 20 | 120 ± 15 | 700 ± 50 |" in text
+    assert "| muon_mlp2 | 0.9 |" in text and "| 280 ± 20 | 110 ± 14 | — |" in text
+    assert "S_adamw/S_muon_mlp2 = E_adamw/E_muon_mlp2" in text and "| 64 | 0.9 | 2 [" in text
+    assert ratios([r for r in rows if r["optimizer"] == "adamw"]) == []  # no Muon: no comparison
+
+
+def test_the_reference_runs_noise_scales_are_read_from_the_store(store):
+    from descent.reports.scaling import read_runs
+    from descent.tracking.names import PARENT as PARENT_TAG
+
+    client = MlflowClient(store)
+    exp = client.create_experiment("scales")
+    parent = client.create_run(exp).info.run_id
+    child = client.create_run(exp, tags={PARENT_TAG: parent}).info.run_id
+    for key, value in {"optimizer": "adamw", "data.batch_size": "64", "optimizer.lr": "0.001", "seed": "0",
+                       "trainer.noise_at_targets": "True"}.items():
+        client.log_param(child, key, value)
+    for key, value in {"target/updates/0.9": 200, "noise/b_simple/0.9": 300, "noise/b_simple_se/0.9": 20,
+                       "noise/b_noise/0.9": 120, "noise/b_noise_se/0.9": 15, "noise/b_precond/0.9": 700,
+                       "noise/b_precond_se/0.9": 50, "noise/b_noise": 120, "noise/grad_h_grad/0.9": 1.0}.items():
+        client.log_metric(child, key, value)
+    [run] = read_runs(client, parent)
+    assert run.reference and run.noise == {0.9: (300, 20)}
+    assert run.scales == {("b_noise", 0.9): (120, 15), ("b_precond", 0.9): (700, 50)}

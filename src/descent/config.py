@@ -120,6 +120,9 @@ TRAINER = {
     "noise_at_targets": BOOLEAN,
     "measures": (lambda v: isinstance(v, dict) and all(isinstance(m, dict) and "_target_" in m for m in v.values()),
                  "a mapping of names to {_target_: descent.measure.<module>.<Class>, its arguments}"),
+    "noise_hessian_at_targets": BOOLEAN,
+    "noise_hessian_subset": integer(2, why="training examples the Hessian of B_noise is taken on"),
+    "noise_preconditioned_at_targets": BOOLEAN,
 }
 SWEEP = {"objective": (lambda v: v in OBJECTIVES, "one of " + ", ".join(OBJECTIVES)),
          "target_acc": (lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
@@ -589,6 +592,11 @@ RESUME_MAY_CHANGE = {
     "trainer.max_updates": "the budget in updates (as max_epochs is in examples)",
     "trainer.noise_scale": "what is measured beside the run (never its numbers: tests/test_noise.py)",
     "trainer.noise_at_targets": "what is measured beside the run (never its numbers: tests/test_noise.py)",
+    "trainer.noise_hessian_at_targets": "what is measured beside the run (never its numbers: "
+                                        "tests/test_noise_hessian.py)",
+    "trainer.noise_hessian_subset": "what is measured beside the run (never its numbers)",
+    "trainer.noise_preconditioned_at_targets": "what is measured beside the run (never its numbers: "
+                                               "tests/test_noise_hessian.py)",
     "logger.tracking_uri": "where the run is recorded (it is looked up there)",
     "logger.log_checkpoint": "what is recorded",
     "logger.outage_seconds": "how long a tracking server may be away",

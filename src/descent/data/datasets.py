@@ -1,7 +1,7 @@
 """The table of dataset facts: what each named dataset holds (sizes, shape, classes) and where it comes from.
 
 The one place these numbers live: config.py checks data.val_size and data.limit_train against them,
-threads.py and measure/scaling.py take the training-set size from them where a run's record lacks it,
+threads.py and reports/scaling.py take the training-set size from them where a run's record lacks it,
 data.py checks the files it reads against them, and docs/reference/datasets.md prints them. A user's own
 arrays (data=npz) are not here: their facts come from the file (data.py, NpzDataModule). Imports nothing
 heavy (config.py reads it before torch starts).

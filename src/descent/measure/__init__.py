@@ -16,6 +16,7 @@ from typing import Any
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from descent.measure import curvature_noise as cn
 from descent.measure.noise import NoiseAtTargets, NoiseScale, linear_layers
 from descent.measure.sharpness import Sharpness
 from descent.measure.toy import Trace
@@ -42,7 +43,8 @@ class Point:
 def from_config(cfg, net) -> list:
     """The measurements the config asks for: sharpness (trainer.sharpness_every), a toy loss's trace, the
     gradient noise scale (trainer.noise_scale: a classifier's, on by default; trainer.noise_at_targets: with its
-    error over the whole training set at each target's first crossing), and each of trainer.measures (name ->
+    error over the whole training set at each target's first crossing; trainer.noise_hessian_at_targets and
+    noise_preconditioned_at_targets: B_noise and the preconditioned noise scale there, curvature_noise.py), and each of trainer.measures (name ->
     {_target_: descent.measure.<module>.<Class>, its arguments}), instantiated as configured."""
     found = []
     if isinstance(net, Toy):  # the point on the curve or surface and the step that moved it
@@ -57,8 +59,32 @@ def from_config(cfg, net) -> list:
         linear_layers(net)  # a net it cannot measure is refused here: this one was asked for
         targets = [*(OmegaConf.select(cfg, "sweep.targets", default=None) or ()), cfg.sweep.target_acc]
         found.append(NoiseAtTargets([t for t in targets if t <= cfg.sweep.target_acc]))
+    found += _curvature_noise(cfg)
     if cfg.trainer.get("sharpness_every"):
         found.append(Sharpness(cfg.trainer.sharpness_every, cfg.trainer.sharpness_subset))
     for spec in (OmegaConf.select(cfg, "trainer.measures", default=None) or {}).values():
         found.append(instantiate(spec))
+    return found
+
+
+def _curvature_noise(cfg) -> list:
+    """B_noise and B_precond at the target crossings; B_precond only where the optimizer has a diagonal
+    preconditioner (a preset sweeping optimizers asks for it on all of them: the others run without it, and say so)."""
+    hessian = OmegaConf.select(cfg, "trainer.noise_hessian_at_targets", default=False)
+    precond = OmegaConf.select(cfg, "trainer.noise_preconditioned_at_targets", default=False)
+    if not (hessian or precond):
+        return []
+    targets = [*(OmegaConf.select(cfg, "sweep.targets", default=None) or ()), cfg.sweep.target_acc]
+    targets = [t for t in targets if t <= cfg.sweep.target_acc]
+    found = []
+    if hessian:
+        subset = OmegaConf.select(cfg, "trainer.noise_hessian_subset", default=4096)  # absent from older records
+        found.append(cn.HessianNoiseAtTargets(targets, subset=subset))
+    target = OmegaConf.select(cfg, "optimizer._target_", default=None)
+    if precond and target in cn.PRECONDITIONED:
+        found.append(cn.PreconditionedNoiseAtTargets(targets))
+    elif precond:
+        log.warning(
+            "trainer.noise_preconditioned_at_targets: %s has no diagonal preconditioner (measured for %s): not "
+            "measured", target, ", ".join(cn.PRECONDITIONED))
     return found

@@ -13,7 +13,9 @@ give points of one seed, which the bootstrap cannot vary.
 
 Reads MLflow only (no torch): the sweep's children carry target/updates/<acc>, target/examples/<acc>
 (descent/sweep/job.py, Target), and the reference run noise/b_simple/<acc>, noise/b_simple_se/<acc>
-(descent/measure/noise.py, NoiseAtTargets).
+(descent/measure/noise.py, NoiseAtTargets) and where measured noise/b_noise/<acc>, noise/b_precond/<acc> with
+their errors (descent/measure/curvature_noise.py). With adamw and a Muon optimizer in one study, the report adds
+per B and target S_adamw/S_muon, which at one B is also E_adamw/E_muon (E = S B), with a bootstrap over seeds.
 """
 
 from __future__ import annotations
@@ -51,6 +53,11 @@ class Run:
     val_every: int | None = None    # trainer.val_every_examples: how finely a crossing is resolved
     reference: bool = False         # the reference trajectory (trainer.noise_at_targets): not a cell's trial
     noise: dict[float, tuple[float, float]] = field(default_factory=dict)  # acc -> (B_simple, its error)
+    scales: dict[tuple[str, float], tuple[float, float]] = field(default_factory=dict)  # (b_noise | b_precond,
+    # acc) -> (value, its error)
+
+
+SCALES = ("b_noise", "b_precond")  # the noise scales beside B_simple (descent/measure/curvature_noise.py)
 
 
 def batch_size_of(params: dict[str, str]) -> int:
@@ -89,6 +96,9 @@ def read_runs(client, parent_run_id: str) -> list[Run]:
             elif key.startswith(B_SIMPLE):
                 acc = float(key[len(B_SIMPLE):])
                 run.noise[acc] = (value, m.get(names.noise_at_key("b_simple_se", acc), float("nan")))
+            elif key.count("/") == 2 and key.split("/")[1] in SCALES:
+                _, name, acc = key.split("/")
+                run.scales[name, float(acc)] = (value, m.get(names.noise_at_key(f"{name}_se", float(acc)), float("nan")))
         acc = p.get("sweep.target_acc")  # runs recorded before several targets: their one target
         if names.TARGET_UPDATES in m and acc is not None and float(acc) not in run.updates:
             run.updates[float(acc)] = m[names.TARGET_UPDATES]
@@ -199,7 +209,38 @@ def analyse(runs: list[Run], seed: int = 0, n_boot: int = BOOTSTRAP) -> tuple[li
                 for acc, (value, se) in r.noise.items():
                     noise[opt, acc] = {"b_simple": value, "b_simple_se": se, "batch_size": r.batch_size,
                                        "lr": r.lr}
+                for (name, acc), (value, se) in r.scales.items():
+                    noise.setdefault((opt, acc), {"batch_size": r.batch_size, "lr": r.lr}).update(
+                        {name: value, f"{name}_se": se})
     return rows, fits, noise
+
+
+def muon_pair(optimizers) -> tuple[str, str] | None:
+    """(adamw, the Muon option) when a study ran both: Essential AI's comparison."""
+    muons = [o for o in optimizers if o.startswith("muon")]
+    return ("adamw", muons[0]) if "adamw" in optimizers and muons else None
+
+
+def ratios(rows: list[dict], seed: int = 0, n_boot: int = BOOTSTRAP) -> list[dict]:
+    """Per B and target, S_adamw/S_muon (the ratio of the seeds' medians; at one B also E_adamw/E_muon) with
+    a 95 % bootstrap over each cell's seeds. Empty without both optimizers."""
+    pair = muon_pair(list(dict.fromkeys(r["optimizer"] for r in rows)))
+    if pair is None:
+        return []
+    rng = np.random.default_rng(seed)
+    by = {(r["optimizer"], r["batch_size"], r["target"]): r for r in rows if r["updates_by_seed"]}
+    out = []
+    for (opt, b, acc), r in by.items():
+        other = by.get((pair[1], b, acc))
+        if opt != pair[0] or other is None:
+            continue
+        a, m = (np.array([float(v) for v in x["updates_by_seed"].split()]) for x in (r, other))
+        boot = [np.median(a[rng.integers(0, len(a), len(a))]) / np.median(m[rng.integers(0, len(m), len(m))])
+                for _ in range(n_boot)]
+        lo, hi = np.percentile(boot, [2.5, 97.5])
+        out.append({"batch_size": b, "target": acc, "ratio": float(np.median(a) / np.median(m)), "low": float(lo),
+                    "high": float(hi), "seeds": (len(a), len(m)), "pair": pair})
+    return sorted(out, key=lambda x: (x["target"], x["batch_size"]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -250,7 +291,14 @@ def plot(rows: list[dict], fits: dict, noise: dict, title: str):
             ok = np.isfinite(lo) & np.isfinite(hi)
             ax_b.errorbar(x + 0.0008 * (i - len(opts) / 2), y, yerr=np.where(ok, [y - lo, hi - y], 0), fmt="o-",
                           color=color, capsize=3, label=f"{opt}: B_crit (95 % bootstrap over seeds)")
-        simple = sorted((acc, v) for (o, acc), v in noise.items() if o == opt)
+        for j, name in enumerate(SCALES):
+            found = sorted((acc, v) for (o, acc), v in noise.items() if o == opt and name in v)
+            if found:
+                x = np.array([a for a, _ in found]) + 0.0008 * (i - len(opts) / 2) + 0.0004 * (j + 2)
+                y, se = (np.array([v[k] for _, v in found]) for k in (name, name + "_se"))
+                ax_b.errorbar(x, y, yerr=1.96 * se, fmt="^:" if j == 0 else "v:", color=color, mfc="white",
+                              capsize=3, label=f"{opt}: {name.replace('b_', 'B_')} ± 1.96 se")
+        simple = sorted((acc, v) for (o, acc), v in noise.items() if o == opt and "b_simple" in v)
         if simple:
             x = np.array([a for a, _ in simple])
             y = np.array([v["b_simple"] for _, v in simple])
@@ -296,14 +344,23 @@ def markdown(rows: list[dict], fits: dict, noise: dict, header: str, n_boot: int
                   f"{r['optimizer']} B {r['batch_size']} @ {r['target']:g} ({100 * r['resolution']:.2g} %)"
                   for r in coarse) + ".")]
     lines += ["", "| optimizer | target | points | seeds per point | S_min [95 %] | E_min [95 %] | B_crit = E_min/S_min "
-              "[95 % bootstrap over seeds] | B_simple ± se (reference run) |", "|---|---|---|---|---|---|---|---|"]
+              "[95 % bootstrap over seeds] | B_simple ± se (reference run) | B_noise ± se | B_precond ± se |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for (opt, acc), f in fits.items():
-        n = noise.get((opt, acc))
-        simple = f"{_g(n['b_simple'])} ± {_g(n['b_simple_se'])}" if n else "—"
+        n = noise.get((opt, acc), {})
+        simple, curved, precond = (f"{_g(n[k])} ± {_g(n[k + '_se'])}" if k in n else "—"
+                                   for k in ("b_simple", "b_noise", "b_precond"))
         lines.append(f"| {opt} | {acc:g} | {f['points']} | {f['seeds_per_point']} | {_g(f['s_min'])} "
                      f"[{_g(f['s_min_low'])}, {_g(f['s_min_high'])}] | {_g(f['e_min'])} [{_g(f['e_min_low'])}, "
                      f"{_g(f['e_min_high'])}] | {_g(f['b_crit'])} [{_g(f['b_crit_low'])}, {_g(f['b_crit_high'])}] "
-                     f"({f['bootstrap_finite']} finite) | {simple} |")
+                     f"({f['bootstrap_finite']} finite) | {simple} | {curved} | {precond} |")
+    if pairs := ratios(rows, n_boot=n_boot):
+        a, m = pairs[0]["pair"]
+        lines += ["", f"| B | target | S_{a}/S_{m} = E_{a}/E_{m} [95 % bootstrap over seeds] | seeds ({a}, {m}) |",
+                  "|---|---|---|---|"]
+        lines += [f"| {p['batch_size']} | {p['target']:g} | {_g(p['ratio'])} [{_g(p['low'])}, {_g(p['high'])}] | "
+                  f"{p['seeds'][0]}, {p['seeds'][1]} |" for p in pairs]
+        lines += ["", f"Above 1: {m} reached the target in fewer updates (and, at the same B, examples) than {a}."]
     lines += ["", "A point: per optimizer, batch size and target, the learning rate with the fewest updates to the "
               "target among the first seed's trials, then the median over the seeds run at that rate (the first "
               "seed's run included). The fit: least squares on relative residuals of S(B) = S_min + E_min/B with "
@@ -312,7 +369,9 @@ def markdown(rows: list[dict], fits: dict, noise: dict, header: str, n_boot: int
               "rate itself is not resampled). Resolution: updates between two checks of the target over the updates "
               "to it. B_simple = tr Σ/|G|² over the whole training set at the first validation point past each "
               "target of the reference run (the reference cell's chosen rate), ± its delete-one-block jackknife "
-              "standard error over the training examples.", "", "![scaling](scaling.png)", ""]
+              "standard error over the training examples. B_noise = tr(HΣ)/(GᵀHG) and B_precond = tr(PΣ)/(GᵀPG) (P the "
+              "optimizer's diagonal preconditioner; Adam-type optimizers only) at the same points, ± their jackknife "
+              "standard errors (descent/measure/curvature_noise.py).", "", "![scaling](scaling.png)", ""]
     return "\n".join(lines)
 
 
@@ -358,9 +417,10 @@ def make_scaling_report(tracking_uri: str | None = None, parent_run_id: str | No
                            csv_rows(rows, fits), title)
     top = {opt: max(acc for o, acc in fits if o == opt) for opt, _ in fits}
     for (opt, acc), f in fits.items():
-        values = dict(f) | ({k: v for k, v in noise[opt, acc].items() if k.startswith("b_simple")}
+        values = dict(f) | ({k: v for k, v in noise[opt, acc].items() if k.startswith(("b_simple", *SCALES))}
                             if (opt, acc) in noise else {})
-        for key in ("b_crit", "s_min", "e_min", "b_crit_low", "b_crit_high", "b_simple", "b_simple_se"):
+        for key in ("b_crit", "s_min", "e_min", "b_crit_low", "b_crit_high", "b_simple", "b_simple_se",
+                    *(k + e for k in SCALES for e in ("", "_se"))):
             if key in values and math.isfinite(values[key]):
                 client.log_metric(parent_run_id, names.scaling_key(key, opt, acc), values[key])
                 if acc == top[opt]:  # the highest target (where the runs stop) under the names without one

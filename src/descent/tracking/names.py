@@ -39,6 +39,12 @@ def target_key(what: str, acc: float) -> str:
 NOISE_GRAD_SQ, NOISE_TRACE_COV = "noise/grad_sq", "noise/trace_cov"  # |G|^2 and tr(Σ) (EMA)
 NOISE_B_SIMPLE, NOISE_B_SIMPLE_SE = "noise/b_simple", "noise/b_simple_se"  # tr(Σ)/|G|^2 and its standard error
 
+# B_noise = tr(HΣ)/(GᵀHG) and the preconditioned scale tr(PΣ)/(GᵀPG) at the target crossings (measure/curvature_noise.py)
+B_NOISE, B_NOISE_SE = "noise/b_noise", "noise/b_noise_se"
+GRAD_H_GRAD, TRACE_H_COV = "noise/grad_h_grad", "noise/trace_h_cov"      # Gᵀ H G and tr(H Σ)
+B_PRECOND, B_PRECOND_SE = "noise/b_precond", "noise/b_precond_se"
+GRAD_P_GRAD, TRACE_P_COV = "noise/grad_p_grad", "noise/trace_p_cov"      # Gᵀ P G and tr(P Σ)
+
 
 def noise_at_key(what: str, acc: float) -> str:
     """noise/b_simple/0.97: a noise measurement at a target's first crossing (trainer.noise_at_targets)."""
