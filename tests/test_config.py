@@ -72,8 +72,6 @@ def test_every_experiment_preset_composes(preset):
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict
 
-    import descent.config  # noqa: F401  the presets' resolvers (descent.times_2_over_L), as src/train.py imports it
-
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose("train", overrides=[f"experiment={preset}"], return_hydra_config=True)
     HydraConfig.instance().set_config(cfg)  # the presets' lr interpolations read hydra:runtime.choices
