@@ -1,5 +1,8 @@
 """Every option of every config group composes and instantiates; bad options get hydra's list."""
 
+import os
+import subprocess
+import sys
 from functools import partial
 
 import pytest
@@ -99,3 +102,15 @@ def test_unknown_option_lists_the_available_ones(tmp_path):
     for name in GROUPS["optimizer"]:
         assert name in proc.stderr
     assert not (tmp_path / "mlflow.db").exists()  # no run was created
+
+
+def test_the_config_checks_import_without_torch_and_register_their_resolvers_only_when_asked():
+    # src/compare.py and `--help` import descent.config on their light path; the entry points call register()
+    code = ("import sys; from omegaconf import OmegaConf; import descent.config as c; "
+            "print(sorted(m for m in ('torch', 'lightning', 'pytorch_lightning', 'mlflow') if m in sys.modules)); "
+            "print(OmegaConf.has_resolver('descent.held_out')); c.register(); "
+            "print(all(OmegaConf.has_resolver(n) for n in ('descent.direction', 'descent.held_out', "
+            "'descent.at_most', 'descent.times_2_over_L')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60,
+                         env={**os.environ, "PYTHONPATH": str(ROOT / "src")}).stdout
+    assert out.splitlines() == ["[]", "False", "True"], out
