@@ -1,4 +1,4 @@
-"""The checks across keys (data sizes, a toy loss and its oracle, an optimizer and its batches) and validate(), which runs the schema and them."""
+"""The checks across keys (data sizes, a toy and its oracle, an optimizer and its batches), and validate()."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The OmegaConf resolvers conf/ uses (${descent.*:...}), registered by register(), which the entry points call before Hydra composes."""
+"""conf/'s ${descent.*:...} resolvers, registered by register(): the entry points call it before Hydra composes."""
 
 from __future__ import annotations
 

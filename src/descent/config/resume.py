@@ -1,4 +1,4 @@
-"""The resume policy: what `resume=<run> key=value` may change (how the run goes on, never what it computes), and the config it resumes with."""
+"""The resume policy: what `resume=<run> key=value` may change (how a run goes on, never what it computes)."""
 
 from __future__ import annotations
 

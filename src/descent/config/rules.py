@@ -1,4 +1,4 @@
-"""The rule engine: a rule is (a test of a resolved value, what is allowed in words); ConfigError carries the problems."""
+"""The rule engine: a rule is (a test of a resolved value, what is allowed in words); ConfigError lists problems."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The schema: which keys a config may have (read from conf/ and the _target_s' signatures) and the rules of those whose values need checking."""
+"""The schema: the keys a config may have (conf/'s, the _target_s' signatures), rules for the values that need them."""
 
 from __future__ import annotations
 

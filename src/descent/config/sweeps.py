@@ -1,4 +1,4 @@
-"""Before a multirun starts: every job of a grid, or an Optuna study's settings and search space, composed and validated (through Hydra's own loader and parser)."""
+"""Before a multirun: each job of a grid, or an Optuna study's settings and space, composed by Hydra and validated."""
 
 from __future__ import annotations
 
@@ -30,10 +30,12 @@ def validate_sweep(config: DictConfig) -> None:
     loader, parsed = _overrides(config)
     swept = {o.get_key_element() for o in parsed if o.is_sweep_override()}
     [jobs] = BasicSweeper.split_arguments(parsed, None)
-    named = [(list(overrides), " ".join(o for o in overrides if o.split("=", 1)[0] in swept) or " ".join(overrides))
-             for overrides in jobs]
-    problems = _each_job(config, loader, [(overrides, f"job #{num} ({name})")
-                                          for num, (overrides, name) in enumerate(named)])
+
+    def name(num: int, overrides: list[str]) -> str:  # a job by what the sweep varies
+        varied = " ".join(o for o in overrides if o.split("=", 1)[0] in swept) or " ".join(overrides)
+        return f"job #{num} ({varied})"
+
+    problems = _each_job(config, loader, [(list(o), name(num, o)) for num, o in enumerate(jobs)])
     if problems:
         raise ConfigError(f"{len(problems)} of the sweep's {len(jobs)} jobs are invalid; no job was started:\n"
                           + "\n".join(problems))
@@ -43,7 +45,8 @@ def _overrides(config: DictConfig):
     """Hydra's loader, and the sweeper's params with the command line's overrides, parsed as Hydra parses them."""
     loader = GlobalHydra.instance().config_loader()
     params = [f"{k}={v}" for k, v in (OmegaConf.select(config, "hydra.sweeper.params") or {}).items()]
-    return loader, OverridesParser.create(config_loader=loader).parse_overrides(params + list(config.hydra.overrides.task))
+    parser = OverridesParser.create(config_loader=loader)
+    return loader, parser.parse_overrides(params + list(config.hydra.overrides.task))
 
 
 def _each_job(config: DictConfig, loader, jobs: list, first=None) -> list[str]:
