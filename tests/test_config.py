@@ -106,12 +106,21 @@ def test_unknown_option_lists_the_available_ones(tmp_path):
 
 def test_descent_config_imports_without_torch_or_hydra_and_registers_its_resolvers_only_when_asked():
     # src/compare.py imports it (tracking/store.py's ConfigError) on its light path; the entry points call register()
-    code = ("import sys; from omegaconf import OmegaConf; import descent.config as c; from descent.config import "
-            "ConfigError; print(sorted(m for m in ('torch', 'lightning', 'pytorch_lightning', 'mlflow', 'hydra') "
-            "if m in sys.modules)); "
-            "print(OmegaConf.has_resolver('descent.held_out')); c.register(); "
-            "print(all(OmegaConf.has_resolver(n) for n in ('descent.direction', 'descent.held_out', "
-            "'descent.at_most', 'descent.times_2_over_L')))")
+    code = """
+import importlib, sys
+from omegaconf import OmegaConf
+import descent.config as c
+from descent.config import ConfigError
+heavy = ("torch", "lightning", "pytorch_lightning", "mlflow")
+print(sorted(m for m in (*heavy, "hydra") if m in sys.modules))
+for module in ("rules", "schema", "checks", "sweeps", "resume", "resolvers"):  # all of it: still no torch
+    importlib.import_module(f"descent.config.{module}")
+print(sorted(m for m in heavy if m in sys.modules))
+names = ("descent.direction", "descent.held_out", "descent.at_most", "descent.times_2_over_L")
+print(any(OmegaConf.has_resolver(n) for n in names))
+c.register()
+print(all(OmegaConf.has_resolver(n) for n in names))
+"""
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60,
                          env={**os.environ, "PYTHONPATH": str(ROOT / "src")}).stdout
-    assert out.splitlines() == ["[]", "False", "True"], out
+    assert out.splitlines() == ["[]", "[]", "False", "True"], out
