@@ -98,8 +98,8 @@ def toy(model: dict, target: str) -> list[str]:
     """A toy loss's name and its start's coordinates (one per dimension of the loss); the MLP's loss."""
     if "loss" not in model:
         return []
-    # torch (and, for the toy, lightning: ~2 s) only when a config is checked, never when descent.config is
-    # imported: src/compare.py and `--help` import it on their light path
+    # torch (1.5 s of CPU to import) and, for a toy, descent.nets.toy (torch and lightning: 5 s) only when a config
+    # is checked, never when descent.config is imported (src/compare.py's path, through tracking/store.py)
     if not target.startswith("descent.nets.toy."):
         from descent.nets import LOSSES
 

@@ -16,7 +16,7 @@ def direction(objective) -> str:
 def times_2_over_l(ratio, loss) -> float:
     """conf/experiment/step_size.yaml: optimizer.lr: ${descent.times_2_over_L:${lr_ratio},${model.loss}}, a learning
     rate as a multiple of 2/L, L the toy loss's largest curvature at its global minimum."""
-    # the toy losses are torch functions (and descent.nets.toy imports the data modules: lightning), ~2 s: read
+    # the toy losses are torch functions and descent.nets.toy imports the data modules (lightning): 5 s of CPU, paid
     # when this resolves (experiment=step_size), not when the resolvers are registered
     from descent.nets.toy import LOSSES
 
