@@ -18,9 +18,10 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from descent.console import terminal
-from descent.config import ConfigError, resume_config, validate
+from descent.config import ConfigError, register, resume_config, validate
 
 log = logging.getLogger("descent")
+register()  # conf/'s ${descent.*:...} resolvers, before Hydra composes and resolves conf/
 terminal.quiet_third_parties()  # before MLflow is imported: its log lines through Hydra's (descent/console/terminal.py)
 
 

@@ -14,8 +14,11 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 
+from descent import config
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data"  # the project's own cache, built from the offline bundle on first use
+config.register()  # conf/'s ${descent.*:...} resolvers, as src/train.py registers them: tests compose presets here
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,8 @@
 """Every option of every config group composes and instantiates; bad options get hydra's list."""
 
+import os
+import subprocess
+import sys
 from functools import partial
 
 import pytest
@@ -78,8 +81,6 @@ def test_every_experiment_preset_composes(preset):
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict
 
-    import descent.config  # noqa: F401  the presets' resolvers (descent.times_2_over_L), as src/train.py imports it
-
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose("train", overrides=[f"experiment={preset}"], return_hydra_config=True)
     HydraConfig.instance().set_config(cfg)  # the presets' lr interpolations read hydra:runtime.choices
@@ -107,3 +108,25 @@ def test_unknown_option_lists_the_available_ones(tmp_path):
     for name in GROUPS["optimizer"]:
         assert name in proc.stderr
     assert not (tmp_path / "mlflow.db").exists()  # no run was created
+
+
+def test_descent_config_imports_without_torch_or_hydra_and_registers_its_resolvers_only_when_asked():
+    # src/compare.py imports it (tracking/store.py's ConfigError) on its light path; the entry points call register()
+    code = """
+import importlib, sys
+from omegaconf import OmegaConf
+import descent.config as c
+from descent.config import ConfigError
+heavy = ("torch", "lightning", "pytorch_lightning", "mlflow")
+print(sorted(m for m in (*heavy, "hydra") if m in sys.modules))
+for module in ("rules", "schema", "checks", "sweeps", "resume", "resolvers"):  # all of it: still no torch
+    importlib.import_module(f"descent.config.{module}")
+print(sorted(m for m in heavy if m in sys.modules))
+names = ("descent.direction", "descent.held_out", "descent.at_most", "descent.times_2_over_L")
+print(any(OmegaConf.has_resolver(n) for n in names))
+c.register()
+print(all(OmegaConf.has_resolver(n) for n in names))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60,
+                         env={**os.environ, "PYTHONPATH": str(ROOT / "src")}).stdout
+    assert out.splitlines() == ["[]", "[]", "False", "True"], out

@@ -3,6 +3,7 @@ and what is allowed; a _target_ comes only from torch.optim, torch.nn or descent
 with the list of problems and creates no MLflow run."""
 
 import itertools
+import shutil
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -11,7 +12,9 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf, open_dict
 
 from conftest import ROOT, train
-from descent.config import ConfigError, check_targets, validate
+from descent.config import ConfigError, validate
+from descent.config import schema
+from descent.config.schema import refused_targets
 
 CONF = ROOT / "conf"
 GROUPS = {g.name: sorted(p.stem for p in g.glob("*.yaml")) for g in CONF.iterdir() if g.is_dir()}
@@ -159,9 +162,8 @@ def test_a_target_anywhere_is_refused_before_its_module_is_imported(tmp_path, mo
 
     nested = OmegaConf.create({"callbacks": [{"fn": {"_target_": "subprocess.run"}}],
                                "ok": {"_target_": "torch.nn.ReLU"}})
-    with pytest.raises(ConfigError, match=r"^callbacks\.0\.fn\._target_='subprocess\.run': refused; .*descent$"):
-        check_targets(nested)
-    check_targets(compose_job())  # the real config's targets are all allowed
+    assert refused_targets(nested) == [f"callbacks.0.fn._target_='subprocess.run': {REFUSED}"]
+    assert refused_targets(compose_job()) == []  # the real config's targets are all allowed
 
 
 def test_only_the_values_checked_are_resolved():
@@ -280,3 +282,44 @@ def test_a_sweep_with_a_bad_job_is_refused_before_its_first_job(tmp_path, store,
     assert "job #0" not in out and "Traceback" not in out
     assert "Launching" not in out  # hydra's basic launcher never started
     assert no_run_created(tmp_path, store)  # neither the parent nor a child
+
+
+# ---------------------------------------------------------------------------------------------
+# the keys a config may have are conf/'s own: a key is added in conf/train.yaml, not also in Python
+
+def test_a_key_added_to_conf_is_accepted_without_touching_the_schema_and_an_unknown_one_is_still_refused(tmp_path):
+    conf = tmp_path / "conf"
+    shutil.copytree(CONF, conf)
+    text = (conf / "train.yaml").read_text()
+    assert "\ntrainer:\n" in text
+    (conf / "train.yaml").write_text(text.replace("\ntrainer:\n", "\ntrainer:\n  new_key: 1  # a key the code reads\n"))
+
+    def job(*overrides):
+        with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+            cfg = compose("train", overrides=list(overrides), return_hydra_config=True)
+        HydraConfig.instance().set_config(cfg)  # where it was composed from: the schema is read there
+        with open_dict(cfg):
+            del cfg["hydra"]
+        return cfg
+
+    validate(job())
+    validate(job("trainer.new_key=2.5"))
+    with pytest.raises(ConfigError) as e:  # no rule of its own: it keeps the type of its default
+        validate(job("trainer.new_key=two"))
+    assert str(e.value) == "trainer.new_key='two': must be a finite number"
+    with pytest.raises(ConfigError) as e:
+        validate(job("+trainer.other_key=1"))
+    assert str(e.value).startswith("trainer.other_key: unknown key; allowed keys: new_key, max_epochs, accelerator,")
+    # the project's conf/ has no such key: refused there, with its message
+    assert any(line.startswith("trainer.new_key: unknown key; allowed keys: max_epochs, accelerator,")
+               for line in problems("+trainer.new_key=1"))
+
+
+def test_every_rule_is_for_a_key_conf_has():
+    """A rule for a key conf/ no longer has would check nothing, silently."""
+    known = schema.read(CONF / "train.yaml", 0)
+    for section, rules in schema.SECTION_RULES.items():
+        assert set(rules) <= set(known.sections[section]), section
+    assert set(schema.TOP) <= set(known.top)
+    assert set(schema.TOP) - set(known.required) == {"lr_by_batching", "lr_by_optimizer", "lr_searched", "lr_ratio",
+                                                     "start_by_model", "arm", "draw"}  # the presets' keys
