@@ -58,7 +58,7 @@ def match_capturable(optimizer: torch.optim.Optimizer, capturable: bool) -> None
 class DeviceWindow:
     """The metric window of the graph path: sums on the device, added to inside the graph.
 
-    Same interface as descent.engine.loop.Window (n, pop); reading costs one sync, at log points only.
+    Same interface as descent.engine.steps.Window (n, pop); reading costs one sync, at log points only.
     """
 
     def __init__(self, device: torch.device):
@@ -85,8 +85,10 @@ class GraphStep:
 
     One static index buffer per batch size (the last batch of an epoch may be smaller), and on CUDA one
     captured graph per size, captured on first use: after lightning has restored a checkpoint's
-    optimizer state, which the graph must address.
+    optimizer state, which the graph must address. A step of the loop (descent/engine/steps.py): `segment`.
     """
+
+    by_position = True  # the chunk's examples are not read: each update gathers its batch by epoch position
 
     def __init__(self, net, optimizer, x: torch.Tensor, y: torch.Tensor, capture: bool):
         if capture and x.device.type != "cuda":
@@ -124,6 +126,14 @@ class GraphStep:
         with torch.no_grad():
             self.window.loss_sum.add_(loss.detach() * len(index))
             self.window.correct.add_((logits.argmax(1) == y).sum())
+
+    def segment(self, x, y, a: int, b: int, batch_len: int, ends_batch: bool, offset: int) -> int:
+        """The loop's segments, but the chunk is not read: a batch is one update at its last piece (a full batch
+        spanning several chunks too), on the examples of its epoch positions, already on the device."""
+        if not ends_batch:
+            return 0
+        self.update(offset + b - batch_len, offset + b)
+        return 1
 
     def update(self, a: int, b: int) -> None:
         size = b - a

@@ -120,13 +120,13 @@ class Target:
                 if acc >= t and t not in self.crossed:
                     self.crossed.append(t)
                     point = {"updates": m.updates, "examples": examples, "seconds": m.train_seconds}
-                    m._log({target_key(k, t): v for k, v in point.items()})
+                    m.record({target_key(k, t): v for k, v in point.items()})
                     if self.trial is not None:
                         for k, v in point.items():
                             self.trial.set_user_attr(target_key(k, t), v)
         if acc is not None and acc >= self.target_acc:
             self.reached = True
-            m._log({"target/updates": m.updates, "target/examples": examples, "target/seconds": m.train_seconds})
+            m.record({"target/updates": m.updates, "target/examples": examples, "target/seconds": m.train_seconds})
             m.trainer.should_stop = True
             return
         what = self.objective.split("/")[1]
