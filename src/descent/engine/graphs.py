@@ -2,7 +2,7 @@
 
 On a GPU an eager update of this small MLP is bound by kernel launches (some 20 per update at tens of µs
 each), not by arithmetic: online SGD ran at ~0.9 ms/update on an H200, where a captured update replays in
-~0.06 ms (issue 11's measurements). So each update here is one replay of a graph that does all of it:
+~0.06 ms (both measured on an H200). So each update here is one replay of a graph that does all of it:
 gather the batch from the training set held on the device through a static index buffer, forward,
 cross-entropy, backward, optimizer step, and the loss/accuracy sums of the metric window, kept on the
 device and read only at log points. Before each replay the host copies the batch's slice of the epoch's
@@ -12,7 +12,7 @@ Nothing here depends on the network: the step calls net(x) on the gathered N x f
 model and the convnet (descent/nets/networks.py; its Unflatten is a view, its convolutions and pools are kernels
 like the MLP's matmuls, warmed up on the side stream before capture, so cuDNN has chosen its algorithms)
 take the same path. Captured, they are checked against the plain loop by tests/test_models.py's cuda test,
-which runs where CUDA is; issue 19's session had no GPU, so their replay speed is not measured yet.
+which runs where CUDA is; their replay speed is not measured yet.
 
 The step is a plain method. Where there is no CUDA (trainer.cuda_graphs=true on CPU) it runs eagerly with
 the same static buffers, warm-up and state reset, which is what the CPU tests prove equal to the plain loop.
