@@ -68,7 +68,9 @@ def train(cfg, hc, launch_dir, out_dir, choices, run_id, ckpt_path, changed=None
     from descent.nets import toy
     from descent.reports import pictures
     from descent.tracking import logger as tracking
-    from descent.engine.loop import Classifier, Diverged, ResumeError, SafetyCheckpoints
+    from descent.engine.lightning_private import stop_at_next_chunk
+    from descent.engine.loop import Classifier, Diverged
+    from descent.engine.state import ResumeError, SafetyCheckpoints
     from descent.sweep.job import Pruned, Pruning, Target, job_tags, optuna_trial
 
     from descent.config import LR_TAG, lr_not_searched
@@ -152,7 +154,7 @@ def train(cfg, hc, launch_dir, out_dir, choices, run_id, ckpt_path, changed=None
 
     def stop(signum, frame):
         received.append(signum)
-        trainer._signal_connector.received_sigterm = True  # lightning's own SIGTERM flag
+        stop_at_next_chunk(trainer)  # lightning's own SIGTERM path
         signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
 
     previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGINT, signal.SIGTERM)}

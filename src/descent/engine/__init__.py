@@ -1,1 +1,1 @@
-"""engine/: the LightningModule and its update loop, the graph path, checkpoint state, threads, the plain reference loop."""
+"""engine/: the LightningModule and its one segment loop (loop.py), the update steps it runs (steps.py; the graph path, graphs.py), checkpoint state and resume (state.py), Lightning's private parts (lightning_private.py), threads, the plain reference loop."""

@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import math
 
-WITH_VALIDATION = {"val/loss": "min", "val/acc": "max"}
-WITHOUT_VALIDATION = {"train/loss": "min"}
+from descent.tracking.names import TRAIN_LOSS, VAL_ACC, VAL_LOSS, best_key
 
-
-def name(key: str) -> str:
-    return "best/" + key.replace("/", "_")  # val/loss -> best/val_loss
+WITH_VALIDATION = {VAL_LOSS: "min", VAL_ACC: "max"}
+WITHOUT_VALIDATION = {TRAIN_LOSS: "min"}
 
 
 class Best:
@@ -36,7 +34,7 @@ class Best:
             old = self.values.get(key)
             if old is None or (value < old if goal == "min" else value > old):
                 self.values[key] = value
-                new[name(key)] = value
+                new[best_key(key)] = value
         return new
 
     def state_dict(self) -> dict[str, float]:

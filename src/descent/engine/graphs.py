@@ -2,7 +2,7 @@
 
 On a GPU an eager update of this small MLP is bound by kernel launches (some 20 per update at tens of µs
 each), not by arithmetic: online SGD ran at ~0.9 ms/update on an H200, where a captured update replays in
-~0.06 ms (issue 11's measurements). So each update here is one replay of a graph that does all of it:
+~0.06 ms (both measured on an H200). So each update here is one replay of a graph that does all of it:
 gather the batch from the training set held on the device through a static index buffer, forward,
 cross-entropy, backward, optimizer step, and the loss/accuracy sums of the metric window, kept on the
 device and read only at log points. Before each replay the host copies the batch's slice of the epoch's
@@ -12,7 +12,7 @@ Nothing here depends on the network: the step calls net(x) on the gathered N x f
 model and the convnet (descent/nets/networks.py; its Unflatten is a view, its convolutions and pools are kernels
 like the MLP's matmuls, warmed up on the side stream before capture, so cuDNN has chosen its algorithms)
 take the same path. Captured, they are checked against the plain loop by tests/test_models.py's cuda test,
-which runs where CUDA is; issue 19's session had no GPU, so their replay speed is not measured yet.
+which runs where CUDA is; their replay speed is not measured yet.
 
 The step is a plain method. Where there is no CUDA (trainer.cuda_graphs=true on CPU) it runs eagerly with
 the same static buffers, warm-up and state reset, which is what the CPU tests prove equal to the plain loop.
@@ -58,7 +58,7 @@ def match_capturable(optimizer: torch.optim.Optimizer, capturable: bool) -> None
 class DeviceWindow:
     """The metric window of the graph path: sums on the device, added to inside the graph.
 
-    Same interface as descent.engine.loop.Window (n, pop); reading costs one sync, at log points only.
+    Same interface as descent.engine.steps.Window (n, pop); reading costs one sync, at log points only.
     """
 
     def __init__(self, device: torch.device):
@@ -85,8 +85,10 @@ class GraphStep:
 
     One static index buffer per batch size (the last batch of an epoch may be smaller), and on CUDA one
     captured graph per size, captured on first use: after lightning has restored a checkpoint's
-    optimizer state, which the graph must address.
+    optimizer state, which the graph must address. A step of the loop (descent/engine/steps.py): `segment`.
     """
+
+    by_position = True  # the chunk's examples are not read: each update gathers its batch by epoch position
 
     def __init__(self, net, optimizer, x: torch.Tensor, y: torch.Tensor, capture: bool):
         if capture and x.device.type != "cuda":
@@ -124,6 +126,14 @@ class GraphStep:
         with torch.no_grad():
             self.window.loss_sum.add_(loss.detach() * len(index))
             self.window.correct.add_((logits.argmax(1) == y).sum())
+
+    def segment(self, x, y, a: int, b: int, batch_len: int, ends_batch: bool, offset: int) -> int:
+        """The loop's segments, but the chunk is not read: a batch is one update at its last piece (a full batch
+        spanning several chunks too), on the examples of its epoch positions, already on the device."""
+        if not ends_batch:
+            return 0
+        self.update(offset + b - batch_len, offset + b)
+        return 1
 
     def update(self, a: int, b: int) -> None:
         size = b - a

@@ -25,6 +25,10 @@ import logging
 import os
 import sys
 
+from descent.data.datasets import TABLE, val_examples
+
+# torch is imported inside the functions that need it, never at the top: descent/__init__.py imports this module
+# to put GOMP_SPINCOUNT in the environment before torch loads libgomp (which reads it once per process)
 SPIN_COUNT = 1000  # idle OpenMP threads spin this long before they sleep (libgomp's default 300000; 0 = PASSIVE)
 LIBGOMP_SPIN = 300000  # libgomp's spin when neither OMP_WAIT_POLICY nor GOMP_SPINCOUNT is set
 EXAMPLES_PER_THREAD = 64  # a second thread pays from a batch of 128 (2 x 64) here; batch 1 is faster on one
@@ -72,7 +76,7 @@ def _ray_cpus() -> int | None:
     if "ray" not in sys.modules:  # a Ray worker has imported ray; nobody else needs to pay for it
         return None
     try:
-        import ray
+        import ray  # loaded already (checked above): this only names it
 
         if not ray.is_initialized():
             return None
@@ -104,8 +108,6 @@ def choose(batch_size: int, cpus: int, jobs: int = 1) -> int:
 def batch_size(cfg, n_train: int | None = None) -> int:
     """Examples per update: data.batch_size, or the whole training set for batch gradient descent: n_train,
     the examples the loaded data has (train.py), else the table's for data.name (descent/data/datasets.py)."""
-    from descent.data.datasets import TABLE, val_examples
-
     if cfg.data.get("batch_size"):
         return int(cfg.data.batch_size)
     if n_train is not None:

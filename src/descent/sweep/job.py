@@ -110,13 +110,13 @@ class Target:
                 if acc >= t and t not in self.crossed:
                     self.crossed.append(t)
                     point = {"updates": m.updates, "examples": examples, "seconds": m.train_seconds}
-                    m.log_metrics({names.target_key(k, t): v for k, v in point.items()})
+                    m.record({names.target_key(k, t): v for k, v in point.items()})
                     if self.trial is not None:
                         for k, v in point.items():
                             self.trial.set_user_attr(names.target_key(k, t), v)
         if acc is not None and acc >= self.target_acc:
             self.reached = True
-            m.log_metrics({names.TARGET_UPDATES: m.updates, names.TARGET_EXAMPLES: examples,
+            m.record({names.TARGET_UPDATES: m.updates, names.TARGET_EXAMPLES: examples,
                            names.TARGET_SECONDS: m.train_seconds})
             m.trainer.should_stop = True
             return

@@ -14,7 +14,7 @@ TEST_LOSS, TEST_ACC = "test/loss", "test/acc"          # once, at the end
 EPOCH = "progress/epoch"                                # fractional epochs
 UPDATES = "progress/updates"                            # optimizer updates so far
 SECONDS = "progress/seconds"                            # training wall time so far (checks and logging excluded)
-EVALUATIONS = "progress/evaluations"                    # validation passes so far
+EVALUATIONS = "progress/evaluations"                    # the batches' loss and gradient evaluated (a closure: as often as it asks)
 TRAIN, VAL, TEST, SYSTEM = "train/", "val/", "test/", "system/"  # prefixes (SYSTEM: MLflow's system metrics)
 
 # the best value so far, logged when it improves: best/val_loss, best/val_acc, best/train_loss
