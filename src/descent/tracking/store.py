@@ -45,12 +45,18 @@ def is_server(uri: str) -> bool:
     return uri.startswith(("http://", "https://"))
 
 
+def health(uri: str, timeout: float = 2) -> None:
+    """A tracking server's /health, the one probe of descent's servers (the team's, `make ui`'s); raises OSError
+    (urllib's URLError, HTTPError) when it does not answer OK."""
+    urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).close()
+
+
 def reachable(uri: str, timeout: float = 2) -> bool:
     """A quick look at a server's /health (MLflow's own client retries for minutes before it gives up)."""
     if not is_server(uri):
         return True
     try:
-        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).close()
+        health(uri, timeout)
         return True
     except (urllib.error.URLError, OSError):
         return False
@@ -67,7 +73,7 @@ def check_store(uri: str) -> None:
             raise ConfigError(f"logger.tracking_uri={uri!r}: {target} is not writable")
     elif is_server(uri):
         try:
-            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5).close()
+            health(uri, timeout=5)
         except (urllib.error.URLError, OSError) as e:
             raise ConfigError(f"logger.tracking_uri={uri!r}: the MLflow server does not answer ({e}); "
                               "start one with `make server`") from None
