@@ -22,7 +22,7 @@ import argparse
 import os
 import sys
 
-from descent.services.daemons import ServiceError, read_state, running
+from descent.services.daemons import read_state, run_command, running, show_status
 from descent.services.ray_cluster import Ray
 from descent.services.slurm_cluster import Slurm
 
@@ -40,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
         cluster = Ray(args.dir or Ray.default_dir, port=args.port)
     else:
         cluster = Slurm(args.dir or Slurm.default_dir, *(args.ports or (None, None)))
-    try:
+
+    def command() -> int | None:
         if args.command == "start":
             already = running(read_state(cluster.dir))
             cluster.start()
@@ -52,13 +53,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"stopped the {args.engine} cluster of {cluster.dir}")
         else:
             state = cluster.status()
-            for key, value in state.items():
-                print(f"{key}: {value}")
-            return 0 if state[args.engine] == "running" else 3
-    except ServiceError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+            return show_status(state, state[args.engine] == "running")
+
+    return run_command(command)
 
 
 if __name__ == "__main__":

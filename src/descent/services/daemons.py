@@ -135,3 +135,22 @@ def wait_for(ready, what: str, logs: list[Path], pids: dict) -> None:
             why = f"{', '.join(dead)} exited" if dead else f"no answer within {START_TIMEOUT} s"
             raise ServiceError(f"{what} did not come up ({why}):\n{tails}")
         time.sleep(0.5)
+
+
+# ---------------------------------------------------------------------------------------------
+# the commands (python -m descent.services.server|cluster ...)
+
+def show_status(state: dict, up: bool) -> int:
+    """`status`: one `key: value` line each; exit 0 when it runs, 3 when it does not (as LSB's init scripts)."""
+    for key, value in state.items():
+        print(f"{key}: {value}")
+    return 0 if up else 3
+
+
+def run_command(command) -> int:
+    """A service's command: its exit status, or a ServiceError said in one line, exit 1."""
+    try:
+        return command() or 0
+    except ServiceError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1

@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from descent.services.daemons import ServiceError, ensure_apt, ensure_extra, kill_group
+from descent.services.daemons import ServiceError, ensure_apt, ensure_extra, kill_group, run_command, show_status
 from descent.tracking.store import reachable
 
 DEFAULT_DIR = Path("outputs/tracking")
@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"MLflow's port on 127.0.0.1 (default: the last one used, else {DEFAULT_PORT})")
     parser.add_argument("--workers", type=int, default=WORKERS, help="MLflow server worker processes")
     args = parser.parse_args(argv)
-    try:
+    def command() -> int | None:
         if args.command == "start":
             already = mlflow_pid(Path(args.dir)) is not None
             uri = start(args.dir, args.port, args.workers)
@@ -260,14 +260,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"stopped the tracking server of {Path(args.dir).resolve()}")
         else:
             state = status(args.dir)
-            for key, value in state.items():
-                print(f"{key}: {value}")
-            return 0 if state["healthy"] else 3
-    except ServiceError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+            return show_status(state, state["healthy"])
 
+    return run_command(command)
 
 if __name__ == "__main__":
     sys.exit(main())
