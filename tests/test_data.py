@@ -155,3 +155,26 @@ def test_epoch_chunks_cover_each_example_once_per_epoch():
     assert torch.equal(first, torch.cat([c[1] for c in chunks]))  # same epoch, same order
     epoch[0] = 1
     assert not torch.equal(first, torch.cat([c[1] for c in chunks]))  # a new epoch, a new order
+
+
+def test_the_training_chunks_start_where_the_engine_says_and_whole_set_chunks_makes_one():
+    """The data's side of the engine contract: `position` (epoch, examples of it trained on), set by the engine, is
+    where the epoch's chunks start; whole_set_chunks() hands the whole training set at once. Built on data=toy's
+    oracle, whose dimension comes from its loss (data.loss), not from the module that trains on it."""
+    import pytorch_lightning as pl
+
+    from descent.data.toy import ToyData
+
+    dm = ToyData(noise=1.0, n_train=1000, batch_size=1, chunk_size=100, loss="rosenbrock")
+    dm.setup("fit")
+    assert dm.x_train.shape == (1000, 2) and dm.x_val.shape == (1, 2)  # Rosenbrock's two coordinates
+    dm.trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)  # epoch 0
+    whole = torch.cat([x for x, _ in dm.train_dataloader()])
+    assert len(whole) == 1000
+    dm.position = lambda: (0, 300)  # 300 examples of epoch 0 already trained on (a resumed run)
+    assert torch.equal(torch.cat([x for x, _ in dm.train_dataloader()]), whole[300:])
+    dm.position = lambda: (1, 300)  # a position in another epoch: this one from its start
+    assert torch.equal(torch.cat([x for x, _ in dm.train_dataloader()]), whole)
+    assert len(dm.train_dataloader()) == 10
+    dm.whole_set_chunks()
+    assert len(dm.train_dataloader()) == 1 and torch.equal(next(iter(dm.train_dataloader()))[0], whole)
