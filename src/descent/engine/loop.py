@@ -218,6 +218,7 @@ class Classifier(pl.LightningModule):
     # -- training -----------------------------------------------------------------------------
 
     def on_fit_start(self) -> None:
+        self.trainer.datamodule.position = lambda: (self.offset_epoch, self.epoch_offset)
         if self.flush_denormal:
             np.finfo(np.float32), np.finfo(np.float64)  # cache numpy's limits first, or it warns about FTZ
             # as TensorFlow does by default: RMSprop's decaying averages reach subnormal floats, which
@@ -241,7 +242,7 @@ class Classifier(pl.LightningModule):
             if capture:  # batches are gathered by index inside the graph, so chunks only pace lightning
                 # (~1.5 ms of its machinery each): one per epoch; signals and timed checkpoints are then
                 # served at epoch ends (0.1 s apart for the seed run, a few s for online SGD)
-                dm.chunk_size = max(dm.chunk_size, len(dm.x_train))
+                dm.whole_set_chunks()
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         grads = [p.grad for p in self.net.parameters()]  # a batch larger than a chunk, half accumulated
