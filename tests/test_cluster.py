@@ -1,8 +1,9 @@
 """The same small study on real single-node clusters: Ray (hydra/launcher=ray) and SLURM (hydra/launcher=slurm).
 
-Both clusters are started by descent.services.cluster, as `make ray` / `make slurm` start them, on free loopback
-ports with their state under pytest's temp folder, and stopped at the end whatever happens. The jobs log
-to the real tracking server (PostgreSQL + MLflow, `tracking_server`) over http, as jobs on other nodes would.
+Both clusters are started by descent.services (ray_cluster.Ray, slurm_cluster.Slurm), as `make ray` / `make slurm`
+start them, on free loopback ports with their state under pytest's temp folder, and stopped at the end whatever
+happens. The jobs log to the real tracking server (PostgreSQL + MLflow, `tracking_server`) over http, as jobs on
+other nodes would.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ import pytest
 from mlflow import MlflowClient
 
 from conftest import train
-from descent.services import cluster
+from descent.services.daemons import free_port, read_state
+from descent.services.ray_cluster import Ray
+from descent.services.slurm_cluster import Slurm
 
 STUDY = ["experiment=gd_vs_sgd", "batching=full,mini", "seed=0", "data.limit_train=2000", "data.val_size=1000",
          "trainer.max_epochs=2", "trainer.log_every_examples=500", "trainer.val_every_examples=1000",
@@ -25,7 +28,7 @@ STUDY = ["experiment=gd_vs_sgd", "batching=full,mini", "seed=0", "data.limit_tra
 
 @pytest.fixture(scope="module")
 def ray_cluster(tmp_path_factory):
-    ray = cluster.Ray(tmp_path_factory.mktemp("ray"), port=cluster.free_port())
+    ray = Ray(tmp_path_factory.mktemp("ray"), port=free_port())
     try:
         ray.start()
         yield ray
@@ -37,7 +40,7 @@ def ray_cluster(tmp_path_factory):
 def slurm_cluster(tmp_path_factory):
     if os.geteuid() != 0:
         pytest.skip("the single-node SLURM runs its daemons as root")
-    slurm = cluster.Slurm(tmp_path_factory.mktemp("slurm"), cluster.free_port(), cluster.free_port())
+    slurm = Slurm(tmp_path_factory.mktemp("slurm"), free_port(), free_port())
     try:
         slurm.start()
         yield slurm
@@ -70,7 +73,7 @@ def check_study(uri: str, experiment: str, tmp_path: Path) -> None:
 
 def test_a_study_on_ray(tmp_path, tracking_server, ray_cluster, mnist_root):
     # RAY_ADDRESS only, as a user who did not export the loopback mode `make ray` prints: the launcher
-    # config's callback (descent.services.cluster.RayLoopback) sets it in the driver
+    # config's callback (descent.services.ray_cluster.RayLoopback) sets it in the driver
     assert "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" not in os.environ
     train(*STUDY, "hydra/launcher=ray", "logger.experiment_name=on-ray", cwd=tmp_path, store=tracking_server,
           multirun=True, env={"RAY_ADDRESS": ray_cluster.address}, timeout=600)
@@ -80,7 +83,7 @@ def test_a_study_on_ray(tmp_path, tracking_server, ray_cluster, mnist_root):
 def test_the_ray_cluster_listens_on_loopback_only(ray_cluster):
     import psutil
 
-    pids = cluster.read_state(ray_cluster.dir)["pids"].values()
+    pids = read_state(ray_cluster.dir)["pids"].values()
     procs = [p for pid in pids for p in (psutil.Process(pid), *psutil.Process(pid).children(recursive=True))]
     listening = {(c.laddr.ip, c.laddr.port, p.name()) for p in procs for c in p.net_connections("inet")
                  if c.status == psutil.CONN_LISTEN}
@@ -89,7 +92,7 @@ def test_the_ray_cluster_listens_on_loopback_only(ray_cluster):
 
 
 def test_a_ray_sweep_without_a_cluster_stops_at_once_saying_how_to_start_one(tmp_path, store):
-    address = f"127.0.0.1:{cluster.free_port()}"
+    address = f"127.0.0.1:{free_port()}"
     tic = time.monotonic()
     proc = train("optimizer=sgd,adam", "hydra/launcher=ray", cwd=tmp_path, store=store, multirun=True, check=False,
                  env={"RAY_ADDRESS": address}, timeout=120)

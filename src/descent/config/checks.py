@@ -154,7 +154,8 @@ def optimizer(cfg: DictConfig, values: dict, problems: list) -> list[str]:
 def toy_pair(cfg: DictConfig) -> list[str]:
     """A toy loss (descent/nets/toy.py) and its gradient oracle go together: neither trains with anything else."""
     targets = {name: OmegaConf.select(cfg, f"{name}._target_", default=None) for name in ("data", "model")}
-    toys = {name: str(t).startswith("descent.nets.toy.") for name, t in targets.items()}
+    toys = {name: str(t).startswith(("descent.nets.toy.", "descent.data.toy.", "descent.data.ToyData"))
+            for name, t in targets.items()}
     if toys["data"] == toys["model"]:
         return []
     return [f"data._target_={show(targets['data'])} with model._target_={show(targets['model'])}: a toy loss "

@@ -1,9 +1,9 @@
 """The table of dataset facts: what each named dataset holds (sizes, shape, classes) and where it comes from.
 
 The one place these numbers live: config.py checks data.val_size and data.limit_train against them,
-threads.py and reports/scaling.py take the training-set size from them where a run's record lacks it,
-data.py checks the files it reads against them, and docs/reference/datasets.md prints them. A user's own
-arrays (data=npz) are not here: their facts come from the file (data.py, NpzDataModule). Imports nothing
+engine/threads.py and reports/scaling.py take the training-set size from them where a run's record lacks it,
+descent/data/ checks the files it reads against them, and docs/reference/datasets.md prints them. A user's own
+arrays (data=npz) are not here: their facts come from the file (descent/data/files.py, NpzDataModule). Imports nothing
 heavy (config.py reads it before torch starts).
 """
 
@@ -83,7 +83,7 @@ def describe(shape: tuple[int, ...]) -> str:
 
 def held_out(name) -> int | float:
     """data.val_size in the studies' presets: 1/HELD_OUT of a known dataset's training split (MNIST: 10000);
-    for a user's arrays, whose size the config does not know, the fraction itself (data.py rounds it)."""
+    for a user's arrays, whose size the config does not know, the fraction itself (the data module rounds it)."""
     known = facts(str(name)) if name is not None else None
     return known.held_out if known else round(1 / HELD_OUT, 4)
 

@@ -16,6 +16,8 @@ import inspect
 import math
 
 import torch.nn.functional as F
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
 from torch import nn
 
 from descent.data.datasets import TABLE, describe
@@ -105,9 +107,6 @@ class ConvNet(nn.Sequential):
 def build(model_cfg, datamodule=None) -> nn.Module:
     """The network conf/model/ describes, its ends sized from the data (a toy loss takes nothing from it).
     A size the config gives (model.classes, in_features, side: older runs' records) must be the data's."""
-    from hydra.utils import instantiate
-    from omegaconf import OmegaConf
-
     module, _, attr = str(model_cfg._target_).rpartition(".")
     cls = getattr(importlib.import_module(module), attr)
     if datamodule is None or "shape" not in inspect.signature(cls).parameters:

@@ -12,12 +12,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
-
-from descent.data import InMemoryDataModule
 
 TILT = 0.25  # the double well's tilt: its right-hand minimum is the global one
 
@@ -79,34 +76,3 @@ class Toy(nn.Module):
     def criterion(losses: torch.Tensor, y=None, reduction: str = "mean") -> torch.Tensor:
         """The loop's loss (F.cross_entropy's signature): the examples' losses, averaged or summed."""
         return losses.sum() if reduction == "sum" else losses.mean()
-
-
-class ToyData(InMemoryDataModule):
-    """`n_train` draws of gradient noise (normal, std `noise` per coordinate, centred), as the training set.
-
-    Their dimension is the model's (read from the module at setup). The chunking is the image datasets'.
-    """
-
-    def __init__(self, noise: float = 0.0, n_train: int = 1000, batch_size: int | None = 1,
-                 chunk_size: int = 8192, seed: int = 0):
-        super().__init__(batch_size=batch_size, chunk_size=chunk_size, seed=seed)
-        self.noise, self.n_train = noise, n_train
-        self.source_uri = Path(__file__).as_uri()  # where the data comes from: this code (the run's dataset record)
-
-    def load(self) -> None:
-        pass  # drawn at setup, in the model's dimension
-
-    def split_source(self, context: str) -> str:
-        return self.source_uri
-
-    def setup(self, stage: str | None = None) -> None:
-        if hasattr(self, "x_train"):
-            return
-        module = self.trainer.lightning_module
-        device, dim = self.trainer.strategy.root_device, module.net.dim
-        g = torch.Generator().manual_seed(self.seed)
-        xi = self.noise * torch.randn(self.n_train, dim, generator=g)
-        self.x_train = (xi - xi.mean(0)).to(device)  # centred: a full batch's gradient is exactly ∇f
-        self.y_train = torch.zeros(self.n_train, dtype=torch.long, device=device)  # unused by the toy's loss
-        self.x_val = self.x_test = torch.zeros(1, dim, device=device)  # noiseless: val/loss = test/loss = f(w)
-        self.y_val = self.y_test = torch.zeros(1, dtype=torch.long, device=device)

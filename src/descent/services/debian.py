@@ -1,7 +1,7 @@
 """Debian packages that descent needs at run time: installed with apt as root, unpacked without root.
 
-One home for what the services (descent/services/server.py: PostgreSQL; descent/services/cluster.py: SLURM and munge) and
-the data (descent/data/modules.py: Fashion-MNIST from `dataset-fashion-mnist`) install on first use.
+One home for what the services (descent/services/server.py: PostgreSQL; descent/services/slurm_cluster.py: SLURM
+and munge) and the data (descent/data/idx.py: Fashion-MNIST from `dataset-fashion-mnist`) install on first use.
 """
 
 from __future__ import annotations

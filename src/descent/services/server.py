@@ -21,14 +21,14 @@ import json
 import os
 import pwd
 import shutil
-import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from descent.services.daemons import ServiceError, ensure_apt, ensure_extra, kill_group, run_command, show_status
+from descent.tracking.store import reachable
+
 DEFAULT_DIR = Path("outputs/tracking")
 DEFAULT_PORT = 5000
 PG_PORT = 5432  # only names the socket file inside postgres/; no TCP port is opened
@@ -39,7 +39,7 @@ WORKERS = 2  # uvicorn workers; each is a ~0.3 GB python process
 START_TIMEOUT = 180  # s; the first start creates MLflow's schema in PostgreSQL
 
 
-class ServerError(RuntimeError):
+class ServerError(ServiceError):
     pass
 
 
@@ -65,30 +65,8 @@ def ensure_postgresql() -> None:
         return
     except ServerError:
         pass
-    from descent.services import debian
-
-    if os.geteuid() == 0:
-        print("installing PostgreSQL (apt-get install postgresql)", flush=True)
-    try:
-        debian.install(["postgresql"])
-    except debian.DebianError as e:
-        raise ServerError(f"PostgreSQL is not installed; {e}") from e
+    ensure_apt(["postgresql"], "PostgreSQL is not installed")
     pg_bin("initdb")
-
-
-def ensure_python_deps() -> None:
-    """The `server` extra of pyproject.toml, into this interpreter (no reinstall of descent itself)."""
-    try:
-        import psycopg2  # noqa: F401
-        return
-    except ImportError:
-        pass
-    import tomllib
-
-    extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["server"]
-    print(f"installing the server extra: {' '.join(extra)}", flush=True)
-    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", *extra],
-                   check=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -171,14 +149,6 @@ def tracking_uri(port: int) -> str:
     return f"http://127.0.0.1:{port}"
 
 
-def healthy(uri: str, timeout: float = 2) -> bool:
-    try:
-        with urllib.request.urlopen(uri + "/health", timeout=timeout) as r:
-            return r.status == 200
-    except OSError:
-        return False
-
-
 def mlflow_pid(dir: Path) -> int | None:
     """The running MLflow server's pid (the leader of its process group), or None."""
     path = dir / "mlflow.pid"
@@ -202,7 +172,7 @@ def start_mlflow(dir: Path, port: int, workers: int = WORKERS) -> str:
         if _state(dir).get("port") != port:
             raise ServerError(f"an MLflow server from {dir} already runs on port {_state(dir).get('port')}")
         return uri
-    if healthy(uri, timeout=1):
+    if reachable(uri, timeout=1):
         raise ServerError(f"port {port} already answers as an MLflow server that is not {dir}'s; use --port")
     artifacts = (dir / "artifacts").resolve()
     artifacts.mkdir(parents=True, exist_ok=True)
@@ -219,33 +189,13 @@ def start_mlflow(dir: Path, port: int, workers: int = WORKERS) -> str:
     (dir / "mlflow.pid").write_text(str(proc.pid))
     (dir / "server.json").write_text(json.dumps({"port": port, "uri": uri}))
     deadline = time.monotonic() + START_TIMEOUT
-    while not healthy(uri):
+    while not reachable(uri):
         if proc.poll() is not None or time.monotonic() > deadline:
             kill_group(proc.pid)
             tail = (dir / "mlflow.log").read_text(errors="replace")[-3000:]
             raise ServerError(f"the MLflow server did not come up on {uri}; {dir / 'mlflow.log'} ends with:\n{tail}")
         time.sleep(0.5)
     return uri
-
-
-def kill_group(pid: int, timeout: float = 20) -> None:
-    """SIGTERM to a daemon's process group, SIGKILL to what is left after `timeout` (also descent.services.cluster's)."""
-    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5)):
-        try:
-            os.killpg(pid, sig)
-        except ProcessLookupError:
-            return
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            try:
-                os.killpg(pid, 0)
-            except ProcessLookupError:
-                return
-            try:
-                os.waitpid(pid, os.WNOHANG)  # reap it if we are its parent (the tests' fixture)
-            except ChildProcessError:
-                pass
-            time.sleep(0.1)
 
 
 def stop_mlflow(dir: Path) -> None:
@@ -264,7 +214,7 @@ def start(dir: str | Path = DEFAULT_DIR, port: int | None = None, workers: int =
     dir.mkdir(parents=True, exist_ok=True)
     port = port or _state(dir).get("port") or DEFAULT_PORT
     ensure_postgresql()
-    ensure_python_deps()
+    ensure_extra("server", "psycopg2")
     start_postgres(dir)
     return start_mlflow(dir, port, workers)
 
@@ -283,7 +233,7 @@ def status(dir: str | Path = DEFAULT_DIR) -> dict:
         "postgresql": "running" if pg_running(dir) else "stopped",
         "mlflow": f"running (pid {pid})" if pid else "stopped",
         "uri": tracking_uri(port) if pid and port else None,
-        "healthy": bool(pid and port and healthy(tracking_uri(port))),
+        "healthy": bool(pid and port and reachable(tracking_uri(port))),
         "studies": study_storage(dir) if pg_running(dir) else None,
     }
 
@@ -297,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"MLflow's port on 127.0.0.1 (default: the last one used, else {DEFAULT_PORT})")
     parser.add_argument("--workers", type=int, default=WORKERS, help="MLflow server worker processes")
     args = parser.parse_args(argv)
-    try:
+    def command() -> int | None:
         if args.command == "start":
             already = mlflow_pid(Path(args.dir)) is not None
             uri = start(args.dir, args.port, args.workers)
@@ -310,14 +260,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"stopped the tracking server of {Path(args.dir).resolve()}")
         else:
             state = status(args.dir)
-            for key, value in state.items():
-                print(f"{key}: {value}")
-            return 0 if state["healthy"] else 3
-    except ServerError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+            return show_status(state, state["healthy"])
 
+    return run_command(command)
 
 if __name__ == "__main__":
     sys.exit(main())

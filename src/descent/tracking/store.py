@@ -40,18 +40,21 @@ def is_server(uri: str) -> bool:
     return uri.startswith(("http://", "https://"))
 
 
+def health(uri: str, timeout: float = 2) -> None:
+    """A tracking server's /health, the one probe of descent's servers (the team's, `make ui`'s); raises OSError
+    (urllib's URLError, HTTPError) when it does not answer OK."""
+    urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).close()
+
+
 def reachable(uri: str, timeout: float = 2) -> bool:
     """A quick look at a server's /health (MLflow's own client retries for minutes before it gives up)."""
-    return not is_server(uri) or health(uri, timeout) is None
-
-
-def health(uri: str, timeout: float) -> Exception | None:
-    """None when the server at `uri` answers its /health, else why not."""
+    if not is_server(uri):
+        return True
     try:
-        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).close()
-        return None
-    except (urllib.error.URLError, OSError) as e:
-        return e
+        health(uri, timeout)
+        return True
+    except (urllib.error.URLError, OSError):
+        return False
 
 
 def check_store(uri: str) -> None:
@@ -63,9 +66,12 @@ def check_store(uri: str) -> None:
             raise ConfigError(f"logger.tracking_uri={uri!r}: the folder {path.parent} does not exist")
         if not os.access(target, os.W_OK):
             raise ConfigError(f"logger.tracking_uri={uri!r}: {target} is not writable")
-    elif is_server(uri) and (e := health(uri, timeout=5)) is not None:
-        raise ConfigError(f"logger.tracking_uri={uri!r}: the MLflow server does not answer ({e}); "
-                          "start one with `make server`")
+    elif is_server(uri):
+        try:
+            health(uri, timeout=5)
+        except (urllib.error.URLError, OSError) as e:
+            raise ConfigError(f"logger.tracking_uri={uri!r}: the MLflow server does not answer ({e}); "
+                              "start one with `make server`") from None
 
 
 def retry(fn, *args, attempts: int = 8, races: tuple[str, ...] = (), **kwargs):
