@@ -71,7 +71,23 @@ ENDED_BY = "descent.ended_by"                     # "sweep": a child the sweep's
 LR_SOURCE = "lr.source"                           # a preset's rate for a data/model it has no searched rate for
 RESUME_OVERRIDES = "resume.overrides"             # a resumed run's overrides that differ from the first run's
 STUDY = "optuna.study"                            # a study's name on its runs
+JOB_NUM = "hydra.job.num"                         # a sweep's child: its job number (the report's order)
+OUTPUT_DIR = "hydra.output_dir"                   # a run's output folder on the machine that ran it
+DIVERGED = "diverged"                             # "true" on a run whose loss became non-finite
+DIVERGED_EXAMPLES, DIVERGED_UPDATES = "diverged.examples", "diverged.updates"  # where it did
+# an Optuna study: on its trials' runs
+TRIAL, TRIAL_STATE, TRIAL_PRUNED = "optuna.trial", "optuna.state", "optuna.pruned"
+# ... and on its parent run (descent/sweep/driver.py)
+STUDY_STORAGE, STUDY_GRID = "optuna.storage", "optuna.grid"
+STUDY_OBJECTIVE, STUDY_DIRECTION = "optuna.objective", "optuna.direction"
+STUDY_SAMPLER, STUDY_SAMPLER_SEED, STUDY_PRUNER = "optuna.sampler", "optuna.sampler.seed", "optuna.pruner"
+STUDY_N_TRIALS, STUDY_TRIALS = "optuna.n_trials", "optuna.trials"  # asked for; run (optuna.trials.COMPLETE: by state)
+STUDY_BEST_TRIAL, STUDY_BEST_VALUE, STUDY_BEST_PARAMS = "optuna.best_trial", "optuna.best_value", "optuna.best_params"
+STUDY_BEST = "optuna.best."                       # a grid's study: optuna.best.<its cell>
 
 # --- Optuna study and trial attributes (the batch-size protocol, descent/sweep/protocol.py) -----------------------
 ROLE, PRUNE, CELL = "descent.role", "descent.prune", "descent.cell"
 INTERRUPTED = "descent.interrupted"               # a trial whose command died under it: run again
+
+# --- params a run records beside its config ---------------------------------------------------------------------
+TRAIN_EXAMPLES = "data.train_examples"            # the training examples after the split (batching=full's batch)
