@@ -23,7 +23,9 @@ How it measures (the same on every row):
   bar as it is off a terminal), then pipeline.fit and pipeline.finish; its time is the Classifier's own clock
   (train_seconds, the run's progress/seconds: from on_train_epoch_start to the epoch's last update, lightning's
   per-chunk overhead included, validation and measurements excluded). descent-bare: the same build with the noise
-  scale, system metrics, checkpoint upload and bar off.
+  scale, system metrics, checkpoint upload and bar off. train.py (seed row) = the whole `python src/train.py`
+  command with the job's overrides, timed by the run's own progress/seconds (read back from MLflow at each
+  epoch's end): where it and descent agree, the bench times what users run.
 - plain = descent.engine.reference.plain_train with torch's default optimizer (for-loop, not fused, eager).
 - with CUDA, gpu-* rows (--no-gpu skips them): descent as configured (trainer.cuda_graphs=auto: one CUDA
   graph replay per update), descent-eager (cuda_graphs=false), plain on the GPU, and bare-graph: a
@@ -891,8 +893,9 @@ def main(argv: list[str] | None = None) -> None:
         "",
         *overheads(rows, firsts, walls),
         *checkpoints,
-        "Times: descent = Classifier.train_seconds per epoch (lightning's per-chunk overhead included; "
-        "'lightning wall' = epoch start to epoch start, from a Callback); plain = around plain_train(epochs=1); "
+        "Times: descent = Classifier.train_seconds per epoch in src/train.py's own build (lightning's per-chunk "
+        "overhead included; 'lightning wall' = epoch start to epoch start, from a Callback); train.py = the whole "
+        "command's progress/seconds between epoch ends; plain = around plain_train(epochs=1); "
         "Keras = a Callback's perf_counter from on_epoch_begin to on_epoch_end. Online rows time a subset and "
         "extrapolate s/epoch to 60000 examples. Medians over timed epochs after one warm-up epoch per process.",
     ]
