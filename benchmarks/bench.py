@@ -20,7 +20,8 @@ How it measures (the same on every row):
 - descent = src/train.py's own run: descent.pipeline.build(cfg, hc) on the config src/train.py composes from
   conf/ with the shipped defaults (a real MLflow run on a temporary sqlite store, system metrics, checkpoints
   written and uploaded off the training thread, the gradient noise scale at each validation point, the progress
-  bar as it is off a terminal), then pipeline.fit and pipeline.finish; its time is the Classifier's own clock
+  bar as it is off a terminal; the model is not logged after the test, as UNTIMED says), then pipeline.fit and
+  pipeline.finish; its time is the Classifier's own clock
   (train_seconds, the run's progress/seconds: from on_train_epoch_start to the epoch's last update, lightning's
   per-chunk overhead included, validation and measurements excluded). descent-bare: the same build with the noise
   scale, system metrics, checkpoint upload and bar off. train.py (seed row) = the whole `python src/train.py`
@@ -190,6 +191,11 @@ VARIANTS = {
 }
 
 
+# the one change from the shipped defaults in every descent row: the model logged after the test takes seconds per job
+# (mlflow.pytorch) and lies outside every timed epoch
+UNTIMED = ["logger.log_model=false"]
+
+
 def compose(job: dict):
     """The job's config and its Hydra config, as `python src/train.py <overrides>` composes them."""
     from hydra import compose as hydra_compose, initialize_config_dir
@@ -200,7 +206,7 @@ def compose(job: dict):
         f"model={job.get('model', 'mlp')}", f"optimizer={job['optimizer']}", f"batching={job['batching']}",
         f"seed={SEED}",
         f"data.root={job['data']}", f"data.limit_train={job['limit'] if job['limit'] else 'null'}",
-        f"trainer.max_epochs={job['epochs']}", "logger.experiment_name=bench",
+        f"trainer.max_epochs={job['epochs']}", "logger.experiment_name=bench", *UNTIMED,
     ] + VARIANTS.get(job["contender"].removesuffix("-2t"), [])
     if job["threads"] != "policy":  # build() applies trainer.threads (descent/engine/threads.py)
         overrides.append(f"trainer.threads={job['threads']}")
@@ -555,7 +561,7 @@ def run_whole(job: dict, tmp: Path, env: dict) -> None:
     args = [sys.executable, str(ROOT / "src" / "train.py"), f"optimizer={job['optimizer']}",
             f"batching={job['batching']}", f"model={job['model']}", f"seed={SEED}", f"data.root={job['data']}",
             f"data.limit_train={job['limit'] or 'null'}", f"trainer.max_epochs={job['epochs']}",
-            "logger.experiment_name=bench-train.py", f"hydra.run.dir={run_dir}"]
+            "logger.experiment_name=bench-train.py", f"hydra.run.dir={run_dir}", *UNTIMED]
     busy, tic = Others(), time.perf_counter()
     proc = subprocess.Popen(args, cwd=tmp, env={**env, "MLFLOW_TRACKING_URI": job["store"]},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
