@@ -17,9 +17,16 @@ How it measures (the same on every row):
 - same model (descent.nets.MLP, or the row's conf/model option; keras init, seed 0), same data order
   (descent.data.epoch_permutation), same hyperparameters (conf/optimizer/*.yaml); flush-denormal on for
   descent and the plain loop.
-- descent = a real pytorch_lightning.Trainer fitting descent.engine.loop.Classifier on IDXDataModule, built
-  from conf/ as src/train.py builds it; its time is the Classifier's own clock (train_seconds: from
-  on_train_epoch_start to the epoch's last update, lightning's per-chunk overhead included).
+- descent = src/train.py's own run: descent.pipeline.build(cfg, hc) on the config src/train.py composes from
+  conf/ with the shipped defaults (a real MLflow run on a temporary sqlite store, system metrics, checkpoints
+  written and uploaded off the training thread, the gradient noise scale at each validation point, the progress
+  bar as it is off a terminal; the model is not logged after the test, as UNTIMED says), then pipeline.fit and
+  pipeline.finish; its time is the Classifier's own clock
+  (train_seconds, the run's progress/seconds: from on_train_epoch_start to the epoch's last update, lightning's
+  per-chunk overhead included, validation and measurements excluded). descent-bare: the same build with the noise
+  scale, system metrics, checkpoint upload and bar off. train.py (seed row) = the whole `python src/train.py`
+  command with the job's overrides, timed by the run's own progress/seconds (read back from MLflow at each
+  epoch's end): where it and descent agree, the bench times what users run.
 - plain = descent.engine.reference.plain_train with torch's default optimizer (for-loop, not fused, eager).
 - with CUDA, gpu-* rows (--no-gpu skips them): descent as configured (trainer.cuda_graphs=auto: one CUDA
   graph replay per update), descent-eager (cuda_graphs=false), plain on the GPU, and bare-graph: a
@@ -82,7 +89,7 @@ class Regime:
 
 
 def regimes(quick: bool, keras: bool, gpu: bool = False) -> list[Regime]:
-    seed = ("plain", "descent", "descent-compiled", "descent-mlflow", "descent-noise") + (("keras",) if keras else ())
+    seed = ("plain", "descent", "train.py", "descent-compiled", "descent-bare") + (("keras",) if keras else ())
     online_n = 100 if quick else 2000
     # issue 11's targets on an H200, as ratios to the plain loop it measured there (0.734 s/epoch seed,
     # 0.99 ms/update online); full batch: <= 1.5x plain
@@ -174,21 +181,45 @@ def over_budget(job: dict, start: float) -> bool:
     return bool(job.get("budget")) and time.perf_counter() - start > job["budget"]
 
 
-def compose(job: dict):
-    from hydra import compose as hydra_compose, initialize_config_dir
+# what each descent contender changes from the shipped defaults (conf/train.yaml); "descent" changes nothing
+VARIANTS = {
+    "descent-compiled": ["trainer.compile_optimizer=true"],
+    "descent-eager": ["trainer.cuda_graphs=false"],
+    # what a whole run adds beyond the loop, off: the noise scale, system metrics, checkpoints, the bar
+    "descent-bare": ["trainer.noise_scale=false", "logger.system_metrics=false", "logger.log_checkpoint=false",
+                     "trainer.progress_bar=false", "trainer.checkpoint_every_seconds=1000000000"],
+}
 
-    compiled = job["contender"] == "descent-compiled"
+
+# the one change from the shipped defaults in every descent row: the model logged after the test takes seconds per job
+# (mlflow.pytorch) and lies outside every timed epoch
+UNTIMED = ["logger.log_model=false"]
+
+
+def compose(job: dict):
+    """The job's config and its Hydra config, as `python src/train.py <overrides>` composes them."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
     overrides = [
         f"model={job.get('model', 'mlp')}", f"optimizer={job['optimizer']}", f"batching={job['batching']}",
         f"seed={SEED}",
         f"data.root={job['data']}", f"data.limit_train={job['limit'] if job['limit'] else 'null'}",
-        f"trainer.max_epochs={job['epochs']}", f"trainer.compile_optimizer={str(compiled).lower()}",
-        "logger.experiment_name=bench",
-        # the gradient noise scale (descent/measure/noise.py) on its own row only: the others time the loop alone
-        f"trainer.noise_scale={str(job['contender'] == 'descent-noise').lower()}",
-    ] + (["trainer.cuda_graphs=false"] if job["contender"] == "descent-eager" else [])
+        f"trainer.max_epochs={job['epochs']}", "logger.experiment_name=bench", *UNTIMED,
+    ] + VARIANTS.get(job["contender"].removesuffix("-2t"), [])
+    if job["threads"] != "policy":  # build() applies trainer.threads (descent/engine/threads.py)
+        overrides.append(f"trainer.threads={job['threads']}")
+    os.environ["MLFLOW_TRACKING_URI"] = job["store"]  # conf/train.yaml's logger.tracking_uri reads it
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return hydra_compose("train", overrides=overrides)
+        cfg = hydra_compose("train", overrides=overrides, return_hydra_config=True)
+    out = Path(job["result"]).with_suffix("")  # the run's output folder, as hydra.run.dir
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir, cfg.hydra.runtime.cwd = str(out), str(out.parent)
+        HydraConfig.instance().set_config(cfg)
+        del cfg["hydra"]
+    out.mkdir(parents=True, exist_ok=True)
+    return cfg
 
 
 def accuracy(net, x, y) -> float:
@@ -307,11 +338,8 @@ def run_bare_graph(job: dict, cfg) -> dict:
 
 def run_descent(job: dict, cfg) -> dict:
     import pytorch_lightning as pl
-    from hydra.utils import instantiate
 
-    from descent import measure
-    from descent.tracking import logger as tracking
-    from descent.engine.loop import Classifier
+    from descent.tracking import names
 
     class EpochClock(pl.Callback):
         """Reads the Classifier's clock and update count at each epoch boundary; times the first compiled steps."""
@@ -368,42 +396,30 @@ def run_descent(job: dict, cfg) -> dict:
 
         setattr(logger, name, wrapper)  # an instance attribute: self.flush() inside the logger finds it too
 
-    pl.seed_everything(cfg.seed, verbose=False)
-    datamodule = instantiate(cfg.data, seed=cfg.seed)
-    module = Classifier.from_config(cfg, datamodule)
-    module.measures += measure.from_config(cfg, module.net)  # as train.py: the noise scale on descent-noise only
-    logger = False
-    if job["contender"] == "descent-mlflow":  # built as train.py builds it, against a temporary sqlite store
-        os.environ["MLFLOW_TRACKING_URI"] = job["store"]
-        choices = {"data": "mnist", "model": job.get("model", "mlp"), "optimizer": job["optimizer"],
-                   "batching": job["batching"]}
-        logger = tracking.make_logger(cfg, choices, str(ROOT), {})
-        logger.experiment  # the store and the run exist before fit, as in train.py (a one-off, not per epoch)
-        logger.bench_seconds, logger.bench_depth = 0.0, 0
-        for name in ("log_metrics", "flush", "save"):
-            timed(logger, name)
+    from hydra.core.hydra_config import HydraConfig
+
+    from descent import pipeline
+
+    clock = EpochClock()
+    run = pipeline.build(cfg, HydraConfig.get(), callbacks=(clock,))  # what `python src/train.py` runs
+    module, logger = run.module, run.logger
+    logger.bench_seconds, logger.bench_depth = 0.0, 0
+    for name in ("log_metrics", "flush", "save"):  # MLflow's share of the training time
+        timed(logger, name)
     measure_seconds = [0.0]
-    for i, one in enumerate(module.measures):  # descent-noise: the time inside each measurement
-        def timed_measure(m, one=one):
+    for i, one in enumerate(module.measures):  # the noise scale's share (shipped on: at each validation point)
+        def timed_measure(*args, one=one, **kwargs):
             tic = time.perf_counter()
             try:
-                return one(m)
+                return one(*args, **kwargs)
             finally:
                 measure_seconds[0] += time.perf_counter() - tic
 
         module.measures[i] = timed_measure
-    clock = EpochClock()
-    trainer = pl.Trainer(
-        max_epochs=cfg.trainer.max_epochs, accelerator=job.get("device", "cpu"), devices=1, logger=logger,
-        callbacks=[clock],
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        num_sanity_val_steps=0, limit_val_batches=0, log_every_n_steps=1,
-    )
     tic = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule)
+    pipeline.fit(run)  # fit, the sample image and the test, as src/train.py
     fit_s = time.perf_counter() - tic
-    if logger:
-        logger.end("FINISHED")
+    pipeline.finish(run)
 
     marks = clock.marks
     result = {
@@ -415,14 +431,10 @@ def run_descent(job: dict, cfg) -> dict:
     }
     if module.compile_optimizer:
         result["compile_seconds"] = clock.compile_s
-    if logger:
-        result["logger_seconds"] = logger.bench_seconds
-    if logger or module.measures:
-        result["train_seconds"] = module.train_seconds
-    if module.measures:
-        result["measure_seconds"] = measure_seconds[0]
+    result.update(logger_seconds=logger.bench_seconds, train_seconds=module.train_seconds,
+                  measure_seconds=measure_seconds[0])
     if job["regime"].endswith("seed"):
-        result["test_acc"] = module.evaluate(datamodule.x_test, datamodule.y_test)[1]
+        result["test_acc"] = module.test_metrics[names.TEST_ACC]
     return result
 
 
@@ -534,6 +546,44 @@ def run_keras(job: dict, tmp: Path, env: dict) -> None:
          "--limit", str(job["limit"] or 0), "--seed", str(SEED), "--budget", str(job["budget"]), "--out", job["result"]],
         {**env, "KERAS_BACKEND": "torch"}, 1200, "keras", tmp,
     )
+
+
+def run_whole(job: dict, tmp: Path, env: dict) -> None:
+    """`python src/train.py` as a user types it, the job's config on the command line: its epochs timed by its own
+    progress/seconds (read back from the run's MLflow history at each epoch's end), as the descent row's clock."""
+    import resource
+
+    from mlflow import MlflowClient
+
+    from descent.tracking import names
+
+    run_dir = Path(job["result"]).with_suffix("")
+    args = [sys.executable, str(ROOT / "src" / "train.py"), f"optimizer={job['optimizer']}",
+            f"batching={job['batching']}", f"model={job['model']}", f"seed={SEED}", f"data.root={job['data']}",
+            f"data.limit_train={job['limit'] or 'null'}", f"trainer.max_epochs={job['epochs']}",
+            "logger.experiment_name=bench-train.py", f"hydra.run.dir={run_dir}", *UNTIMED]
+    busy, tic = Others(), time.perf_counter()
+    proc = subprocess.Popen(args, cwd=tmp, env={**env, "MLFLOW_TRACKING_URI": job["store"]},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output = proc.communicate(timeout=1200)[0]
+    cpu = resource.getrusage(resource.RUSAGE_CHILDREN)  # ru_maxrss: the largest child so far (this run, or a worker)
+    if proc.returncode != 0:
+        sys.exit(f"src/train.py failed ({proc.returncode}):\n{output[-3000:]}")
+    wall, share = time.perf_counter() - tic, busy.share()  # share: all but the bench's own process, the run included
+    child = (cpu.ru_utime + cpu.ru_stime) - getattr(run_whole, "cpu", 0.0)  # this run's CPU seconds
+    run_whole.cpu = cpu.ru_utime + cpu.ru_stime
+    client, run_id = MlflowClient(job["store"]), (run_dir / "mlflow_run_id").read_text().strip()
+    history = {k: {m.step: m.value for m in client.get_metric_history(run_id, k)}
+               for k in (names.EPOCH, names.SECONDS, names.UPDATES)}
+    ends = [0] + sorted(step for step, epoch in history[names.EPOCH].items() if epoch == int(epoch) and epoch > 0)
+    at = {k: [history[k].get(step, 0.0) for step in ends] for k in (names.SECONDS, names.UPDATES)}
+    others = max(0.0, share - child / wall / os.cpu_count())
+    Path(job["result"]).write_text(json.dumps({
+        "seconds": [b - a for a, b in zip(at[names.SECONDS], at[names.SECONDS][1:])],
+        "updates": [int(b - a) for a, b in zip(at[names.UPDATES], at[names.UPDATES][1:])],
+        "others": [others] * (len(ends) - 1), "peak_rss_mib": cpu.ru_maxrss / 1024, "base_rss_mib": float("nan"),
+        "test_acc": client.get_run(run_id).data.metrics[names.TEST_ACC],
+    }))
 
 
 def first_update_seconds(runs: int, data: str, tmp: Path, env: dict) -> tuple[list[float], list[float]]:
@@ -687,7 +737,7 @@ def table(rows: dict[tuple[str, str], Row], regs: list[Regime]) -> list[str]:
             today = rows.get((reg.key, name + "-2t"))
             if reg.busy and quiet:  # issue 20: one core taken costs <= BUSY x
                 target = verdict(per_update / statistics.median(quiet.ms_per_update), BUSY, "quiet")
-            elif name in ("descent", "descent-compiled"):
+            elif name in ("descent", "train.py", "descent-compiled"):
                 target = verdict(ratio, reg.target, "plain")
                 if reg.key == "seed" and keras:
                     target += "; " + verdict(vs_keras, 0.5, "Keras")
@@ -716,19 +766,19 @@ def table(rows: dict[tuple[str, str], Row], regs: list[Regime]) -> list[str]:
 
 def overheads(rows: dict[tuple[str, str], Row], firsts: list[float], walls: list[float]) -> list[str]:
     lines = ["| overhead | median | values | notes |", "|---|---|---|---|"]
-    if ("seed", "descent-mlflow") in rows:
-        mlflow = rows["seed", "descent-mlflow"]
-        share = [100 * lg / tr for lg, tr in zip(mlflow.extra["logger_seconds"], mlflow.extra["train_seconds"])]
-        diff = 100 * (mlflow.median_epoch() / rows["seed", "descent"].median_epoch() - 1)
+    if ("seed", "descent") in rows:
+        run = rows["seed", "descent"]
+        share = [100 * lg / tr for lg, tr in zip(run.extra["logger_seconds"], run.extra["train_seconds"])]
+        bare = rows.get(("seed", "descent-bare"))
+        diff = f"; descent-bare's epochs (noise scale, system metrics, checkpoints, bar off) are " \
+               f"{100 * (bare.median_epoch() / run.median_epoch() - 1):+.1f} % against these" if bare else ""
         lines.append(
             f"| MLflow logging, % of seed-epoch time | {statistics.median(share):.2f} % | "
             + ", ".join(f"{s:.2f}" for s in share)
-            + " | time inside descent.tracking.logger.Logger's log_metrics/flush/save (sqlite store, final flush included) "
-            f"over the Classifier's training seconds; epoch medians with vs without the logger differ by {diff:+.1f} % |"
+            + " | time inside descent.tracking.logger.Logger's log_metrics/flush/save (sqlite store, final flush "
+            f"included) over the Classifier's training seconds, in the seed run as src/train.py builds it{diff} |"
         )
-    if ("seed", "descent-noise") in rows:
-        noise = rows["seed", "descent-noise"]
-        share = [100 * m / t for m, t in zip(noise.extra["measure_seconds"], noise.extra["train_seconds"])]
+        share = [100 * m / t for m, t in zip(run.extra["measure_seconds"], run.extra["train_seconds"])]
         lines.append(
             f"| gradient noise scale, % of seed training time | {statistics.median(share):.2f} % | "
             + ", ".join(f"{s:.2f}" for s in share)
@@ -805,10 +855,10 @@ def main(argv: list[str] | None = None) -> None:
                    # the thread policy's rows, or torch's threads as they were before it (2 on 2 cores)
                    "threads": 2 if name.endswith("-2t") else args.threads or "policy",
                    "wait_policy": None if name.endswith("-2t") else str(SPIN_COUNT)}
-            if name == "keras":
-                print(f"round {rnd + 1}/{rounds}: {reg.key} / keras", file=sys.stderr, flush=True)
+            if name in ("keras", "train.py"):  # a process of its own, also with --quick
+                print(f"round {rnd + 1}/{rounds}: {reg.key} / {name}", file=sys.stderr, flush=True)
                 with competitor(reg.busy):
-                    run_keras(job, tmp, env)
+                    (run_keras if name == "keras" else run_whole)(job, tmp, env)
             elif args.quick:  # the torch jobs in a few processes (one per wait policy and load), after the loop
                 pending.append(job)
                 continue
@@ -849,8 +899,9 @@ def main(argv: list[str] | None = None) -> None:
         "",
         *overheads(rows, firsts, walls),
         *checkpoints,
-        "Times: descent = Classifier.train_seconds per epoch (lightning's per-chunk overhead included; "
-        "'lightning wall' = epoch start to epoch start, from a Callback); plain = around plain_train(epochs=1); "
+        "Times: descent = Classifier.train_seconds per epoch in src/train.py's own build (lightning's per-chunk "
+        "overhead included; 'lightning wall' = epoch start to epoch start, from a Callback); train.py = the whole "
+        "command's progress/seconds between epoch ends; plain = around plain_train(epochs=1); "
         "Keras = a Callback's perf_counter from on_epoch_begin to on_epoch_end. Online rows time a subset and "
         "extrapolate s/epoch to 60000 examples. Medians over timed epochs after one warm-up epoch per process.",
     ]

@@ -4,7 +4,7 @@ then one noise probe (descent.measure.noise, 1024 examples), 3 times; the median
 
     python benchmarks/noise_cost.py          # one intra-op thread (a shared machine; README, "Threads")
 
-make bench's `descent-noise` row measures the same inside a real Trainer, when the machine is quiet enough.
+make bench's seed `descent` row measures the same inside src/train.py's own build, when the machine is quiet enough.
 """
 
 import statistics

@@ -9,7 +9,7 @@ from descent.engine.threads import SPIN_COUNT
 
 THREADS = {"plain", "descent", "plain-2t", "descent-2t"}  # the thread policy's rows and 2 threads (issue 20)
 CONTENDERS = {
-    "seed": {"descent-compiled", "descent-mlflow", "descent-noise"} | THREADS,
+    "seed": {"train.py", "descent-compiled", "descent-bare"} | THREADS,  # train.py: the whole command
     "online-sgd": THREADS,
     "online-rmsprop": {"plain", "descent", "descent-compiled"},
     "full-batch": {"plain", "descent"},

@@ -103,3 +103,6 @@ STUDY_BEST = "optuna.best."                       # a grid's study: optuna.best.
 # --- Optuna study and trial attributes (the batch-size protocol, descent/sweep/protocol.py) -----------------------
 ROLE, PRUNE, CELL = "descent.role", "descent.prune", "descent.cell"
 INTERRUPTED = "descent.interrupted"               # a trial whose command died under it: run again
+
+# --- params a run records beside its config ---------------------------------------------------------------------
+TRAIN_EXAMPLES = "data.train_examples"            # the training examples after the split (batching=full's batch)
