@@ -31,7 +31,7 @@ from mlflow.exceptions import MlflowException
 from scipy.optimize import nnls
 
 from descent.console.terminal import shown
-from descent.data.datasets import TABLE
+from descent.data.datasets import TABLE, val_examples
 from descent.reports import skeleton
 from descent.reports.skeleton import ReportError
 from descent.tracking import names
@@ -66,9 +66,11 @@ def batch_size_of(params: dict[str, str]) -> int:
     b = params.get("data.batch_size", "None")
     if b not in ("None", "null", ""):
         return int(b)
-    if params.get("data.train_examples"):
-        return int(params["data.train_examples"])
-    n = TABLE.get(params.get("data.name", ""), TABLE["MNIST"]).n_train - int(params.get("data.val_size", 0) or 0)
+    if params.get(names.TRAIN_EXAMPLES):
+        return int(params[names.TRAIN_EXAMPLES])
+    n_train = TABLE.get(params.get("data.name", ""), TABLE["MNIST"]).n_train
+    val = str(params.get("data.val_size", "0") or "0")  # a count, or a fraction of the training set
+    n = n_train - val_examples(float(val) if any(c in val for c in ".eE") else int(val), n_train)
     limit = params.get("data.limit_train", "None")
     return min(n, int(limit)) if limit not in ("None", "null", "") else n
 
