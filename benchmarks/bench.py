@@ -75,17 +75,17 @@ FIRST_UPDATE = re.compile(r"first update ([0-9.]+) s after the process started")
 
 @dataclass(frozen=True)
 class Regime:
-    key: str                  # row label
+    key: str  # row label
     title: str
-    optimizer: str            # conf/optimizer/<name>.yaml
-    batching: str             # conf/batching/<name>.yaml
-    limit: int | None         # first N training examples; None = all 60000
-    epochs: int               # warm-up epoch included
+    optimizer: str  # conf/optimizer/<name>.yaml
+    batching: str  # conf/batching/<name>.yaml
+    limit: int | None  # first N training examples; None = all 60000
+    epochs: int  # warm-up epoch included
     contenders: tuple[str, ...]
-    target: float             # descent's median must be <= target x the plain loop's
+    target: float  # descent's median must be <= target x the plain loop's
     device: str = "cpu"
-    busy: bool = False        # one other CPU-bound process runs beside each job
-    model: str = "mlp"        # conf/model/<name>.yaml
+    busy: bool = False  # one other CPU-bound process runs beside each job
+    model: str = "mlp"  # conf/model/<name>.yaml
 
 
 def regimes(quick: bool, keras: bool, gpu: bool = False) -> list[Regime]:
@@ -94,39 +94,147 @@ def regimes(quick: bool, keras: bool, gpu: bool = False) -> list[Regime]:
     # issue 11's targets on an H200, as ratios to the plain loop it measured there (0.734 s/epoch seed,
     # 0.99 ms/update online); full batch: <= 1.5x plain
     graph, gpu_n = ("plain", "descent", "descent-eager", "bare-graph"), 500 if quick else 10000
-    gpus = [
-        Regime("gpu-seed", "rmsprop, batch 128, CUDA; H200 target 0.10 s/epoch", "rmsprop", "mini",
-               2048 if quick else None, 3 if quick else 6, graph, 0.136, "cuda"),
-        Regime("gpu-online-sgd", f"sgd lr 0.01, batch 1, first {gpu_n}, CUDA; H200 target 0.07 ms/update", "sgd",
-               "online", gpu_n, 3 if quick else 4, graph, 0.071, "cuda"),
-        Regime("gpu-full-batch", "sgd lr 0.01, batch = all, CUDA", "sgd", "full", 2048 if quick else None,
-               3 if quick else 6, graph, 1.5, "cuda"),
-    ] if gpu else []
+    gpus = (
+        [
+            Regime(
+                "gpu-seed",
+                "rmsprop, batch 128, CUDA; H200 target 0.10 s/epoch",
+                "rmsprop",
+                "mini",
+                2048 if quick else None,
+                3 if quick else 6,
+                graph,
+                0.136,
+                "cuda",
+            ),
+            Regime(
+                "gpu-online-sgd",
+                f"sgd lr 0.01, batch 1, first {gpu_n}, CUDA; H200 target 0.07 ms/update",
+                "sgd",
+                "online",
+                gpu_n,
+                3 if quick else 4,
+                graph,
+                0.071,
+                "cuda",
+            ),
+            Regime(
+                "gpu-full-batch",
+                "sgd lr 0.01, batch = all, CUDA",
+                "sgd",
+                "full",
+                2048 if quick else None,
+                3 if quick else 6,
+                graph,
+                1.5,
+                "cuda",
+            ),
+        ]
+        if gpu
+        else []
+    )
     threads = ("plain", "descent", "plain-2t", "descent-2t")  # issue 20: the thread policy against 2 threads
-    return gpus + [
-        Regime("seed", "rmsprop, batch 128", "rmsprop", "mini", 2048 if quick else None, 3 if quick else 5,
-               seed + threads[2:], 0.8),
-        Regime("online-sgd", f"sgd lr 0.01, batch 1, first {online_n}", "sgd", "online", online_n,
-               3 if quick else 4, threads, 1.0),
-        Regime("online-rmsprop", f"rmsprop, batch 1, first {online_n}", "rmsprop", "online", online_n,
-               3 if quick else 4, ("plain", "descent", "descent-compiled"), 1.0),
-        Regime("full-batch", "sgd lr 0.01, batch = all", "sgd", "full", 2048 if quick else None,
-               3 if quick else 5, ("plain", "descent"), 1.1),
-        # one other CPU-bound process beside each job; targets: <= BUSY x the same row quiet
-        Regime("busy-seed", "rmsprop, batch 128, one core taken", "rmsprop", "mini", 2048 if quick else 30000,
-               3 if quick else 4, threads, 0.8, busy=True),
-        Regime("busy-online-sgd", f"sgd lr 0.01, batch 1, first {online_n}, one core taken", "sgd", "online",
-               online_n, 3 if quick else 4, threads, 1.0, busy=True),
-    ] + ([] if quick else [  # issue 19's other networks (not in --quick: the suite's smoke test stays as it was)
-        Regime("cnn", "the book's convnet, rmsprop, batch 128, first 6000", "rmsprop", "mini", 6000, 3,
-               ("plain", "descent"), 1.05, model="cnn"),
-        Regime("linear-online", "softmax regression, sgd lr 0.01, batch 1, first 2000", "sgd", "online", 2000, 4,
-               ("plain", "descent"), 1.05, model="linear"),
-    ])
+    return (
+        gpus
+        + [
+            Regime(
+                "seed",
+                "rmsprop, batch 128",
+                "rmsprop",
+                "mini",
+                2048 if quick else None,
+                3 if quick else 5,
+                seed + threads[2:],
+                0.8,
+            ),
+            Regime(
+                "online-sgd",
+                f"sgd lr 0.01, batch 1, first {online_n}",
+                "sgd",
+                "online",
+                online_n,
+                3 if quick else 4,
+                threads,
+                1.0,
+            ),
+            Regime(
+                "online-rmsprop",
+                f"rmsprop, batch 1, first {online_n}",
+                "rmsprop",
+                "online",
+                online_n,
+                3 if quick else 4,
+                ("plain", "descent", "descent-compiled"),
+                1.0,
+            ),
+            Regime(
+                "full-batch",
+                "sgd lr 0.01, batch = all",
+                "sgd",
+                "full",
+                2048 if quick else None,
+                3 if quick else 5,
+                ("plain", "descent"),
+                1.1,
+            ),
+            # one other CPU-bound process beside each job; targets: <= BUSY x the same row quiet
+            Regime(
+                "busy-seed",
+                "rmsprop, batch 128, one core taken",
+                "rmsprop",
+                "mini",
+                2048 if quick else 30000,
+                3 if quick else 4,
+                threads,
+                0.8,
+                busy=True,
+            ),
+            Regime(
+                "busy-online-sgd",
+                f"sgd lr 0.01, batch 1, first {online_n}, one core taken",
+                "sgd",
+                "online",
+                online_n,
+                3 if quick else 4,
+                threads,
+                1.0,
+                busy=True,
+            ),
+        ]
+        + (
+            []
+            if quick
+            else [  # issue 19's other networks (not in --quick: the suite's smoke test stays as it was)
+                Regime(
+                    "cnn",
+                    "the book's convnet, rmsprop, batch 128, first 6000",
+                    "rmsprop",
+                    "mini",
+                    6000,
+                    3,
+                    ("plain", "descent"),
+                    1.05,
+                    model="cnn",
+                ),
+                Regime(
+                    "linear-online",
+                    "softmax regression, sgd lr 0.01, batch 1, first 2000",
+                    "sgd",
+                    "online",
+                    2000,
+                    4,
+                    ("plain", "descent"),
+                    1.05,
+                    model="linear",
+                ),
+            ]
+        )
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # the worker: runs jobs in this process and writes one JSON result per job
+
 
 def rss_mib(field_name: str) -> float:
     for line in open("/proc/self/status"):
@@ -186,8 +294,13 @@ VARIANTS = {
     "descent-compiled": ["trainer.compile_optimizer=true"],
     "descent-eager": ["trainer.cuda_graphs=false"],
     # what a whole run adds beyond the loop, off: the noise scale, system metrics, checkpoints, the bar
-    "descent-bare": ["trainer.noise_scale=false", "logger.system_metrics=false", "logger.log_checkpoint=false",
-                     "trainer.progress_bar=false", "trainer.checkpoint_every_seconds=1000000000"],
+    "descent-bare": [
+        "trainer.noise_scale=false",
+        "logger.system_metrics=false",
+        "logger.log_checkpoint=false",
+        "trainer.progress_bar=false",
+        "trainer.checkpoint_every_seconds=1000000000",
+    ],
 }
 
 
@@ -203,10 +316,15 @@ def compose(job: dict):
     from omegaconf import open_dict
 
     overrides = [
-        f"model={job.get('model', 'mlp')}", f"optimizer={job['optimizer']}", f"batching={job['batching']}",
+        f"model={job.get('model', 'mlp')}",
+        f"optimizer={job['optimizer']}",
+        f"batching={job['batching']}",
         f"seed={SEED}",
-        f"data.root={job['data']}", f"data.limit_train={job['limit'] if job['limit'] else 'null'}",
-        f"trainer.max_epochs={job['epochs']}", "logger.experiment_name=bench", *UNTIMED,
+        f"data.root={job['data']}",
+        f"data.limit_train={job['limit'] if job['limit'] else 'null'}",
+        f"trainer.max_epochs={job['epochs']}",
+        "logger.experiment_name=bench",
+        *UNTIMED,
     ] + VARIANTS.get(job["contender"].removesuffix("-2t"), [])
     if job["threads"] != "policy":  # build() applies trainer.threads (descent/engine/threads.py)
         overrides.append(f"trainer.threads={job['threads']}")
@@ -408,6 +526,7 @@ def run_descent(job: dict, cfg) -> dict:
         timed(logger, name)
     measure_seconds = [0.0]
     for i, one in enumerate(module.measures):  # the noise scale's share (shipped on: at each validation point)
+
         def timed_measure(*args, one=one, **kwargs):
             tic = time.perf_counter()
             try:
@@ -431,8 +550,9 @@ def run_descent(job: dict, cfg) -> dict:
     }
     if module.compile_optimizer:
         result["compile_seconds"] = clock.compile_s
-    result.update(logger_seconds=logger.bench_seconds, train_seconds=module.train_seconds,
-                  measure_seconds=measure_seconds[0])
+    result.update(
+        logger_seconds=logger.bench_seconds, train_seconds=module.train_seconds, measure_seconds=measure_seconds[0]
+    )
     if job["regime"].endswith("seed"):
         result["test_acc"] = module.test_metrics[names.TEST_ACC]
     return result
@@ -451,15 +571,20 @@ def worker(jobs_file: str) -> None:
     for job in jobs:
         cfg = compose(job)
         # the thread policy's count for this regime on this machine (as src/train.py applies it), or a fixed one
-        torch.set_num_threads(threads.choose(threads.batch_size(cfg), threads.cpus_granted())
-                              if job["threads"] == "policy" else job["threads"])
+        torch.set_num_threads(
+            threads.choose(threads.batch_size(cfg), threads.cpus_granted())
+            if job["threads"] == "policy"
+            else job["threads"]
+        )
         base = rss_mib("VmRSS")
         clean = reset_peak_rss()
         run = {"plain": run_plain, "bare-graph": run_bare_graph}.get(job["contender"].removesuffix("-2t"), run_descent)
         result = run(job, cfg)
         result.update(
-            peak_rss_mib=rss_mib("VmHWM") if clean else float("nan"), base_rss_mib=base,
-            torch=torch.__version__, threads=torch.get_num_threads(),
+            peak_rss_mib=rss_mib("VmHWM") if clean else float("nan"),
+            base_rss_mib=base,
+            torch=torch.__version__,
+            threads=torch.get_num_threads(),
             wait_policy=threads.wait_policy(os.environ),
             gpu=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             interop_threads=torch.get_num_interop_threads(),
@@ -470,13 +595,14 @@ def worker(jobs_file: str) -> None:
 # ---------------------------------------------------------------------------------------------
 # the driver
 
+
 @dataclass
 class Row:
     regime: Regime
     contender: str
-    seconds: list[float] = field(default_factory=list)   # per timed epoch
+    seconds: list[float] = field(default_factory=list)  # per timed epoch
     updates: list[int] = field(default_factory=list)
-    others: list[float] = field(default_factory=list)   # other processes' share of the cores, per timed epoch
+    others: list[float] = field(default_factory=list)  # other processes' share of the cores, per timed epoch
     extra: dict[str, list] = field(default_factory=dict)
 
     def add(self, result: dict, warmup: int = 1) -> None:
@@ -542,9 +668,26 @@ def run_jobs(jobs: list[dict], tmp: Path, env: dict) -> None:
 
 def run_keras(job: dict, tmp: Path, env: dict) -> None:
     run_checked(
-        [sys.executable, str(HERE / "keras_seed.py"), "--data", job["data"], "--epochs", str(job["epochs"]),
-         "--limit", str(job["limit"] or 0), "--seed", str(SEED), "--budget", str(job["budget"]), "--out", job["result"]],
-        {**env, "KERAS_BACKEND": "torch"}, 1200, "keras", tmp,
+        [
+            sys.executable,
+            str(HERE / "keras_seed.py"),
+            "--data",
+            job["data"],
+            "--epochs",
+            str(job["epochs"]),
+            "--limit",
+            str(job["limit"] or 0),
+            "--seed",
+            str(SEED),
+            "--budget",
+            str(job["budget"]),
+            "--out",
+            job["result"],
+        ],
+        {**env, "KERAS_BACKEND": "torch"},
+        1200,
+        "keras",
+        tmp,
     )
 
 
@@ -558,13 +701,29 @@ def run_whole(job: dict, tmp: Path, env: dict) -> None:
     from descent.tracking import names
 
     run_dir = Path(job["result"]).with_suffix("")
-    args = [sys.executable, str(ROOT / "src" / "train.py"), f"optimizer={job['optimizer']}",
-            f"batching={job['batching']}", f"model={job['model']}", f"seed={SEED}", f"data.root={job['data']}",
-            f"data.limit_train={job['limit'] or 'null'}", f"trainer.max_epochs={job['epochs']}",
-            "logger.experiment_name=bench-train.py", f"hydra.run.dir={run_dir}", *UNTIMED]
+    args = [
+        sys.executable,
+        str(ROOT / "src" / "train.py"),
+        f"optimizer={job['optimizer']}",
+        f"batching={job['batching']}",
+        f"model={job['model']}",
+        f"seed={SEED}",
+        f"data.root={job['data']}",
+        f"data.limit_train={job['limit'] or 'null'}",
+        f"trainer.max_epochs={job['epochs']}",
+        "logger.experiment_name=bench-train.py",
+        f"hydra.run.dir={run_dir}",
+        *UNTIMED,
+    ]
     busy, tic = Others(), time.perf_counter()
-    proc = subprocess.Popen(args, cwd=tmp, env={**env, "MLFLOW_TRACKING_URI": job["store"]},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        args,
+        cwd=tmp,
+        env={**env, "MLFLOW_TRACKING_URI": job["store"]},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     output = proc.communicate(timeout=1200)[0]
     cpu = resource.getrusage(resource.RUSAGE_CHILDREN)  # ru_maxrss: the largest child so far (this run, or a worker)
     if proc.returncode != 0:
@@ -573,17 +732,25 @@ def run_whole(job: dict, tmp: Path, env: dict) -> None:
     child = (cpu.ru_utime + cpu.ru_stime) - getattr(run_whole, "cpu", 0.0)  # this run's CPU seconds
     run_whole.cpu = cpu.ru_utime + cpu.ru_stime
     client, run_id = MlflowClient(job["store"]), (run_dir / "mlflow_run_id").read_text().strip()
-    history = {k: {m.step: m.value for m in client.get_metric_history(run_id, k)}
-               for k in (names.EPOCH, names.SECONDS, names.UPDATES)}
+    history = {
+        k: {m.step: m.value for m in client.get_metric_history(run_id, k)}
+        for k in (names.EPOCH, names.SECONDS, names.UPDATES)
+    }
     ends = [0] + sorted(step for step, epoch in history[names.EPOCH].items() if epoch == int(epoch) and epoch > 0)
     at = {k: [history[k].get(step, 0.0) for step in ends] for k in (names.SECONDS, names.UPDATES)}
     others = max(0.0, share - child / wall / os.cpu_count())
-    Path(job["result"]).write_text(json.dumps({
-        "seconds": [b - a for a, b in zip(at[names.SECONDS], at[names.SECONDS][1:])],
-        "updates": [int(b - a) for a, b in zip(at[names.UPDATES], at[names.UPDATES][1:])],
-        "others": [others] * (len(ends) - 1), "peak_rss_mib": cpu.ru_maxrss / 1024, "base_rss_mib": float("nan"),
-        "test_acc": client.get_run(run_id).data.metrics[names.TEST_ACC],
-    }))
+    Path(job["result"]).write_text(
+        json.dumps(
+            {
+                "seconds": [b - a for a, b in zip(at[names.SECONDS], at[names.SECONDS][1:])],
+                "updates": [int(b - a) for a, b in zip(at[names.UPDATES], at[names.UPDATES][1:])],
+                "others": [others] * (len(ends) - 1),
+                "peak_rss_mib": cpu.ru_maxrss / 1024,
+                "base_rss_mib": float("nan"),
+                "test_acc": client.get_run(run_id).data.metrics[names.TEST_ACC],
+            }
+        )
+    )
 
 
 def first_update_seconds(runs: int, data: str, tmp: Path, env: dict) -> tuple[list[float], list[float]]:
@@ -593,9 +760,16 @@ def first_update_seconds(runs: int, data: str, tmp: Path, env: dict) -> tuple[li
     (tmp / "startup").mkdir(exist_ok=True)
     for i in range(runs):
         run_dir = tmp / "startup" / f"run{i}"
-        args = [sys.executable, str(ROOT / "src" / "train.py"), "trainer.max_epochs=1", "data.limit_train=1024",
-                "trainer.progress_bar=false", "logger.log_checkpoint=false", f"data.root={data}",
-                f"hydra.run.dir={run_dir}"]
+        args = [
+            sys.executable,
+            str(ROOT / "src" / "train.py"),
+            "trainer.max_epochs=1",
+            "data.limit_train=1024",
+            "trainer.progress_bar=false",
+            "logger.log_checkpoint=false",
+            f"data.root={data}",
+            f"hydra.run.dir={run_dir}",
+        ]
         tic = time.perf_counter()
         proc = run_checked(args, run_env, 600, "src/train.py", tmp / "startup")
         walls.append(time.perf_counter() - tic)
@@ -622,8 +796,10 @@ def checkpoint_costs(rounds: int, data: str, tmp: Path, env: dict, quick: bool) 
     state = Path(tempfile.mkdtemp(prefix="descent-bench-server-"))  # PostgreSQL's own user must reach it
     state.chmod(0o755)
     stores = {"sqlite": f"sqlite:///{tmp / 'checkpoints' / 'mlflow.db'}"}
-    lines = ["| store | log_checkpoint=true, s / epoch | false, s / epoch | x without | target | runs |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "| store | log_checkpoint=true, s / epoch | false, s / epoch | x without | target | runs |",
+        "|---|---|---|---|---|---|",
+    ]
     (tmp / "checkpoints").mkdir(exist_ok=True)
     try:
         print("checkpoints: starting a tracking server", file=sys.stderr, flush=True)
@@ -631,27 +807,40 @@ def checkpoint_costs(rounds: int, data: str, tmp: Path, env: dict, quick: bool) 
         for name, uri in stores.items():
             seconds: dict[bool, list[float]] = {True: [], False: []}
             for rnd in range(rounds):
-                for upload in ((True, False) if rnd % 2 == 0 else (False, True)):
+                for upload in (True, False) if rnd % 2 == 0 else (False, True):
                     print(f"checkpoints: {name}, log_checkpoint={upload}", file=sys.stderr, flush=True)
                     run_dir = tmp / "checkpoints" / f"{name}-{upload}-{rnd}"
-                    args = [sys.executable, str(ROOT / "src" / "train.py"), f"trainer.max_epochs={epochs}",
-                            f"data.limit_train={limit or 'null'}", f"logger.log_checkpoint={str(upload).lower()}",
-                            "logger.log_model=false", f"data.root={data}", f"hydra.run.dir={run_dir}",
-                            f"logger.experiment_name=bench-checkpoints-{name}"]
+                    args = [
+                        sys.executable,
+                        str(ROOT / "src" / "train.py"),
+                        f"trainer.max_epochs={epochs}",
+                        f"data.limit_train={limit or 'null'}",
+                        f"logger.log_checkpoint={str(upload).lower()}",
+                        "logger.log_model=false",
+                        f"data.root={data}",
+                        f"hydra.run.dir={run_dir}",
+                        f"logger.experiment_name=bench-checkpoints-{name}",
+                    ]
                     run_checked(args, {**env, "MLFLOW_TRACKING_URI": uri}, 900, "src/train.py", tmp / "checkpoints")
                     run_id = (run_dir / "mlflow_run_id").read_text().strip()
                     seconds[upload].append(MlflowClient(uri).get_run(run_id).data.metrics["progress/seconds"] / epochs)
             on, off = statistics.median(seconds[True]), statistics.median(seconds[False])
-            lines.append(f"| {name} | {fmt(on)} | {fmt(off)} | {on / off:.3f} | {verdict(on / off, CHECKPOINT_TARGET, 'without')} "
-                         f"| {len(seconds[True])} + {len(seconds[False])} |")
+            lines.append(
+                f"| {name} | {fmt(on)} | {fmt(off)} | {on / off:.3f} | {verdict(on / off, CHECKPOINT_TARGET, 'without')} "
+                f"| {len(seconds[True])} + {len(seconds[False])} |"
+            )
     finally:
         server.stop(state)
         import shutil
 
         shutil.rmtree(state, ignore_errors=True)
-    return [f"Checkpoints: the seed run{' on 8192 examples' if quick else ''}, {epochs} epochs, through `src/train.py` "
-            "(a checkpoint at every epoch end and every 30 s, written and uploaded off the training thread)", "",
-            *lines, ""]
+    return [
+        f"Checkpoints: the seed run{' on 8192 examples' if quick else ''}, {epochs} epochs, through `src/train.py` "
+        "(a checkpoint at every epoch end and every 30 s, written and uploaded off the training thread)",
+        "",
+        *lines,
+        "",
+    ]
 
 
 def free_port() -> int:
@@ -692,8 +881,11 @@ def machine(info: dict) -> list[str]:
         f"{info.get('interop_threads', '?')} inter-op"
         + "; flush-denormal on for descent and the plain loop, set as descent sets it (after the data is loaded;"
         " torch's flag is per thread, so it reaches the main thread only)"
-        + (f"; keras {info['keras']} (torch backend, flush-denormal off: as a user gets it)" if "keras" in info
-           else "; Keras not run (--no-keras, or not installed: pip install -e '.[bench]')"),
+        + (
+            f"; keras {info['keras']} (torch backend, flush-denormal off: as a user gets it)"
+            if "keras" in info
+            else "; Keras not run (--no-keras, or not installed: pip install -e '.[bench]')"
+        ),
         f"- load average at start / end: {info['load_start']} / {info['load_end']} (another user shares this machine)",
     ] + ([f"- GPU: {info['gpu']} (gpu-* rows)"] if info.get("gpu") else [])
 
@@ -716,8 +908,21 @@ def threads_used(row: Row) -> str:
 
 
 def table(rows: dict[tuple[str, str], Row], regs: list[Regime]) -> list[str]:
-    head = ["regime", "contender", "threads", "n", "s / epoch of 60000", "ms / update", "x plain", "x Keras",
-            "peak RSS MiB (+ over imports)", "test acc", "others' CPU %", "target", "notes"]
+    head = [
+        "regime",
+        "contender",
+        "threads",
+        "n",
+        "s / epoch of 60000",
+        "ms / update",
+        "x plain",
+        "x Keras",
+        "peak RSS MiB (+ over imports)",
+        "test acc",
+        "others' CPU %",
+        "target",
+        "notes",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for reg in regs:
         plain = rows[reg.key, "plain"]
@@ -742,8 +947,9 @@ def table(rows: dict[tuple[str, str], Row], regs: list[Regime]) -> list[str]:
                 if reg.key == "seed" and keras:
                     target += "; " + verdict(vs_keras, 0.5, "Keras")
             if not reg.busy and reg.batching == "online" and today:  # issue 20: the policy's one thread vs 2
-                target += ("; " if target else "") + verdict(per_update / statistics.median(today.ms_per_update),
-                                                             TODAY, "2 threads")
+                target += ("; " if target else "") + verdict(
+                    per_update / statistics.median(today.ms_per_update), TODAY, "2 threads"
+                )
             spread = row.seconds if reg.batching != "online" else row.ms_per_update
             unit = "s" if reg.batching != "online" else "ms/update"
             notes = [f"range {fmt(min(spread))}-{fmt(max(spread))} {unit}"]
@@ -754,13 +960,27 @@ def table(rows: dict[tuple[str, str], Row], regs: list[Regime]) -> list[str]:
             if "wall_seconds" in row.extra and reg.batching != "online":
                 walls = [w for ws in row.extra["wall_seconds"] for w in ws[1:]]
                 notes.append(f"lightning wall {fmt(statistics.median(walls))} s/epoch")
-            lines.append("| " + " | ".join([
-                f"{reg.key} ({reg.title})", name, threads_used(row), str(len(row.seconds)), fmt(epoch), fmt(per_update),
-                f"{ratio:.2f}", "-" if vs_keras != vs_keras else f"{vs_keras:.2f}",
-                f"{peak:.0f} (+{grown:.0f})" if peak == peak else "-", "-" if acc != acc else f"{acc:.4f}",
-                f"{100 * statistics.median(row.others):.0f} (max {100 * max(row.others):.0f})",
-                target, "; ".join(notes),
-            ]) + " |")
+            lines.append(
+                "| "
+                + " | ".join(
+                    [
+                        f"{reg.key} ({reg.title})",
+                        name,
+                        threads_used(row),
+                        str(len(row.seconds)),
+                        fmt(epoch),
+                        fmt(per_update),
+                        f"{ratio:.2f}",
+                        "-" if vs_keras != vs_keras else f"{vs_keras:.2f}",
+                        f"{peak:.0f} (+{grown:.0f})" if peak == peak else "-",
+                        "-" if acc != acc else f"{acc:.4f}",
+                        f"{100 * statistics.median(row.others):.0f} (max {100 * max(row.others):.0f})",
+                        target,
+                        "; ".join(notes),
+                    ]
+                )
+                + " |"
+            )
     return lines
 
 
@@ -770,8 +990,12 @@ def overheads(rows: dict[tuple[str, str], Row], firsts: list[float], walls: list
         run = rows["seed", "descent"]
         share = [100 * lg / tr for lg, tr in zip(run.extra["logger_seconds"], run.extra["train_seconds"])]
         bare = rows.get(("seed", "descent-bare"))
-        diff = f"; descent-bare's epochs (noise scale, system metrics, checkpoints, bar off) are " \
-               f"{100 * (bare.median_epoch() / run.median_epoch() - 1):+.1f} % against these" if bare else ""
+        diff = (
+            f"; descent-bare's epochs (noise scale, system metrics, checkpoints, bar off) are "
+            f"{100 * (bare.median_epoch() / run.median_epoch() - 1):+.1f} % against these"
+            if bare
+            else ""
+        )
         lines.append(
             f"| MLflow logging, % of seed-epoch time | {statistics.median(share):.2f} % | "
             + ", ".join(f"{s:.2f}" for s in share)
@@ -801,19 +1025,42 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--quick", action="store_true", help="tiny sizes, one worker process: a smoke test (< 60 s)")
     p.add_argument("--no-keras", action="store_true", help="skip the Keras 3 contender")
     p.add_argument("--out", help="also write the Markdown report to this file")
-    p.add_argument("--rounds", type=int, help="repetitions of the whole set, contender order reversed each time "
-                   "(default 2, --quick 1)")
-    p.add_argument("--max-wait", type=float, help="seconds in all that the run may spend waiting, before jobs (15 s "
-                   "at most each), for the other processes on this machine to go quiet (default 60, --quick 0)")
-    p.add_argument("--threads", type=int, help="intra-op threads for plain, descent and their variants (default: "
-                   "descent/engine/threads.py's choice per regime); the -2t rows stay at 2, Keras at torch's default")
-    p.add_argument("--budget", type=float, help="seconds for the whole run (default 540, --quick: no limit): "
-                   "under load, jobs stop after fewer timed epochs (at least one) to stay within it")
-    p.add_argument("--only", help="comma-separated regimes to run (seed, online-sgd, online-rmsprop, full-batch, "
-                   "busy-seed, busy-online-sgd, cnn, linear-online, startup, checkpoints, and with CUDA gpu-seed, "
-                   "gpu-online-sgd, gpu-full-batch); default all")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        help="repetitions of the whole set, contender order reversed each time (default 2, --quick 1)",
+    )
+    p.add_argument(
+        "--max-wait",
+        type=float,
+        help="seconds in all that the run may spend waiting, before jobs (15 s "
+        "at most each), for the other processes on this machine to go quiet (default 60, --quick 0)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        help="intra-op threads for plain, descent and their variants (default: "
+        "descent/engine/threads.py's choice per regime); the -2t rows stay at 2, Keras at torch's default",
+    )
+    p.add_argument(
+        "--budget",
+        type=float,
+        help="seconds for the whole run (default 540, --quick: no limit): "
+        "under load, jobs stop after fewer timed epochs (at least one) to stay within it",
+    )
+    p.add_argument(
+        "--only",
+        help="comma-separated regimes to run (seed, online-sgd, online-rmsprop, full-batch, "
+        "busy-seed, busy-online-sgd, cnn, linear-online, startup, checkpoints, and with CUDA gpu-seed, "
+        "gpu-online-sgd, gpu-full-batch); default all",
+    )
     p.add_argument("--no-gpu", action="store_true", help="skip the gpu-* rows even where CUDA is available")
-    p.add_argument("--data", type=lambda d: str(Path(d).resolve()), default=str(ROOT / "data"), help="MNIST root (IDX files under <data>/MNIST/raw)")
+    p.add_argument(
+        "--data",
+        type=lambda d: str(Path(d).resolve()),
+        default=str(ROOT / "data"),
+        help="MNIST root (IDX files under <data>/MNIST/raw)",
+    )
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
@@ -832,14 +1079,21 @@ def main(argv: list[str] | None = None) -> None:
     regs = [r for r in regimes(args.quick, keras, gpu) if only is None or r.key in only]
     rows = {(r.key, c): Row(r, c) for r in regs for c in r.contenders}
     info: dict = {"load_start": open("/proc/loadavg").read().split()[0]}
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in [str(ROOT / "src"), os.environ.get("PYTHONPATH")] if p)}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(p for p in [str(ROOT / "src"), os.environ.get("PYTHONPATH")] if p),
+    }
     from descent.engine.threads import SPIN_COUNT  # (importing descent puts it in this process's environment too)
 
     with tempfile.TemporaryDirectory(prefix="descent-bench-") as tmp_name:
         tmp = Path(tmp_name)
         store = f"sqlite:///{tmp / 'mlflow.db'}"
-        schedule = [(rnd, reg, name) for rnd in range(rounds) for reg in regs
-                    for name in (reg.contenders if rnd % 2 == 0 else reg.contenders[::-1])]
+        schedule = [
+            (rnd, reg, name)
+            for rnd in range(rounds)
+            for reg in regs
+            for name in (reg.contenders if rnd % 2 == 0 else reg.contenders[::-1])
+        ]
         startup_runs = 0 if only is not None and "startup" not in only else 1 if args.quick else 3
         deadline = time.perf_counter() + args.budget - 20 * startup_runs if args.budget else None
         pending = []
@@ -849,12 +1103,24 @@ def main(argv: list[str] | None = None) -> None:
             # what is left of the run's budget, shared by the jobs still to come (never below warm-up + 1 epoch)
             budget = max(0.0, (deadline - time.perf_counter()) / (len(schedule) - i)) if deadline else 0.0
             result_path = tmp / f"{reg.key}-{name}-{rnd}.json"
-            job = {"regime": reg.key, "contender": name, "model": reg.model, "optimizer": reg.optimizer, "batching": reg.batching,
-                   "limit": reg.limit, "epochs": reg.epochs, "data": args.data, "store": store, "device": reg.device,
-                   "budget": budget, "result": str(result_path), "busy": reg.busy,
-                   # the thread policy's rows, or torch's threads as they were before it (2 on 2 cores)
-                   "threads": 2 if name.endswith("-2t") else args.threads or "policy",
-                   "wait_policy": None if name.endswith("-2t") else str(SPIN_COUNT)}
+            job = {
+                "regime": reg.key,
+                "contender": name,
+                "model": reg.model,
+                "optimizer": reg.optimizer,
+                "batching": reg.batching,
+                "limit": reg.limit,
+                "epochs": reg.epochs,
+                "data": args.data,
+                "store": store,
+                "device": reg.device,
+                "budget": budget,
+                "result": str(result_path),
+                "busy": reg.busy,
+                # the thread policy's rows, or torch's threads as they were before it (2 on 2 cores)
+                "threads": 2 if name.endswith("-2t") else args.threads or "policy",
+                "wait_policy": None if name.endswith("-2t") else str(SPIN_COUNT),
+            }
             if name in ("keras", "train.py"):  # a process of its own, also with --quick
                 print(f"round {rnd + 1}/{rounds}: {reg.key} / {name}", file=sys.stderr, flush=True)
                 with competitor(reg.busy):

@@ -44,6 +44,8 @@ for epoch in range(2):  # the first epoch warms the allocator and the caches; th
     simple = timed(lambda: measure_with_error(net, x, y, 32))
     noise = timed(lambda: cn.b_noise_with_error(net, F.cross_entropy, x, y, args.subset, 32))
     precond = timed(lambda: cn.b_precond_with_error(net, F.cross_entropy, x, y, cn.diagonal_preconditioner(opt), 32))
-print(f"MLP 784-{'-'.join(map(str, args.hidden))}-10, {args.examples} examples, {torch.get_num_threads()} threads: "
-      f"an epoch at batch 128 {train:.2f} s; per crossing B_simple {simple:.2f} s ({simple / train:.2g} epochs), "
-      f"B_noise {noise:.2f} s ({noise / train:.2g}), B_precond {precond:.2f} s ({precond / train:.2g})")
+print(
+    f"MLP 784-{'-'.join(map(str, args.hidden))}-10, {args.examples} examples, {torch.get_num_threads()} threads: "
+    f"an epoch at batch 128 {train:.2f} s; per crossing B_simple {simple:.2f} s ({simple / train:.2g} epochs), "
+    f"B_noise {noise:.2f} s ({noise / train:.2g}), B_precond {precond:.2f} s ({precond / train:.2g})"
+)

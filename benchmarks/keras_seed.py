@@ -42,8 +42,13 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--limit", type=int, default=0, help="first N training examples; 0 = all")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--budget", type=float, default=0, help="stop after the epoch that passes this many seconds "
-                   "(never before warm-up + 1 timed epoch); 0 = run all epochs")
+    p.add_argument(
+        "--budget",
+        type=float,
+        default=0,
+        help="stop after the epoch that passes this many seconds "
+        "(never before warm-up + 1 timed epoch); 0 = run all epochs",
+    )
     p.add_argument("--out", required=True)
     args = p.parse_args()
     assert keras.backend.backend() == "torch", keras.backend.backend()
@@ -58,11 +63,13 @@ def main() -> None:
     y, y_test = keras.utils.to_categorical(y.numpy(), 10), keras.utils.to_categorical(y_test.numpy(), 10)
 
     # the listing (Deep Learning with Python, ch. 2)
-    model = keras.Sequential([
-        keras.Input((784,)),
-        keras.layers.Dense(512, activation="relu"),
-        keras.layers.Dense(10, activation="softmax"),
-    ])
+    model = keras.Sequential(
+        [
+            keras.Input((784,)),
+            keras.layers.Dense(512, activation="relu"),
+            keras.layers.Dense(10, activation="softmax"),
+        ]
+    )
     model.compile(optimizer="rmsprop", loss="categorical_crossentropy", metrics=["accuracy"])
     torch.manual_seed(args.seed)  # descent's initial weights: glorot-uniform kernels, zero biases
     net = MLP(init="keras")
@@ -75,15 +82,31 @@ def main() -> None:
         if epoch >= 2 and args.budget and time.perf_counter() - start > args.budget:
             break
         perm = epoch_permutation(len(x), args.seed, epoch).numpy()
-        model.fit(x[perm], y[perm], batch_size=128, initial_epoch=epoch, epochs=epoch + 1, shuffle=False,
-                  verbose=0, callbacks=[timer])
+        model.fit(
+            x[perm],
+            y[perm],
+            batch_size=128,
+            initial_epoch=epoch,
+            epochs=epoch + 1,
+            shuffle=False,
+            verbose=0,
+            callbacks=[timer],
+        )
     steps = -(-len(x) // 128)
     _, acc = model.evaluate(x_test, y_test, batch_size=1024, verbose=0)
     with open(args.out, "w") as f:
-        json.dump({
-            "seconds": timer.seconds, "others": timer.others, "updates": [steps] * len(timer.seconds), "test_acc": acc,
-            "peak_rss_mib": rss_mib("VmHWM"), "base_rss_mib": base, "keras": keras.__version__,
-        }, f)
+        json.dump(
+            {
+                "seconds": timer.seconds,
+                "others": timer.others,
+                "updates": [steps] * len(timer.seconds),
+                "test_acc": acc,
+                "peak_rss_mib": rss_mib("VmHWM"),
+                "base_rss_mib": base,
+                "keras": keras.__version__,
+            },
+            f,
+        )
 
 
 if __name__ == "__main__":

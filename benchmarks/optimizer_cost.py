@@ -98,7 +98,7 @@ def main() -> None:
     seconds = {job[:2]: [] for job in jobs}
     evaluations = {}
     for r in range(args.rounds):
-        for name, bs, n in (jobs if r % 2 == 0 else jobs[::-1]):
+        for name, bs, n in jobs if r % 2 == 0 else jobs[::-1]:
             s, e = time_updates(name, x, y, bs, n)
             seconds[name, bs].append(s)
             evaluations[name, bs] = e

@@ -51,8 +51,11 @@ client = MlflowClient(STORE)
 def train(*overrides: str, multirun: bool = False) -> str:
     """`python src/train.py [-m] overrides...` in the project's folder; prints its last lines, returns its output."""
     command = [sys.executable, "src/train.py", *(["-m"] if multirun else []), *overrides]
-    env = {**os.environ, "MLFLOW_TRACKING_URI": STORE,
-           "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": STORE,
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
+    }
     done = subprocess.run(command, env=env, capture_output=True, text=True)
     out = done.stdout + done.stderr
     print("\n".join(out.strip().splitlines()[-12:]))
@@ -70,8 +73,7 @@ def train(*overrides: str, multirun: bool = False) -> str:
 # `adam`: `python src/train.py optimizer=adam`.
 
 # %%
-out = train(f"data.limit_train={N_TRAIN}", "logger.experiment_name=notebook-seed",
-            f"hydra.run.dir={OUT}/runs/seed")
+out = train(f"data.limit_train={N_TRAIN}", "logger.experiment_name=notebook-seed", f"hydra.run.dir={OUT}/runs/seed")
 
 # %% [markdown]
 # The run is in MLflow: its params (each config group's choice, the resolved config), its metrics (every
@@ -94,10 +96,18 @@ print({k: round(v, 4) for k, v in seed_run.data.metrics.items() if k.startswith(
 # learning rate, with the same budget in examples; here on `N_TRAIN` examples and one seed.
 
 # %%
-out = train("experiment=gd_vs_sgd", f"data.limit_train={N_TRAIN}", f"data.val_size={N_VAL}",
-            f"trainer.max_epochs={EPOCHS}", "trainer.val_every_examples=500", "hydra.sweeper.params.seed=0",
-            "logger.experiment_name=notebook-gd-vs-sgd", "logger.log_model=false",
-            f"hydra.sweep.dir={OUT}/gd_vs_sgd", multirun=True)
+out = train(
+    "experiment=gd_vs_sgd",
+    f"data.limit_train={N_TRAIN}",
+    f"data.val_size={N_VAL}",
+    f"trainer.max_epochs={EPOCHS}",
+    "trainer.val_every_examples=500",
+    "hydra.sweeper.params.seed=0",
+    "logger.experiment_name=notebook-gd-vs-sgd",
+    "logger.log_model=false",
+    f"hydra.sweep.dir={OUT}/gd_vs_sgd",
+    multirun=True,
+)
 
 # %% [markdown]
 # The sweep is one parent run with one child per regime. Each child's `val/loss` is logged at step =
@@ -106,8 +116,9 @@ out = train("experiment=gd_vs_sgd", f"data.limit_train={N_TRAIN}", f"data.val_si
 
 # %%
 experiment = client.get_experiment_by_name("notebook-gd-vs-sgd")
-[parent] = client.search_runs([experiment.experiment_id], "tags.`descent.sweep` = 'true'",
-                              order_by=["attributes.start_time DESC"], max_results=1)
+[parent] = client.search_runs(
+    [experiment.experiment_id], "tags.`descent.sweep` = 'true'", order_by=["attributes.start_time DESC"], max_results=1
+)
 children = client.search_runs([experiment.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
 
 
@@ -123,8 +134,9 @@ for run in sorted(children, key=lambda r: r.data.params["batching"]):
     label = f"{run.data.params['batching']} (lr {float(run.data.params['optimizer.lr']):g})"
     by_examples.plot(steps, loss, "o-", ms=3, label=label)
     by_updates.plot(np.interp(steps, update_steps, updates), loss, "o-", ms=3, label=label)
-by_examples.set(xlabel="training examples seen", ylabel="validation loss", yscale="log",
-                title="per example: SGD is far ahead")
+by_examples.set(
+    xlabel="training examples seen", ylabel="validation loss", yscale="log", title="per example: SGD is far ahead"
+)
 by_updates.set(xlabel="optimizer updates", xscale="log", title="per update: a full-batch step is the better step")
 by_examples.legend()
 plt.tight_layout()
@@ -132,8 +144,10 @@ plt.show()
 
 for run in sorted(children, key=lambda r: r.data.params["batching"]):
     m = run.data.metrics
-    print(f"{run.data.params['batching']:>6}: {int(m['progress/updates']):>6} updates, "
-          f"val/acc {m['val/acc']:.3f}, test/acc {m['test/acc']:.3f}")
+    print(
+        f"{run.data.params['batching']:>6}: {int(m['progress/updates']):>6} updates, "
+        f"val/acc {m['val/acc']:.3f}, test/acc {m['test/acc']:.3f}"
+    )
 
 # %% [markdown]
 # The sweep also wrote its report, `convergence.png` and `convergence.md` in its folder (`OUT/gd_vs_sgd/`)
@@ -153,14 +167,24 @@ print((OUT / "gd_vs_sgd" / "convergence.md").read_text().split("\n\n")[2])
 # every update (`toy/w`):
 
 # %%
-out = train("data=toy", "model=double_well", "batching=online", "optimizer=sgd,sgd_momentum", "optimizer.lr=0.01",
-            "trainer.max_epochs=1", "trainer.val_every_examples=1", "logger.experiment_name=notebook-ball",
-            f"hydra.sweep.dir={OUT}/ball", multirun=True)
+out = train(
+    "data=toy",
+    "model=double_well",
+    "batching=online",
+    "optimizer=sgd,sgd_momentum",
+    "optimizer.lr=0.01",
+    "trainer.max_epochs=1",
+    "trainer.val_every_examples=1",
+    "logger.experiment_name=notebook-ball",
+    f"hydra.sweep.dir={OUT}/ball",
+    multirun=True,
+)
 
 # %%
 experiment = client.get_experiment_by_name("notebook-ball")
-[parent] = client.search_runs([experiment.experiment_id], "tags.`descent.sweep` = 'true'",
-                              order_by=["attributes.start_time DESC"], max_results=1)
+[parent] = client.search_runs(
+    [experiment.experiment_id], "tags.`descent.sweep` = 'true'", order_by=["attributes.start_time DESC"], max_results=1
+)
 balls = client.search_runs([experiment.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
 
 w = np.linspace(-2.2, 1.8, 400)

@@ -35,10 +35,15 @@ def main(cfg: DictConfig) -> float | None:
             # (the checkpoint comes from the run's artifacts when this machine lacks its output folder); the
             # command line may change how it goes on (more epochs, what is recorded), not what it measures
             check = partial(resume_config, cfg, dict(hc.runtime.choices), list(hc.overrides.task))
-            run_id, out_dir, (cfg, changed), choices = store.find_resume(str(cfg.resume), uri,
-                                                                         Path(hc.runtime.output_dir), check)
-            log.info("resuming MLflow run %s from %s%s", run_id, out_dir / "checkpoints" / "last.ckpt",
-                     "".join(f"; {k}: {a} -> {b}" for k, (a, b) in changed.items()))
+            run_id, out_dir, (cfg, changed), choices = store.find_resume(
+                str(cfg.resume), uri, Path(hc.runtime.output_dir), check
+            )
+            log.info(
+                "resuming MLflow run %s from %s%s",
+                run_id,
+                out_dir / "checkpoints" / "last.ckpt",
+                "".join(f"; {k}: {a} -> {b}" for k, (a, b) in changed.items()),
+            )
     except ConfigError as e:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise

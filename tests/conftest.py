@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
+import torch
 
 from descent import config
 
@@ -84,24 +85,25 @@ def tracking_server(tracking_server_dir) -> str:
 # are reduced, test by test.
 DEVIATIONS = {
     "data.root": "the project's MNIST cache, built once (the default is data/ under the launch directory, "
-                 "a fresh temporary folder per test, which would rebuild it every time); not given with "
-                 "data=digits or data=npz, which have no data.root (ROOTLESS)",
+    "a fresh temporary folder per test, which would rebuild it every time); not given with "
+    "data=digits or data=npz, which have no data.root (ROOTLESS)",
     "logger.log_model": "false: 3-8 s per process; the seed run, the resume chains, test_record and test_ui keep "
-                        "the default (true)",
+    "the default (true)",
     "hydra.run.dir": "outputs under the test's own folder, not the date-stamped default (two runs in one second "
-                     "would share it)",
+    "would share it)",
     "hydra.sweep.dir": "as hydra.run.dir",
     "MLFLOW_TRACKING_URI": "the test's own store (the default sqlite:///mlflow.db is relative to the launch "
-                           "directory, which is the test's folder anyway; a server's URI in server tests); "
-                           "sqlite_store() gives it MLflow's schema already migrated, as after a first run",
+    "directory, which is the test's folder anyway; a server's URI in server tests); "
+    "sqlite_store() gives it MLflow's schema already migrated, as after a first run",
 }
 
 
 ROOTLESS = ("digits", "npz")  # data options without files under data.root
 
 
-def command(*overrides: str, cwd: Path, script: str = "src/train.py", multirun: bool = False,
-            log_model: bool = False) -> list[str]:
+def command(
+    *overrides: str, cwd: Path, script: str = "src/train.py", multirun: bool = False, log_model: bool = False
+) -> list[str]:
     """The command line of a test's run: the entry point with DEVIATIONS applied, then the test's overrides."""
     args = [sys.executable, str(ROOT / script)]
     if multirun:
@@ -121,8 +123,16 @@ def output_of(e: subprocess.TimeoutExpired) -> str:
     return f"--- stdout\n{text(e.stdout)[-4000:]}\n--- stderr\n{text(e.stderr)[-4000:]}"
 
 
-def train(*overrides: str, cwd: Path, store: str, multirun: bool = False, check: bool = True,
-          timeout: float = 600, env: dict | None = None, log_model: bool = False) -> subprocess.CompletedProcess:
+def train(
+    *overrides: str,
+    cwd: Path,
+    store: str,
+    multirun: bool = False,
+    check: bool = True,
+    timeout: float = 600,
+    env: dict | None = None,
+    log_model: bool = False,
+) -> subprocess.CompletedProcess:
     """Run src/train.py as a user would (see DEVIATIONS), on the real data cache, writing outputs under cwd."""
     args = command(*overrides, cwd=cwd, multirun=multirun, log_model=log_model)
     full_env = {**os.environ, "MLFLOW_TRACKING_URI": store, **(env or {})}
@@ -131,7 +141,9 @@ def train(*overrides: str, cwd: Path, store: str, multirun: bool = False, check:
     except subprocess.TimeoutExpired as e:
         raise AssertionError(f"train.py ran past {timeout} s\n{output_of(e)}") from None
     if check and proc.returncode != 0:
-        raise AssertionError(f"train.py exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-4000:]}")
+        raise AssertionError(
+            f"train.py exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-4000:]}"
+        )
     return proc
 
 
@@ -150,8 +162,9 @@ def wait_for(proc, text, timeout=120):
     raise AssertionError(f"never saw {text!r}:\n{''.join(lines)[-3000:]}")
 
 
-def terminal(args: list[str], cwd: Path, env: dict | None = None, timeout: float = 600,
-             columns: int = 120) -> tuple[int, str]:
+def terminal(
+    args: list[str], cwd: Path, env: dict | None = None, timeout: float = 600, columns: int = 120
+) -> tuple[int, str]:
     """Run a command on a pseudo-terminal of `columns` x 40, as a user at a terminal would; returns its exit
     status (as subprocess gives it) and everything it wrote to the screen. On a timeout the process is killed
     and the screen so far is in the error."""
@@ -164,8 +177,15 @@ def terminal(args: list[str], cwd: Path, env: dict | None = None, timeout: float
 
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, columns, 0, 0))
-    proc = subprocess.Popen(args, cwd=cwd, env={**os.environ, "TERM": "xterm", **(env or {})}, stdin=slave,
-                            stdout=slave, stderr=slave, start_new_session=True)
+    proc = subprocess.Popen(
+        args,
+        cwd=cwd,
+        env={**os.environ, "TERM": "xterm", **(env or {})},
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+        start_new_session=True,
+    )
     os.close(slave)
     chunks, deadline = [], time.monotonic() + timeout
     try:
@@ -174,8 +194,10 @@ def terminal(args: list[str], cwd: Path, env: dict | None = None, timeout: float
             if left <= 0:
                 proc.kill()
                 proc.wait()
-                raise AssertionError(f"{' '.join(args)} ran past {timeout} s; its screen:\n"
-                                     + b"".join(chunks).decode(errors="replace")[-6000:])
+                raise AssertionError(
+                    f"{' '.join(args)} ran past {timeout} s; its screen:\n"
+                    + b"".join(chunks).decode(errors="replace")[-6000:]
+                )
             if select.select([master], [], [], min(left, 1.0))[0]:
                 try:
                     data = os.read(master, 65536)
@@ -199,10 +221,20 @@ def small_sweep(tmp_path_factory, mnist_root):
     Returns (launch dir, store URI, train.py's output)."""
     tmp = tmp_path_factory.mktemp("small_sweep")
     store = sqlite_store(tmp)
-    proc = train("optimizer=sgd,rmsprop", "data.limit_train=2000", "data.val_size=1000", "trainer.max_epochs=1",
-                 "trainer.val_every_examples=500", "trainer.progress_bar=true", "logger.log_model=true",
-                 "logger.register_model=mnist-mlp", cwd=tmp, store=store, multirun=True,
-                 env={"MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"})
+    proc = train(
+        "optimizer=sgd,rmsprop",
+        "data.limit_train=2000",
+        "data.val_size=1000",
+        "trainer.max_epochs=1",
+        "trainer.val_every_examples=500",
+        "trainer.progress_bar=true",
+        "logger.log_model=true",
+        "logger.register_model=mnist-mlp",
+        cwd=tmp,
+        store=store,
+        multirun=True,
+        env={"MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"},
+    )
     return tmp, store, proc.stdout + proc.stderr
 
 
@@ -212,7 +244,7 @@ def small_sweep(tmp_path_factory, mnist_root):
 def pytest_runtest_makereport(item, call):
     outcome = yield
     report = outcome.get_result()
-    if (report.skipped and os.environ.get("CI", "").lower() == "true" and not item.get_closest_marker("cuda")):
+    if report.skipped and os.environ.get("CI", "").lower() == "true" and not item.get_closest_marker("cuda"):
         report.outcome = "failed"
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
         report.longrepr = f"skipped with CI=true (an install step failed?): {reason}"
@@ -235,13 +267,52 @@ class StopAfterChunks(pl.Callback):
             raise Stop
 
 
-def lightning_fit(module, dm, epochs: int, accelerator: str = "cpu", ckpt=None, callbacks=(), max_steps: int = -1,
-                  **fit_kw):
+def lightning_fit(
+    module, dm, epochs: int, accelerator: str = "cpu", ckpt=None, callbacks=(), max_steps: int = -1, **fit_kw
+):
     """The loop in this process under a Lightning Trainer as train.py builds one, without what a unit of the
     loop does not need: no logger, checkpoints, progress bar or Lightning validation (the suite's
     in-process runs of tests/test_graphs.py, test_models.py, test_optimizers.py)."""
-    trainer = pl.Trainer(max_epochs=epochs, max_steps=max_steps, accelerator=accelerator, devices=1, logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         limit_val_batches=0, callbacks=list(callbacks))
+    trainer = pl.Trainer(
+        max_epochs=epochs,
+        max_steps=max_steps,
+        accelerator=accelerator,
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        callbacks=list(callbacks),
+    )
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt, **fit_kw)
     return module, dm
+
+
+def measured_fit(mnist_root, net, optimizer, measures):
+    """`net` trained with `optimizer` (a partial) on 1500 MNIST examples for 2 epochs, validated (and measured by
+    `measures`) every 300 examples; the module and everything the training state holds after it: the weights,
+    the optimizer's buffers and the global RNG's next draw (a measurement must leave all of them as they were)."""
+    from descent.data import MNISTDataModule
+    from descent.engine.loop import Classifier
+
+    pl.seed_everything(0, verbose=False)
+    dm = MNISTDataModule(root=str(mnist_root), download=False, val_size=500, limit_train=1500, batch_size=50, seed=0)
+    module = Classifier(net, optimizer=optimizer, val_every_examples=300)
+    module.measures += measures
+    lightning_fit(module, dm, epochs=2)
+    state = [*module.net.parameters(), *(v for s in module.opt.state.values() for v in s.values())]
+    return module, [t.detach().clone() for t in state] + [torch.rand(3)]
+
+
+def regression_at_unit_distance(d: int, seed: int = 0):
+    """A linear regression's model y = w·x (no bias) at w = w* + r, |r| = 1, both drawn from `seed`: the net, w*,
+    r and the generator (its next draws the examples), for the noise scales' known answers."""
+    g = torch.Generator().manual_seed(seed)
+    net = torch.nn.Linear(d, 1, bias=False)
+    w_star = torch.randn(1, d, generator=g)
+    r = torch.randn(1, d, generator=g)
+    r /= r.norm()
+    with torch.no_grad():
+        net.weight.copy_(w_star + r)
+    return net, w_star, r, g

@@ -27,7 +27,10 @@ def test_quick_bench_reports_every_regime(tmp_path, mnist_root):
     out = tmp_path / "bench.md"
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "bench.py"), "--quick", "--no-keras", "--out", str(out)],
-        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     text = out.read_text()
@@ -54,8 +57,13 @@ def test_quick_bench_reports_every_regime(tmp_path, mnist_root):
             assert "x plain:" in row["target"], line
         if regime == "online-sgd" and row["contender"] in ("plain", "descent"):
             assert "x 2 threads:" in row["target"], line
-        threads = ("2 (libgomp's default: spin 300000)" if row["contender"].endswith("-2t")
-                   else f"1 (spin {SPIN_COUNT})" if "online" in regime else None)
+        threads = (
+            "2 (libgomp's default: spin 300000)"
+            if row["contender"].endswith("-2t")
+            else f"1 (spin {SPIN_COUNT})"
+            if "online" in regime
+            else None
+        )
         assert threads is None or row["threads"] == threads, line  # online: the policy's one thread and spin
         if regime.endswith("seed"):
             assert 0 < float(row["test acc"]) <= 1, line
@@ -64,9 +72,14 @@ def test_quick_bench_reports_every_regime(tmp_path, mnist_root):
     gpu = {f"gpu-{r}": GPU for r in ("seed", "online-sgd", "full-batch")} if torch.cuda.is_available() else {}
     assert seen == CONTENDERS | gpu
 
-    overheads = {cells(line)[0]: cells(line) for line in lines if line.startswith(("| MLflow", "| gradient noise", "| start-up"))}
-    assert set(overheads) == {"MLflow logging, % of seed-epoch time", "gradient noise scale, % of seed training time",
-                              "start-up to first update, s"}
+    overheads = {
+        cells(line)[0]: cells(line) for line in lines if line.startswith(("| MLflow", "| gradient noise", "| start-up"))
+    }
+    assert set(overheads) == {
+        "MLflow logging, % of seed-epoch time",
+        "gradient noise scale, % of seed training time",
+        "start-up to first update, s",
+    }
     for name, row in overheads.items():
         value = float(row[1].split()[0])
         assert math.isfinite(value) and value > 0, (name, row)

@@ -27,8 +27,11 @@ def multirun(tmp_path, monkeypatch, *overrides):
     store = sqlite_store(tmp_path)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
-    monkeypatch.setattr(sys, "argv", ["src/train.py", "-m", f"hydra.sweep.dir={tmp_path}/sweep",
-                                      "trainer.progress_bar=false", *overrides])
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        ["src/train.py", "-m", f"hydra.sweep.dir={tmp_path}/sweep", "trainer.progress_bar=false", *overrides],
+    )
     # what a run sets for its own process, put back for the tests that follow in this one: the environment,
     # logging (Hydra's job logging), torch's threads (descent/engine/threads.py)
     environ, root = dict(os.environ), logging.getLogger()
@@ -45,8 +48,10 @@ def multirun(tmp_path, monkeypatch, *overrides):
     client = MlflowClient(store)
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     [parent] = [r for r in runs if r.data.tags.get("descent.sweep") == "true"]
-    children = sorted([r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id],
-                      key=lambda r: int(r.data.tags["hydra.job.num"]))
+    children = sorted(
+        [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id],
+        key=lambda r: int(r.data.tags["hydra.job.num"]),
+    )
     return client, parent, children
 
 
@@ -75,9 +80,14 @@ def heavy_ball(w, lr, momentum, updates, tilt=0.25):
 
 def test_local_minima_momentum_rolls_past_the_local_minimum_as_the_plain_python_trajectory_does(tmp_path, monkeypatch):
     # momentum 0 and 0.9 at lr 0.01, and 0.9's control: plain SGD at 0.01 / (1 - 0.9) = 0.1
-    client, parent, children = multirun(tmp_path, monkeypatch, "experiment=local_minima", "data.n_train=300",
-                                        "arm={momentum:0.0,lr:0.01},{momentum:0.9,lr:0.01},{momentum:0.0,lr:0.1}",
-                                        "draw={noise:0.0,seed:0}")
+    client, parent, children = multirun(
+        tmp_path,
+        monkeypatch,
+        "experiment=local_minima",
+        "data.n_train=300",
+        "arm={momentum:0.0,lr:0.01},{momentum:0.9,lr:0.01},{momentum:0.0,lr:0.1}",
+        "draw={noise:0.0,seed:0}",
+    )
     assert parent.info.status == "FINISHED" and len(children) == 3
     for run, ends in zip(children, ("local", "global", "local")):
         momentum, lr = float(run.data.params["optimizer.momentum"]), float(run.data.params["optimizer.lr"])
@@ -112,8 +122,10 @@ def preset_jobs(preset: str) -> list:
 
 
 def test_local_minima_runs_a_plain_sgd_control_at_lr_over_1_minus_beta_for_each_momentum_and_noise_free_cells_once():
-    jobs = [(float(c.optimizer.momentum), float(c.optimizer.lr), float(c.data.noise), int(c.seed))
-            for c in preset_jobs("local_minima")]
+    jobs = [
+        (float(c.optimizer.momentum), float(c.optimizer.lr), float(c.data.noise), int(c.seed))
+        for c in preset_jobs("local_minima")
+    ]
     assert len(jobs) == len(set(jobs))  # no job runs twice
     base = {lr for m, lr, _, _ in jobs if m > 0}
     assert len(base) == 1
@@ -129,13 +141,15 @@ def test_local_minima_runs_a_plain_sgd_control_at_lr_over_1_minus_beta_for_each_
 
 def test_step_size_sets_the_learning_rate_from_2_over_L_and_marks_the_divergent_one(tmp_path, monkeypatch):
     # the 2-D surface (the local_minima test draws the 1-D curve); 2/L = 2/1001.6 on Rosenbrock
-    client, parent, children = multirun(tmp_path, monkeypatch, "experiment=step_size", "data.n_train=150",
-                                        "model=rosenbrock", "lr_ratio=0.5,3.0")
+    client, parent, children = multirun(
+        tmp_path, monkeypatch, "experiment=step_size", "data.n_train=150", "model=rosenbrock", "lr_ratio=0.5,3.0"
+    )
     for run, ratio in zip(children, (0.5, 3.0)):
         assert float(run.data.params["optimizer.lr"]) == pytest.approx(ratio * 2 / 1001.6006392, rel=1e-6)
         assert run.data.params["model.start"] == "[-1.5, 2.0]"  # the preset's start for this model
-        assert (run.info.status, run.data.tags.get("diverged")) == (("FAILED", "true") if ratio == 3.0 else
-                                                                    ("FINISHED", None))
+        assert (run.info.status, run.data.tags.get("diverged")) == (
+            ("FAILED", "true") if ratio == 3.0 else ("FINISHED", None)
+        )
     table = figure_on_parent(client, parent, "step_size")
     assert table.count("| diverged (update") == 1 and "| rosenbrock | 0.0009984 | 0.5 |" in table
 
@@ -154,8 +168,9 @@ def test_step_size_tabulates_the_updates_to_tolerance_that_closed_form_gradient_
     from descent.reports.pictures import TOLERANCE
     from descent.nets.toy import LOSSES
 
-    client, parent, children = multirun(tmp_path, monkeypatch, "experiment=step_size", "data.n_train=60",
-                                        "model=double_well", "lr_ratio=0.01,0.3,0.95")
+    client, parent, children = multirun(
+        tmp_path, monkeypatch, "experiment=step_size", "data.n_train=60", "model=double_well", "lr_ratio=0.01,0.3,0.95"
+    )
     L, w_star = LOSSES["double_well"].L, LOSSES["double_well"].minima["global"][0]
     f_star = w_star**4 / 4 - w_star**2 / 2 - 0.25 * w_star
     table = figure_on_parent(client, parent, "step_size")
@@ -171,9 +186,18 @@ def test_step_size_tabulates_the_updates_to_tolerance_that_closed_form_gradient_
 
 def test_edge_of_stability_logs_sharpness_without_changing_the_training(tmp_path, monkeypatch):
     client, parent, children = multirun(
-        tmp_path, monkeypatch, "experiment=edge_of_stability", f"data.root={DATA}", "logger.log_model=false",
-        "data.limit_train=128", "trainer.max_epochs=4", "trainer.sharpness_subset=64", "optimizer.lr=0.5",
-        "model.loss=cross_entropy", "trainer.sharpness_every=2,null")
+        tmp_path,
+        monkeypatch,
+        "experiment=edge_of_stability",
+        f"data.root={DATA}",
+        "logger.log_model=false",
+        "data.limit_train=128",
+        "trainer.max_epochs=4",
+        "trainer.sharpness_subset=64",
+        "optimizer.lr=0.5",
+        "model.loss=cross_entropy",
+        "trainer.sharpness_every=2,null",
+    )
     measured, plain = children
     assert values(client, measured, "train/loss") == pytest.approx(values(client, plain, "train/loss"), rel=0)
     history = client.get_metric_history(measured.info.run_id, "sharpness/lambda_max")
@@ -212,9 +236,18 @@ def test_model_loss_mse_trains_and_measures_the_sharpness_of_the_squared_error(t
     from descent.nets import MLP, mse
 
     client, parent, [run] = multirun(
-        tmp_path, monkeypatch, "experiment=edge_of_stability", f"data.root={DATA}", "logger.log_model=false",
-        "data.limit_train=128", "trainer.max_epochs=3", "trainer.sharpness_subset=64", "optimizer.lr=0.01",
-        "model.loss=mse", "trainer.sharpness_every=1")
+        tmp_path,
+        monkeypatch,
+        "experiment=edge_of_stability",
+        f"data.root={DATA}",
+        "logger.log_model=false",
+        "data.limit_train=128",
+        "trainer.max_epochs=3",
+        "trainer.sharpness_subset=64",
+        "optimizer.lr=0.01",
+        "model.loss=mse",
+        "trainer.sharpness_every=1",
+    )
     assert run.data.params["model.loss"] == "mse" and "train/acc" in run.data.metrics  # accuracy of the scores
     assert values(client, run, "sharpness/threshold") == pytest.approx([200.0] * 3)  # updates 1, 2, 3
     x, y = load_split(DATA, train=True)
@@ -224,7 +257,8 @@ def test_model_loss_mse_trains_and_measures_the_sharpness_of_the_squared_error(t
     # the loss half the squared error against one-hot targets, and its Hessian the one measured
     out = net(x[:128]).detach()
     assert float(mse(out, y[:128])) == pytest.approx(
-        float(0.5 * ((out - torch.eye(10)[y[:128]]) ** 2).sum(1).mean()), rel=1e-6)
+        float(0.5 * ((out - torch.eye(10)[y[:128]]) ** 2).sum(1).mean()), rel=1e-6
+    )
     expected, _ = lambda_max(net, mse, x[:64], y[:64])
     assert run.data.metrics["sharpness/lambda_max"] == pytest.approx(expected, rel=1e-3)
     assert "| mse | 0.01 | 200 |" in figure_on_parent(client, parent, "edge_of_stability")

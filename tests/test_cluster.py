@@ -21,9 +21,18 @@ from descent.services.daemons import free_port, read_state
 from descent.services.ray_cluster import Ray
 from descent.services.slurm_cluster import Slurm
 
-STUDY = ["experiment=gd_vs_sgd", "batching=full,mini", "seed=0", "data.limit_train=2000", "data.val_size=1000",
-         "trainer.max_epochs=2", "trainer.log_every_examples=500", "trainer.val_every_examples=1000",
-         "logger.log_checkpoint=false", "logger.system_metrics=false"]
+STUDY = [
+    "experiment=gd_vs_sgd",
+    "batching=full,mini",
+    "seed=0",
+    "data.limit_train=2000",
+    "data.val_size=1000",
+    "trainer.max_epochs=2",
+    "trainer.log_every_examples=500",
+    "trainer.val_every_examples=1000",
+    "logger.log_checkpoint=false",
+    "logger.system_metrics=false",
+]
 
 
 @pytest.fixture(scope="module")
@@ -75,8 +84,16 @@ def test_a_study_on_ray(tmp_path, tracking_server, ray_cluster, mnist_root):
     # RAY_ADDRESS only, as a user who did not export the loopback mode `make ray` prints: the launcher
     # config's callback (descent.services.ray_cluster.RayLoopback) sets it in the driver
     assert "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" not in os.environ
-    train(*STUDY, "hydra/launcher=ray", "logger.experiment_name=on-ray", cwd=tmp_path, store=tracking_server,
-          multirun=True, env={"RAY_ADDRESS": ray_cluster.address}, timeout=600)
+    train(
+        *STUDY,
+        "hydra/launcher=ray",
+        "logger.experiment_name=on-ray",
+        cwd=tmp_path,
+        store=tracking_server,
+        multirun=True,
+        env={"RAY_ADDRESS": ray_cluster.address},
+        timeout=600,
+    )
     check_study(tracking_server, "on-ray", tmp_path)
 
 
@@ -85,8 +102,12 @@ def test_the_ray_cluster_listens_on_loopback_only(ray_cluster):
 
     pids = read_state(ray_cluster.dir)["pids"].values()
     procs = [p for pid in pids for p in (psutil.Process(pid), *psutil.Process(pid).children(recursive=True))]
-    listening = {(c.laddr.ip, c.laddr.port, p.name()) for p in procs for c in p.net_connections("inet")
-                 if c.status == psutil.CONN_LISTEN}
+    listening = {
+        (c.laddr.ip, c.laddr.port, p.name())
+        for p in procs
+        for c in p.net_connections("inet")
+        if c.status == psutil.CONN_LISTEN
+    }
     assert any(port == ray_cluster.port for _, port, _ in listening), listening  # the GCS
     assert {ip for ip, _, _ in listening} <= {"127.0.0.1", "::ffff:127.0.0.1"}, listening
 
@@ -94,19 +115,36 @@ def test_the_ray_cluster_listens_on_loopback_only(ray_cluster):
 def test_a_ray_sweep_without_a_cluster_stops_at_once_saying_how_to_start_one(tmp_path, store):
     address = f"127.0.0.1:{free_port()}"
     tic = time.monotonic()
-    proc = train("optimizer=sgd,adam", "hydra/launcher=ray", cwd=tmp_path, store=store, multirun=True, check=False,
-                 env={"RAY_ADDRESS": address}, timeout=120)
+    proc = train(
+        "optimizer=sgd,adam",
+        "hydra/launcher=ray",
+        cwd=tmp_path,
+        store=store,
+        multirun=True,
+        check=False,
+        env={"RAY_ADDRESS": address},
+        timeout=120,
+    )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 2, out[-3000:]
     assert f"no Ray cluster answers at {address}" in out and "make ray" in out
     assert "Traceback" not in out and time.monotonic() - tic < 60
     assert not (tmp_path / "mlflow.db").exists() or not MlflowClient(store).search_runs(
-        [e.experiment_id for e in MlflowClient(store).search_experiments()]), "no parent run"
+        [e.experiment_id for e in MlflowClient(store).search_experiments()]
+    ), "no parent run"
 
 
 def test_a_study_on_slurm(tmp_path, tracking_server, slurm_cluster, mnist_root):
-    train(*STUDY, "hydra/launcher=slurm", "logger.experiment_name=on-slurm", cwd=tmp_path,
-          store=tracking_server, multirun=True, env=slurm_cluster.env(), timeout=600)
+    train(
+        *STUDY,
+        "hydra/launcher=slurm",
+        "logger.experiment_name=on-slurm",
+        cwd=tmp_path,
+        store=tracking_server,
+        multirun=True,
+        env=slurm_cluster.env(),
+        timeout=600,
+    )
     check_study(tracking_server, "on-slurm", tmp_path)
     # every job went through SLURM: submitit keeps each one's sbatch script and logs, named by job id
     assert len(list((tmp_path / "outputs" / "sweep" / ".submitit").glob("*/*_log.out"))) == 2
@@ -120,10 +158,26 @@ def test_a_job_killed_on_slurm_ends_failed_not_running(tmp_path, tracking_server
     import psutil
 
     done = {}
-    driver = threading.Thread(target=lambda: done.update(proc=train(
-        "seed=0", "optimizer=sgd", "data.limit_train=2000", "trainer.max_epochs=1000", "logger.log_checkpoint=false",
-        "logger.system_metrics=false", "logger.experiment_name=killed", "hydra/launcher=slurm",
-        cwd=tmp_path, store=tracking_server, multirun=True, check=False, env=slurm_cluster.env(), timeout=600)))
+    driver = threading.Thread(
+        target=lambda: done.update(
+            proc=train(
+                "seed=0",
+                "optimizer=sgd",
+                "data.limit_train=2000",
+                "trainer.max_epochs=1000",
+                "logger.log_checkpoint=false",
+                "logger.system_metrics=false",
+                "logger.experiment_name=killed",
+                "hydra/launcher=slurm",
+                cwd=tmp_path,
+                store=tracking_server,
+                multirun=True,
+                check=False,
+                env=slurm_cluster.env(),
+                timeout=600,
+            )
+        )
+    )
     driver.start()
     deadline = time.monotonic() + 300
     job = None
@@ -134,9 +188,15 @@ def test_a_job_killed_on_slurm_ends_failed_not_running(tmp_path, tracking_server
         if any(r.info.status == "RUNNING" and "descent.sweep" not in r.data.tags for r in runs):
             # the job's own process, as SLURM started it: submitit's runner on this test's sweep folder
             # (a process that ends as it is listed, a zombie, shows cmdline None)
-            job = next((p for p in psutil.process_iter(["cmdline"])
-                        if "submitit.core._submit" in (p.info["cmdline"] or [])
-                        and any(str(tmp_path) in arg for arg in p.info["cmdline"])), None)
+            job = next(
+                (
+                    p
+                    for p in psutil.process_iter(["cmdline"])
+                    if "submitit.core._submit" in (p.info["cmdline"] or [])
+                    and any(str(tmp_path) in arg for arg in p.info["cmdline"])
+                ),
+                None,
+            )
     assert job is not None, "the job never ran"
     job.send_signal(signal.SIGKILL)
     driver.join(timeout=400)

@@ -22,8 +22,17 @@ def compose_with(*overrides):
 
 
 def test_groups_are_the_documented_ones():
-    assert GROUPS["optimizer"] == ["adam", "adamw", "lbfgs", "muon", "muon_mlp2", "nesterov", "rmsprop", "sgd",
-                                   "sgd_momentum"]
+    assert GROUPS["optimizer"] == [
+        "adam",
+        "adamw",
+        "lbfgs",
+        "muon",
+        "muon_mlp2",
+        "nesterov",
+        "rmsprop",
+        "sgd",
+        "sgd_momentum",
+    ]
     assert GROUPS["batching"] == ["full", "mini", "online"]
     assert {"data", "model", "experiment"} <= set(GROUPS)
 
@@ -42,8 +51,9 @@ def test_defaults_are_the_seed_run():
 TOYS = {("model", "double_well"), ("model", "rosenbrock"), ("data", "toy")}
 
 
-@pytest.mark.parametrize("group,option", [(g, o) for g, opts in GROUPS.items() for o in opts
-                                          if g != "experiment" and (g, o) not in TOYS])
+@pytest.mark.parametrize(
+    "group,option", [(g, o) for g, opts in GROUPS.items() for o in opts if g != "experiment" and (g, o) not in TOYS]
+)
 def test_every_option_composes_and_instantiates(group, option):
     cfg = compose_with(f"{group}={option}", *NEEDS.get((group, option), ()))
     net = instantiate(cfg.model)
@@ -127,6 +137,12 @@ print(any(OmegaConf.has_resolver(n) for n in names))
 c.register()
 print(all(OmegaConf.has_resolver(n) for n in names))
 """
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60,
-                         env={**os.environ, "PYTHONPATH": str(ROOT / "src")}).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
+    ).stdout
     assert out.splitlines() == ["[]", "[]", "False", "True"], out

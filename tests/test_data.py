@@ -7,8 +7,18 @@ import pytest
 import torch
 
 from descent.data import idx, memory
-from descent.data.idx import (COUNTS, FILES, IDXDataModule, RestrictedUnpickler, bundle_path, check_raw, ensure_data,
-                              load_split, read_bundle, write_raw)
+from descent.data.idx import (
+    COUNTS,
+    FILES,
+    IDXDataModule,
+    RestrictedUnpickler,
+    bundle_path,
+    check_raw,
+    ensure_data,
+    load_split,
+    read_bundle,
+    write_raw,
+)
 from descent.data.memory import DataError
 
 # the official class counts of the 60000 MNIST training images

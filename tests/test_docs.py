@@ -23,8 +23,11 @@ FORBIDDEN = {
 
 
 def forbidden_in(text: str) -> list[str]:
-    return [f"{what}: {m.group(0)!r} in ...{text[max(0, m.start() - 40):m.end() + 40]!r}..."
-            for what, pattern in FORBIDDEN.items() for m in pattern.finditer(text)]
+    return [
+        f"{what}: {m.group(0)!r} in ...{text[max(0, m.start() - 40) : m.end() + 40]!r}..."
+        for what, pattern in FORBIDDEN.items()
+        for m in pattern.finditer(text)
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +37,14 @@ def site(tmp_path_factory):
     pytest.importorskip("mkdocs", reason="mkdocs is in the docs extra")
     out = tmp_path_factory.mktemp("site")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(out)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, f"mkdocs build --strict exited {proc.returncode}\n{proc.stderr[-6000:]}"
     return out
 
@@ -60,8 +69,12 @@ def test_no_page_or_figure_title_tells_the_projects_history(site):
     from PIL import Image
 
     problems = []
-    sources = [ROOT / "README.md", *(ROOT / "docs").rglob("*.md"), *(ROOT / "conf").rglob("*.yaml"),
-               ROOT / "notebooks" / "chapter2.py"]
+    sources = [
+        ROOT / "README.md",
+        *(ROOT / "docs").rglob("*.md"),
+        *(ROOT / "conf").rglob("*.yaml"),
+        ROOT / "notebooks" / "chapter2.py",
+    ]
     for path in sources:
         problems += [f"{path.relative_to(ROOT)}: {p}" for p in forbidden_in(path.read_text())]
     for page in site.rglob("*.html"):
@@ -87,8 +100,12 @@ def test_the_site_in_a_browser_home_study_and_search(site, tmp_path):
     shots = Path(os.environ["DESCENT_DOCS_SCREENSHOTS"]) if os.environ.get("DESCENT_DOCS_SCREENSHOTS") else tmp_path
     shots.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-u", "-m", "http.server", str(port), "--bind", "127.0.0.1",
-                               "--directory", str(site)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    server = subprocess.Popen(
+        [sys.executable, "-u", "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", str(site)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         assert "Serving HTTP" in server.stdout.readline()  # the event: it listens
         base = f"http://127.0.0.1:{port}"

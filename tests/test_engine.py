@@ -28,8 +28,9 @@ class Recorder:
 @pytest.fixture(scope="module")
 def fitted(mnist_root):
     dm = IDXDataModule(root=str(mnist_root), download=False, limit_train=N, val_size=100, batch_size=BS, seed=0)
-    module = Classifier(MLP(hidden=[16]), optimizer=partial(torch.optim.SGD, lr=0.1), log_every_examples=BS,
-                        val_every_examples=2 * BS)
+    module = Classifier(
+        MLP(hidden=[16]), optimizer=partial(torch.optim.SGD, lr=0.1), log_every_examples=BS, val_every_examples=2 * BS
+    )
     recorder = Recorder(module)
     module.measures.append(recorder)
     lightning_fit(module, dm, epochs=2)

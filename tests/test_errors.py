@@ -18,8 +18,14 @@ def seed_style(tmp_path_factory, mnist_root):
 
     tmp = tmp_path_factory.mktemp("seed_style")
     store = sqlite_store(tmp)
-    train("data.limit_train=300", "trainer.max_epochs=1", "trainer.log_every_examples=50", "logger.log_errors=true",
-          cwd=tmp, store=store)
+    train(
+        "data.limit_train=300",
+        "trainer.max_epochs=1",
+        "trainer.log_every_examples=50",
+        "logger.log_errors=true",
+        cwd=tmp,
+        store=store,
+    )
     client = MlflowClient(store)
     [run] = client.search_runs([client.get_experiment_by_name("descent").experiment_id])
     return client, run
@@ -35,8 +41,16 @@ def load(client, run, name):
 def test_confusion_matrix_per_class_table_and_grid_agree_with_test_acc(seed_style):
     client, run = seed_style
     arts = {a.path for a in client.list_artifacts(run.info.run_id, "errors")}
-    assert arts == {f"errors/{n}" for n in ("confusion_matrix.png", "confusion_matrix.json", "per_class.json",
-                                             "misclassified.png", "misclassified.json")}
+    assert arts == {
+        f"errors/{n}"
+        for n in (
+            "confusion_matrix.png",
+            "confusion_matrix.json",
+            "per_class.json",
+            "misclassified.png",
+            "misclassified.json",
+        )
+    }
     acc, n = run.data.metrics["test/acc"], 10000
     wrong = round((1 - acc) * n)
     assert 0 < wrong < n  # 300 images, 1 epoch: far from perfect, far from chance
@@ -51,7 +65,8 @@ def test_confusion_matrix_per_class_table_and_grid_agree_with_test_acc(seed_styl
     assert list(per_class["recall"]) == pytest.approx(list(np.diag(counts) / counts.sum(1)))
     predicted = counts.sum(0)
     assert list(per_class["precision"]) == pytest.approx(
-        [c / p if p else 0.0 for c, p in zip(np.diag(counts), predicted)])
+        [c / p if p else 0.0 for c, p in zip(np.diag(counts), predicted)]
+    )
     assert run.data.tags["mlflow.loggedArtifacts"] and "per_class.json" in run.data.tags["mlflow.loggedArtifacts"]
 
     mistakes = load(client, run, "misclassified")

@@ -40,10 +40,14 @@ def test_a_measurement_and_its_metric_are_added_in_two_files(tmp_path):
     with open(copy / "src" / "descent" / "tracking" / "names.py", "a") as f:  # file 2: its metric's name
         f.write(NAME)
     store = sqlite_store(tmp_path)
-    args = command("data.limit_train=512", "data.val_size=128", "trainer.max_epochs=1",
-                   "trainer.val_every_examples=128",
-                   "+trainer.measures.weight_norm._target_=descent.measure.weight_norm.WeightNorm",
-                   cwd=tmp_path)
+    args = command(
+        "data.limit_train=512",
+        "data.val_size=128",
+        "trainer.max_epochs=1",
+        "trainer.val_every_examples=128",
+        "+trainer.measures.weight_norm._target_=descent.measure.weight_norm.WeightNorm",
+        cwd=tmp_path,
+    )
     args[1] = str(copy / "src" / "train.py")  # the copy's entry point, which imports the copy's package
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"MLFLOW_TRACKING_URI": store}
     proc = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)

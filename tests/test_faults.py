@@ -13,14 +13,27 @@ from conftest import command, train, wait_for, sqlite_store
 
 # long enough to be interrupted mid-epoch: online SGD, 2 epochs of 8000 examples, chunks of 1024
 # (a stop request is served at the next chunk boundary)
-LONG = ["batching=online", "optimizer=sgd", "data.limit_train=8000", "data.chunk_size=1024",
-        "trainer.max_epochs=2", "trainer.log_every_examples=1000", "data.val_size=1000",
-        "logger.log_checkpoint=false"]
+LONG = [
+    "batching=online",
+    "optimizer=sgd",
+    "data.limit_train=8000",
+    "data.chunk_size=1024",
+    "trainer.max_epochs=2",
+    "trainer.log_every_examples=1000",
+    "data.val_size=1000",
+    "logger.log_checkpoint=false",
+]
 
 
 def start(cwd, store, *overrides):
-    return subprocess.Popen(command(*overrides, cwd=cwd), cwd=cwd, env={**os.environ, "MLFLOW_TRACKING_URI": store},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        command(*overrides, cwd=cwd),
+        cwd=cwd,
+        env={**os.environ, "MLFLOW_TRACKING_URI": store},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def only_run(store):
@@ -46,7 +59,9 @@ def uninterrupted(tmp_path_factory, mnist_root):
 # Ctrl-C from outside, wherever it lands (tests/test_resume.py stops runs with SIGTERM and SIGINT at chosen
 # boundaries; test_cluster.py's SLURM job is stopped by SIGTERM from outside)
 @pytest.mark.parametrize("signum", [signal.SIGINT], ids=["SIGINT"])
-def test_signal_saves_a_checkpoint_marks_killed_and_resume_continues_the_same_run(tmp_path, store, signum, uninterrupted):
+def test_signal_saves_a_checkpoint_marks_killed_and_resume_continues_the_same_run(
+    tmp_path, store, signum, uninterrupted
+):
     proc = start(tmp_path, store, *LONG)
     wait_for(proc, "first update")  # training has begun: the stop is served at the next chunk boundary
     sent = time.monotonic()
@@ -107,8 +122,15 @@ def test_resume_of_something_unknown_is_a_clear_error(tmp_path, store, mnist_roo
 
 
 def test_divergence_stops_the_run_and_marks_it_failed(tmp_path, store, mnist_root):
-    proc = train("optimizer=sgd", "optimizer.lr=1e20", "data.limit_train=4000", "trainer.max_epochs=3",
-                 cwd=tmp_path, store=store, check=False)
+    proc = train(
+        "optimizer=sgd",
+        "optimizer.lr=1e20",
+        "data.limit_train=4000",
+        "trainer.max_epochs=3",
+        cwd=tmp_path,
+        store=store,
+        check=False,
+    )
     assert proc.returncode == 3
     out = proc.stdout + proc.stderr
     assert "diverged: train/loss became nan" in out or "diverged: train/loss became inf" in out
@@ -122,8 +144,16 @@ def test_divergence_stops_the_run_and_marks_it_failed(tmp_path, store, mnist_roo
 
 
 def test_a_diverged_job_does_not_stop_the_sweep(tmp_path, store, mnist_root):
-    train("optimizer=sgd", "optimizer.lr=1e20,0.01", "data.limit_train=2000", "trainer.max_epochs=1",
-          "logger.log_checkpoint=false", cwd=tmp_path, store=store, multirun=True)
+    train(
+        "optimizer=sgd",
+        "optimizer.lr=1e20,0.01",
+        "data.limit_train=2000",
+        "trainer.max_epochs=1",
+        "logger.log_checkpoint=false",
+        cwd=tmp_path,
+        store=store,
+        multirun=True,
+    )
     client = MlflowClient(store)
     runs = client.search_runs([client.get_experiment_by_name("descent").experiment_id])
     [parent] = [r for r in runs if r.data.tags.get("descent.sweep") == "true"]
@@ -134,14 +164,16 @@ def test_a_diverged_job_does_not_stop_the_sweep(tmp_path, store, mnist_root):
     assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in children.values())
 
 
-@pytest.mark.parametrize("uri,message", [
-    ("sqlite:////nonexistent/folder/mlflow.db", "the folder /nonexistent/folder does not exist"),
-    ("http://127.0.0.1:9", "the MLflow server does not answer"),
-])
+@pytest.mark.parametrize(
+    "uri,message",
+    [
+        ("sqlite:////nonexistent/folder/mlflow.db", "the folder /nonexistent/folder does not exist"),
+        ("http://127.0.0.1:9", "the MLflow server does not answer"),
+    ],
+)
 def test_an_unusable_tracking_store_is_reported_before_training(tmp_path, mnist_root, uri, message):
     proc = train("data.limit_train=1000", cwd=tmp_path, store=uri, check=False)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 2
     assert f"logger.tracking_uri={uri!r}: {message}" in out
     assert "first update" not in out and "Traceback" not in out
-

@@ -24,10 +24,15 @@ from descent.engine.reference import plain_train
 N, EPOCHS, SEED = 600, 2, 7
 OPTIMIZERS = ("sgd", "sgd_momentum", "nesterov", "rmsprop", "adam")
 BATCHES = {"online": 1, "mini": 128, "full": None}
+
+
 def cuda(test):
     """Only where CUDA is (capture and replay exist only there); the one skip CI allows (conftest.py)."""
-    return pytest.mark.cuda(pytest.mark.skipif(not torch.cuda.is_available(),
-                                               reason="needs CUDA: capture and replay exist only there")(test))
+    return pytest.mark.cuda(
+        pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: capture and replay exist only there")(
+            test
+        )
+    )
 
 
 def optimizer(name, **overrides):
@@ -39,8 +44,12 @@ def optimizer(name, **overrides):
 def fit(root, opt_name, batching, cuda_graphs, accelerator="cpu", ckpt=None, callbacks=(), lr=None):
     torch.manual_seed(0)
     dm = IDXDataModule(root=str(root), limit_train=N, batch_size=BATCHES[batching], chunk_size=256, seed=SEED)
-    module = Classifier(net=MLP(), optimizer=optimizer(opt_name, **({"lr": lr} if lr else {})),
-                        log_every_examples=100, cuda_graphs=cuda_graphs)
+    module = Classifier(
+        net=MLP(),
+        optimizer=optimizer(opt_name, **({"lr": lr} if lr else {})),
+        log_every_examples=100,
+        cuda_graphs=cuda_graphs,
+    )
     return lightning_fit(module, dm, EPOCHS, accelerator, ckpt, callbacks)
 
 
@@ -59,8 +68,9 @@ def plain(dm, opt_name, batching, device="cpu"):
     net = MLP().to(device)
     initial = copy.deepcopy(net)
     bs = BATCHES[batching] or N
-    plain_train(net, optimizer(opt_name)(net.parameters()), dm.x_train, dm.y_train, batch_size=bs, epochs=EPOCHS,
-                seed=SEED)
+    plain_train(
+        net, optimizer(opt_name)(net.parameters()), dm.x_train, dm.y_train, batch_size=bs, epochs=EPOCHS, seed=SEED
+    )
     return net, initial
 
 
@@ -71,7 +81,9 @@ def assert_same_weights(a, b, rtol=1e-4, atol=1e-5):
 
 # -- CPU: the graph path's step, uncaptured --------------------------------------------------------
 
-CASES = [(o, "mini") for o in OPTIMIZERS] + [(o, b) for o in ("sgd_momentum", "rmsprop", "adam") for b in ("online", "full")]
+CASES = [(o, "mini") for o in OPTIMIZERS] + [
+    (o, b) for o in ("sgd_momentum", "rmsprop", "adam") for b in ("online", "full")
+]
 
 
 @pytest.mark.parametrize("opt_name,batching", CASES, ids=[f"{o}-{b}" for o, b in CASES])
@@ -107,12 +119,16 @@ def test_warm_up_leaves_no_trace_on_a_resumed_optimizer(opt_name):
     assert all(p.grad is None for p in net.parameters())
 
 
-@pytest.mark.parametrize("batching,chunks,first_mode", [
-    ("mini", 2, True),    # mid-epoch (example 512 of 600)
-    ("mini", 3, True),    # at the epoch's end
-    ("full", 1, True),    # inside the full batch (example 256 of 600): nothing half-accumulated to carry
-    ("full", 1, False),   # an eager checkpoint with half a batch's gradient, resumed on the graph path
-], ids=["mini-mid-epoch", "mini-epoch-end", "full-mid-batch", "full-mid-batch-from-eager"])
+@pytest.mark.parametrize(
+    "batching,chunks,first_mode",
+    [
+        ("mini", 2, True),  # mid-epoch (example 512 of 600)
+        ("mini", 3, True),  # at the epoch's end
+        ("full", 1, True),  # inside the full batch (example 256 of 600): nothing half-accumulated to carry
+        ("full", 1, False),  # an eager checkpoint with half a batch's gradient, resumed on the graph path
+    ],
+    ids=["mini-mid-epoch", "mini-epoch-end", "full-mid-batch", "full-mid-batch-from-eager"],
+)
 def test_resume_on_the_graph_path_gives_the_uninterrupted_run(mnist_root, tmp_path, batching, chunks, first_mode):
     whole, _ = fit(mnist_root, "rmsprop", batching, cuda_graphs=True)
     ckpt = tmp_path / "stop.ckpt"
@@ -132,7 +148,13 @@ def test_divergence_is_detected_on_the_graph_path(mnist_root):
 
 
 def test_capturable_only_where_the_optimizer_has_it_and_graphs_are_wanted_by_default_only_on_cuda():
-    for name, has_flag in [("sgd", False), ("sgd_momentum", False), ("nesterov", False), ("rmsprop", True), ("adam", True)]:
+    for name, has_flag in [
+        ("sgd", False),
+        ("sgd_momentum", False),
+        ("nesterov", False),
+        ("rmsprop", True),
+        ("adam", True),
+    ]:
         make = optimizer(name)
         assert graphs.optimizer_kwargs(make, capture=True) == ({"capturable": True} if has_flag else {}), name
         assert graphs.optimizer_kwargs(make, capture=False) == {}, name
@@ -170,8 +192,14 @@ def test_cuda_graphs_setting_is_validated():
 
 
 def test_entry_point_runs_the_graph_path_uncaptured_on_cpu(tmp_path, store, mnist_root):
-    proc = train("trainer.cuda_graphs=true", "data.limit_train=1000", "trainer.max_epochs=1",
-                 "logger.log_checkpoint=false", cwd=tmp_path, store=store)
+    proc = train(
+        "trainer.cuda_graphs=true",
+        "data.limit_train=1000",
+        "trainer.max_epochs=1",
+        "logger.log_checkpoint=false",
+        cwd=tmp_path,
+        store=store,
+    )
     assert "updates through descent.engine.graphs.GraphStep (uncaptured: cpu)" in proc.stdout + proc.stderr
     [run] = MlflowClient(store).search_runs([MlflowClient(store).get_experiment_by_name("descent").experiment_id])
     assert run.info.status == "FINISHED" and run.data.metrics["progress/updates"] == -(-1000 // 128)

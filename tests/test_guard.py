@@ -25,8 +25,11 @@ CASES = [(opt, bs, False) for opt in ("sgd_momentum", "rmsprop") for bs in (1, 1
 CASES.append(("rmsprop", 128, True))  # one compiled optimizer step: compiling costs ~14 s on a cold cache
 
 
-@pytest.mark.parametrize("opt_name,batch_size,compiled", CASES,
-                         ids=[f"{o}-{ {1: 'online', 128: 'mini', None: 'full'}[b]}{'-compiled' * c}" for o, b, c in CASES])
+@pytest.mark.parametrize(
+    "opt_name,batch_size,compiled",
+    CASES,
+    ids=[f"{o}-{ {1: 'online', 128: 'mini', None: 'full'}[b] }{'-compiled' * c}" for o, b, c in CASES],
+)
 def test_fast_path_matches_plain_loop(mnist_root, opt_name, batch_size, compiled):
     torch.manual_seed(0)
     net = instantiate({"_target_": "descent.nets.MLP"})
@@ -35,13 +38,27 @@ def test_fast_path_matches_plain_loop(mnist_root, opt_name, batch_size, compiled
     # chunk_size 256 puts several updates in a chunk (mini), and splits the full batch of 600 in 3 pieces
     dm = IDXDataModule(root=str(mnist_root), limit_train=N, batch_size=batch_size, chunk_size=256, seed=SEED)
     module = Classifier(net=net, optimizer=optimizer(opt_name), log_every_examples=100, compile_optimizer=compiled)
-    trainer = pl.Trainer(max_epochs=EPOCHS, accelerator="cpu", logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    trainer = pl.Trainer(
+        max_epochs=EPOCHS,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
     trainer.fit(module, datamodule=dm)
 
     bs = batch_size or N
-    updates = plain_train(reference, optimizer(opt_name)(reference.parameters()), dm.x_train, dm.y_train,
-                          batch_size=bs, epochs=EPOCHS, seed=SEED)
+    updates = plain_train(
+        reference,
+        optimizer(opt_name)(reference.parameters()),
+        dm.x_train,
+        dm.y_train,
+        batch_size=bs,
+        epochs=EPOCHS,
+        seed=SEED,
+    )
     assert module.updates == updates == EPOCHS * -(-N // bs)
     for p, q, p0 in zip(net.parameters(), reference.parameters(), initial.parameters()):
         assert not torch.allclose(q, p0, atol=1e-4)  # training moved the weights

@@ -19,8 +19,13 @@ GROUPS = {g.name: sorted(p.stem for p in g.glob("*.yaml")) for g in CONF.iterdir
 
 
 def help_text(*overrides: str) -> str:
-    proc = subprocess.run([sys.executable, str(ROOT / "src" / "train.py"), *overrides, "--help"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "src" / "train.py"), *overrides, "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     return proc.stdout
 
@@ -35,8 +40,14 @@ def test_help_is_the_projects_text_with_every_group_and_its_options(text):
     assert text.startswith("descent: the opening chapter of Deep Learning with Python")
     for group, options in GROUPS.items():
         assert f"\n{group}: {', '.join(options)}\n" in text, group
-    for section in ("== Examples ==", "== Where runs are recorded ==", "sqlite:///mlflow.db", "make ui",
-                    "outputs/runs/<date>/<time>/", "hydra/launcher=ray"):
+    for section in (
+        "== Examples ==",
+        "== Where runs are recorded ==",
+        "sqlite:///mlflow.db",
+        "make ui",
+        "outputs/runs/<date>/<time>/",
+        "hydra/launcher=ray",
+    ):
         assert section in text, section
     assert "\nseed: 0\n" in text and "  max_epochs: 5\n" in text  # the composed config, at its end
 
@@ -64,8 +75,7 @@ def test_every_example_of_the_help_composes_into_a_valid_config(text):
                 continue  # needs a run; tests/test_resume_overrides.py runs these forms
             sweep = "-m" in args
             args = [a for a in args if a != "-m"]
-            values = [[f"{a.split('=')[0]}={v}" for v in a.split("=", 1)[1].split(",")] if sweep else [a]
-                      for a in args]
+            values = [[f"{a.split('=')[0]}={v}" for v in a.split("=", 1)[1].split(",")] if sweep else [a] for a in args]
             for job in itertools.product(*values):
                 validate(compose_job(list(job)))
     finally:

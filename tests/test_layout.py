@@ -40,8 +40,12 @@ def spelled_names(path: Path) -> list[str]:
             continue
         text = node.value
         if METRIC.match(text) or text in TAGS or any(f"`{tag}`" in text for tag in TAGS):
-            found.append((node.lineno, f"{path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}:"
-                                       f"{node.lineno}: {text!r}"))
+            found.append(
+                (
+                    node.lineno,
+                    f"{path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}:{node.lineno}: {text!r}",
+                )
+            )
     return [hit for _, hit in sorted(found)]
 
 
@@ -56,6 +60,8 @@ def test_the_scan_finds_a_spelled_name(tmp_path):
     # the check itself: a module that writes a metric, a tag and a query by hand is caught, line by line
     module = tmp_path / "src" / "m.py"
     module.parent.mkdir()
-    module.write_text('"""Logs val/loss."""\nlog({"val/loss": 1.0})\ntag("mlflow.parentRunId")\n'
-                      'q = f"tags.`descent.sweep` = \'{x}\'"\nkey = f"noise/{what}/{acc:g}"\n')
+    module.write_text(
+        '"""Logs val/loss."""\nlog({"val/loss": 1.0})\ntag("mlflow.parentRunId")\n'
+        'q = f"tags.`descent.sweep` = \'{x}\'"\nkey = f"noise/{what}/{acc:g}"\n'
+    )
     assert [hit.split(":")[1] for hit in spelled_names(module)] == ["2", "3", "4", "5"]

@@ -61,14 +61,20 @@ def test_every_data_and_model_composes_and_validates(data_option, model):
     assert dm.name in DATASETS
 
 
-@pytest.mark.parametrize("override,message", [
-    ("model.hidden=[512,0]", "model.hidden=[512, 0]: must be a list of integers >= 1"),
-    ("model=cnn model.filters=[]", "model.filters=[]: must be a non-empty list of integers >= 1"),
-    ("model=cnn +model.side=0", "model.side=0: must be null"),
-    ("+model.in_features=0", "model.in_features=0: must be null"),
-    ("data.name=KMNIST", "data.name='KMNIST': must be one of MNIST, FashionMNIST for descent.data.IDXDataModule"),
-    ("data=torchvision data.name=Caltech256", "data.name='Caltech256': must be one of MNIST, FashionMNIST, CIFAR10, CIFAR100"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("model.hidden=[512,0]", "model.hidden=[512, 0]: must be a list of integers >= 1"),
+        ("model=cnn model.filters=[]", "model.filters=[]: must be a non-empty list of integers >= 1"),
+        ("model=cnn +model.side=0", "model.side=0: must be null"),
+        ("+model.in_features=0", "model.in_features=0: must be null"),
+        ("data.name=KMNIST", "data.name='KMNIST': must be one of MNIST, FashionMNIST for descent.data.IDXDataModule"),
+        (
+            "data=torchvision data.name=Caltech256",
+            "data.name='Caltech256': must be one of MNIST, FashionMNIST, CIFAR10, CIFAR100",
+        ),
+    ],
+)
 def test_bad_model_and_data_keys_are_refused_by_name(override, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
         validate(compose_with(*override.split()))
@@ -96,6 +102,7 @@ def test_studies_take_another_dataset_or_network_as_one_override(preset, overrid
 
 
 # -- Fashion-MNIST's files -------------------------------------------------------------------------
+
 
 def test_fashion_mnist_is_the_official_release(fashion_root):
     check_raw(fashion_root / "FashionMNIST" / "raw", DATASETS["FashionMNIST"].sums)  # the published sums
@@ -128,14 +135,22 @@ def test_without_root_the_package_is_unpacked_not_installed(tmp_path):
 
 
 def test_no_debian_package_is_a_clear_error(tmp_path, monkeypatch):
-    monkeypatch.setitem(DATASETS, "FashionMNIST", IDXSet("FashionMNIST", DATASETS["FashionMNIST"].sums,
-                                                         debian=("dataset-fashion-mnist-no-such-package", "usr/share/x")))
+    monkeypatch.setitem(
+        DATASETS,
+        "FashionMNIST",
+        IDXSet(
+            "FashionMNIST",
+            DATASETS["FashionMNIST"].sums,
+            debian=("dataset-fashion-mnist-no-such-package", "usr/share/x"),
+        ),
+    )
     monkeypatch.setattr(debian.os, "geteuid", lambda: 1000)  # a user without root: apt-get download, nothing installed
     with pytest.raises(DataError, match="FashionMNIST not found under .*apt-get download dataset-fashion-mnist-no-"):
         ensure_data(tmp_path, "FashionMNIST", download=False)
 
 
 # -- each network, each regime: the plain loop's updates ---------------------------------------------
+
 
 def net_of(model, **overrides):
     cfg = compose_with(f"model={model}", *[f"model.{k}={v}" for k, v in overrides.items()])
@@ -153,44 +168,81 @@ def restore_threads():
     torch.set_num_threads(n)
 
 
-def fit(root, name, model, opt_name, batching, cuda_graphs=False, ckpt=None, callbacks=(), epochs=EPOCHS,
-        accelerator="cpu", **model_kw):
+def fit(
+    root,
+    name,
+    model,
+    opt_name,
+    batching,
+    cuda_graphs=False,
+    ckpt=None,
+    callbacks=(),
+    epochs=EPOCHS,
+    accelerator="cpu",
+    **model_kw,
+):
     # the intra-op threads src/train.py would give this batch size (descent/engine/threads.py): one for online SGD,
     # where two collapse ~100x for the CNN beside another CPU-bound process
     torch.set_num_threads(threads.choose(BATCHES[batching] or SIZES[batching], threads.cpus_granted()))
     torch.manual_seed(0)
-    dm = IDXDataModule(root=str(root), name=name, limit_train=SIZES[batching], batch_size=BATCHES[batching],
-                       chunk_size=16 if batching == "online" else 128, seed=SEED)
-    module = Classifier(net=net_of(model, **model_kw), optimizer=optimizer(opt_name), log_every_examples=100,
-                        cuda_graphs=cuda_graphs)
+    dm = IDXDataModule(
+        root=str(root),
+        name=name,
+        limit_train=SIZES[batching],
+        batch_size=BATCHES[batching],
+        chunk_size=16 if batching == "online" else 128,
+        seed=SEED,
+    )
+    module = Classifier(
+        net=net_of(model, **model_kw), optimizer=optimizer(opt_name), log_every_examples=100, cuda_graphs=cuda_graphs
+    )
     return lightning_fit(module, dm, epochs, accelerator, ckpt, callbacks)
 
 
 # each network in each regime, the optimizers spread over them (each optimizer is generic over parameters:
 # test_guard.py and test_graphs.py run all of them on the MLP); one of the CNN's on the graph path's step
 CASES = [
-    ("linear", "sgd", "online", False), ("linear", "nesterov", "mini", False), ("linear", "adam", "full", False),
-    ("cnn", "sgd_momentum", "online", False), ("cnn", "rmsprop", "mini", False), ("cnn", "adam", "full", False),
+    ("linear", "sgd", "online", False),
+    ("linear", "nesterov", "mini", False),
+    ("linear", "adam", "full", False),
+    ("cnn", "sgd_momentum", "online", False),
+    ("cnn", "rmsprop", "mini", False),
+    ("cnn", "adam", "full", False),
     ("cnn", "adam", "online", True),
     ("mlp", "rmsprop", "mini", False),  # two hidden layers: hidden=[64,32]
 ]
 
 
-@pytest.mark.parametrize("model,opt_name,batching,graphed", CASES,
-                         ids=[f"{m}-{o}-{b}{'-graph' * g}" for m, o, b, g in CASES])
+@pytest.mark.parametrize(
+    "model,opt_name,batching,graphed", CASES, ids=[f"{m}-{o}-{b}{'-graph' * g}" for m, o, b, g in CASES]
+)
 def test_each_network_matches_the_plain_loop(mnist_root, fashion_root, model, opt_name, batching, graphed):
     name = "FashionMNIST" if model == "linear" else "MNIST"  # both datasets through the same module
     kw = {"hidden": "[64,32]"} if model == "mlp" else {}
-    module, dm = fit(fashion_root if name == "FashionMNIST" else mnist_root, name, model, opt_name, batching,
-                     cuda_graphs=graphed, **kw)
+    module, dm = fit(
+        fashion_root if name == "FashionMNIST" else mnist_root,
+        name,
+        model,
+        opt_name,
+        batching,
+        cuda_graphs=graphed,
+        **kw,
+    )
     assert (module.graph is not None) == graphed
     torch.manual_seed(0)
     reference = net_of(model, **kw)
     initial = copy.deepcopy(reference)
     n = SIZES[batching]
     bs = BATCHES[batching] or n
-    updates = plain_train(reference, optimizer(opt_name)(reference.parameters()), dm.x_train, dm.y_train,
-                          batch_size=bs, epochs=EPOCHS, seed=SEED)
+    updates = plain_train(
+        reference,
+        optimizer(opt_name)(reference.parameters()),
+        dm.x_train,
+        dm.y_train,
+        batch_size=bs,
+        epochs=EPOCHS,
+        seed=SEED,
+    )
     assert module.updates == updates == EPOCHS * -(-n // bs)
     assert not torch.allclose(next(reference.parameters()), next(initial.parameters()), atol=1e-5)
     for p, q in zip(module.net.parameters(), reference.parameters()):
@@ -207,8 +259,15 @@ def test_each_network_is_captured_and_matches_the_plain_loop_on_cuda(mnist_root,
     torch.manual_seed(0)
     reference = net_of(model).to(dm.x_train.device)
     n = SIZES[batching]
-    plain_train(reference, optimizer("adam")(reference.parameters()), dm.x_train, dm.y_train,
-                batch_size=BATCHES[batching] or n, epochs=EPOCHS, seed=SEED)
+    plain_train(
+        reference,
+        optimizer("adam")(reference.parameters()),
+        dm.x_train,
+        dm.y_train,
+        batch_size=BATCHES[batching] or n,
+        epochs=EPOCHS,
+        seed=SEED,
+    )
     for p, q in zip(module.net.parameters(), reference.parameters()):  # GPU sums need not add up in one order
         torch.testing.assert_close(p, q, rtol=1e-3, atol=1e-4)
 
@@ -229,12 +288,24 @@ def test_the_report_groups_by_every_config_group_that_differs():
     from descent.reports.convergence import Run, group
 
     def run(batching, model, data, seed):
-        params = {"optimizer": "sgd", "batching": batching, "model": model, "data": data, "seed": str(seed),
-                  "optimizer.lr": {"full": "0.3", "mini": "1.0"}[batching], "data.name": data.upper()}
+        params = {
+            "optimizer": "sgd",
+            "batching": batching,
+            "model": model,
+            "data": data,
+            "seed": str(seed),
+            "optimizer.lr": {"full": "0.3", "mini": "1.0"}[batching],
+            "data.name": data.upper(),
+        }
         return Run(f"{batching}{model}{data}{seed}", "x", "FINISHED", params, {}, {})
 
-    runs = [run(b, m, d, s) for d in ("mnist", "fashion_mnist") for m in ("linear", "cnn") for b in ("full", "mini")
-            for s in (0, 1)]
+    runs = [
+        run(b, m, d, s)
+        for d in ("mnist", "fashion_mnist")
+        for m in ("linear", "cnn")
+        for b in ("full", "mini")
+        for s in (0, 1)
+    ]
     by, configs = group(runs)
     assert by == ["batching", "model", "data"]  # optimizer.lr and data.name follow from these
     assert [c.label for c in configs][:3] == ["sgd-full-linear-mnist", "sgd-mini-linear-mnist", "sgd-full-cnn-mnist"]
@@ -247,8 +318,16 @@ def test_fashion_mnist_convnet_run_is_recorded_with_its_dataset_and_model(tmp_pa
     import mlflow
     from mlflow import MlflowClient
 
-    train("data=fashion_mnist", "model=cnn", "data.limit_train=256", "data.val_size=0", "trainer.max_epochs=1",
-          cwd=tmp_path, store=store, log_model=True)
+    train(
+        "data=fashion_mnist",
+        "model=cnn",
+        "data.limit_train=256",
+        "data.val_size=0",
+        "trainer.max_epochs=1",
+        cwd=tmp_path,
+        store=store,
+        log_model=True,
+    )
     client = MlflowClient(store)
     [run] = client.search_runs([client.get_experiment_by_name("descent").experiment_id])
     assert run.info.status == "FINISHED" and run.data.params["model"] == "cnn"

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
+from conftest import measured_fit, regression_at_unit_distance
 from descent.measure.noise import NoiseScale, estimates, per_example_grads
 from descent.nets import MLP
 
@@ -33,13 +34,7 @@ def test_estimators_recover_the_noise_scale_of_a_linear_regression():
     # y = w*·x + ε, x ~ N(0, I_d), ε ~ N(0, s²), squared loss, at w = w* + r: the gradient of example i is
     # 2 (r·x_i - ε_i) x_i, so |G|² = 4|r|² and tr Σ = 4((d+1)|r|² + d s²) (Gaussian fourth moments)
     d, s, n, probes = 10, 1.0, 1024, 32
-    g = torch.Generator().manual_seed(0)
-    net = nn.Linear(d, 1, bias=False)
-    w_star = torch.randn(1, d, generator=g)
-    r = torch.randn(1, d, generator=g)
-    r /= r.norm()
-    with torch.no_grad():
-        net.weight.copy_(w_star + r)
+    net, w_star, r, g = regression_at_unit_distance(d)
     known = ((d + 1) * 1.0 + d * s**2) / 1.0  # 21
     mse = lambda out, target, reduction: F.mse_loss(out[:, 0], target, reduction=reduction)
     totals = torch.zeros(2, dtype=torch.float64)
@@ -57,21 +52,7 @@ def _fit(mnist_root, measures):
     """Momentum SGD on 1500 examples for 2 epochs, validated (and measured) every 300 examples."""
     from functools import partial
 
-    import pytorch_lightning as pl
-
-    from descent.data import MNISTDataModule
-    from descent.engine.loop import Classifier
-
-    pl.seed_everything(0, verbose=False)
-    dm = MNISTDataModule(root=str(mnist_root), download=False, val_size=500, limit_train=1500, batch_size=50, seed=0)
-    module = Classifier(MLP(), optimizer=partial(torch.optim.SGD, lr=0.1, momentum=0.9), val_every_examples=300)
-    module.measures += measures
-    trainer = pl.Trainer(max_epochs=2, logger=False, enable_progress_bar=False, enable_checkpointing=False,
-                         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
-                         accelerator="cpu", devices=1)
-    trainer.fit(module, datamodule=dm)
-    state = [*module.net.parameters(), *(v for s in module.opt.state.values() for v in s.values())]
-    return module, [t.detach().clone() for t in state] + [torch.rand(3)]  # the global RNG's next draw too
+    return measured_fit(mnist_root, MLP(), partial(torch.optim.SGD, lr=0.1, momentum=0.9), measures)
 
 
 def test_measuring_the_noise_scale_leaves_the_run_unchanged(mnist_root):

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from mlflow import MlflowClient
 from torch import nn
 
-from conftest import train
+from conftest import measured_fit, regression_at_unit_distance, train
 from descent.measure import curvature_noise as cn
 
 
@@ -50,8 +50,10 @@ def _quadratic(n, d=12, seed=0):
     noise = torch.randn(n, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     xi = noise @ torch.linalg.cholesky(sigma).T
     grad = h @ r
-    known = {"b_noise": float(torch.trace(h @ sigma) / (grad @ h @ grad)),
-             "b_simple": float(torch.trace(sigma) / (grad @ grad))}
+    known = {
+        "b_noise": float(torch.trace(h @ sigma) / (grad @ h @ grad)),
+        "b_simple": float(torch.trace(sigma) / (grad @ grad)),
+    }
     return net, xi, torch.zeros(n), h, sigma, grad, known
 
 
@@ -70,7 +72,7 @@ def test_b_noise_recovers_the_known_tr_h_sigma_over_g_h_g_of_a_quadratic_within_
 
 
 def test_the_jackknife_error_of_b_noise_is_the_spread_of_independent_probes():
-    net, *_ , known = _quadratic(10)
+    net, *_, known = _quadratic(10)
     runs = []
     for seed in range(30):
         _, x, y, *_ = _quadratic(20000, seed=10 + seed)
@@ -92,13 +94,7 @@ def test_b_precond_recovers_tr_p_sigma_over_g_p_g_for_a_known_diagonal_p():
     # a linear regression through the per-example identity: y = w*·x + ε, x ~ N(0, I_d), squared loss, at
     # w = w* + r: G = 2r, Σ = 4((|r|² + s²) I + r rᵀ), so tr(PΣ)/(GᵀPG) = ((|r|² + s²) tr P + rᵀPr)/(rᵀPr)
     d, s, n = 10, 1.0, 40000
-    g = torch.Generator().manual_seed(0)
-    lin = nn.Linear(d, 1, bias=False)
-    w_star = torch.randn(1, d, generator=g)
-    r = torch.randn(1, d, generator=g)
-    r /= r.norm()
-    with torch.no_grad():
-        lin.weight.copy_(w_star + r)
+    lin, w_star, r, g = regression_at_unit_distance(d)
     xs = torch.randn(n, d, generator=g)
     ys = xs @ w_star[0] + s * torch.randn(n, generator=g)
     pw = torch.logspace(-1, 1, d).reshape(1, d)
@@ -134,13 +130,17 @@ def test_per_example_preconditioned_norms_match_torch_func_per_sample_gradients(
     torch.testing.assert_close(float(total.square().sum()), float(ref_total), rtol=1e-5, atol=0)
 
 
-@pytest.mark.parametrize("make", [
-    lambda ps: torch.optim.Adam(ps, lr=0.01, betas=(0.8, 0.95), eps=1e-3),
-    lambda ps: torch.optim.Adam(ps, lr=0.01, betas=(0.8, 0.95), eps=1e-3, amsgrad=True),
-    lambda ps: torch.optim.AdamW(ps, lr=0.01, betas=(0.8, 0.95), eps=1e-3, weight_decay=0.0, fused=True),
-    lambda ps: torch.optim.RMSprop(ps, lr=0.01, alpha=0.9, eps=1e-3),
-    lambda ps: torch.optim.RMSprop(ps, lr=0.01, alpha=0.9, eps=1e-3, centered=True),
-], ids=["adam", "adam-amsgrad", "adamw-fused", "rmsprop", "rmsprop-centered"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda ps: torch.optim.Adam(ps, lr=0.01, betas=(0.8, 0.95), eps=1e-3),
+        lambda ps: torch.optim.Adam(ps, lr=0.01, betas=(0.8, 0.95), eps=1e-3, amsgrad=True),
+        lambda ps: torch.optim.AdamW(ps, lr=0.01, betas=(0.8, 0.95), eps=1e-3, weight_decay=0.0, fused=True),
+        lambda ps: torch.optim.RMSprop(ps, lr=0.01, alpha=0.9, eps=1e-3),
+        lambda ps: torch.optim.RMSprop(ps, lr=0.01, alpha=0.9, eps=1e-3, centered=True),
+    ],
+    ids=["adam", "adam-amsgrad", "adamw-fused", "rmsprop", "rmsprop-centered"],
+)
 def test_the_preconditioner_is_the_diagonal_of_the_step_the_optimizer_takes(make):
     # the last step moved w by −P ⊙ (Adam: m̂, the bias-corrected first moment; RMSprop: g), P read after it
     torch.manual_seed(0)
@@ -176,28 +176,20 @@ def _fit(mnist_root, measures):
     """Adam on 1500 examples for 2 epochs, validated (and measured) every 300 examples."""
     from functools import partial
 
-    import pytorch_lightning as pl
-
-    from descent.data import MNISTDataModule
-    from descent.engine.loop import Classifier
     from descent.nets import MLP
 
-    pl.seed_everything(0, verbose=False)
-    dm = MNISTDataModule(root=str(mnist_root), download=False, val_size=500, limit_train=1500, batch_size=50, seed=0)
-    module = Classifier(MLP(hidden=[64, 64]), optimizer=partial(torch.optim.Adam, lr=0.003), val_every_examples=300)
-    module.measures += measures
-    trainer = pl.Trainer(max_epochs=2, logger=False, enable_progress_bar=False, enable_checkpointing=False,
-                         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
-                         accelerator="cpu", devices=1)
-    trainer.fit(module, datamodule=dm)
-    state = [*module.net.parameters(), *(v for s in module.opt.state.values() for v in s.values())]
-    return module, [t.detach().clone() for t in state] + [torch.rand(3)]  # the global RNG's next draw too
+    return measured_fit(mnist_root, MLP(hidden=[64, 64]), partial(torch.optim.Adam, lr=0.003), measures)
 
 
 def test_measuring_b_noise_and_b_precond_leaves_the_run_unchanged(mnist_root):
     plain, without = _fit(mnist_root, [])
-    measured, with_it = _fit(mnist_root, [cn.HessianNoiseAtTargets([0.5, 0.8, 0.999], groups=8, subset=256),
-                                          cn.PreconditionedNoiseAtTargets([0.5, 0.8, 0.999], blocks=8)])
+    measured, with_it = _fit(
+        mnist_root,
+        [
+            cn.HessianNoiseAtTargets([0.5, 0.8, 0.999], groups=8, subset=256),
+            cn.PreconditionedNoiseAtTargets([0.5, 0.8, 0.999], blocks=8),
+        ],
+    )
     assert len(without) == len(with_it) > 5
     for a, b in zip(without, with_it, strict=True):
         assert torch.equal(a, b)  # bit for bit: weights, Adam's moments and step, the RNG
@@ -209,11 +201,21 @@ def test_measuring_b_noise_and_b_precond_leaves_the_run_unchanged(mnist_root):
     assert measured.measures[0].state_dict() == {"crossed": [0.5, 0.8]}
 
 
-RUN = ["optimizer=adam", "model.hidden=[64,64]", "data.limit_train=2000", "data.val_size=500", "trainer.max_epochs=3",
-       "trainer.val_every_examples=200", "sweep.targets=[0.5]", "sweep.target_acc=0.7",
-       "sweep.objective=target/updates", "trainer.noise_scale=false",
-       "trainer.noise_hessian_at_targets=true", "trainer.noise_preconditioned_at_targets=true",
-       "trainer.noise_hessian_subset=500"]
+RUN = [
+    "optimizer=adam",
+    "model.hidden=[64,64]",
+    "data.limit_train=2000",
+    "data.val_size=500",
+    "trainer.max_epochs=3",
+    "trainer.val_every_examples=200",
+    "sweep.targets=[0.5]",
+    "sweep.target_acc=0.7",
+    "sweep.objective=target/updates",
+    "trainer.noise_scale=false",
+    "trainer.noise_hessian_at_targets=true",
+    "trainer.noise_preconditioned_at_targets=true",
+    "trainer.noise_hessian_subset=500",
+]
 
 
 def test_a_run_logs_b_noise_and_b_precond_at_its_target_crossings(tmp_path, store):
@@ -224,8 +226,16 @@ def test_a_run_logs_b_noise_and_b_precond_at_its_target_crossings(tmp_path, stor
     assert run.info.status == "FINISHED" and m["val/acc"] >= 0.7
     for acc in ("0.5", "0.7"):
         step = m[f"target/examples/{acc}"]
-        for name in (cn.B_NOISE, cn.B_NOISE_SE, cn.GRAD_H_GRAD, cn.TRACE_H_COV, cn.B_PRECOND, cn.B_PRECOND_SE,
-                     cn.GRAD_P_GRAD, cn.TRACE_P_COV):
+        for name in (
+            cn.B_NOISE,
+            cn.B_NOISE_SE,
+            cn.GRAD_H_GRAD,
+            cn.TRACE_H_COV,
+            cn.B_PRECOND,
+            cn.B_PRECOND_SE,
+            cn.GRAD_P_GRAD,
+            cn.TRACE_P_COV,
+        ):
             [point] = client.get_metric_history(run.info.run_id, f"{name}/{acc}")
             assert point.step == step, (name, acc)  # the crossing's validation point, once
         assert m[f"{cn.TRACE_H_COV}/{acc}"] > 0 and m[f"{cn.B_PRECOND}/{acc}"] > 0 and m[f"{cn.B_PRECOND_SE}/{acc}"] > 0
@@ -262,8 +272,11 @@ def test_the_muon_preset_puts_only_the_hidden_to_hidden_matrix_on_muon_and_measu
     from descent.config import ConfigError, validate
 
     with initialize_config_dir(str(ROOT / "conf"), version_base=None):
-        cfg = compose("train", ["experiment=batch_scaling_muon", "optimizer=muon_mlp2", "trainer.noise_at_targets=true"],
-                      return_hydra_config=True)
+        cfg = compose(
+            "train",
+            ["experiment=batch_scaling_muon", "optimizer=muon_mlp2", "trainer.noise_at_targets=true"],
+            return_hydra_config=True,
+        )
         plain = compose("train", ["optimizer=muon_mlp2"])  # the book's one hidden layer: no 4.weight
     HydraConfig.instance().set_config(cfg)
     try:
@@ -280,7 +293,12 @@ def test_the_muon_preset_puts_only_the_hidden_to_hidden_matrix_on_muon_and_measu
         HydraConfig.instance().cfg = None
     assert [tuple(p.shape) for g in opt.muon.param_groups for p in g["params"]] == [(512, 512)]
     assert sorted(tuple(p.shape) for g in opt.adamw.param_groups for p in g["params"]) == [
-        (10,), (10, 512), (512,), (512,), (512, 784)]
+        (10,),
+        (10, 512),
+        (512,),
+        (512,),
+        (512, 784),
+    ]
     assert opt.adamw.param_groups[0]["lr"] == opt.muon.param_groups[0]["lr"] == cfg.optimizer.lr
     with pytest.raises(ConfigError, match="'4.weight' names no parameter"):
         validate(plain)

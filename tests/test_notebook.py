@@ -25,8 +25,12 @@ def test_the_py_and_the_ipynb_hold_the_same_cells():
     # the committed notebook is the executed one: every code cell ran, in order, and the figures are there
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert [c.execution_count for c in code] == list(range(1, len(code) + 1))
-    assert sum(o.get("output_type") == "display_data" and "image/png" in o.get("data", {})
-               for c in code for o in c.outputs) == 2
+    assert (
+        sum(
+            o.get("output_type") == "display_data" and "image/png" in o.get("data", {}) for c in code for o in c.outputs
+        )
+        == 2
+    )
 
 
 def test_the_notebook_executes_on_small_data(tmp_path):
@@ -39,15 +43,21 @@ def test_the_notebook_executes_on_small_data(tmp_path):
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)  # the kernel inherits this process's environment
     try:
-        NotebookClient(nb, timeout=900, kernel_name="python3",
-                       resources={"metadata": {"path": str(NOTEBOOK.parent)}}).execute()
+        NotebookClient(
+            nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOK.parent)}}
+        ).execute()
     finally:
         for k, v in saved.items():
             os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
 
     text = "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
-    figures = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs
-               if o.get("output_type") == "display_data" and "image/png" in o.get("data", {})]
+    figures = [
+        o
+        for c in nb.cells
+        if c.cell_type == "code"
+        for o in c.outputs
+        if o.get("output_type") == "display_data" and "image/png" in o.get("data", {})
+    ]
     assert len(figures) == 2, "the curves from MLflow and the ball's path"
     assert "test/acc" in text and "rmsprop-mini-s0 FINISHED" in text
     assert "sgd_momentum: ends at w = 1.1" in text  # momentum 0.9 rolls into the global minimum (1.107)

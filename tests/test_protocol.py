@@ -25,20 +25,29 @@ def run_cell(updates, start=0.01, **kw):
     while not sampler.finished(study):
         assert len(asked) < 60, asked
         trial = study.ask()
-        lr, seed = trial.suggest_float("optimizer.lr", 1e-5, 10.0, log=True), trial.suggest_categorical("seed", [0, 1, 2])
+        lr, seed = (
+            trial.suggest_float("optimizer.lr", 1e-5, 10.0, log=True),
+            trial.suggest_categorical("seed", [0, 1, 2]),
+        )
         asked.append((lr, seed, study._storage.get_trial(trial._trial_id).user_attrs["descent.role"]))
         reached = updates(lr, seed)
         for acc, s in reached.items():
             trial.set_user_attr(target_key("updates", acc), s)
-        study.tell(trial, max(reached.values()) if reached else None,
-                   state=optuna.trial.TrialState.COMPLETE if reached else optuna.trial.TrialState.FAIL)
+        study.tell(
+            trial,
+            max(reached.values()) if reached else None,
+            state=optuna.trial.TrialState.COMPLETE if reached else optuna.trial.TrialState.FAIL,
+        )
     return asked, sampler.chosen(study)
 
 
 def bowl(best, depth=100.0, reach=100.0):
     """S(lr) = depth (1 + log(lr/best)²): fewest updates at `best`; rates beyond `reach` x either way miss."""
-    return lambda lr, seed: {} if abs(math.log(lr / best)) > math.log(reach) else {
-        0.97: round(depth * (1 + math.log(lr / best) ** 2) * (1 + 0.01 * seed))}
+    return lambda lr, seed: (
+        {}
+        if abs(math.log(lr / best)) > math.log(reach)
+        else {0.97: round(depth * (1 + math.log(lr / best) ** 2) * (1 + 0.01 * seed))}
+    )
 
 
 def test_a_best_at_the_edge_of_what_was_tried_is_extended_until_it_is_not_then_refined_by_sqrt2():
@@ -100,7 +109,10 @@ def test_the_reference_cell_runs_its_chosen_rate_once_more_with_the_noise_scale_
     asked, f = [], bowl(0.9)
     while not sampler.finished(study):
         trial = study.ask()
-        lr, seed = trial.suggest_float("optimizer.lr", 1e-5, 10.0, log=True), trial.suggest_categorical("seed", [0, 1, 2])
+        lr, seed = (
+            trial.suggest_float("optimizer.lr", 1e-5, 10.0, log=True),
+            trial.suggest_categorical("seed", [0, 1, 2]),
+        )
         asked.append((lr, seed, trial.suggest_categorical("trainer.noise_at_targets", [False, True])))
         trial.set_user_attr(target_key("updates", 0.97), f(lr, seed)[0.97])
         study.tell(trial, f(lr, seed)[0.97])

@@ -51,12 +51,16 @@ def test_datasets_are_run_inputs_with_context_shape_and_digest(runs):
     from descent.tracking.record import digest
 
     client, by_name = runs
-    inputs = {name: {t.value: i.dataset for i in run.inputs.dataset_inputs for t in i.tags
-                     if t.key == "mlflow.data.context"} for name, run in by_name.items()}
+    inputs = {
+        name: {t.value: i.dataset for i in run.inputs.dataset_inputs for t in i.tags if t.key == "mlflow.data.context"}
+        for name, run in by_name.items()
+    }
     sgd, rmsprop = inputs["sgd-mini-s0"], inputs["rmsprop-mini-s0"]
     assert {c: d.name for c, d in rmsprop.items()} == {
-        "train": "mnist (train, 2000×784)", "validation": "mnist (validation, 1000×784)",
-        "test": "mnist (test, 10000×784)"}
+        "train": "mnist (train, 2000×784)",
+        "validation": "mnist (validation, 1000×784)",
+        "test": "mnist (test, 10000×784)",
+    }
     assert all(d.source_type == "local" and "MNIST/raw" in d.source for d in rmsprop.values())
     assert '"shape": [-1, 784]' in rmsprop["train"].schema.replace('\\"', '"')
     # the same data in two runs: the same digests
@@ -108,10 +112,14 @@ def test_best_values_are_the_extremes_of_the_logged_history_at_their_steps(runs)
         assert len(loss) >= 4  # trainer.val_every_examples=500 over 2000 examples
         assert run.data.metrics["best/val_loss"] == min(m.value for m in loss)
         assert run.data.metrics["best/val_acc"] == max(m.value for m in acc)
-        logged = [(m.step, m.value) for m in sorted(client.get_metric_history(rid, "best/val_loss"), key=lambda m: m.step)]
+        logged = [
+            (m.step, m.value) for m in sorted(client.get_metric_history(rid, "best/val_loss"), key=lambda m: m.step)
+        ]
         assert logged == staircase(loss), run.info.run_name
         negated = [type(m)(m.key, -m.value, m.timestamp, m.step) for m in acc]
-        logged = [(m.step, -m.value) for m in sorted(client.get_metric_history(rid, "best/val_acc"), key=lambda m: m.step)]
+        logged = [
+            (m.step, -m.value) for m in sorted(client.get_metric_history(rid, "best/val_acc"), key=lambda m: m.step)
+        ]
         assert logged == staircase(negated), run.info.run_name
         assert "best/train_loss" not in run.data.metrics  # with validation data, its best is what counts
 
@@ -119,8 +127,9 @@ def test_best_values_are_the_extremes_of_the_logged_history_at_their_steps(runs)
 def test_the_sweeps_parent_and_jobs_describe_themselves_and_the_report_is_a_table(small_sweep, runs):
     client, by_name = runs
     _, store, _ = small_sweep
-    [parent] = client.search_runs([client.get_experiment_by_name("descent").experiment_id],
-                                  "tags.`descent.sweep` = 'true'")
+    [parent] = client.search_runs(
+        [client.get_experiment_by_name("descent").experiment_id], "tags.`descent.sweep` = 'true'"
+    )
     note = parent.data.tags["mlflow.note.content"]
     assert note.startswith("A sweep over `optimizer`.")
     command = note.split("Command: `", 1)[1].split("`", 1)[0]
@@ -133,7 +142,8 @@ def test_the_sweeps_parent_and_jobs_describe_themselves_and_the_report_is_a_tabl
     for name, run in by_name.items():
         optimizer = run.data.params["optimizer"]
         assert run.data.tags["mlflow.note.content"].startswith(
-            f"Job {run.data.tags['hydra.job.num']} of the sweep {parent.info.run_name}: optimizer={optimizer} ")
+            f"Job {run.data.tags['hydra.job.num']} of the sweep {parent.info.run_name}: optimizer={optimizer} "
+        )
     # the report's table as an MLflow table on the parent: one row per configuration, the same numbers
     mlflow.set_tracking_uri(store)  # load_table searches runs through the global store
     rows = client.load_table(parent.info.experiment_id, "report/convergence.json", run_ids=[parent.info.run_id])

@@ -23,28 +23,64 @@ N_TRAIN = 3000  # examples per epoch in the fake runs; 2 epochs each
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def log_run(client, exp_id, parent_id, optimizer, batching, seed, *, start, train_steps, seconds, val_steps,
-            val_acc, batch_size, train_loss=None, test=True, status="FINISHED", tags=None):
+def log_run(
+    client,
+    exp_id,
+    parent_id,
+    optimizer,
+    batching,
+    seed,
+    *,
+    start,
+    train_steps,
+    seconds,
+    val_steps,
+    val_acc,
+    batch_size,
+    train_loss=None,
+    test=True,
+    status="FINISHED",
+    tags=None,
+):
     """One child run with the metric contract of train.py: step = examples seen."""
-    run = client.create_run(exp_id, start_time=start, run_name=f"{optimizer}-{batching}-s{seed}",
-                            tags={"mlflow.parentRunId": parent_id, **(tags or {})} if parent_id else tags)
+    run = client.create_run(
+        exp_id,
+        start_time=start,
+        run_name=f"{optimizer}-{batching}-s{seed}",
+        tags={"mlflow.parentRunId": parent_id, **(tags or {})} if parent_id else tags,
+    )
     rid = run.info.run_id
-    params = {"optimizer": optimizer, "batching": batching, "model": "mlp", "data": "mnist", "seed": seed,
-              "optimizer.lr": {"sgd": 0.1, "adam": 0.001, "rmsprop": 0.001}[optimizer],
-              "data.batch_size": batch_size, "trainer.max_epochs": 2, "logger.experiment_name": "descent"}
+    params = {
+        "optimizer": optimizer,
+        "batching": batching,
+        "model": "mlp",
+        "data": "mnist",
+        "seed": seed,
+        "optimizer.lr": {"sgd": 0.1, "adam": 0.001, "rmsprop": 0.001}[optimizer],
+        "data.batch_size": batch_size,
+        "trainer.max_epochs": 2,
+        "logger.experiment_name": "descent",
+    }
     train_loss = train_loss or [2.0 / (1 + i) for i in range(len(train_steps))]
     points = []
     for i, step in enumerate(train_steps):
-        points += [("train/loss", train_loss[i], step), ("train/acc", 0.5 + 0.04 * i, step),
-                   ("progress/epoch", step / N_TRAIN, step), ("progress/updates", step // batch_size, step),
-                   ("progress/seconds", seconds[i], step)]
+        points += [
+            ("train/loss", train_loss[i], step),
+            ("train/acc", 0.5 + 0.04 * i, step),
+            ("progress/epoch", step / N_TRAIN, step),
+            ("progress/updates", step // batch_size, step),
+            ("progress/seconds", seconds[i], step),
+        ]
     for step, acc in zip(val_steps, val_acc):
         points += [("val/acc", acc, step), ("val/loss", 1.0 - acc, step)]
     if test:
         end = train_steps[-1]
         points += [("test/acc", val_acc[-1] - 0.001, end), ("test/loss", 1.01 - val_acc[-1], end)]
-    client.log_batch(rid, params=[Param(k, str(v)) for k, v in params.items()],
-                     metrics=[Metric(k, float(v), start + 1000 + j, int(s)) for j, (k, v, s) in enumerate(points)])
+    client.log_batch(
+        rid,
+        params=[Param(k, str(v)) for k, v in params.items()],
+        metrics=[Metric(k, float(v), start + 1000 + j, int(s)) for j, (k, v, s) in enumerate(points)],
+    )
     client.set_terminated(rid, status)
     return rid
 
@@ -62,47 +98,151 @@ def store(tmp_path_factory):
     t0 = 1_700_000_000_000
 
     old = client.create_run(exp, start_time=t0, tags={"descent.sweep": "true"}, run_name="old sweep").info.run_id
-    log_run(client, exp, old, "rmsprop", "mini", 0, start=t0 + 1, seconds=[0.1 * i for i in range(1, 13)],
-            val_acc=[0.9, 0.95, 0.97, 0.98, 0.99], **MINI)
+    log_run(
+        client,
+        exp,
+        old,
+        "rmsprop",
+        "mini",
+        0,
+        start=t0 + 1,
+        seconds=[0.1 * i for i in range(1, 13)],
+        val_acc=[0.9, 0.95, 0.97, 0.98, 0.99],
+        **MINI,
+    )
     client.set_terminated(old)
 
     t1 = t0 + 3_600_000
     sweep_dir = root / "outputs" / "multiruns" / "sweep"
-    parent = client.create_run(exp, start_time=t1, run_name="sweep",
-                               tags={"descent.sweep": "true", "hydra.sweep.dir": str(sweep_dir)}).info.run_id
+    parent = client.create_run(
+        exp, start_time=t1, run_name="sweep", tags={"descent.sweep": "true", "hydra.sweep.dir": str(sweep_dir)}
+    ).info.run_id
     i = np.arange(1, 13)
     # sgd-mini: seed 0 reaches 0.97 at 2200 examples, seed 1 at 3000, seed 2 never
-    log_run(client, exp, parent, "sgd", "mini", 0, start=t1 + 1, seconds=list(0.3 * i + 0.01 * i**2),
-            val_acc=[0.90, 0.975, 0.98, 0.985, 0.99], **MINI)
-    log_run(client, exp, parent, "sgd", "mini", 1, start=t1 + 2, seconds=list(0.35 * i),
-            val_acc=[0.92, 0.96, 0.971, 0.98, 0.985], **MINI)
-    log_run(client, exp, parent, "sgd", "mini", 2, start=t1 + 3, seconds=list(0.32 * i),
-            val_acc=[0.85, 0.90, 0.93, 0.95, 0.96], **MINI)
+    log_run(
+        client,
+        exp,
+        parent,
+        "sgd",
+        "mini",
+        0,
+        start=t1 + 1,
+        seconds=list(0.3 * i + 0.01 * i**2),
+        val_acc=[0.90, 0.975, 0.98, 0.985, 0.99],
+        **MINI,
+    )
+    log_run(
+        client,
+        exp,
+        parent,
+        "sgd",
+        "mini",
+        1,
+        start=t1 + 2,
+        seconds=list(0.35 * i),
+        val_acc=[0.92, 0.96, 0.971, 0.98, 0.985],
+        **MINI,
+    )
+    log_run(
+        client,
+        exp,
+        parent,
+        "sgd",
+        "mini",
+        2,
+        start=t1 + 3,
+        seconds=list(0.32 * i),
+        val_acc=[0.85, 0.90, 0.93, 0.95, 0.96],
+        **MINI,
+    )
     # adam-mini: both seeds reach it at the first val point, 1100 examples
-    log_run(client, exp, parent, "adam", "mini", 0, start=t1 + 4, seconds=list(0.5 * i),
-            val_acc=[0.975, 0.98, 0.985, 0.99, 0.99], **MINI)
-    log_run(client, exp, parent, "adam", "mini", 1, start=t1 + 5, seconds=list(0.6 * i),
-            val_acc=[0.972, 0.98, 0.985, 0.99, 0.991], **MINI)
+    log_run(
+        client,
+        exp,
+        parent,
+        "adam",
+        "mini",
+        0,
+        start=t1 + 4,
+        seconds=list(0.5 * i),
+        val_acc=[0.975, 0.98, 0.985, 0.99, 0.99],
+        **MINI,
+    )
+    log_run(
+        client,
+        exp,
+        parent,
+        "adam",
+        "mini",
+        1,
+        start=t1 + 5,
+        seconds=list(0.6 * i),
+        val_acc=[0.972, 0.98, 0.985, 0.99, 0.991],
+        **MINI,
+    )
     # sgd-full: one update per epoch; seed 0 diverges in the second epoch, seed 1 never reaches 0.97
     full = dict(batch_size=N_TRAIN, train_steps=[3000, 6000], seconds=[0.2, 0.4])
-    log_run(client, exp, parent, "sgd", "full", 0, start=t1 + 6, val_steps=[3000], val_acc=[0.5],
-            train_loss=[2.0, math.nan], test=False, status="FAILED",
-            tags={"diverged": "true", "diverged.examples": "6000", "diverged.updates": "2"}, **full)
+    log_run(
+        client,
+        exp,
+        parent,
+        "sgd",
+        "full",
+        0,
+        start=t1 + 6,
+        val_steps=[3000],
+        val_acc=[0.5],
+        train_loss=[2.0, math.nan],
+        test=False,
+        status="FAILED",
+        tags={"diverged": "true", "diverged.examples": "6000", "diverged.updates": "2"},
+        **full,
+    )
     log_run(client, exp, parent, "sgd", "full", 1, start=t1 + 7, val_steps=[3000, 6000], val_acc=[0.6, 0.7], **full)
     # rmsprop-online: non-finite before its first train log point, as train.py records it: only val points
-    online = client.create_run(exp, start_time=t1 + 8, run_name="rmsprop-online-s0", tags={
-        "mlflow.parentRunId": parent, "diverged": "true", "diverged.examples": "1200", "diverged.updates": "1200"})
-    params = {"optimizer": "rmsprop", "batching": "online", "model": "mlp", "data": "mnist", "seed": 0,
-              "optimizer.lr": 0.001, "data.batch_size": 1, "trainer.max_epochs": 2}
-    client.log_batch(online.info.run_id, params=[Param(k, str(v)) for k, v in params.items()],
-                     metrics=[Metric("val/loss", math.nan, t1 + 9, 1000), Metric("val/acc", 0.092, t1 + 9, 1000)])
+    online = client.create_run(
+        exp,
+        start_time=t1 + 8,
+        run_name="rmsprop-online-s0",
+        tags={
+            "mlflow.parentRunId": parent,
+            "diverged": "true",
+            "diverged.examples": "1200",
+            "diverged.updates": "1200",
+        },
+    )
+    params = {
+        "optimizer": "rmsprop",
+        "batching": "online",
+        "model": "mlp",
+        "data": "mnist",
+        "seed": 0,
+        "optimizer.lr": 0.001,
+        "data.batch_size": 1,
+        "trainer.max_epochs": 2,
+    }
+    client.log_batch(
+        online.info.run_id,
+        params=[Param(k, str(v)) for k, v in params.items()],
+        metrics=[Metric("val/loss", math.nan, t1 + 9, 1000), Metric("val/acc", 0.092, t1 + 9, 1000)],
+    )
     client.set_terminated(online.info.run_id, "FAILED")
     client.set_terminated(parent)
 
     plain = client.create_experiment("plain", artifact_location=str(root / "mlruns-plain"))
     for k, opt in enumerate(("sgd", "adam")):
-        log_run(client, plain, None, opt, "mini", 0, start=t0 + k, seconds=list(0.1 * i),
-                val_acc=[0.9, 0.95, 0.97, 0.98, 0.99], **MINI)
+        log_run(
+            client,
+            plain,
+            None,
+            opt,
+            "mini",
+            0,
+            start=t0 + k,
+            seconds=list(0.1 * i),
+            val_acc=[0.9, 0.95, 0.97, 0.98, 0.99],
+            **MINI,
+        )
     return {"uri": uri, "root": root, "parent": parent, "old": old, "sweep_dir": sweep_dir}
 
 
@@ -122,17 +262,27 @@ def test_sweep_report_files_numbers_and_artifacts(store):
     rows = read_csv(paths["csv"])
     assert list(rows) == ["sgd-mini", "adam-mini", "sgd-full", "rmsprop-online"]  # the sweep's job order
     assert {k: rows["sgd-mini"][k] for k in ("optimizer", "batching", "seeds", "finished")} == {
-        "optimizer": "sgd", "batching": "mini", "seeds": "3", "finished": "3"}
+        "optimizer": "sgd",
+        "batching": "mini",
+        "seeds": "3",
+        "finished": "3",
+    }
     assert "optimizer.lr" not in rows["sgd-mini"]  # follows from optimizer: not a grouping key of its own
 
     # final metrics: recomputed from the store, over the seeds that finished
     client = MlflowClient(store["uri"])
-    children = client.search_runs([client.get_run(store["parent"]).info.experiment_id],
-                                  f"tags.mlflow.parentRunId = '{store['parent']}'")
+    children = client.search_runs(
+        [client.get_run(store["parent"]).info.experiment_id], f"tags.mlflow.parentRunId = '{store['parent']}'"
+    )
     for label, row in rows.items():
         optimizer, batching = label.split("-")
-        runs = [r for r in children if r.data.params["optimizer"] == optimizer
-                and r.data.params["batching"] == batching and r.info.status == "FINISHED"]
+        runs = [
+            r
+            for r in children
+            if r.data.params["optimizer"] == optimizer
+            and r.data.params["batching"] == batching
+            and r.info.status == "FINISHED"
+        ]
         for key in ("train/loss", "train/acc", "val/loss", "val/acc", "test/loss", "test/acc"):
             finals = [client.get_metric_history(r.info.run_id, key)[-1].value for r in runs]
             name = key.replace("/", "_")
@@ -178,8 +328,12 @@ def test_sweep_report_files_numbers_and_artifacts(store):
 
     # and the three files are on the parent run, under report/, with the table as an MLflow table
     logged = {a.path for a in client.list_artifacts(store["parent"], "report")}
-    assert logged == {"report/convergence.png", "report/convergence.md", "report/convergence.csv",
-                      "report/convergence.json"}
+    assert logged == {
+        "report/convergence.png",
+        "report/convergence.md",
+        "report/convergence.csv",
+        "report/convergence.json",
+    }
     import mlflow
 
     mlflow.set_tracking_uri(client.tracking_uri)  # load_table searches runs through the global store
@@ -262,9 +416,23 @@ def test_cli(store, tmp_path, capsys):
     # the default store is ./mlflow.db, as for train.py: run from the store's folder without the env var
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     out = tmp_path / "report"
-    proc = subprocess.run([sys.executable, str(ROOT / "src" / "compare.py"), "--parent", store["parent"],
-                           "--out", str(out), "--target-acc", "0.99"],
-                          cwd=store["root"], env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "src" / "compare.py"),
+            "--parent",
+            store["parent"],
+            "--out",
+            str(out),
+            "--target-acc",
+            "0.99",
+        ],
+        cwd=store["root"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     assert str(out / "convergence.png") in proc.stdout and "| configuration |" in proc.stdout
     assert "val acc ≥ 0.99" in proc.stdout

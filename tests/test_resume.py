@@ -21,8 +21,13 @@ from mlflow import MlflowClient
 
 from conftest import ROOT, command, output_of, terminal, train, sqlite_store
 
-SMALL = ["data.limit_train=1000", "data.val_size=200", "data.chunk_size=250", "trainer.max_epochs=2",
-         "trainer.log_every_examples=100"]
+SMALL = [
+    "data.limit_train=1000",
+    "data.val_size=200",
+    "data.chunk_size=250",
+    "trainer.max_epochs=2",
+    "trainer.log_every_examples=100",
+]
 REGIMES = {  # examples per chunk: 250 (online, full batch: 4 chunks per update), 256 (mini: 2 batches)
     # the first chunk, an epoch's last, a middle one; and the run's last in one regime: no training is left
     # after that stop, so nothing of it depends on the regime (suite time, issue 15)
@@ -41,9 +46,15 @@ def stop_at(cwd, store, overrides, env, timeout=300):
     args[2:2] = flags
     try:  # SIGINT as a terminal hands it over: a suite started in the background (`&` in a script, which
         # ignores SIGINT for its children) would pass the run an ignored SIGINT, and Ctrl-C between jobs is moot
-        return subprocess.run(args, cwd=cwd, env={**os.environ, "MLFLOW_TRACKING_URI": store, **env},
-                              capture_output=True, text=True, timeout=timeout,
-                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        return subprocess.run(
+            args,
+            cwd=cwd,
+            env={**os.environ, "MLFLOW_TRACKING_URI": store, **env},
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )
     except subprocess.TimeoutExpired as e:
         raise AssertionError(f"stop_at.py ran past {timeout} s\n{output_of(e)}") from None
 
@@ -107,8 +118,11 @@ def test_a_run_stopped_at_every_kind_of_boundary_resumes_to_the_same_result(tmp_
     store = sqlite_store(tmp_path)
     names = [FIRST[regime], "SIGINT" if FIRST[regime] == "SIGTERM" else "SIGTERM"] * 2
     boundaries = REGIMES[regime][1]
-    env = {"MLFLOW_TRACKING_URI": store, "DESCENT_STOP_AT": ",".join(map(str, boundaries)),
-           "DESCENT_STOP_SIGNALS": ",".join(names)}
+    env = {
+        "MLFLOW_TRACKING_URI": store,
+        "DESCENT_STOP_AT": ",".join(map(str, boundaries)),
+        "DESCENT_STOP_SIGNALS": ",".join(names),
+    }
     # model logging as shipped in the mini-batch (seed) regime; off in the others (DEVIATIONS: 3-8 s a process)
     args = command(*SMALL, *REGIMES[regime][0], cwd=tmp_path, script=STOP_AT, log_model=regime == "mini")
     run_id = None
@@ -140,7 +154,9 @@ def test_sigkill_while_an_epoch_end_checkpoint_is_written_resumes_to_the_same_re
     steps = [m.step for m in MlflowClient(store).get_metric_history(run_id, "val/loss")]
     assert steps == ([] if stage == "written" else [1000]), "the kill landed in the window it names"
     proc = train(f"resume={run_id}", cwd=tmp_path, store=store)
-    assert ("metric points of the checkpoint were not in the store" in proc.stdout + proc.stderr) == (stage == "written")
+    assert ("metric points of the checkpoint were not in the store" in proc.stdout + proc.stderr) == (
+        stage == "written"
+    )
     assert_same(record(store, run_id, tmp_path / "outputs" / "run"), reference("online"))
 
 
@@ -153,15 +169,21 @@ def test_a_checkpoint_for_other_data_is_refused_and_the_run_stays_resumable(tmp_
     # another run's checkpoint, on 600 examples, lands in this run's folder
     other = tmp_path / "other"
     other.mkdir()
-    stop_at(other, sqlite_store(other), [*overrides, "data.limit_train=600"],
-            {"DESCENT_STOP_AT": "500", "DESCENT_STOP_SIGNALS": "SIGTERM"})
+    stop_at(
+        other,
+        sqlite_store(other),
+        [*overrides, "data.limit_train=600"],
+        {"DESCENT_STOP_AT": "500", "DESCENT_STOP_SIGNALS": "SIGTERM"},
+    )
     ckpt = tmp_path / "outputs" / "run" / "checkpoints" / "last.ckpt"
     ckpt.write_bytes((other / "outputs" / "run" / "checkpoints" / "last.ckpt").read_bytes())
     proc = train(f"resume={run_id}", cwd=tmp_path, store=store, check=False)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 2, out[-3000:]
-    assert "was written for other data: n_train 600 in the checkpoint, 1000 now; limit_train 600 in the " \
-           "checkpoint, 1000 now" in out
+    assert (
+        "was written for other data: n_train 600 in the checkpoint, 1000 now; limit_train 600 in the "
+        "checkpoint, 1000 now" in out
+    )
     assert "Traceback" not in out
     assert MlflowClient(store).get_run(run_id).info.status == "KILLED"
 
@@ -169,9 +191,19 @@ def test_a_checkpoint_for_other_data_is_refused_and_the_run_stays_resumable(tmp_
 def test_ctrl_c_between_the_jobs_of_a_sweep_stops_the_sweep_at_once(tmp_path, mnist_root):
     """The job's own handlers (stop at the next chunk) are gone when it ends: Ctrl-C is Ctrl-C again."""
     store = sqlite_store(tmp_path)
-    proc = stop_at(tmp_path, store, ["-m", "seed=0,1,2", "data.limit_train=500", "trainer.max_epochs=1",
-                                     "logger.log_checkpoint=false", f"hydra.sweep.dir={tmp_path}/sweep"],
-                   {"DESCENT_SIGINT_AFTER_JOB": "0"})
+    proc = stop_at(
+        tmp_path,
+        store,
+        [
+            "-m",
+            "seed=0,1,2",
+            "data.limit_train=500",
+            "trainer.max_epochs=1",
+            "logger.log_checkpoint=false",
+            f"hydra.sweep.dir={tmp_path}/sweep",
+        ],
+        {"DESCENT_SIGINT_AFTER_JOB": "0"},
+    )
     out = proc.stdout + proc.stderr
     assert proc.returncode in (-signal.SIGINT, 128 + signal.SIGINT), out[-3000:]  # what a shell reports for Ctrl-C
     assert "KeyboardInterrupt" in out
@@ -202,8 +234,9 @@ def test_best_values_are_exact_across_a_stop_and_resume(tmp_path, mnist_root):
     train(f"resume={run_id}", cwd=tmp_path, store=store)
     history = client.get_metric_history(run_id, "train/loss")
     after = sorted((m for m in history if m.step > 1512), key=lambda m: m.step)
-    assert after and after[0].value > min(m.value for m in before), \
+    assert after and after[0].value > min(m.value for m in before), (
         "the first point after the stop is no new best: the case this test is about"
+    )
     logged = sorted(client.get_metric_history(run_id, "best/train_loss"), key=lambda m: m.step)
     assert [(m.step, m.value) for m in logged] == staircase(history)
     assert client.get_run(run_id).data.metrics["best/train_loss"] == min(m.value for m in history)

@@ -18,8 +18,11 @@ SMALL = ["data.limit_train=300", "trainer.log_every_examples=100", "logger.log_c
 
 def history(client, run_id):
     run = client.get_run(run_id)
-    return {k: [(m.step, m.value) for m in client.get_metric_history(run_id, k)]
-            for k in run.data.metrics if not k.startswith("system/")}  # the machine's, not the run's
+    return {
+        k: [(m.step, m.value) for m in client.get_metric_history(run_id, k)]
+        for k in run.data.metrics
+        if not k.startswith("system/")
+    }  # the machine's, not the run's
 
 
 @pytest.fixture(scope="module")
@@ -68,13 +71,26 @@ def test_overrides_that_change_what_a_run_measures_are_refused_and_leave_it_unto
     before = client.get_run(run_id)
     points = history(client, run_id)
 
-    proc = train(f"resume={run_id}", "optimizer.lr=0.5", "seed=1", "batching=online", "data.limit_train=200",
-                 "trainer.max_epochs=3", cwd=cwd, store=store, check=False)
+    proc = train(
+        f"resume={run_id}",
+        "optimizer.lr=0.5",
+        "seed=1",
+        "batching=online",
+        "data.limit_train=200",
+        "trainer.max_epochs=3",
+        cwd=cwd,
+        store=store,
+        check=False,
+    )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 2, out[-3000:]
     assert "Traceback" not in out
-    for line in ("optimizer.lr: recorded 0.001, given 0.5", "seed: recorded 0, given 1",
-                 "batching: recorded mini, given online", "data.limit_train: recorded 300, given 200"):
+    for line in (
+        "optimizer.lr: recorded 0.001, given 0.5",
+        "seed: recorded 0, given 1",
+        "batching: recorded mini, given online",
+        "data.limit_train: recorded 300, given 200",
+    ):
         assert line in out, out[-3000:]
     assert "trainer.max_epochs" not in out.split("differ from its record:")[1].split("A resume may")[0]
 

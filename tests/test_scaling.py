@@ -53,14 +53,16 @@ def test_the_bootstrap_over_seeds_covers_the_true_s_min_and_e_min_of_synthetic_c
 def test_a_point_is_the_seeds_median_at_the_rate_chosen_on_the_first_seed():
     # seed 0 ran three rates; 0.1 was fastest to 0.97 (by luck: 90 against the 100 it needs), 0.3 to 0.95;
     # seeds 1 and 2 ran at each chosen rate. Each target's point is its rate's median over the three seeds
-    runs = [Run("sgd", 64, 0.03, 0, "FINISHED", {0.95: 60, 0.97: 130}),
-            Run("sgd", 64, 0.1, 0, "FINISHED", {0.95: 50, 0.97: 90}),
-            Run("sgd", 64, 0.3, 0, "FINISHED", {0.95: 40, 0.97: 95}),
-            Run("sgd", 64, 0.1, 1, "FINISHED", {0.95: 52, 0.97: 100}),
-            Run("sgd", 64, 0.1, 2, "FINISHED", {0.95: 55, 0.97: 104}),
-            Run("sgd", 64, 0.3, 1, "FINISHED", {0.95: 44, 0.97: 120}),
-            Run("sgd", 64, 0.3, 2, "FINISHED", {0.95: 47}),   # missed 0.97 in its budget
-            Run("sgd", 64, 0.1, 0, "FINISHED", {0.95: 50, 0.97: 90}, reference=True)]  # not a trial
+    runs = [
+        Run("sgd", 64, 0.03, 0, "FINISHED", {0.95: 60, 0.97: 130}),
+        Run("sgd", 64, 0.1, 0, "FINISHED", {0.95: 50, 0.97: 90}),
+        Run("sgd", 64, 0.3, 0, "FINISHED", {0.95: 40, 0.97: 95}),
+        Run("sgd", 64, 0.1, 1, "FINISHED", {0.95: 52, 0.97: 100}),
+        Run("sgd", 64, 0.1, 2, "FINISHED", {0.95: 55, 0.97: 104}),
+        Run("sgd", 64, 0.3, 1, "FINISHED", {0.95: 44, 0.97: 120}),
+        Run("sgd", 64, 0.3, 2, "FINISHED", {0.95: 47}),  # missed 0.97 in its budget
+        Run("sgd", 64, 0.1, 0, "FINISHED", {0.95: 50, 0.97: 90}, reference=True),
+    ]  # not a trial
     rows, _, _ = analyse(runs, n_boot=10)
     by_target = {r["target"]: r for r in rows}
     assert by_target[0.97]["best_lr"] == 0.1 and by_target[0.97]["updates_to_target"] == 100  # median(90,100,104)
@@ -68,14 +70,25 @@ def test_a_point_is_the_seeds_median_at_the_rate_chosen_on_the_first_seed():
     assert by_target[0.97]["seeds"] == 3 and by_target[0.97]["trials"] == 7
 
 
-PROTOCOL = ["experiment=batch_scaling_quick", "data.limit_train=600", "data.val_size=300", "sweep.target_acc=0.6",
-            "sweep.targets=[0.5]", "trainer.max_epochs=3", "trainer.max_updates=60", "trainer.val_every_examples=60",
-            "hydra.sweeper.grid={optimizer: sgd_momentum, data.batch_size: '10,50'}", "seed=choice(0,1)",
-            "hydra.sweeper.sampler.max_search=3", "hydra.sweeper.sampler.reference={data.batch_size: 50}"]
+PROTOCOL = [
+    "experiment=batch_scaling_quick",
+    "data.limit_train=600",
+    "data.val_size=300",
+    "sweep.target_acc=0.6",
+    "sweep.targets=[0.5]",
+    "trainer.max_epochs=3",
+    "trainer.max_updates=60",
+    "trainer.val_every_examples=60",
+    "hydra.sweeper.grid={optimizer: sgd_momentum, data.batch_size: '10,50'}",
+    "seed=choice(0,1)",
+    "hydra.sweeper.sampler.max_search=3",
+    "hydra.sweeper.sampler.reference={data.batch_size: 50}",
+]
 
 
-def test_tiny_batch_scaling_study_runs_the_protocol_end_to_end_and_goes_on_where_it_stopped(tmp_path, store,
-                                                                                            mnist_root):
+def test_tiny_batch_scaling_study_runs_the_protocol_end_to_end_and_goes_on_where_it_stopped(
+    tmp_path, store, mnist_root
+):
     # the quick preset as shipped but for size: 600 examples, targets 0.5 and 0.6, two seeds, 3 search trials a
     # cell, the reference run in the B = 50 cell
     proc = train(*PROTOCOL, cwd=tmp_path, store=store, multirun=True)
@@ -95,9 +108,13 @@ def test_tiny_batch_scaling_study_runs_the_protocol_end_to_end_and_goes_on_where
         role = lambda t: t.user_attrs["descent.role"]
         search = [t for t in trials if role(t) == "search"]
         assert len(search) == 3 and {t.params["seed"] for t in search} == {0}
-        chosen = {min((t.user_attrs[k], t.params["optimizer.lr"]) for t in search if k in t.user_attrs)[1] for k in keys}
+        chosen = {
+            min((t.user_attrs[k], t.params["optimizer.lr"]) for t in search if k in t.user_attrs)[1] for k in keys
+        }
         measured = [t for t in trials if role(t) == "seed"]  # each chosen rate once more, on seed 1
-        assert sorted((t.params["optimizer.lr"], t.params["seed"]) for t in measured) == [(lr, 1) for lr in sorted(chosen)]
+        assert sorted((t.params["optimizer.lr"], t.params["seed"]) for t in measured) == [
+            (lr, 1) for lr in sorted(chosen)
+        ]
         assert all(t.state.name != "PRUNED" for t in measured)
         reference = [t for t in trials if role(t) == "reference"]
         assert len(reference) == (name.endswith("-50"))
@@ -108,7 +125,9 @@ def test_tiny_batch_scaling_study_runs_the_protocol_end_to_end_and_goes_on_where
         if "target/updates" in r.data.metrics:
             steps = [m.step for m in client.get_metric_history(r.info.run_id, "val/acc")]
             assert steps[-1] == r.data.metrics["target/examples"] == r.data.metrics[target_key("examples", 0.6)]
-            assert r.data.metrics["target/examples"] == r.data.metrics["target/updates"] * int(r.data.params["data.batch_size"])
+            assert r.data.metrics["target/examples"] == r.data.metrics["target/updates"] * int(
+                r.data.params["data.batch_size"]
+            )
         if r.data.tags.get("optuna.pruned") == "true":
             assert "target/updates" not in r.data.metrics
     [ref] = [r for r in children if r.data.params["trainer.noise_at_targets"] == "True"]
@@ -130,12 +149,40 @@ def test_tiny_batch_scaling_study_runs_the_protocol_end_to_end_and_goes_on_where
     assert len(client.search_runs([exp.experiment_id])) == len(runs)
     # `compare.py --scaling --with RUN_ID` joins another sweep's runs (here the same sweep's again: twice as many)
     joined = tmp_path / "joined"
-    subprocess.run([sys.executable, str(ROOT / "src/compare.py"), "--scaling", "--parent", parent.info.run_id,
-                    "--with", parent.info.run_id, "--out", str(joined), "--tracking-uri", store], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "src/compare.py"),
+            "--scaling",
+            "--parent",
+            parent.info.run_id,
+            "--with",
+            parent.info.run_id,
+            "--out",
+            str(joined),
+            "--tracking-uri",
+            store,
+        ],
+        check=True,
+    )
     assert f"{2 * len(children)} runs, 2 (optimizer, batch size) cells" in (joined / "scaling.md").read_text()
-    bad = subprocess.run([sys.executable, str(ROOT / "src/compare.py"), "--scaling", "--parent", parent.info.run_id,
-                          "--with", "0" * 32, "--out", str(joined), "--tracking-uri", store],
-                         capture_output=True, text=True)
+    bad = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "src/compare.py"),
+            "--scaling",
+            "--parent",
+            parent.info.run_id,
+            "--with",
+            "0" * 32,
+            "--out",
+            str(joined),
+            "--tracking-uri",
+            store,
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode == 2 and f"--with {'0' * 32}: no such sweep run" in bad.stderr, bad.stderr[-2000:]
 
 
@@ -149,15 +196,44 @@ def test_the_report_sets_b_noise_and_b_precond_beside_b_simple_and_adamw_against
         for b, s in ((64, 100.0), (512, 30.0)):
             for seed, jitter in enumerate((1.0, 1.1, 0.9)):
                 factor = slow if b == 64 else 1.0
-                runs.append(Run(opt, b, 0.001, seed, "FINISHED", {0.9: s * factor * jitter},
-                                {0.9: s * factor * jitter * b}))
-    ref = Run("adamw", 64, 0.001, 0, "FINISHED", {0.9: 200}, {0.9: 12800}, reference=True,
-              noise={0.9: (300.0, 20.0)}, scales={("b_noise", 0.9): (120.0, 15.0), ("b_precond", 0.9): (700.0, 50.0)})
-    ref_m = Run("muon_mlp2", 64, 0.001, 0, "FINISHED", {0.9: 100}, {0.9: 6400}, reference=True,
-                noise={0.9: (280.0, 20.0)}, scales={("b_noise", 0.9): (110.0, 14.0)})
+                runs.append(
+                    Run(opt, b, 0.001, seed, "FINISHED", {0.9: s * factor * jitter}, {0.9: s * factor * jitter * b})
+                )
+    ref = Run(
+        "adamw",
+        64,
+        0.001,
+        0,
+        "FINISHED",
+        {0.9: 200},
+        {0.9: 12800},
+        reference=True,
+        noise={0.9: (300.0, 20.0)},
+        scales={("b_noise", 0.9): (120.0, 15.0), ("b_precond", 0.9): (700.0, 50.0)},
+    )
+    ref_m = Run(
+        "muon_mlp2",
+        64,
+        0.001,
+        0,
+        "FINISHED",
+        {0.9: 100},
+        {0.9: 6400},
+        reference=True,
+        noise={0.9: (280.0, 20.0)},
+        scales={("b_noise", 0.9): (110.0, 14.0)},
+    )
     rows, fits, noise = analyse(runs + [ref, ref_m], n_boot=50)
-    assert noise["adamw", 0.9] | {} == {"b_simple": 300.0, "b_simple_se": 20.0, "b_noise": 120.0, "b_noise_se": 15.0,
-                                        "b_precond": 700.0, "b_precond_se": 50.0, "batch_size": 64, "lr": 0.001}
+    assert noise["adamw", 0.9] | {} == {
+        "b_simple": 300.0,
+        "b_simple_se": 20.0,
+        "b_noise": 120.0,
+        "b_noise_se": 15.0,
+        "b_precond": 700.0,
+        "b_precond_se": 50.0,
+        "batch_size": 64,
+        "lr": 0.001,
+    }
     assert "b_precond" not in noise["muon_mlp2", 0.9]
     pairs = {p["batch_size"]: p for p in ratios(rows, n_boot=200)}
     assert pairs[64]["ratio"] == pytest.approx(2.0) and pairs[512]["ratio"] == pytest.approx(1.0)
@@ -177,12 +253,25 @@ def test_the_reference_runs_noise_scales_are_read_from_the_store(store):
     exp = client.create_experiment("scales")
     parent = client.create_run(exp).info.run_id
     child = client.create_run(exp, tags={PARENT_TAG: parent}).info.run_id
-    for key, value in {"optimizer": "adamw", "data.batch_size": "64", "optimizer.lr": "0.001", "seed": "0",
-                       "trainer.noise_at_targets": "True"}.items():
+    for key, value in {
+        "optimizer": "adamw",
+        "data.batch_size": "64",
+        "optimizer.lr": "0.001",
+        "seed": "0",
+        "trainer.noise_at_targets": "True",
+    }.items():
         client.log_param(child, key, value)
-    for key, value in {"target/updates/0.9": 200, "noise/b_simple/0.9": 300, "noise/b_simple_se/0.9": 20,
-                       "noise/b_noise/0.9": 120, "noise/b_noise_se/0.9": 15, "noise/b_precond/0.9": 700,
-                       "noise/b_precond_se/0.9": 50, "noise/b_noise": 120, "noise/grad_h_grad/0.9": 1.0}.items():
+    for key, value in {
+        "target/updates/0.9": 200,
+        "noise/b_simple/0.9": 300,
+        "noise/b_simple_se/0.9": 20,
+        "noise/b_noise/0.9": 120,
+        "noise/b_noise_se/0.9": 15,
+        "noise/b_precond/0.9": 700,
+        "noise/b_precond_se/0.9": 50,
+        "noise/b_noise": 120,
+        "noise/grad_h_grad/0.9": 1.0,
+    }.items():
         client.log_metric(child, key, value)
     [run] = read_runs(client, parent)
     assert run.reference and run.noise == {0.9: (300, 20)}

@@ -24,16 +24,35 @@ def only_run(store):
 def test_the_seed_run_as_shipped_reaches_the_books_accuracy(tmp_path, mnist_root):
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     # the launch directory is the project's root, as for a user: data/ there is the default data.root
-    status, screen = terminal([sys.executable, "src/train.py", f"hydra.run.dir={tmp_path / 'run'}"], ROOT,
-                              {"MLFLOW_TRACKING_URI": store})
+    status, screen = terminal(
+        [sys.executable, "src/train.py", f"hydra.run.dir={tmp_path / 'run'}"], ROOT, {"MLFLOW_TRACKING_URI": store}
+    )
     assert status == 0, screen[-3000:]
     client, run = only_run(store)
     assert run.info.status == "FINISHED" and run.info.run_name == "rmsprop-mini-s0"
     params = run.data.params
-    assert {k: params[k] for k in ("optimizer", "batching", "model", "data", "trainer.max_epochs",
-                                   "data.batch_size", "data.val_size", "data.limit_train")} == {
-        "optimizer": "rmsprop", "batching": "mini", "model": "mlp", "data": "mnist", "trainer.max_epochs": "5",
-        "data.batch_size": "128", "data.val_size": "0", "data.limit_train": "None"}
+    assert {
+        k: params[k]
+        for k in (
+            "optimizer",
+            "batching",
+            "model",
+            "data",
+            "trainer.max_epochs",
+            "data.batch_size",
+            "data.val_size",
+            "data.limit_train",
+        )
+    } == {
+        "optimizer": "rmsprop",
+        "batching": "mini",
+        "model": "mlp",
+        "data": "mnist",
+        "trainer.max_epochs": "5",
+        "data.batch_size": "128",
+        "data.val_size": "0",
+        "data.limit_train": "None",
+    }
     metrics = run.data.metrics
     assert metrics["progress/updates"] == 5 * -(-N_SEED // 128)
     assert metrics["test/acc"] >= 0.975, metrics  # the book: 0.978; Keras 3 here: 0.981
@@ -48,8 +67,9 @@ def test_a_stop_inside_an_epoch_at_the_default_chunk_size_resumes_with_the_print
     overrides = ["data.limit_train=20000", "trainer.max_epochs=2"]  # chunks of 8192 (the default) end at
     stop = 20000 + 8192  # 8192, 16384, 20000 in each epoch: this is inside epoch 2
     env = {"MLFLOW_TRACKING_URI": store, "DESCENT_STOP_AT": str(stop), "DESCENT_STOP_SIGNALS": "SIGINT"}
-    status, screen = terminal(command(*overrides, cwd=tmp_path, script="tests/stop_at.py", log_model=True),
-                              tmp_path, env)
+    status, screen = terminal(
+        command(*overrides, cwd=tmp_path, script="tests/stop_at.py", log_model=True), tmp_path, env
+    )
     assert status == 128 + signal.SIGINT, screen[-3000:]
     client, run = only_run(store)
     assert run.info.status == "KILLED" and 1 < run.data.metrics["progress/epoch"] <= stop / 20000

@@ -24,16 +24,29 @@ from descent.tracking.store import reachable
 
 # 3 epochs of 100 batches of 128, a checkpoint every second (each one writes the metric points and
 # uploads the checkpoint); stop requests are served every 1280 examples
-LONG = ["optimizer=sgd", "data.limit_train=12800", "data.chunk_size=1280", "trainer.max_epochs=3",
-        "trainer.log_every_examples=1280", "data.val_size=1000", "trainer.checkpoint_every_seconds=1"]
+LONG = [
+    "optimizer=sgd",
+    "data.limit_train=12800",
+    "data.chunk_size=1280",
+    "trainer.max_epochs=3",
+    "trainer.log_every_examples=1280",
+    "data.val_size=1000",
+    "trainer.checkpoint_every_seconds=1",
+]
 
 
 OUTAGE = [*LONG, "trainer.max_epochs=8"]  # long enough that the outage begins and ends while it trains
 
 
 def start(cwd, uri, *overrides):
-    return subprocess.Popen(command(*overrides, cwd=cwd), cwd=cwd, env={**os.environ, "MLFLOW_TRACKING_URI": uri},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        command(*overrides, cwd=cwd),
+        cwd=cwd,
+        env={**os.environ, "MLFLOW_TRACKING_URI": uri},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def finish(proc, timeout=300) -> str:
@@ -99,29 +112,51 @@ def restart(dir: Path, uri: str) -> None:
 
 
 def test_start_is_idempotent_and_reports_the_uri(tracking_server, tracking_server_dir):
-    out = subprocess.run([sys.executable, "-m", "descent.services.server", "start", "--dir", str(tracking_server_dir)],
-                         capture_output=True, text=True, timeout=60, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "descent.services.server", "start", "--dir", str(tracking_server_dir)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
     assert "already running" in out and f"export MLFLOW_TRACKING_URI={tracking_server}" in out
-    status = subprocess.run([sys.executable, "-m", "descent.services.server", "status", "--dir", str(tracking_server_dir)],
-                            capture_output=True, text=True, timeout=60)
+    status = subprocess.run(
+        [sys.executable, "-m", "descent.services.server", "status", "--dir", str(tracking_server_dir)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert status.returncode == 0 and "postgresql: running" in status.stdout
     assert server.backend_uri(tracking_server_dir).startswith("postgresql+psycopg2://")
 
 
 def test_a_parallel_study_in_the_servers_postgresql_nests_its_trials_under_one_parent_with_the_report(
-        tmp_path, tracking_server, tracking_server_dir, mnist_root):
+    tmp_path, tracking_server, tracking_server_dir, mnist_root
+):
     # an Optuna study as a team runs it: trials two at a time (joblib), the study in the server's PostgreSQL
     storage = server.study_storage(tracking_server_dir)
-    train("hydra/sweeper=optuna", "hydra.sweeper.n_trials=2", "hydra.sweeper.n_jobs=2",
-          f"hydra.sweeper.storage='{storage}'",  # quoted for Hydra: the URL holds = and & "optimizer.lr=tag(log,interval(0.01,0.5))", "optimizer=sgd",
-          "data.limit_train=2000", "data.val_size=1000", "trainer.max_epochs=2", "trainer.log_every_examples=500",
-          "logger.experiment_name=server_sweep", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
-          cwd=tmp_path, store=tracking_server, multirun=True)
+    train(
+        "hydra/sweeper=optuna",
+        "hydra.sweeper.n_trials=2",
+        "hydra.sweeper.n_jobs=2",
+        f"hydra.sweeper.storage='{storage}'",  # quoted for Hydra: the URL holds = and & "optimizer.lr=tag(log,interval(0.01,0.5))", "optimizer=sgd",
+        "data.limit_train=2000",
+        "data.val_size=1000",
+        "trainer.max_epochs=2",
+        "trainer.log_every_examples=500",
+        "logger.experiment_name=server_sweep",
+        "hydra/launcher=joblib",
+        "hydra.launcher.n_jobs=2",
+        cwd=tmp_path,
+        store=tracking_server,
+        multirun=True,
+    )
     client = MlflowClient(tracking_server)
     runs = client.search_runs([client.get_experiment_by_name("server_sweep").experiment_id])
     [parent] = [r for r in runs if r.data.tags.get("descent.sweep") == "true"]
-    children = {int(r.data.tags["optuna.trial"]): r for r in runs
-                if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    children = {
+        int(r.data.tags["optuna.trial"]): r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
+    }
     assert parent.info.status == "FINISHED" and parent.data.tags["optuna.storage"] == storage
     assert not (tmp_path / "outputs" / "sweep" / "mlflow_parent_run_id").exists()  # found through the store
     assert not (tmp_path / "optuna.db").exists()
@@ -138,9 +173,21 @@ def test_a_parallel_study_in_the_servers_postgresql_nests_its_trials_under_one_p
     report = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
     assert {"report/convergence.png", "report/convergence.csv", "report/search.png", "report/search.md"} <= report
     # the report tool reads the server too
-    out = subprocess.run([sys.executable, str(ROOT / "src" / "compare.py"), "--tracking-uri", tracking_server,
-                          "--parent", parent.info.run_id, "--out", str(tmp_path / "report")],
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "src" / "compare.py"),
+            "--tracking-uri",
+            tracking_server,
+            "--parent",
+            parent.info.run_id,
+            "--out",
+            str(tmp_path / "report"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "report" / "convergence.csv").is_file() and (tmp_path / "report" / "search.md").is_file()
 
@@ -151,8 +198,9 @@ def test_a_killed_run_resumes_in_another_folder_from_the_artifact_checkpoint(tmp
     first.mkdir(), elsewhere.mkdir()
     proc = start(first, tracking_server, *OUTAGE, "logger.experiment_name=server_resume")  # long enough to kill
     try:  # SIGKILL once a periodic checkpoint (not the final one) has reached the artifact store
-        run = run_of(client, "server_resume", until=lambda r: "train/loss" in r.data.metrics
-                     and has_checkpoint(client, r))
+        run = run_of(
+            client, "server_resume", until=lambda r: "train/loss" in r.data.metrics and has_checkpoint(client, r)
+        )
         proc.kill()
     finally:
         out = finish(proc)
@@ -165,8 +213,7 @@ def test_a_killed_run_resumes_in_another_folder_from_the_artifact_checkpoint(tmp
     assert client.get_run(run.info.run_id).data.tags["hydra.output_dir"] == str(elsewhere / "outputs" / "run")
 
 
-def test_the_server_away_for_seconds_mid_run_loses_no_point(tmp_path, tracking_server, tracking_server_dir,
-                                                             mnist_root):
+def test_the_server_away_for_seconds_mid_run_loses_no_point(tmp_path, tracking_server, tracking_server_dir, mnist_root):
     client = MlflowClient(tracking_server)
     proc = start(tmp_path, tracking_server, *OUTAGE, "logger.experiment_name=server_outage")
     try:
@@ -184,13 +231,20 @@ def test_the_server_away_for_seconds_mid_run_loses_no_point(tmp_path, tracking_s
     assert_complete(client, run.info.run_id, epochs=8)
 
 
-def test_the_server_away_past_the_bound_stops_the_run_which_resumes_here(tmp_path, tracking_server,
-                                                                        tracking_server_dir, mnist_root):
+def test_the_server_away_past_the_bound_stops_the_run_which_resumes_here(
+    tmp_path, tracking_server, tracking_server_dir, mnist_root
+):
     client = MlflowClient(tracking_server)
     # online SGD: 3 epochs of 12800 updates, ~3 s each on a quiet machine here, so the bound (1 s, seen at the
     # next probe 2 s on) passes while it trains
-    proc = start(tmp_path, tracking_server, *LONG, "batching=online", "logger.outage_seconds=1",
-                 "logger.experiment_name=server_gone")
+    proc = start(
+        tmp_path,
+        tracking_server,
+        *LONG,
+        "batching=online",
+        "logger.outage_seconds=1",
+        "logger.experiment_name=server_gone",
+    )
     try:
         run = run_of(client, "server_gone", until=lambda r: "train/loss" in r.data.metrics)
         kill_mlflow(tracking_server_dir)
@@ -220,8 +274,13 @@ def test_data_survive_a_stop_and_start(tracking_server, tracking_server_dir):
     before = {r.info.run_id for r in client.search_runs(experiments)}
     assert survivor in before
     server.stop(tracking_server_dir)
-    assert server.status(tracking_server_dir) == {"postgresql": "stopped", "mlflow": "stopped", "uri": None,
-                                                  "healthy": False, "studies": None}
+    assert server.status(tracking_server_dir) == {
+        "postgresql": "stopped",
+        "mlflow": "stopped",
+        "uri": None,
+        "healthy": False,
+        "studies": None,
+    }
     assert server.start(tracking_server_dir) == tracking_server
     assert server.status(tracking_server_dir)["studies"] == server.study_storage(tracking_server_dir)
     assert {r.info.run_id for r in client.search_runs(experiments)} == before

@@ -76,5 +76,6 @@ def test_the_threshold_is_where_gradient_descent_on_the_quadratic_starts_to_dive
 
 def test_adaptive_optimizers_have_no_threshold_on_lambda_max():
     assert threshold(torch.optim.Adam([torch.zeros(1)]).param_groups[0]) is None
-    assert threshold(torch.optim.SGD([torch.zeros(1)], lr=0.1, momentum=0.5, nesterov=True).param_groups[0]) == \
-        pytest.approx(3 / (0.1 * 2))
+    assert threshold(
+        torch.optim.SGD([torch.zeros(1)], lr=0.1, momentum=0.5, nesterov=True).param_groups[0]
+    ) == pytest.approx(3 / (0.1 * 2))

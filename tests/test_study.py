@@ -8,9 +8,16 @@ from mlflow import MlflowClient
 
 from conftest import train
 
-TINY = ["optimizer=sgd", "data.limit_train=2000", "data.val_size=1000", "trainer.max_epochs=2",
-        "trainer.log_every_examples=500", "trainer.val_every_examples=1000", "logger.log_checkpoint=false",
-        "logger.experiment_name=tiny"]
+TINY = [
+    "optimizer=sgd",
+    "data.limit_train=2000",
+    "data.val_size=1000",
+    "trainer.max_epochs=2",
+    "trainer.log_every_examples=500",
+    "trainer.val_every_examples=1000",
+    "logger.log_checkpoint=false",
+    "logger.experiment_name=tiny",
+]
 
 
 def study(store):
@@ -26,8 +33,7 @@ def history(client, run, key):
 
 
 def check_study(tmp_path, store, launcher_overrides=()):
-    train("batching=mini,full", "seed=0,1", *TINY, *launcher_overrides,
-          cwd=tmp_path, store=store, multirun=True)
+    train("batching=mini,full", "seed=0,1", *TINY, *launcher_overrides, cwd=tmp_path, store=store, multirun=True)
     client, parent, children = study(store)
     assert parent.info.status == "FINISHED"
     assert "batching=mini,full seed=0,1" in parent.data.params["overrides"]
@@ -69,8 +75,13 @@ def test_the_same_study_with_four_parallel_writers_on_one_new_sqlite_store_loses
     # its four jobs at once on two cores: they start, find the store brand new (schema, experiment, parent run
     # made once before them), log datasets and metrics, and upload checkpoints side by side
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    client, children = check_study(tmp_path, store, ["hydra/launcher=joblib", "hydra.launcher.n_jobs=4",
-                                                     "logger.log_checkpoint=true"])
+    client, children = check_study(
+        tmp_path, store, ["hydra/launcher=joblib", "hydra.launcher.n_jobs=4", "logger.log_checkpoint=true"]
+    )
     assert len({len(r.data.params) for r in children}) == 1
     for run in children:
-        assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"config.yaml", "train_image_4.png", "checkpoints"}
+        assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {
+            "config.yaml",
+            "train_image_4.png",
+            "checkpoints",
+        }

@@ -28,8 +28,9 @@ def test_a_partial_last_batch_is_absent_under_drop_last(mnist_root):
 
     for drop_last in (False, True):
         seen.clear()
-        dm = IDXDataModule(root=str(mnist_root), download=False, limit_train=1000, batch_size=300, seed=0,
-                           drop_last=drop_last)
+        dm = IDXDataModule(
+            root=str(mnist_root), download=False, limit_train=1000, batch_size=300, seed=0, drop_last=drop_last
+        )
         module = Recording(MLP(hidden=[32]), optimizer=partial(torch.optim.SGD, lr=0.1), log_every_examples=300)
         lightning_fit(module, dm, epochs=2)
         if drop_last:  # 3 whole batches per epoch; the 100 examples left over are another 100 each epoch
@@ -39,9 +40,18 @@ def test_a_partial_last_batch_is_absent_under_drop_last(mnist_root):
             assert seen == [300, 300, 300, 100] * 2 and (module.updates, module.examples) == (8, 2000)
 
 
-SMALL = ["optimizer=rmsprop", "data.limit_train=2000", "data.val_size=1000", "data.batch_size=64",
-         "data.drop_last=true", "data.chunk_size=128", "trainer.val_every_examples=128", "trainer.max_epochs=1",
-         "trainer.noise_scale=false", "sweep.objective=target/updates"]
+SMALL = [
+    "optimizer=rmsprop",
+    "data.limit_train=2000",
+    "data.val_size=1000",
+    "data.batch_size=64",
+    "data.drop_last=true",
+    "data.chunk_size=128",
+    "trainer.val_every_examples=128",
+    "trainer.max_epochs=1",
+    "trainer.noise_scale=false",
+    "sweep.objective=target/updates",
+]
 
 
 def test_each_target_is_logged_once_also_by_a_run_stopped_and_resumed_between_two(tmp_path, store, mnist_root):
@@ -72,14 +82,22 @@ def test_each_target_is_logged_once_also_by_a_run_stopped_and_resumed_between_tw
             assert len(history) == 1, (a, what, history)  # once, though the run started twice
             assert history[0].step == first(a)
         assert client.get_metric_history(run_id, target_key("updates", a))[0].value == first(a) // 64
-    assert run.data.metrics["target/updates"] == first(high) // 64 and run.data.metrics["target/examples"] == first(high)
+    assert run.data.metrics["target/updates"] == first(high) // 64 and run.data.metrics["target/examples"] == first(
+        high
+    )
     steps = [m.step for m in client.get_metric_history(run_id, "val/acc")]
     assert steps[-1] == first(high) and math.isclose(run.data.metrics["val/acc"], dict(acc)[first(high)])
 
 
 def test_a_target_above_the_one_the_run_stops_at_is_refused_before_anything_runs(tmp_path, store):
-    proc = train("sweep.objective=target/updates", "sweep.target_acc=0.97", "sweep.targets=[0.95,0.99]",
-                 cwd=tmp_path, store=store, check=False)
+    proc = train(
+        "sweep.objective=target/updates",
+        "sweep.target_acc=0.97",
+        "sweep.targets=[0.95,0.99]",
+        cwd=tmp_path,
+        store=store,
+        check=False,
+    )
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "sweep.targets=[0.95, 0.99]: each must be <= sweep.target_acc=0.97" in proc.stdout + proc.stderr
     assert MlflowClient(store).search_runs([e.experiment_id for e in MlflowClient(store).search_experiments()]) == []

@@ -16,14 +16,31 @@ from mlflow import MlflowClient
 from conftest import command, terminal
 
 # what each of these lines looked like before (issue 23); none may reach the screen
-NOISE = ["Creating initial MLflow database tables", "Updating database tables", "Running upgrade",
-         "Skip logging GPU metrics", "Started monitoring system metrics", "The `srun` command is available",
-         "GPU available:", "TPU available:", "litlogger", "_pytree", "LeafSpec",
-         "Training:", "Testing", "DataLoader", "Epoch 0", "it/s]", "{'test/loss'"]
+NOISE = [
+    "Creating initial MLflow database tables",
+    "Updating database tables",
+    "Running upgrade",
+    "Skip logging GPU metrics",
+    "Started monitoring system metrics",
+    "The `srun` command is available",
+    "GPU available:",
+    "TPU available:",
+    "litlogger",
+    "_pytree",
+    "LeafSpec",
+    "Training:",
+    "Testing",
+    "DataLoader",
+    "Epoch 0",
+    "it/s]",
+    "{'test/loss'",
+]
 BAR = re.compile(r"epoch 1/1 100%\|█+\| 500/500 \[[0-9:]+<[0-9:]+, \d+ ex/s, loss \d\.\d{4}, acc \d+\.\d{2}%\]")
-CLOSING = re.compile(r"test/loss \d\.\d{4}, test/acc \d+\.\d{2}% after 500 examples, 4 updates, [0-9.]+ s of training\r?\n"
-                     r"MLflow run ([0-9a-f]{32}) \((\w+-mini-s0), experiment descent\)\r?\n"
-                     r"to look at it: make ui, then open http://127\.0\.0\.1:5000/#/experiments/(\d+)/runs/\1")
+CLOSING = re.compile(
+    r"test/loss \d\.\d{4}, test/acc \d+\.\d{2}% after 500 examples, 4 updates, [0-9.]+ s of training\r?\n"
+    r"MLflow run ([0-9a-f]{32}) \((\w+-mini-s0), experiment descent\)\r?\n"
+    r"to look at it: make ui, then open http://127\.0\.0\.1:5000/#/experiments/(\d+)/runs/\1"
+)
 
 
 def run_on_terminal(tmp_path, *overrides, multirun=False):
@@ -32,9 +49,14 @@ def run_on_terminal(tmp_path, *overrides, multirun=False):
     (fake / "srun").write_text("#!/bin/sh\nexit 1\n")
     (fake / "srun").chmod(stat.S_IRWXU)
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    code, screen = terminal(command("data.limit_train=500", "trainer.max_epochs=1", *overrides, cwd=tmp_path,
-                                    multirun=multirun, log_model=True), cwd=tmp_path, timeout=300,
-                            env={"MLFLOW_TRACKING_URI": store, "PATH": f"{fake}:{os.environ['PATH']}"})
+    code, screen = terminal(
+        command(
+            "data.limit_train=500", "trainer.max_epochs=1", *overrides, cwd=tmp_path, multirun=multirun, log_model=True
+        ),
+        cwd=tmp_path,
+        timeout=300,
+        env={"MLFLOW_TRACKING_URI": store, "PATH": f"{fake}:{os.environ['PATH']}"},
+    )
     assert code == 0, screen[-4000:]
     return MlflowClient(store), screen
 
@@ -47,8 +69,10 @@ def lines(screen: str) -> list[str]:
 def test_a_run_shows_what_runs_the_bar_and_where_to_look(tmp_path, mnist_root):
     client, screen = run_on_terminal(tmp_path)
     assert [n for n in NOISE if n in screen] == [], screen
-    assert "rmsprop-mini-s0 (data=mnist model=mlp optimizer=rmsprop batching=mini): 500 train, 10000 test " \
-           "examples; cpu, " in screen
+    assert (
+        "rmsprop-mini-s0 (data=mnist model=mlp optimizer=rmsprop batching=mini): 500 train, 10000 test "
+        "examples; cpu, " in screen
+    )
     assert "MLflow sqlite:///" in screen and "output outputs/run\r\n" in screen
     assert "\repoch 1/1 " in screen  # drawn live: redrawn in place
     assert BAR.search(screen), screen
@@ -59,19 +83,28 @@ def test_a_run_shows_what_runs_the_bar_and_where_to_look(tmp_path, mnist_root):
     assert len(lines(screen)) <= 15, lines(screen)
     # the run's log file keeps what the screen leaves out
     log = (tmp_path / "outputs" / "run" / "train.log").read_text()
-    for line in ("Creating initial MLflow database tables", "GPU available: False", "The `srun` command is available",
-                 "MNIST from cache", "model logged in"):
+    for line in (
+        "Creating initial MLflow database tables",
+        "GPU available: False",
+        "The `srun` command is available",
+        "MNIST from cache",
+        "model logged in",
+    ):
         assert line in log, line
 
 
 def test_a_sweep_shows_each_job_then_the_report(tmp_path, mnist_root):
     client, screen = run_on_terminal(tmp_path, "optimizer=sgd,rmsprop", multirun=True)
     assert [n for n in NOISE if n in screen] == [], screen
-    runs = [r for r in client.search_runs([client.get_experiment_by_name("descent").experiment_id])
-            if "mlflow.parentRunId" in r.data.tags]
+    runs = [
+        r
+        for r in client.search_runs([client.get_experiment_by_name("descent").experiment_id])
+        if "mlflow.parentRunId" in r.data.tags
+    ]
     closings = list(CLOSING.finditer(screen))
-    assert [(m.group(1), m.group(2)) for m in closings] == [(r.info.run_id, r.info.run_name) for r in
-                                                             sorted(runs, key=lambda r: r.info.start_time)]
+    assert [(m.group(1), m.group(2)) for m in closings] == [
+        (r.info.run_id, r.info.run_name) for r in sorted(runs, key=lambda r: r.info.start_time)
+    ]
     assert len(BAR.findall(screen)) == 2 and screen.count("-mini-s0 (data=mnist model=mlp optimizer=") == 2
     assert "| configuration |" in screen and "| sgd-mini | 1 | ok |" in screen and "| rmsprop-mini | 1 | ok |" in screen
     assert "convergence report: outputs/sweep/convergence.md (table)" in screen
@@ -89,9 +122,15 @@ def test_the_screen_filter_drops_only_known_chatter_unless_verbose():
     level = root.level
     try:
         root.setLevel(logging.INFO)
-        assert not quiet.filter(record("mlflow.store.db.utils", logging.INFO, "Creating initial MLflow database tables..."))
-        assert quiet.filter(record("mlflow.store.db.utils", logging.WARNING, "Creating a store failed"))  # another message
-        assert quiet.filter(record("pytorch_lightning.utilities.rank_zero", logging.ERROR, "GPU available: no"))  # errors
+        assert not quiet.filter(
+            record("mlflow.store.db.utils", logging.INFO, "Creating initial MLflow database tables...")
+        )
+        assert quiet.filter(
+            record("mlflow.store.db.utils", logging.WARNING, "Creating a store failed")
+        )  # another message
+        assert quiet.filter(
+            record("pytorch_lightning.utilities.rank_zero", logging.ERROR, "GPU available: no")
+        )  # errors
         assert not quiet.filter(record("descent.data", logging.DEBUG, "MNIST from cache"))  # details: log file only
         root.setLevel(logging.DEBUG)  # hydra.verbose=true
         assert quiet.filter(record("mlflow.store.db.utils", logging.INFO, "Creating initial MLflow database tables..."))

@@ -18,8 +18,10 @@ def test_each_toy_loss_gradient_matches_central_finite_differences(name):
         p = torch.tensor(rng.uniform(lo, hi), requires_grad=True)
         (grad,) = torch.autograd.grad(surface.fn(p), p)
         h = 1e-6
-        fd = [(surface.fn(p.detach() + h * e) - surface.fn(p.detach() - h * e)) / (2 * h)
-              for e in torch.eye(surface.dim, dtype=torch.float64)]
+        fd = [
+            (surface.fn(p.detach() + h * e) - surface.fn(p.detach() - h * e)) / (2 * h)
+            for e in torch.eye(surface.dim, dtype=torch.float64)
+        ]
         assert grad.numpy() == pytest.approx(np.array([float(v) for v in fd]), rel=1e-6, abs=1e-6)
 
 

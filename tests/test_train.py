@@ -16,15 +16,25 @@ def runs(store, experiment="descent"):
 
 
 def test_a_run_records_params_metrics_and_artifacts(tmp_path, store, mnist_root):
-    train("data.limit_train=3000", "data.val_size=1000", "trainer.max_epochs=2",
-          "trainer.val_every_examples=2000", cwd=tmp_path, store=store)
+    train(
+        "data.limit_train=3000",
+        "data.val_size=1000",
+        "trainer.max_epochs=2",
+        "trainer.val_every_examples=2000",
+        cwd=tmp_path,
+        store=store,
+    )
     client, [run] = runs(store)
     assert run.info.status == "FINISHED"
     assert run.info.run_name == "rmsprop-mini-s0"
 
     params = run.data.params
     assert {k: params[k] for k in ("optimizer", "batching", "model", "data")} == {
-        "optimizer": "rmsprop", "batching": "mini", "model": "mlp", "data": "mnist"}
+        "optimizer": "rmsprop",
+        "batching": "mini",
+        "model": "mlp",
+        "data": "mnist",
+    }
     assert params["optimizer.lr"] == "0.001" and params["data.limit_train"] == "3000"
     assert params["trainer.max_epochs"] == "2" and params["seed"] == "0"
     assert len(run.data.tags["mlflow.source.git.commit"]) == 40
@@ -35,8 +45,17 @@ def test_a_run_records_params_metrics_and_artifacts(tmp_path, store, mnist_root)
     assert params["omp.wait_policy"] == threads.wait_policy(env)
 
     metrics = run.data.metrics
-    for key in ("train/loss", "train/acc", "val/loss", "val/acc", "test/loss", "test/acc",
-                "progress/epoch", "progress/updates", "progress/seconds"):
+    for key in (
+        "train/loss",
+        "train/acc",
+        "val/loss",
+        "val/acc",
+        "test/loss",
+        "test/acc",
+        "progress/epoch",
+        "progress/updates",
+        "progress/seconds",
+    ):
         assert key in metrics, key
     assert metrics["progress/epoch"] == 2.0
     assert metrics["progress/updates"] == 2 * 24  # ceil(3000 / 128) updates per epoch
@@ -44,11 +63,19 @@ def test_a_run_records_params_metrics_and_artifacts(tmp_path, store, mnist_root)
     assert "system/cpu_utilization_percentage" in metrics  # system metrics are on by default
 
     # step = training examples seen, for every metric
-    hist = {k: client.get_metric_history(run.info.run_id, k) for k in ("train/loss", "val/loss", "test/acc", "progress/updates")}
+    hist = {
+        k: client.get_metric_history(run.info.run_id, k)
+        for k in ("train/loss", "val/loss", "test/acc", "progress/updates")
+    }
     steps = [m.step for m in hist["train/loss"]]
     assert steps == sorted(steps) and steps[-1] == 6000
     assert all(b - a <= 1200 + 128 for a, b in zip([0] + steps, steps))  # a point at least every 1200 examples
-    assert [m.step for m in hist["val/loss"]] == [2048, 3000, 4024, 6000]  # first update at or after every 2000 examples, and epoch ends
+    assert [m.step for m in hist["val/loss"]] == [
+        2048,
+        3000,
+        4024,
+        6000,
+    ]  # first update at or after every 2000 examples, and epoch ends
     assert [m.step for m in hist["test/acc"]] == [6000]
     updates = {m.step: m.value for m in hist["progress/updates"]}
     assert all(updates[s] == -(-min(s, 3000) // 128) + (s > 3000) * -(-(s - 3000) // 128) for s in steps)
@@ -63,8 +90,15 @@ def test_a_run_records_params_metrics_and_artifacts(tmp_path, store, mnist_root)
 
 
 def test_checkpoint_upload_and_system_metrics_can_be_switched_off(tmp_path, store, mnist_root):
-    train("data.limit_train=1000", "trainer.max_epochs=1", "logger.log_checkpoint=false", "trainer.threads=1",
-          "logger.system_metrics=false", cwd=tmp_path, store=store)
+    train(
+        "data.limit_train=1000",
+        "trainer.max_epochs=1",
+        "logger.log_checkpoint=false",
+        "trainer.threads=1",
+        "logger.system_metrics=false",
+        cwd=tmp_path,
+        store=store,
+    )
     client, [run] = runs(store)
     assert run.info.status == "FINISHED" and "test/acc" in run.data.metrics
     assert not [k for k in run.data.metrics if k.startswith("system/")]
@@ -74,8 +108,15 @@ def test_checkpoint_upload_and_system_metrics_can_be_switched_off(tmp_path, stor
 
 
 def test_multirun_records_one_run_per_job(tmp_path, store, mnist_root):
-    train("optimizer=sgd,sgd_momentum,rmsprop", "data.limit_train=1000", "trainer.max_epochs=1",
-          "logger.log_checkpoint=false", cwd=tmp_path, store=store, multirun=True)
+    train(
+        "optimizer=sgd,sgd_momentum,rmsprop",
+        "data.limit_train=1000",
+        "trainer.max_epochs=1",
+        "logger.log_checkpoint=false",
+        cwd=tmp_path,
+        store=store,
+        multirun=True,
+    )
     client, found = runs(store)
     children = [r for r in found if "mlflow.parentRunId" in r.data.tags or r.data.params.get("optimizer")]
     assert sorted(r.info.run_name for r in children) == ["rmsprop-mini-s0", "sgd-mini-s0", "sgd_momentum-mini-s0"]

@@ -15,8 +15,16 @@ from descent.services import ui
 
 CHROMIUM = "/usr/bin/chromium"
 # no sandbox (root in a container), nothing fetched from the network by the browser itself
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 TIMEOUT_MS = 60_000  # the UI's first load compiles a lot of JavaScript on 2 busy cores
 
 

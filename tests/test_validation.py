@@ -59,10 +59,8 @@ BAD = {
     "optimizer.lr=-1": "optimizer.lr=-1: must be a finite number > 0",
     "optimizer.lr=inf": "optimizer.lr=inf: must be a finite number > 0",
     "optimizer.lr=fast": "optimizer.lr='fast': must be a finite number > 0",
-    "optimizer=sgd +optimizer.momentom=0.9":
-        f"optimizer.momentom: unknown key; allowed keys for torch.optim.SGD: {SGD_KEYS}",
-    "optimizer=rmsprop +optimizer.fused=true":
-        "optimizer.fused: unknown key; allowed keys for torch.optim.RMSprop: lr, alpha,",
+    "optimizer=sgd +optimizer.momentom=0.9": f"optimizer.momentom: unknown key; allowed keys for torch.optim.SGD: {SGD_KEYS}",
+    "optimizer=rmsprop +optimizer.fused=true": "optimizer.fused: unknown key; allowed keys for torch.optim.RMSprop: lr, alpha,",
     "optimizer=sgd +optimizer.nesterov=true": NESTEROV + " (momentum is 0, dampening 0)",
     "optimizer=nesterov +optimizer.dampening=0.1": NESTEROV + " (momentum is 0.9, dampening 0.1)",
     "optimizer=sgd_momentum optimizer.momentum=1": "optimizer.momentum=1: must be a number in [0, 1)",
@@ -73,20 +71,17 @@ BAD = {
     "optimizer.alpha=1.0": "optimizer.alpha=1.0: must be a number in [0, 1)",
     "++optimizer.weight_decay=-0.1": "optimizer.weight_decay=-0.1: must be a finite number >= 0",
     "++optimizer.centered=1": "optimizer.centered=1: must be true or false",  # no rule of ours: its default's type
-    "optimizer=adam optimizer.fused=sometimes":
-        "optimizer.fused='sometimes': must be null (torch chooses), true or false",
+    "optimizer=adam optimizer.fused=sometimes": "optimizer.fused='sometimes': must be null (torch chooses), true or false",
     "optimizer._partial_=false": "optimizer._partial_=false: must be true",
     "optimizer._target_=os.system": f"optimizer._target_='os.system': {REFUSED}",
-    "optimizer._target_=torch.optim.SGDD":
-        "optimizer._target_='torch.optim.SGDD': cannot be imported (module 'torch.optim' has no attribute 'SGDD')",
+    "optimizer._target_=torch.optim.SGDD": "optimizer._target_='torch.optim.SGDD': cannot be imported (module 'torch.optim' has no attribute 'SGDD')",
     "~optimizer._target_": "optimizer._target_: missing; must name a class in torch.optim, torch.nn or descent",
     # data
     "data.val_size=70000": "data.val_size=70000: must be an integer in [0, 59999] "
-                           "(the 60000 training examples, minus at least one for training)",
+    "(the 60000 training examples, minus at least one for training)",
     "data.val_size=-1": "data.val_size=-1: must be an integer in [0, 59999]",
     "data.limit_train=0": "data.limit_train=0: must be null (all of them) or an integer in [1, 60000]",
-    "data.val_size=1000 data.limit_train=59001":
-        "data.limit_train=59001: must be null (all of them) or an integer in [1, 59000]",
+    "data.val_size=1000 data.limit_train=59001": "data.limit_train=59001: must be null (all of them) or an integer in [1, 59000]",
     "data.batch_size=0": f"data.batch_size=0: {WHOLE} [1, 60000]",
     "data.limit_train=100 data.batch_size=200": f"data.batch_size=200: {WHOLE} [1, 100]",
     "data.val_size=50000 data.batch_size=10001": f"data.batch_size=10001: {WHOLE} [1, 10000]",
@@ -94,39 +89,34 @@ BAD = {
     "data.chunk_size=0": "data.chunk_size=0: must be an integer >= 1",
     "data.download=yes": "data.download='yes': must be true or false",
     "+data.seed=3":  # train.py passes the top-level seed itself
-        "data.seed: unknown key; allowed keys for descent.data.IDXDataModule: root, name, download,",
+    "data.seed: unknown key; allowed keys for descent.data.IDXDataModule: root, name, download,",
     # model
     "model.init=xavier": "model.init='xavier': must be one of keras, torch",
     "model.loss=hinge": "model.loss='hinge': must be one of cross_entropy, mse",
     "model.hidden=0": "model.hidden=0: must be a list of integers >= 1",
-    "+model.hiden=3":
-        "model.hiden: unknown key; allowed keys for descent.nets.MLP: hidden, classes, init, in_features",
+    "+model.hiden=3": "model.hiden: unknown key; allowed keys for descent.nets.MLP: hidden, classes, init, in_features",
     # trainer, logger, top level
     "trainer.max_epochs=five": "trainer.max_epochs='five': must be an integer >= 1",
     "trainer.max_epochs=2.5": "trainer.max_epochs=2.5: must be an integer >= 1",
     "trainer.max_epochs=0": "trainer.max_epochs=0: must be an integer >= 1",
     "~trainer.max_epochs": "trainer.max_epochs: missing; must be an integer >= 1",
     "trainer.log_every_examples=0": "trainer.log_every_examples=0: must be an integer >= 1",
-    "trainer.val_every_examples=0":
-        "trainer.val_every_examples=0: must be null (at epoch ends only) or an integer >= 1",
+    "trainer.val_every_examples=0": "trainer.val_every_examples=0: must be null (at epoch ends only) or an integer >= 1",
     "trainer.checkpoint_every_seconds=0": "trainer.checkpoint_every_seconds=0: must be a finite number > 0",
     "trainer.threads=0": "trainer.threads=0: must be null (chosen from the batch size and the CPUs granted: "
-                         "descent/engine/threads.py) or an integer >= 1",
+    "descent/engine/threads.py) or an integer >= 1",
     "trainer.threads=-1": "trainer.threads=-1: must be null (chosen from the batch size",
     "trainer.threads=two": "trainer.threads='two': must be null (chosen from the batch size",
     "trainer.progress_bar=maybe": "trainer.progress_bar='maybe': must be true or false",
     "+trainer.max_epoch=3": "trainer.max_epoch: unknown key; allowed keys: max_epochs, accelerator,",
-    "+logger.experiment=x":
-        "logger.experiment: unknown key; allowed keys: experiment_name, tracking_uri, log_checkpoint, outage_seconds",
+    "+logger.experiment=x": "logger.experiment: unknown key; allowed keys: experiment_name, tracking_uri, log_checkpoint, outage_seconds",
     "logger.experiment_name=": "logger.experiment_name='': must be a non-empty string",
     "logger.experiment_name=${oc.env:DESCENT_TEST_UNSET}": "logger.experiment_name: cannot be resolved: ",
     "seed=-1": "seed=-1: must be an integer in [0, 4294967295]",
     "seed=1.5": "seed=1.5: must be an integer in [0, 4294967295]",
     "+max_epochs=3": "max_epochs: unknown key; allowed keys at the top level: seed, resume, lr_by_batching,",
-    "+lr_by_batching={mini:-0.1}":
-        "lr_by_batching={'mini': -0.1}: must be a mapping of option names to learning rates > 0",
-    "+lr_searched={mnist-mlp:{mini:0}}":
-        "lr_searched={'mnist-mlp': {'mini': 0}}: must be a mapping of <data>-<model> (mnist-mlp, ...) to mappings",
+    "+lr_by_batching={mini:-0.1}": "lr_by_batching={'mini': -0.1}: must be a mapping of option names to learning rates > 0",
+    "+lr_searched={mnist-mlp:{mini:0}}": "lr_searched={'mnist-mlp': {'mini': 0}}: must be a mapping of <data>-<model> (mnist-mlp, ...) to mappings",
     "resume=3": "resume=3: must be null (a new run) or a non-empty string",
 }
 
@@ -138,8 +128,15 @@ def test_a_bad_value_is_named_with_what_is_allowed(overrides):
 
 
 def test_every_problem_is_reported_at_once_one_per_line():
-    lines = problems("optimizer=sgd", "optimizer.lr=-1.0", "+optimizer.momentom=0.9", "trainer.max_epochs=five",
-                     "data.val_size=70000", "model.init=xavier", "+trainer.foo=1")
+    lines = problems(
+        "optimizer=sgd",
+        "optimizer.lr=-1.0",
+        "+optimizer.momentom=0.9",
+        "trainer.max_epochs=five",
+        "data.val_size=70000",
+        "model.init=xavier",
+        "+trainer.foo=1",
+    )
     expected = [
         "optimizer.lr=-1.0: must be a finite number > 0",
         f"optimizer.momentom: unknown key; allowed keys for torch.optim.SGD: {SGD_KEYS}",
@@ -160,8 +157,9 @@ def test_a_target_anywhere_is_refused_before_its_module_is_imported(tmp_path, mo
     assert f"trainer.extra._target_='os.system': {REFUSED}" in lines
     assert not (tmp_path / "imported").exists()
 
-    nested = OmegaConf.create({"callbacks": [{"fn": {"_target_": "subprocess.run"}}],
-                               "ok": {"_target_": "torch.nn.ReLU"}})
+    nested = OmegaConf.create(
+        {"callbacks": [{"fn": {"_target_": "subprocess.run"}}], "ok": {"_target_": "torch.nn.ReLU"}}
+    )
     assert refused_targets(nested) == [f"callbacks.0.fn._target_='subprocess.run': {REFUSED}"]
     assert refused_targets(compose_job()) == []  # the real config's targets are all allowed
 
@@ -170,14 +168,21 @@ def test_only_the_values_checked_are_resolved():
     # an unknown key is reported as such, without resolving it; ${hydra:...} outside a job is a problem, not a crash
     lines = problems("+trainer.foo=${oc.env:DESCENT_TEST_UNSET}")
     assert lines[0].startswith("trainer.foo: unknown key;") and len(lines) == 1
-    with pytest.raises(ConfigError, match=r"^lr_by_optimizer: cannot be resolved: .*HydraConfig was not set\n"
-                                          r"data\.val_size: cannot be resolved: .*HydraConfig was not set\n"
-                                          r"optimizer\.lr: cannot be resolved: .*HydraConfig was not set"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^lr_by_optimizer: cannot be resolved: .*HydraConfig was not set\n"
+        r"data\.val_size: cannot be resolved: .*HydraConfig was not set\n"
+        r"optimizer\.lr: cannot be resolved: .*HydraConfig was not set",
+    ):
         validate(compose_job("experiment=optimizers", hydra_config=False))
 
 
 # the toy losses and their gradient oracle come in pairs (descent/nets/toy.py)
-PARTNER = {("data", "toy"): "model=double_well", ("model", "double_well"): "data=toy", ("model", "rosenbrock"): "data=toy"}
+PARTNER = {
+    ("data", "toy"): "model=double_well",
+    ("model", "double_well"): "data=toy",
+    ("model", "rosenbrock"): "data=toy",
+}
 
 
 @pytest.mark.parametrize("group,option", [(g, o) for g, opts in GROUPS.items() for o in opts if g != "experiment"])
@@ -216,12 +221,21 @@ def test_every_experiment_preset_and_every_job_of_its_sweep_is_valid(preset):
 def test_optional_sizes_and_valid_edges_pass():
     validate(compose_job("batching=full", "data.val_size=59999"))
     validate(compose_job("batching=online", "data.val_size=10000", "data.limit_train=50000", "data.batch_size=50000"))
-    validate(compose_job("optimizer=adam", "optimizer.betas=[0.0,0.0]", "optimizer.fused=null",
-                         "trainer.val_every_examples=1", "seed=4294967295", "trainer.threads=1"))
+    validate(
+        compose_job(
+            "optimizer=adam",
+            "optimizer.betas=[0.0,0.0]",
+            "optimizer.fused=null",
+            "trainer.val_every_examples=1",
+            "seed=4294967295",
+            "trainer.threads=1",
+        )
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # the real entry point (these need src/train.py to call validate() first thing in main)
+
 
 def no_run_created(tmp_path, store) -> bool:
     if not (tmp_path / "mlflow.db").exists():
@@ -234,24 +248,41 @@ def no_run_created(tmp_path, store) -> bool:
 
 
 def test_a_bad_config_exits_2_listing_every_problem_without_a_traceback_or_a_run(tmp_path, store):
-    proc = train("optimizer.lr=-1", "+optimizer.momentom=0.9", "trainer.max_epochs=five", "data.val_size=70000",
-                 "+data.extra={_target_:os.system}", cwd=tmp_path, store=store, check=False, timeout=120)
+    proc = train(
+        "optimizer.lr=-1",
+        "+optimizer.momentom=0.9",
+        "trainer.max_epochs=five",
+        "data.val_size=70000",
+        "+data.extra={_target_:os.system}",
+        cwd=tmp_path,
+        store=store,
+        check=False,
+        timeout=120,
+    )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 2, out
-    for line in ["optimizer.lr=-1: must be a finite number > 0",
-                 "optimizer.momentom: unknown key; allowed keys for torch.optim.RMSprop: lr, alpha,",
-                 "trainer.max_epochs='five': must be an integer >= 1",
-                 "data.val_size=70000: must be an integer in [0, 59999]",
-                 f"data.extra._target_='os.system': {REFUSED}",
-                 "data.extra: unknown key;"]:
+    for line in [
+        "optimizer.lr=-1: must be a finite number > 0",
+        "optimizer.momentom: unknown key; allowed keys for torch.optim.RMSprop: lr, alpha,",
+        "trainer.max_epochs='five': must be an integer >= 1",
+        "data.val_size=70000: must be an integer in [0, 59999]",
+        f"data.extra._target_='os.system': {REFUSED}",
+        "data.extra: unknown key;",
+    ]:
         assert line in out, out
     assert "Traceback" not in out
     assert no_run_created(tmp_path, store)
 
 
 def test_hydra_full_error_shows_the_traceback(tmp_path, store):
-    proc = train("optimizer._target_=os.system", cwd=tmp_path, store=store, check=False, timeout=120,
-                 env={"HYDRA_FULL_ERROR": "1"})
+    proc = train(
+        "optimizer._target_=os.system",
+        cwd=tmp_path,
+        store=store,
+        check=False,
+        timeout=120,
+        env={"HYDRA_FULL_ERROR": "1"},
+    )
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0
     assert "Traceback" in out and "ConfigError" in out
@@ -268,10 +299,13 @@ def test_an_unknown_option_keeps_hydras_list_of_available_ones(tmp_path, store):
     assert no_run_created(tmp_path, store)
 
 
-@pytest.mark.parametrize("sweep,bad", [
-    ("optimizer.lr=0.1,-1", {"job #1 (optimizer.lr=-1)": "optimizer.lr=-1: must be a finite number > 0"}),
-    ("data.batch_size=128,0", {"job #1 (data.batch_size=0)": "data.batch_size=0: must be null"}),
-])
+@pytest.mark.parametrize(
+    "sweep,bad",
+    [
+        ("optimizer.lr=0.1,-1", {"job #1 (optimizer.lr=-1)": "optimizer.lr=-1: must be a finite number > 0"}),
+        ("data.batch_size=128,0", {"job #1 (data.batch_size=0)": "data.batch_size=0: must be null"}),
+    ],
+)
 def test_a_sweep_with_a_bad_job_is_refused_before_its_first_job(tmp_path, store, sweep, bad):
     proc = train(sweep, "data.limit_train=500", cwd=tmp_path, store=store, multirun=True, check=False, timeout=180)
     out = proc.stdout + proc.stderr
@@ -286,6 +320,7 @@ def test_a_sweep_with_a_bad_job_is_refused_before_its_first_job(tmp_path, store,
 
 # ---------------------------------------------------------------------------------------------
 # the keys a config may have are conf/'s own: a key is added in conf/train.yaml, not also in Python
+
 
 def test_a_key_added_to_conf_is_accepted_without_touching_the_schema_and_an_unknown_one_is_still_refused(tmp_path):
     conf = tmp_path / "conf"
@@ -311,8 +346,10 @@ def test_a_key_added_to_conf_is_accepted_without_touching_the_schema_and_an_unkn
         validate(job("+trainer.other_key=1"))
     assert str(e.value).startswith("trainer.other_key: unknown key; allowed keys: new_key, max_epochs, accelerator,")
     # the project's conf/ has no such key: refused there, with its message
-    assert any(line.startswith("trainer.new_key: unknown key; allowed keys: max_epochs, accelerator,")
-               for line in problems("+trainer.new_key=1"))
+    assert any(
+        line.startswith("trainer.new_key: unknown key; allowed keys: max_epochs, accelerator,")
+        for line in problems("+trainer.new_key=1")
+    )
 
 
 def test_every_rule_is_for_a_key_conf_has():
@@ -321,5 +358,12 @@ def test_every_rule_is_for_a_key_conf_has():
     for section, rules in schema.SECTION_RULES.items():
         assert set(rules) <= set(known.sections[section]), section
     assert set(schema.TOP) <= set(known.top)
-    assert set(schema.TOP) - set(known.required) == {"lr_by_batching", "lr_by_optimizer", "lr_searched", "lr_ratio",
-                                                     "start_by_model", "arm", "draw"}  # the presets' keys
+    assert set(schema.TOP) - set(known.required) == {
+        "lr_by_batching",
+        "lr_by_optimizer",
+        "lr_searched",
+        "lr_ratio",
+        "start_by_model",
+        "arm",
+        "draw",
+    }  # the presets' keys

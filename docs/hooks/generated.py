@@ -6,6 +6,7 @@
 - reference/layout.md: every module of src/, benchmarks/ and tests/ with the first sentence of its docstring
 - changelog.md: the top-level CHANGELOG.md
 """
+
 from __future__ import annotations
 
 import ast
@@ -97,12 +98,16 @@ def cell(text: str) -> str:
 
 
 def config_page() -> str:
-    out = ["# Configuration keys", "",
-           "Generated from the comments in `conf/` when the site is built: each key with its default and the "
-           "comment the file gives it. A group's option sets its keys under the group's name "
-           "(`optimizer=adam` sets `optimizer.*`) unless its file says `# @package`. Any key is overridden "
-           "on the command line as `key=value`; `python src/train.py --cfg job` prints what a command line "
-           "composes.", ""]
+    out = [
+        "# Configuration keys",
+        "",
+        "Generated from the comments in `conf/` when the site is built: each key with its default and the "
+        "comment the file gives it. A group's option sets its keys under the group's name "
+        "(`optimizer=adam` sets `optimizer.*`) unless its file says `# @package`. Any key is overridden "
+        "on the command line as `key=value`; `python src/train.py --cfg job` prints what a command line "
+        "composes.",
+        "",
+    ]
     train_header, _, train_rows = parse_yaml((CONF / "train.yaml").read_text())
     out += ["## train.yaml: the defaults", "", train_header.replace("\n", " "), "", *table(train_rows, "")]
     for group in ["data", "model", "optimizer", "batching"]:
@@ -112,17 +117,30 @@ def config_page() -> str:
             prefix = "" if package == "_global_" else (package or group)
             out += [f"### `{group}={f.stem}`", "", f"`conf/{group}/{f.name}`. " + header.replace("\n", " "), ""]
             out += table(rows, prefix)
-    out += ["## `experiment=`: the studies' presets", "",
-            "Each preset is `# @package _global_`: it sets keys anywhere. Its header says what it studies and "
-            "what it costs; its keys are in the file.", ""]
+    out += [
+        "## `experiment=`: the studies' presets",
+        "",
+        "Each preset is `# @package _global_`: it sets keys anywhere. Its header says what it studies and "
+        "what it costs; its keys are in the file.",
+        "",
+    ]
     for f in sorted((CONF / "experiment").glob("*.yaml")):
         header, _, _ = parse_yaml(f.read_text())
         out += [f"### `experiment={f.stem}`", "", f"`conf/experiment/{f.name}`.", "", "```text", header, "```", ""]
     for sub, prefix in [("launcher", "hydra.launcher"), ("sweeper", "hydra.sweeper")]:
         for f in sorted((CONF / "hydra" / sub).glob("*.yaml")):
             header, _, rows = parse_yaml(f.read_text())
-            out += [f"## `hydra/{sub}={f.stem}`", "", f"`conf/hydra/{sub}/{f.name}`.", "", "```text", header,
-                    "```", "", *table(rows, prefix)]
+            out += [
+                f"## `hydra/{sub}={f.stem}`",
+                "",
+                f"`conf/hydra/{sub}/{f.name}`.",
+                "",
+                "```text",
+                header,
+                "```",
+                "",
+                *table(rows, prefix),
+            ]
     return "\n".join(out) + "\n"
 
 
@@ -141,12 +159,15 @@ def table(rows, prefix: str) -> list[str]:
 def cli_page() -> str:
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
     env.pop("MLFLOW_TRACKING_URI", None)  # the help shows the default store, not the builder's
-    text = subprocess.run([sys.executable, "src/train.py", "--help"], cwd=ROOT, env=env, check=True,
-                          capture_output=True, text=True).stdout
-    return ("# Command line: `--help`\n\nWhat `python src/train.py --help` prints, captured when the site was "
-            "built (its text is `conf/hydra/help/descent.yaml`, Hydra's help template; "
-            "`python src/train.py optimizer=sgd --help` shows that option's values in the config part). "
-            "Hydra's own flags: `python src/train.py --hydra-help`.\n\n```text\n" + text + "```\n")
+    text = subprocess.run(
+        [sys.executable, "src/train.py", "--help"], cwd=ROOT, env=env, check=True, capture_output=True, text=True
+    ).stdout
+    return (
+        "# Command line: `--help`\n\nWhat `python src/train.py --help` prints, captured when the site was "
+        "built (its text is `conf/hydra/help/descent.yaml`, Hydra's help template; "
+        "`python src/train.py optimizer=sgd --help` shows that option's values in the config part). "
+        "Hydra's own flags: `python src/train.py --hydra-help`.\n\n```text\n" + text + "```\n"
+    )
 
 
 def notebook_files(config) -> list[File]:
@@ -156,9 +177,11 @@ def notebook_files(config) -> list[File]:
 
     nb = nbformat.read(NOTEBOOK, as_version=4)
     body, resources = MarkdownExporter().from_notebook_node(nb, resources={"output_files_dir": "notebook_files"})
-    head = ("!!! note \"The notebook\"\n    `notebooks/chapter2.ipynb` (paired with `notebooks/chapter2.py` by "
-            "jupytext), as last executed and committed; `tests/test_notebook.py` executes it on small data. "
-            "Open it with `jupyter lab notebooks/chapter2.ipynb` (or run the `.py` cell by cell).\n\n")
+    head = (
+        '!!! note "The notebook"\n    `notebooks/chapter2.ipynb` (paired with `notebooks/chapter2.py` by '
+        "jupytext), as last executed and committed; `tests/test_notebook.py` executes it on small data. "
+        "Open it with `jupyter lab notebooks/chapter2.ipynb` (or run the `.py` cell by cell).\n\n"
+    )
     files = [File.generated(config, "notebook.md", content=head + body)]
     for name, data in resources.get("outputs", {}).items():
         files.append(File.generated(config, name, content=data))
@@ -179,18 +202,30 @@ LAYOUT_TOP = [
     ("conf/", "`train.yaml` and one folder per config group: [the configuration reference](config.md)"),
     ("docs/", "this site's pages, the studies' figures and reports"),
     ("notebooks/", "`chapter2.py` (jupytext) and its executed `chapter2.ipynb`: [the notebook](../notebook.md)"),
-    ("src/hydra_plugins/descent_optuna_sweeper/", "descent's port of Hydra's Optuna sweeper (MIT, upstream's "
-     "licence kept; its `__init__.py` says what it changes and which release replaces it)"),
+    (
+        "src/hydra_plugins/descent_optuna_sweeper/",
+        "descent's port of Hydra's Optuna sweeper (MIT, upstream's "
+        "licence kept; its `__init__.py` says what it changes and which release replaces it)",
+    ),
     ("outputs/", "Hydra's run and sweep folders (kept empty in git)"),
     (".ci/run", "what CI runs: `make test`, then `mkdocs build --strict`"),
-    ("tests/", "pytest, one file per concern: the real `conf/`, real subprocesses, real MLflow stores: "
-               "[tests and CI](../development/tests.md)"),
+    (
+        "tests/",
+        "pytest, one file per concern: the real `conf/`, real subprocesses, real MLflow stores: "
+        "[tests and CI](../development/tests.md)",
+    ),
 ]
 
 
 def layout_page() -> str:
-    out = ["# Layout", "", "Generated from the tree when the site is built: each module with the first sentence of "
-           "its docstring.", "", "| path | what |", "|---|---|"]
+    out = [
+        "# Layout",
+        "",
+        "Generated from the tree when the site is built: each module with the first sentence of its docstring.",
+        "",
+        "| path | what |",
+        "|---|---|",
+    ]
     out += [f"| `{p}` | {w} |" for p, w in LAYOUT_TOP]
     for pattern in ["src/*.py", "src/descent/**/*.py", "src/hydra_plugins/*/__init__.py", "benchmarks/*.py"]:
         for f in sorted(ROOT.glob(pattern)):

@@ -88,6 +88,7 @@ class Run:
 
 # --- the ways a run ends ----------------------------------------------------------------------------------------
 
+
 class Stopped(Exception):
     """Ctrl-C or SIGTERM: fit stopped at a chunk boundary with a checkpoint (or lightning's SIGTERMException)."""
 
@@ -98,8 +99,8 @@ class Stopped(Exception):
 
 @dataclass(frozen=True)
 class Ending:
-    status: str | None    # the MLflow run's end status; None: no run yet, or left as it is (resumable)
-    code: int | None      # exit status; None: the job returns None (a study records it)
+    status: str | None  # the MLflow run's end status; None: no run yet, or left as it is (resumable)
+    code: int | None  # exit status; None: the job returns None (a study records it)
     say: Callable[[Run | None, BaseException], str]
     level: int = logging.ERROR
     sweep_goes_on: bool = False  # in a sweep the job returns None and the sweep runs its next job
@@ -115,23 +116,35 @@ def _tell_pruned(run: Run, e: BaseException) -> dict:
 
 
 def _diverged(run: Run, e: BaseException) -> dict:
-    return {names.DIVERGED: "true", names.DIVERGED_EXAMPLES: run.module.examples,
-            names.DIVERGED_UPDATES: run.module.updates, **({names.TRIAL_STATE: "FAIL"} if run.trial else {})}
+    return {
+        names.DIVERGED: "true",
+        names.DIVERGED_EXAMPLES: run.module.examples,
+        names.DIVERGED_UPDATES: run.module.updates,
+        **({names.TRIAL_STATE: "FAIL"} if run.trial else {}),
+    }
 
 
 def _stopped(run: Run, e: Stopped) -> str:
-    return (f"stopped by {e}: checkpoint {run.checkpoint.last_model_path or '(none)'}; continue with: "
-            f"python {shlex.quote(sys.argv[0])} resume={run.logger.run_id}")
+    return (
+        f"stopped by {e}: checkpoint {run.checkpoint.last_model_path or '(none)'}; continue with: "
+        f"python {shlex.quote(sys.argv[0])} resume={run.logger.run_id}"
+    )
 
 
 _refused = Ending(None, 2, lambda run, e: f"invalid data, nothing was run:\n{e}", sweep_goes_on=True, full_error=True)
 ENDINGS: dict[type[BaseException], Ending] = {  # the first class in an exception's MRO found here decides
     DataError: _refused,  # a bad file, or a network that does not fit the data: refused before any MLflow run
     SizeError: _refused,
-    Pruned: Ending("KILLED", None, lambda run, e: f"{e}; run {run.logger.run_id} ended KILLED", logging.WARNING,
-                   tags=_tell_pruned),  # the study's pruner stopped this trial: KILLED as a stop is, the trial PRUNED
-    Diverged: Ending("FAILED", 3, lambda run, e: f"diverged: {e}; run {run.logger.run_id} marked FAILED",
-                     sweep_goes_on=True, tags=_diverged),  # the report shows the run as diverged
+    Pruned: Ending(
+        "KILLED", None, lambda run, e: f"{e}; run {run.logger.run_id} ended KILLED", logging.WARNING, tags=_tell_pruned
+    ),  # the study's pruner stopped this trial: KILLED as a stop is, the trial PRUNED
+    Diverged: Ending(
+        "FAILED",
+        3,
+        lambda run, e: f"diverged: {e}; run {run.logger.run_id} marked FAILED",
+        sweep_goes_on=True,
+        tags=_diverged,
+    ),  # the report shows the run as diverged
     ResumeError: Ending("KILLED", 2, lambda run, e: f"cannot resume run {run.logger.run_id}: {e}"),  # resumable
     tracking.StoreUnavailable: Ending(None, 75, lambda run, e: str(e)),  # EX_TEMPFAIL: checkpoint kept, resumable
     Stopped: Ending("KILLED", None, _stopped, logging.WARNING),  # exit status 128 + the signal
@@ -160,6 +173,7 @@ def end(e: BaseException, hc: DictConfig, run: Run | None = None) -> None:
 
 # --- the build -------------------------------------------------------------------------------------------------
 
+
 def build(cfg: DictConfig, hc: DictConfig, resumed: Resumed | None = None, callbacks: tuple = ()) -> Run:
     """The run `python src/train.py` makes from a checked config; `callbacks`: more of them (the bench's clock).
     The data is read and the network sized before any MLflow run exists (DataError, SizeError)."""
@@ -175,16 +189,22 @@ def build(cfg: DictConfig, hc: DictConfig, resumed: Resumed | None = None, callb
     run.trial = optuna_trial(hc.sweeper, run.launch_dir) if run.multirun else None
     run.module.val_hooks += _sweep_hooks(run)
     run.logger = _logger(run, n_train)
-    run.checkpoint = ModelCheckpoint(dirpath=out_dir / "checkpoints", save_last=True, save_top_k=0, every_n_epochs=1,
-                                     enable_version_counter=False)  # one last.ckpt, also across resumes
+    run.checkpoint = ModelCheckpoint(
+        dirpath=out_dir / "checkpoints", save_last=True, save_top_k=0, every_n_epochs=1, enable_version_counter=False
+    )  # one last.ckpt, also across resumes
     run.callbacks = [*_callbacks(run), *callbacks]
     # checkpoints written off the training thread; then their metric points, then the upload to the run's artifacts
     run.plugins = [tracking.CheckpointWriter(run.logger)]
     run.trainer = pl.Trainer(
         max_epochs=cfg.trainer.max_epochs,
         max_steps=OmegaConf.select(cfg, "trainer.max_updates", default=None) or -1,  # optimizer updates (the loop's)
-        accelerator=cfg.trainer.accelerator, devices=1, logger=run.logger, callbacks=run.callbacks,
-        plugins=run.plugins, enable_progress_bar=cfg.trainer.progress_bar, enable_model_summary=False,
+        accelerator=cfg.trainer.accelerator,
+        devices=1,
+        logger=run.logger,
+        callbacks=run.callbacks,
+        plugins=run.plugins,
+        enable_progress_bar=cfg.trainer.progress_bar,
+        enable_model_summary=False,
         num_sanity_val_steps=0,
         limit_val_batches=0,  # validation happens inside the loop, at fixed intervals in examples
         log_every_n_steps=1,  # metrics bypass self.log; this only silences a warning
@@ -198,8 +218,15 @@ def _sweep_hooks(run: Run) -> list:
     hooks = [Pruning(run.trial, run.objective)] if run.trial is not None else []
     if run.objective.startswith(names.TARGET):  # the run stops where it reaches the target; it returns the updates
         # (examples) it took; in a study, it stops as pruned once it cannot beat the study's best trial
-        hooks.append(Target(run.module, run.cfg.sweep.target_acc, run.trial, run.objective,
-                            OmegaConf.select(run.cfg, "sweep.targets", default=None) or ()))
+        hooks.append(
+            Target(
+                run.module,
+                run.cfg.sweep.target_acc,
+                run.trial,
+                run.objective,
+                OmegaConf.select(run.cfg, "sweep.targets", default=None) or (),
+            )
+        )
     return hooks
 
 
@@ -211,8 +238,10 @@ def _tags(run: Run) -> dict[str, str]:
         log.warning("experiment=%s: %s", hc.runtime.choices.get("experiment"), not_searched)
         tags[names.LR_SOURCE] = not_searched
     if run.multirun:  # the parent run is looked up in the tracking store: a job on another node sees no sweep folder
-        tags |= {names.JOB_NUM: str(hc.job.num),
-                 **job_tags(cfg, run.launch_dir, hc)}  # mlflow.parentRunId, and a description naming what it varies
+        tags |= {
+            names.JOB_NUM: str(hc.job.num),
+            **job_tags(cfg, run.launch_dir, hc),
+        }  # mlflow.parentRunId, and a description naming what it varies
     if run.trial is not None:
         tags |= {names.STUDY: run.trial.study.study_name, names.TRIAL: str(run.trial.number)}
     return tags
@@ -221,8 +250,13 @@ def _tags(run: Run) -> dict[str, str]:
 def _logger(run: Run, n_train: int | None) -> tracking.Logger:
     """The MLflow run: a new one with its config, or the resumed one set RUNNING again."""
     resumed = run.resumed
-    logger = tracking.make_logger(run.cfg, run.choices, run.launch_dir, run_id=resumed and resumed.run_id,
-                                  tags={names.OUTPUT_DIR: str(run.out_dir)} if resumed else _tags(run))
+    logger = tracking.make_logger(
+        run.cfg,
+        run.choices,
+        run.launch_dir,
+        run_id=resumed and resumed.run_id,
+        tags={names.OUTPUT_DIR: str(run.out_dir)} if resumed else _tags(run),
+    )
     (run.out_dir / "mlflow_run_id").write_text(logger.run_id)
     if resumed is None:
         tracking.log_config(logger, run.cfg, run.choices)
@@ -238,21 +272,30 @@ def _logger(run: Run, n_train: int | None) -> tracking.Logger:
 def _callbacks(run: Run) -> list[pl.Callback]:
     """The start line, the checkpoints, the store's watch, the record (datasets, system metrics, model), the bar."""
     cfg, logger = run.cfg, run.logger
-    start_line = partial(terminal.start_line, name=logger.run_name, choices=run.choices,
-                         uri=terminal.shown_uri(cfg.logger.tracking_uri, run.launch_dir),
-                         out_dir=terminal.shown(run.out_dir, run.launch_dir))
-    return [LambdaCallback(on_fit_start=start_line),  # the line saying what runs (descent/console/terminal.py)
-            run.checkpoint, SafetyCheckpoints(run.checkpoint, cfg.trainer.checkpoint_every_seconds),
-            tracking.StoreWatch(logger, run.checkpoint),  # a tracking server away: wait, or stop past a bound
-            # datasets, system metrics, the model after the test; the progress bar in examples
-            *record.callbacks(cfg, run.hc, logger, run.choices, resumed=run.resumed is not None)]
+    start_line = partial(
+        terminal.start_line,
+        name=logger.run_name,
+        choices=run.choices,
+        uri=terminal.shown_uri(cfg.logger.tracking_uri, run.launch_dir),
+        out_dir=terminal.shown(run.out_dir, run.launch_dir),
+    )
+    return [
+        LambdaCallback(on_fit_start=start_line),  # the line saying what runs (descent/console/terminal.py)
+        run.checkpoint,
+        SafetyCheckpoints(run.checkpoint, cfg.trainer.checkpoint_every_seconds),
+        tracking.StoreWatch(logger, run.checkpoint),  # a tracking server away: wait, or stop past a bound
+        # datasets, system metrics, the model after the test; the progress bar in examples
+        *record.callbacks(cfg, run.hc, logger, run.choices, resumed=run.resumed is not None),
+    ]
 
 
 # --- the run ---------------------------------------------------------------------------------------------------
 
+
 def fit(run: Run) -> None:
     """Train from the resumed checkpoint (if any), log the chapter's picture, test. Ctrl-C and SIGTERM stop at the
     next chunk boundary (lightning's SIGTERM path) with a checkpoint; a second Ctrl-C interrupts at once."""
+
     def stop(signum, frame):
         run.received.append(signum)
         stop_at_next_chunk(run.trainer)  # lightning's own SIGTERM path

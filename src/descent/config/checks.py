@@ -49,13 +49,18 @@ def data_name(node: DictConfig, data: dict) -> tuple[list[str], int | None]:
     kind = target.rpartition(".")[2]
     if kind == "DigitsDataModule":
         return [], datasets.TABLE["digits"].n_train
-    allowed = {"IDXDataModule": datasets.IDX, "MNISTDataModule": datasets.IDX,
-               "TorchvisionDataModule": datasets.TORCHVISION}.get(kind)
+    allowed = {
+        "IDXDataModule": datasets.IDX,
+        "MNISTDataModule": datasets.IDX,
+        "TorchvisionDataModule": datasets.TORCHVISION,
+    }.get(kind)
     if allowed is None or "name" not in data:
         return [], None
     if data["name"] not in allowed:
-        return [f"data.name={show(data['name'])}: must be one of {', '.join(allowed)} for {target} "
-                "(descent/data/datasets.py's table)"], None
+        return [
+            f"data.name={show(data['name'])}: must be one of {', '.join(allowed)} for {target} "
+            "(descent/data/datasets.py's table)"
+        ], None
     return [], datasets.TABLE[data["name"]].n_train
 
 
@@ -89,8 +94,10 @@ def data_sizes(data: dict, total: int | None) -> list[str]:
 def nesterov(opt: dict) -> list[str]:
     momentum, dampening = opt.get("momentum", 0), opt.get("dampening", 0)
     if opt.get("nesterov") is True and not (is_number(momentum) and momentum > 0 and dampening == 0):
-        return [f"optimizer.nesterov=true: must be false unless optimizer.momentum > 0 and optimizer.dampening = 0 "
-                f"(momentum is {show(momentum)}, dampening {show(dampening)})"]
+        return [
+            f"optimizer.nesterov=true: must be false unless optimizer.momentum > 0 and optimizer.dampening = 0 "
+            f"(momentum is {show(momentum)}, dampening {show(dampening)})"
+        ]
     return []
 
 
@@ -113,8 +120,7 @@ def toy(model: dict, target: str) -> list[str]:
         return [f"model.loss={show(loss)}: must be one of {', '.join(LOSSES)}"]
     dim = LOSSES[loss].dim
     if not (isinstance(start, list) and len(start) == dim and all(map(is_number, start))):
-        return [f"model.start={show(start)}: must be a list of {dim} finite number(s), the point where {loss} "
-                "starts"]
+        return [f"model.start={show(start)}: must be a list of {dim} finite number(s), the point where {loss} starts"]
     return []
 
 
@@ -128,39 +134,57 @@ def optimizer(cfg: DictConfig, values: dict, problems: list) -> list[str]:
     cls, found = schema.target_class(cfg.optimizer), []
     batch_size = OmegaConf.select(cfg, "data.batch_size", throw_on_resolution_failure=False)
     if needs_closure(cls) and batch_size == 1:
-        found.append(f"data.batch_size=1 (batching=online): refused with optimizer {cfg.optimizer._target_}, whose "
-                     "step evaluates its batch several times through a closure (line search, curvature pairs): "
-                     "allowed are null (batching=full) or a batch of at least 2 examples (e.g. data.batch_size=10000)")
+        found.append(
+            f"data.batch_size=1 (batching=online): refused with optimizer {cfg.optimizer._target_}, whose "
+            "step evaluates its batch several times through a closure (line search, curvature pairs): "
+            "allowed are null (batching=full) or a batch of at least 2 examples (e.g. data.batch_size=10000)"
+        )
     if issubclass(cls, MuonAdamW):
         if isinstance(values.get("adamw"), dict):
             rules, _, where = schema.class_rules("optimizer", torch.optim.AdamW, "torch.optim.AdamW")
             supplied = ("_target_", "_partial_", "capturable")  # MuonAdamW builds it and passes capturable itself
-            schema.check(cfg.optimizer.adamw, "optimizer.adamw.",
-                         {k: r for k, r in rules.items() if k not in supplied}, [], where, problems)
+            schema.check(
+                cfg.optimizer.adamw,
+                "optimizer.adamw.",
+                {k: r for k, r in rules.items() if k not in supplied},
+                [],
+                where,
+                problems,
+            )
         groups = {k: values[k] for k in ("muon_params", "adamw_params") if k in values}
-        if len(groups) == 2 and all(PATTERNS[0](v) for v in groups.values()) and not any(
-                p.startswith("model.") for p in problems):
+        if (
+            len(groups) == 2
+            and all(PATTERNS[0](v) for v in groups.values())
+            and not any(p.startswith("model.") for p in problems)
+        ):
             with torch.device("meta"):  # the parameters' names and shapes, without their memory
                 net = instantiate(cfg.model)
             try:
-                MuonAdamW(net.named_parameters(), muon_params=groups["muon_params"],
-                          adamw_params=groups["adamw_params"])
+                MuonAdamW(
+                    net.named_parameters(), muon_params=groups["muon_params"], adamw_params=groups["adamw_params"]
+                )
             except ValueError as e:
-                found += ["optimizer." + line.replace(", adamw_params", ", optimizer.adamw_params")
-                          for line in str(e).splitlines()]
+                found += [
+                    "optimizer." + line.replace(", adamw_params", ", optimizer.adamw_params")
+                    for line in str(e).splitlines()
+                ]
     return found
 
 
 def toy_pair(cfg: DictConfig) -> list[str]:
     """A toy loss (descent/nets/toy.py) and its gradient oracle go together: neither trains with anything else."""
     targets = {name: OmegaConf.select(cfg, f"{name}._target_", default=None) for name in ("data", "model")}
-    toys = {name: str(t).startswith(("descent.nets.toy.", "descent.data.toy.", "descent.data.ToyData"))
-            for name, t in targets.items()}
+    toys = {
+        name: str(t).startswith(("descent.nets.toy.", "descent.data.toy.", "descent.data.ToyData"))
+        for name, t in targets.items()
+    }
     if toys["data"] == toys["model"]:
         return []
-    return [f"data._target_={show(targets['data'])} with model._target_={show(targets['model'])}: a toy loss "
-            "(model=double_well, rosenbrock) trains only on its gradient oracle (data=toy), and data=toy only a toy "
-            "loss"]
+    return [
+        f"data._target_={show(targets['data'])} with model._target_={show(targets['model'])}: a toy loss "
+        "(model=double_well, rosenbrock) trains only on its gradient oracle (data=toy), and data=toy only a toy "
+        "loss"
+    ]
 
 
 def targets_below_the_top(cfg: DictConfig) -> list[str]:
@@ -169,8 +193,10 @@ def targets_below_the_top(cfg: DictConfig) -> list[str]:
     targets = OmegaConf.to_container(targets) if OmegaConf.is_config(targets) else targets
     rules = schema.SECTION_RULES["sweep"]
     if rules["targets"][0](targets) and rules["target_acc"][0](top) and any(t > top for t in targets):
-        return [f"sweep.targets={show(targets)}: each must be <= sweep.target_acc={top} (the run stops "
-                "there, so a higher one is never reached)"]
+        return [
+            f"sweep.targets={show(targets)}: each must be <= sweep.target_acc={top} (the run stops "
+            "there, so a higher one is never reached)"
+        ]
     return []
 
 

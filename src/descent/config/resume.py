@@ -19,17 +19,17 @@ RESUME_MAY_CHANGE = {
     "trainer.max_epochs": "the budget, which a resume may raise (never lower)",
     "trainer.progress_bar": "display only",
     "trainer.threads": "the machine's share of CPUs, which may differ where the run goes on (the numbers "
-                       "change only in float summation order)",
+    "change only in float summation order)",
     "trainer.checkpoint_every_seconds": "how often the state is saved (a resume from any checkpoint gives the "
-                                        "same numbers: tests/test_resume.py)",
+    "same numbers: tests/test_resume.py)",
     "trainer.max_updates": "the budget in updates (as max_epochs is in examples)",
     "trainer.noise_scale": "what is measured beside the run (never its numbers: tests/test_noise.py)",
     "trainer.noise_at_targets": "what is measured beside the run (never its numbers: tests/test_noise.py)",
     "trainer.noise_hessian_at_targets": "what is measured beside the run (never its numbers: "
-                                        "tests/test_noise_hessian.py)",
+    "tests/test_noise_hessian.py)",
     "trainer.noise_hessian_subset": "what is measured beside the run (never its numbers)",
     "trainer.noise_preconditioned_at_targets": "what is measured beside the run (never its numbers: "
-                                               "tests/test_noise_hessian.py)",
+    "tests/test_noise_hessian.py)",
     "logger.tracking_uri": "where the run is recorded (it is looked up there)",
     "logger.log_checkpoint": "what is recorded",
     "logger.outage_seconds": "how long a tracking server may be away",
@@ -42,8 +42,15 @@ RESUME_MAY_CHANGE = {
 }
 
 
-def resume_config(cfg: DictConfig, choices: dict, overrides: list[str], recorded: DictConfig,
-                  recorded_choices: dict, run: str, status: str) -> tuple[DictConfig, dict]:
+def resume_config(
+    cfg: DictConfig,
+    choices: dict,
+    overrides: list[str],
+    recorded: DictConfig,
+    recorded_choices: dict,
+    run: str,
+    status: str,
+) -> tuple[DictConfig, dict]:
     """The config a resumed run runs with: its record, with the command line's RESUME_MAY_CHANGE keys.
 
     The overrides are Hydra's own record of the command line (hydra.overrides.task), so a default
@@ -60,8 +67,9 @@ def resume_config(cfg: DictConfig, choices: dict, overrides: list[str], recorded
             continue
         if key in choices:  # a config group: optimizer=sgd, batching=online, experiment=...
             if key not in recorded_choices and choices[key] is not None:
-                refused.append(f"{key}={choices[key]}: the run's record has no {key} "
-                               "(a preset changes what the run measures)")
+                refused.append(
+                    f"{key}={choices[key]}: the run's record has no {key} (a preset changes what the run measures)"
+                )
             elif key in recorded_choices and choices[key] != recorded_choices[key]:
                 refused.append(f"{key}: recorded {recorded_choices[key]}, given {choices[key]}")
             continue
@@ -82,10 +90,16 @@ def resume_config(cfg: DictConfig, choices: dict, overrides: list[str], recorded
     if refused:
         raise ConfigError(
             f"resume={run}: the run would no longer measure what it recorded; these overrides differ from its "
-            "record:\n  " + "\n  ".join(refused) + "\nA resume may change only " + ", ".join(RESUME_MAY_CHANGE)
-            + "; for the others start a new run.")
+            "record:\n  "
+            + "\n  ".join(refused)
+            + "\nA resume may change only "
+            + ", ".join(RESUME_MAY_CHANGE)
+            + "; for the others start a new run."
+        )
     if status == "FINISHED" and "trainer.max_epochs" not in changed:
-        raise ConfigError(f"resume={run}: the run is FINISHED after trainer.max_epochs="
-                          f"{show(recorded.trainer.max_epochs)}; continue it with a larger trainer.max_epochs, "
-                          "or start a new run")
+        raise ConfigError(
+            f"resume={run}: the run is FINISHED after trainer.max_epochs="
+            f"{show(recorded.trainer.max_epochs)}; continue it with a larger trainer.max_epochs, "
+            "or start a new run"
+        )
     return merged, changed

@@ -35,10 +35,14 @@ POSITIVE = (lambda v: is_number(v) and v > 0, "a finite number > 0")
 NON_NEGATIVE = (lambda v: is_number(v) and v >= 0, "a finite number >= 0")
 FRACTION = (lambda v: is_number(v) and 0 <= v < 1, "a number in [0, 1)")
 ANY = (lambda v: True, "anything")  # checked elsewhere, together with other keys
-PATTERNS = (lambda v: isinstance(v, list) and all(isinstance(p, str) and p for p in v),
-            "a list of fnmatch patterns of parameter names (e.g. [\"0.weight\", \"*.bias\"])")
-LR_TABLE = (lambda v: isinstance(v, dict) and all(POSITIVE[0](lr) for lr in v.values()),
-            "a mapping of option names to learning rates > 0")
+PATTERNS = (
+    lambda v: isinstance(v, list) and all(isinstance(p, str) and p for p in v),
+    'a list of fnmatch patterns of parameter names (e.g. ["0.weight", "*.bias"])',
+)
+LR_TABLE = (
+    lambda v: isinstance(v, dict) and all(POSITIVE[0](lr) for lr in v.values()),
+    "a mapping of option names to learning rates > 0",
+)
 
 
 def by_default(default):

@@ -13,8 +13,24 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError
 
-from descent.config.rules import (ANY, BOOLEAN, BOOLEAN_OR_AUTO, FRACTION, LR_TABLE, NON_NEGATIVE, PATTERNS, POSITIVE,
-                                  STRING, by_default, integer, is_int, is_number, nullable, show, why)
+from descent.config.rules import (
+    ANY,
+    BOOLEAN,
+    BOOLEAN_OR_AUTO,
+    FRACTION,
+    LR_TABLE,
+    NON_NEGATIVE,
+    PATTERNS,
+    POSITIVE,
+    STRING,
+    by_default,
+    integer,
+    is_int,
+    is_number,
+    nullable,
+    show,
+    why,
+)
 from descent.tracking import names
 
 CONF = Path(__file__).resolve().parents[3] / "conf"  # the project's own, when no Hydra job says where it composed from
@@ -23,10 +39,14 @@ LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml where PyYAML w
 
 # what train.py may return, and the direction a search takes on it (never the test set: a search tuned on
 # it would report the test set's best, not the model's)
-OBJECTIVES = {names.VAL_LOSS: "minimize", names.VAL_ACC: "maximize",
-              # the updates (examples) a run took to reach val/acc >= sweep.target_acc; it stops there, and a run
-              # that misses it within its budget (trainer.max_epochs, max_updates) returns nothing: a FAIL
-              names.TARGET_UPDATES: "minimize", names.TARGET_EXAMPLES: "minimize"}
+OBJECTIVES = {
+    names.VAL_LOSS: "minimize",
+    names.VAL_ACC: "maximize",
+    # the updates (examples) a run took to reach val/acc >= sweep.target_acc; it stops there, and a run
+    # that misses it within its budget (trainer.max_epochs, max_updates) returns nothing: a FAIL
+    names.TARGET_UPDATES: "minimize",
+    names.TARGET_EXAMPLES: "minimize",
+}
 
 # The keys of conf/train.yaml and the top-level keys of the _global_ presets (conf/experiment/) are the keys a
 # config may have; a key is added there, with its comment. The rules below are for the values that need more
@@ -34,17 +54,31 @@ OBJECTIVES = {names.VAL_LOSS: "minimize", names.VAL_ACC: "maximize",
 TOP = {
     "seed": integer(0, 2**32 - 1),  # lightning's seed_everything refuses the rest
     "resume": nullable(STRING, "a new run"),
-    "lr_by_batching": LR_TABLE,     # experiment presets: a learning rate per option, picked by interpolation
+    "lr_by_batching": LR_TABLE,  # experiment presets: a learning rate per option, picked by interpolation
     "lr_by_optimizer": LR_TABLE,
-    "lr_searched": (lambda v: isinstance(v, dict) and all(LR_TABLE[0](t) for t in v.values()),  # per <data>-<model>
-                    "a mapping of <data>-<model> (mnist-mlp, ...) to mappings of option names to learning rates > 0"),
-    "lr_ratio": POSITIVE,           # experiment=step_size: the learning rate as a multiple of 2/L
+    "lr_searched": (
+        lambda v: isinstance(v, dict) and all(LR_TABLE[0](t) for t in v.values()),  # per <data>-<model>
+        "a mapping of <data>-<model> (mnist-mlp, ...) to mappings of option names to learning rates > 0",
+    ),
+    "lr_ratio": POSITIVE,  # experiment=step_size: the learning rate as a multiple of 2/L
     "start_by_model": (lambda v: isinstance(v, dict), "a mapping of model options to starting points"),
     # experiment=local_minima: one arm (its momentum and learning rate) and one noise draw (std and seed)
-    "arm": (lambda v: isinstance(v, dict) and set(v) == {"momentum", "lr"} and FRACTION[0](v["momentum"])
-            and POSITIVE[0](v["lr"]), "a mapping {momentum: a number in [0, 1), lr: a number > 0}"),
-    "draw": (lambda v: isinstance(v, dict) and set(v) == {"noise", "seed"} and NON_NEGATIVE[0](v["noise"])
-             and is_int(v["seed"]) and v["seed"] >= 0, "a mapping {noise: a number >= 0, seed: an integer >= 0}"),
+    "arm": (
+        lambda v: (
+            isinstance(v, dict) and set(v) == {"momentum", "lr"} and FRACTION[0](v["momentum"]) and POSITIVE[0](v["lr"])
+        ),
+        "a mapping {momentum: a number in [0, 1), lr: a number > 0}",
+    ),
+    "draw": (
+        lambda v: (
+            isinstance(v, dict)
+            and set(v) == {"noise", "seed"}
+            and NON_NEGATIVE[0](v["noise"])
+            and is_int(v["seed"])
+            and v["seed"] >= 0
+        ),
+        "a mapping {noise: a number >= 0, seed: an integer >= 0}",
+    ),
 }
 SECTION_RULES = {
     "trainer": {
@@ -60,42 +94,70 @@ SECTION_RULES = {
         "max_updates": nullable(integer(1), "max_epochs alone"),
         "noise_probe": integer(2),
         "noise_hessian_subset": integer(2, why="training examples the Hessian of B_noise is taken on"),
-        "measures": (lambda v: isinstance(v, dict) and all(isinstance(m, dict) and "_target_" in m for m in v.values()),
-                     "a mapping of names to {_target_: descent.measure.<module>.<Class>, its arguments}"),
+        "measures": (
+            lambda v: isinstance(v, dict) and all(isinstance(m, dict) and "_target_" in m for m in v.values()),
+            "a mapping of names to {_target_: descent.measure.<module>.<Class>, its arguments}",
+        ),
     },
-    "sweep": {"objective": (lambda v: v in OBJECTIVES, "one of " + ", ".join(OBJECTIVES)),
-              "target_acc": (lambda v: is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
-              "targets": (lambda v: isinstance(v, list) and all(is_number(t) and 0 < t <= 1 for t in v),
-                          "a list of numbers in (0, 1] (val accuracies whose first crossing is logged; [] = none)")},
-    "logger": {"experiment_name": STRING, "tracking_uri": STRING, "outage_seconds": POSITIVE,
-               "register_model": nullable(STRING, "not registered")},
+    "sweep": {
+        "objective": (lambda v: v in OBJECTIVES, "one of " + ", ".join(OBJECTIVES)),
+        "target_acc": (lambda v: is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
+        "targets": (
+            lambda v: isinstance(v, list) and all(is_number(t) and 0 < t <= 1 for t in v),
+            "a list of numbers in (0, 1] (val accuracies whose first crossing is logged; [] = none)",
+        ),
+    },
+    "logger": {
+        "experiment_name": STRING,
+        "tracking_uri": STRING,
+        "outage_seconds": POSITIVE,
+        "register_model": nullable(STRING, "not registered"),
+    },
 }
 
 # data, model and optimizer accept the parameters of their _target_'s __init__; these are the ones
 # with limits; the others must match the type of their default.
 TARGET_RULES = {
-    "data": {"name": STRING,  # checked against the _target_'s sets (checks.data_name)
-             "root": STRING, "download": BOOLEAN, "chunk_size": integer(1), "path": STRING, "drop_last": BOOLEAN,
-             "val_size": ANY, "limit_train": ANY, "batch_size": ANY,  # see checks.data_sizes
-             "noise": NON_NEGATIVE, "n_train": integer(1)},  # a toy loss's gradient oracle (descent/nets/toy.py)
+    "data": {
+        "name": STRING,  # checked against the _target_'s sets (checks.data_name)
+        "root": STRING,
+        "download": BOOLEAN,
+        "chunk_size": integer(1),
+        "path": STRING,
+        "drop_last": BOOLEAN,
+        "val_size": ANY,
+        "limit_train": ANY,
+        "batch_size": ANY,  # see checks.data_sizes
+        "noise": NON_NEGATIVE,
+        "n_train": integer(1),
+    },  # a toy loss's gradient oracle (descent/nets/toy.py)
     # the networks' ends are sized from the data (descent/nets/networks.py's build); a size given must be the data's
-    "model": {"in_features": nullable(integer(1), "taken from the data"),
-              "side": nullable(integer(1), "taken from the data"),
-              "classes": nullable(integer(2), "taken from the data"),
-              "hidden": (lambda v: is_int(v) and v >= 1 or isinstance(v, list) and all(is_int(h) and h >= 1 for h in v),
-                         "a list of integers >= 1, the hidden layers' widths ([] = none: softmax regression)"),
-              "filters": (lambda v: isinstance(v, list) and len(v) >= 1 and all(is_int(f) and f >= 1 for f in v),
-                          "a non-empty list of integers >= 1, the convolutions' channels (as many as the data's images "
-                          "leave pixels for after the pools: descent/nets/networks.py)"),
-              "init": (lambda v: v in ("keras", "torch"), "one of keras, torch"),
-              "loss": ANY, "start": ANY},  # a toy loss (descent/nets/toy.py) or the MLP's: see checks.toy
+    "model": {
+        "in_features": nullable(integer(1), "taken from the data"),
+        "side": nullable(integer(1), "taken from the data"),
+        "classes": nullable(integer(2), "taken from the data"),
+        "hidden": (
+            lambda v: is_int(v) and v >= 1 or isinstance(v, list) and all(is_int(h) and h >= 1 for h in v),
+            "a list of integers >= 1, the hidden layers' widths ([] = none: softmax regression)",
+        ),
+        "filters": (
+            lambda v: isinstance(v, list) and len(v) >= 1 and all(is_int(f) and f >= 1 for f in v),
+            "a non-empty list of integers >= 1, the convolutions' channels (as many as the data's images "
+            "leave pixels for after the pools: descent/nets/networks.py)",
+        ),
+        "init": (lambda v: v in ("keras", "torch"), "one of keras, torch"),
+        "loss": ANY,
+        "start": ANY,
+    },  # a toy loss (descent/nets/toy.py) or the MLP's: see checks.toy
     "optimizer": {
         "_partial_": (lambda v: v is True, "true (the module calls it on the model's parameters)"),
         "lr": POSITIVE,
         "momentum": FRACTION,
         "dampening": (lambda v: is_number(v) and 0 <= v <= 1, "a number in [0, 1]"),
-        "betas": (lambda v: isinstance(v, list) and len(v) == 2 and all(map(FRACTION[0], v)),
-                  "a pair of numbers, each in [0, 1)"),
+        "betas": (
+            lambda v: isinstance(v, list) and len(v) == 2 and all(map(FRACTION[0], v)),
+            "a pair of numbers, each in [0, 1)",
+        ),
         "eps": POSITIVE,
         "alpha": FRACTION,  # RMSprop's decay of the mean squared gradient (keras' rho)
         "weight_decay": NON_NEGATIVE,
@@ -110,8 +172,10 @@ TARGET_RULES = {
         "line_search_fn": (lambda v: v in (None, "strong_wolfe"), "null (a fixed step of lr) or strong_wolfe"),
         # descent.nets.optim.MuonAdamW (torch.optim.Muon's and AdamW's keys)
         "ns_steps": integer(1, 99),
-        "adjust_lr_fn": (lambda v: v in (None, "original", "match_rms_adamw", "spectral_unclamped"),
-                         "null, original, match_rms_adamw or spectral_unclamped"),
+        "adjust_lr_fn": (
+            lambda v: v in (None, "original", "match_rms_adamw", "spectral_unclamped"),
+            "null, original, match_rms_adamw or spectral_unclamped",
+        ),
         "muon_params": PATTERNS,
         "adamw_params": PATTERNS,
         "adamw": (lambda v: isinstance(v, dict), "a mapping of torch.optim.AdamW's keys"),  # checked as a section
@@ -123,9 +187,9 @@ SUPPLIED = {"data": {"seed"}, "model": {"shape"}, "optimizer": {"params"}}  # ar
 
 @dataclass(frozen=True)
 class Schema:
-    top: dict        # key -> rule (None: no check here; a section is checked as one)
-    required: list   # the top-level keys conf/train.yaml gives
-    sections: dict   # trainer, sweep, logger -> {key: rule or None}, every key of conf/train.yaml's section
+    top: dict  # key -> rule (None: no check here; a section is checked as one)
+    required: list  # the top-level keys conf/train.yaml gives
+    sections: dict  # trainer, sweep, logger -> {key: rule or None}, every key of conf/train.yaml's section
 
 
 def conf_dir() -> tuple[Path, str]:
@@ -163,8 +227,10 @@ def read(primary: Path, _mtime: int) -> Schema:
     presets = [k for k in TOP if k in presets] + sorted(presets - set(TOP))  # as the rules list them, then by name
     top = {k: TOP.get(k) or by_default(v) for k, v in keys.items()} | {k: TOP.get(k) for k in presets}
     top |= dict.fromkeys([*sections, *TARGET_RULES])
-    rules = {name: {k: SECTION_RULES.get(name, {}).get(k) or by_default(v) for k, v in keys_.items()}
-             for name, keys_ in sections.items()}
+    rules = {
+        name: {k: SECTION_RULES.get(name, {}).get(k) or by_default(v) for k, v in keys_.items()}
+        for name, keys_ in sections.items()
+    }
     return Schema(top, list(keys), rules)
 
 
@@ -180,8 +246,9 @@ def refused_targets(cfg: DictConfig) -> list[str]:
                 except InterpolationResolutionError as e:
                     target = f"<cannot be resolved: {why(e)}>"
                 if not (isinstance(target, str) and target.startswith(TARGET_PREFIXES)):
-                    problems.append(f"{path}_target_={show(target)}: refused; "
-                                    "_target_ must be in torch.optim, torch.nn or descent")
+                    problems.append(
+                        f"{path}_target_={show(target)}: refused; _target_ must be in torch.optim, torch.nn or descent"
+                    )
             elif OmegaConf.is_interpolation(node, key) or OmegaConf.is_missing(node, key):
                 continue  # a value we need not resolve here (containers are walked where they are defined)
             elif OmegaConf.is_config(child := node[key]):
@@ -238,10 +305,16 @@ def target_rules(name: str, node: DictConfig, problems: list) -> tuple[dict, lis
 
 def class_rules(name: str, cls, target: str) -> tuple[dict, list, str]:
     """The keys a class's __init__ accepts under section `name`, with their rules, and the required ones."""
-    params = [p for p in inspect.signature(cls).parameters.values()
-              if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and p.name not in SUPPLIED.get(name, ())]
-    rules = {"_target_": None, **({"_partial_": None} if name == "optimizer" else {}),
-             **{p.name: by_default(p.default) for p in params}}
+    params = [
+        p
+        for p in inspect.signature(cls).parameters.values()
+        if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and p.name not in SUPPLIED.get(name, ())
+    ]
+    rules = {
+        "_target_": None,
+        **({"_partial_": None} if name == "optimizer" else {}),
+        **{p.name: by_default(p.default) for p in params},
+    }
     rules |= {k: rule for k, rule in TARGET_RULES[name].items() if k in rules}
     required = [p.name for p in params if p.default is p.empty] + (["_partial_"] if name == "optimizer" else [])
     return rules, required, f" for {target}"

@@ -37,8 +37,9 @@ def validate_sweep(config: DictConfig) -> None:
 
     problems = _each_job(config, loader, [(list(o), name(num, o)) for num, o in enumerate(jobs)])
     if problems:
-        raise ConfigError(f"{len(problems)} of the sweep's {len(jobs)} jobs are invalid; no job was started:\n"
-                          + "\n".join(problems))
+        raise ConfigError(
+            f"{len(problems)} of the sweep's {len(jobs)} jobs are invalid; no job was started:\n" + "\n".join(problems)
+        )
 
 
 def _overrides(config: DictConfig):
@@ -83,8 +84,10 @@ def _validation_data(task: DictConfig) -> list[str]:
     val_size, objective = task.data.get("val_size", 0), task.get("sweep", {}).get("objective")
     if is_int(val_size) and val_size > 0:
         return []
-    return [f"data.val_size={show(val_size)}: must be > 0 in an Optuna study (its objective, "
-            f"sweep.objective={objective}, is measured on the validation data; e.g. data.val_size=10000)"]
+    return [
+        f"data.val_size={show(val_size)}: must be > 0 in an Optuna study (its objective, "
+        f"sweep.objective={objective}, is measured on the validation data; e.g. data.val_size=10000)"
+    ]
 
 
 def validate_study(config: DictConfig) -> None:
@@ -95,8 +98,7 @@ def validate_study(config: DictConfig) -> None:
     from hydra_plugins.descent_optuna_sweeper._impl import create_optuna_distribution_from_override
 
     sweeper, problems = config.hydra.sweeper, []
-    for key, rule in {"n_trials": integer(1), "n_jobs": integer(1), "storage": STRING,
-                      "study_name": STRING}.items():
+    for key, rule in {"n_trials": integer(1), "n_jobs": integer(1), "storage": STRING, "study_name": STRING}.items():
         value = OmegaConf.select(sweeper, key, default=None)
         if not rule[0](value):
             because = " (the jobs find their trial in the study's database)" if key == "storage" else ""
@@ -123,8 +125,9 @@ def validate_study(config: DictConfig) -> None:
         space[key] = (text, _candidates(o) if o.is_sweep_override() else [o.value()])
     # the settings alone, then each value with the others left at the settings' (one job per value: each
     # problem named by the value that makes it)
-    jobs = [(fixed, "the study's settings")] + [(fixed + [f"{key}={v}"], f"{text}: value {show(v)}")
-                                                for key, (text, values) in space.items() for v in values]
+    jobs = [(fixed, "the study's settings")] + [
+        (fixed + [f"{key}={v}"], f"{text}: value {show(v)}") for key, (text, values) in space.items() for v in values
+    ]
     problems += _each_job(config, loader, jobs, first=_validation_data)
     if problems:
         raise ConfigError("the Optuna study is invalid; no trial was started:\n" + "\n".join(problems))

@@ -79,9 +79,17 @@ class ExamplesProgressBar(ProgressBar):
         self.start = self.last = self.ended = (start, time.perf_counter())
         if self.live:  # the width as the epoch starts (tqdm's own query hides the bar on a pty with 0 rows);
             # the run's name is on the line above (a log line names it: parallel jobs' lines interleave)
-            self.bar = tqdm(total=self.total, initial=start, desc=f"epoch {epoch + 1}/{trainer.max_epochs}",
-                            bar_format="{desc} {percentage:3.0f}%|{bar}| {n}/{total} [{elapsed}<{remaining}{postfix}]",
-                            file=sys.stdout, leave=True, smoothing=0, ncols=terminal_columns(), nrows=20)
+            self.bar = tqdm(
+                total=self.total,
+                initial=start,
+                desc=f"epoch {epoch + 1}/{trainer.max_epochs}",
+                bar_format="{desc} {percentage:3.0f}%|{bar}| {n}/{total} [{elapsed}<{remaining}{postfix}]",
+                file=sys.stdout,
+                leave=True,
+                smoothing=0,
+                ncols=terminal_columns(),
+                nrows=20,
+            )
 
     def close(self, pl_module) -> None:
         if self.epoch is None:
@@ -129,8 +137,9 @@ class ExamplesProgressBar(ProgressBar):
         latest, keys = pl_module.latest, [names.TRAIN_LOSS, names.TRAIN_ACC]
         if end and pl_module.last_val_step == pl_module.examples:
             keys += [names.VAL_LOSS, names.VAL_ACC]
-        return [f"{k.removeprefix(names.TRAIN).replace('/', '_')} {metric_text(k, latest[k])}" for k in keys
-                if k in latest]
+        return [
+            f"{k.removeprefix(names.TRAIN).replace('/', '_')} {metric_text(k, latest[k])}" for k in keys if k in latest
+        ]
 
     def postfix(self, pl_module, n: int, now: float, end: bool = False) -> str:
         rate = (n - self.start[0]) / max(now - self.start[1], 1e-9)  # examples resumed at are not in it
@@ -138,5 +147,14 @@ class ExamplesProgressBar(ProgressBar):
 
     def line(self, pl_module, n: int, now: float, since: tuple[int, float], end: bool = False) -> None:
         rate = (n - since[0]) / max(now - since[1], 1e-9)
-        log.info("%s", ", ".join([f"{self.label}: {n}/{self.total} examples ({100 * n / self.total:.0f}%)",
-                                  f"{rate:.0f} examples/s", f"{pl_module.updates} updates", *self.fields(pl_module, end)]))
+        log.info(
+            "%s",
+            ", ".join(
+                [
+                    f"{self.label}: {n}/{self.total} examples ({100 * n / self.total:.0f}%)",
+                    f"{rate:.0f} examples/s",
+                    f"{pl_module.updates} updates",
+                    *self.fields(pl_module, end),
+                ]
+            ),
+        )

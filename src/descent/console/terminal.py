@@ -64,8 +64,9 @@ class Quiet(logging.Filter):
             return True  # never hide an error
         message = record.getMessage()
         for name, start in NOISE:
-            if _is(record.name, name) and (start.match(message) if isinstance(start, re.Pattern)
-                                           else message.startswith(start)):
+            if _is(record.name, name) and (
+                start.match(message) if isinstance(start, re.Pattern) else message.startswith(start)
+            ):
                 return False
         return True
 
@@ -95,8 +96,8 @@ def shown(path: str | Path, launch_dir: str | Path | None = None) -> str:
 def shown_uri(uri: str, launch_dir: str | Path) -> str:
     """A sqlite store under the launch directory as typed there: sqlite:///mlflow.db."""
     prefix = "sqlite:///"
-    if uri.startswith(prefix) and Path(uri[len(prefix):]).is_absolute():
-        return prefix + shown(uri[len(prefix):], launch_dir)
+    if uri.startswith(prefix) and Path(uri[len(prefix) :]).is_absolute():
+        return prefix + shown(uri[len(prefix) :], launch_dir)
     return uri
 
 
@@ -105,11 +106,20 @@ def start_line(trainer, module, name: str, choices: dict[str, str], uri: str, ou
     import torch
 
     dm, device = trainer.datamodule, module.device
-    sizes = ", ".join(f"{len(x)} {split}" for split, x in (("train", dm.x_train), ("val", dm.x_val), ("test", dm.x_test))
-                      if len(x))
+    sizes = ", ".join(
+        f"{len(x)} {split}" for split, x in (("train", dm.x_train), ("val", dm.x_val), ("test", dm.x_test)) if len(x)
+    )
     device = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-    log.info("%s (%s): %s examples; %s, %d threads; MLflow %s; output %s", name,
-             " ".join(f"{k}={v}" for k, v in choices.items()), sizes, device, torch.get_num_threads(), uri, out_dir)
+    log.info(
+        "%s (%s): %s examples; %s, %d threads; MLflow %s; output %s",
+        name,
+        " ".join(f"{k}={v}" for k, v in choices.items()),
+        sizes,
+        device,
+        torch.get_num_threads(),
+        uri,
+        out_dir,
+    )
 
 
 def run_url(base: str, experiment_id: str, run_id: str) -> str:
@@ -132,10 +142,17 @@ def how_to_look(uri: str, launch_dir: str | Path, experiment_id: str, run_id: st
 def closing(logger, metrics: dict[str, float], uri: str, launch_dir: str | Path, module) -> None:
     """The final metrics (loss to 4 digits, accuracy in %), the MLflow run and how to look at it."""
     final = ", ".join(f"{k} {metric_text(k, v)}" for k, v in metrics.items())
-    log.info("%s after %d examples, %d updates, %.1f s of training\nMLflow run %s (%s, experiment %s)\n"
-             "to look at it: %s", final, module.examples, module.updates, module.train_seconds, logger.run_id,
-             logger.run_name, logger.experiment_name,
-             how_to_look(uri, launch_dir, logger.experiment_id, logger.run_id))
+    log.info(
+        "%s after %d examples, %d updates, %.1f s of training\nMLflow run %s (%s, experiment %s)\nto look at it: %s",
+        final,
+        module.examples,
+        module.updates,
+        module.train_seconds,
+        logger.run_id,
+        logger.run_name,
+        logger.experiment_name,
+        how_to_look(uri, launch_dir, logger.experiment_id, logger.run_id),
+    )
 
 
 def quiet_third_parties() -> None:

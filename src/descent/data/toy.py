@@ -18,8 +18,15 @@ class ToyData(InMemoryDataModule):
     datasets'.
     """
 
-    def __init__(self, noise: float = 0.0, n_train: int = 1000, batch_size: int | None = 1,
-                 chunk_size: int = 8192, seed: int = 0, loss: str = "double_well"):
+    def __init__(
+        self,
+        noise: float = 0.0,
+        n_train: int = 1000,
+        batch_size: int | None = 1,
+        chunk_size: int = 8192,
+        seed: int = 0,
+        loss: str = "double_well",
+    ):
         super().__init__(batch_size=batch_size, chunk_size=chunk_size, seed=seed)
         if loss not in LOSSES:
             raise ValueError(f"data.loss={loss!r}: allowed values are {', '.join(LOSSES)}")

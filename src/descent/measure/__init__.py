@@ -30,13 +30,13 @@ class Point:
     """What a measurement gets at a validation point: what it measures, handed by the loop (no reaching through the
     trainer). The tensors are the loop's own (on its device): a measurement reads them and changes none of them."""
 
-    net: Any                   # the network (torch.nn.Module)
-    criterion: Any             # the run's loss: (scores, labels) -> mean loss (cross-entropy, or mse)
-    optimizer: Any             # the torch optimizer: its param_groups (lr, momentum) and state (Adam's v)
-    x_train: Any               # the training inputs, N x features
-    y_train: Any               # the training labels, N
-    updates: int               # optimizer updates so far
-    examples: int              # training examples seen so far (the metrics' step)
+    net: Any  # the network (torch.nn.Module)
+    criterion: Any  # the run's loss: (scores, labels) -> mean loss (cross-entropy, or mse)
+    optimizer: Any  # the torch optimizer: its param_groups (lr, momentum) and state (Adam's v)
+    x_train: Any  # the training inputs, N x features
+    y_train: Any  # the training labels, N
+    updates: int  # optimizer updates so far
+    examples: int  # training examples seen so far (the metrics' step)
     latest: dict = field(default_factory=dict)  # this point's logged metrics (val/acc: the loop logs it first)
 
 
@@ -86,5 +86,8 @@ def _curvature_noise(cfg) -> list:
     elif precond:
         log.warning(
             "trainer.noise_preconditioned_at_targets: %s has no diagonal preconditioner (measured for %s): not "
-            "measured", target, ", ".join(cn.PRECONDITIONED))
+            "measured",
+            target,
+            ", ".join(cn.PRECONDITIONED),
+        )
     return found

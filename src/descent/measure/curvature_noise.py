@@ -32,16 +32,26 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from descent.tracking import names
-from descent.measure.noise import _deltas, b_simple_with_error, linear_layers, untouched
+from descent.measure.sharpness import hessian_vector_product
+from descent.measure.noise import AtTargets, _deltas, b_simple_with_error, linear_layers
 
 # the metric names, logged at each target's first crossing as <name>/<acc> (and at that step as <name>)
-from descent.tracking.names import (B_NOISE, B_NOISE_SE, B_PRECOND, B_PRECOND_SE, GRAD_H_GRAD, GRAD_P_GRAD,
-                                    TRACE_H_COV, TRACE_P_COV)
+from descent.tracking.names import (
+    B_NOISE,
+    B_NOISE_SE,
+    B_PRECOND,
+    B_PRECOND_SE,
+    GRAD_H_GRAD,
+    GRAD_P_GRAD,
+    TRACE_H_COV,
+    TRACE_P_COV,
+)
+
 PRECONDITIONED = ("torch.optim.Adam", "torch.optim.AdamW", "torch.optim.RMSprop")  # the optimizers P is read from
 
 
 # -- the estimator -------------------------------------------------------------------------------------------
+
 
 def _two_batch(q: torch.Tensor, m: int) -> tuple[float, float, float]:
     """(Gᵀ M G, tr M Σ, their ratio) from Q_ij = g_iᵀ M g_j of k group means of m examples each."""
@@ -66,12 +76,20 @@ def two_batch_with_error(q: torch.Tensor, m: int) -> dict[str, float]:
     sub_trace = m * ((trace_q - d) / (k - 1) - off)
     leave = torch.where(off > 0, sub_trace / off, torch.full_like(off, float("nan")))
     se = float(((k - 1) / k * (leave - leave.mean()).square().sum()).sqrt())
-    return {"quad": quad, "trace": trace, "ratio": full, "se": se, "bias": float((k - 1) * (leave.mean() - full)),
-            "groups": k, "group_size": m}
+    return {
+        "quad": quad,
+        "trace": trace,
+        "ratio": full,
+        "se": se,
+        "bias": float((k - 1) * (leave.mean() - full)),
+        "groups": k,
+        "group_size": m,
+    }
 
 
-def group_gradients(net: nn.Module, criterion, x: torch.Tensor, y: torch.Tensor, groups: int
-                    ) -> tuple[torch.Tensor, int]:
+def group_gradients(
+    net: nn.Module, criterion, x: torch.Tensor, y: torch.Tensor, groups: int
+) -> tuple[torch.Tensor, int]:
     """(k x P float64: the mean gradient of each of `groups` contiguous groups of equal size m, over the
     parameters in net.parameters() order; m). The last n mod k examples are left out. Nothing touches .grad."""
     params = [p for p in net.parameters() if p.requires_grad]
@@ -81,18 +99,17 @@ def group_gradients(net: nn.Module, criterion, x: torch.Tensor, y: torch.Tensor,
     rows = []
     with torch.enable_grad():
         for j in range(groups):
-            xs, ys = x[j * m:(j + 1) * m], y[j * m:(j + 1) * m]
+            xs, ys = x[j * m : (j + 1) * m], y[j * m : (j + 1) * m]
             g = torch.autograd.grad(criterion(net(xs), ys, reduction="sum") / m, params)
             rows.append(torch.cat([t.reshape(-1) for t in g]).double())
     return torch.stack(rows), m
 
 
-def hessian_quadratic(net: nn.Module, criterion, x: torch.Tensor, y: torch.Tensor, vectors: torch.Tensor,
-                      chunk: int = 2048) -> torch.Tensor:
+def hessian_quadratic(
+    net: nn.Module, criterion, x: torch.Tensor, y: torch.Tensor, vectors: torch.Tensor, chunk: int = 2048
+) -> torch.Tensor:
     """Q = V H Vᵀ (k x k, float64), H the Hessian of the mean loss over (x, y): one Hessian-vector product per
     row of V (double backward, descent/measure/sharpness.py), symmetrised."""
-    from descent.measure.sharpness import hessian_vector_product
-
     with torch.enable_grad():
         hvp, size = hessian_vector_product(net, criterion, x, y, chunk)
         hv = torch.stack([torch.from_numpy(hvp(v.cpu().numpy())) for v in vectors]).to(vectors)
@@ -100,8 +117,9 @@ def hessian_quadratic(net: nn.Module, criterion, x: torch.Tensor, y: torch.Tenso
     return (q + q.T) / 2
 
 
-def b_noise_with_error(net: nn.Module, criterion, x: torch.Tensor, y: torch.Tensor, hessian_examples: int,
-                       groups: int = 32) -> dict[str, float]:
+def b_noise_with_error(
+    net: nn.Module, criterion, x: torch.Tensor, y: torch.Tensor, hessian_examples: int, groups: int = 32
+) -> dict[str, float]:
     """B_noise = tr(HΣ)/(GᵀHG) on (x, y): H on the first `hessian_examples` (at most half of them), the
     gradients in `groups` groups of the rest; with its jackknife error over the groups."""
     nh = min(hessian_examples, len(x) // 2)
@@ -111,6 +129,7 @@ def b_noise_with_error(net: nn.Module, criterion, x: torch.Tensor, y: torch.Tens
 
 
 # -- the preconditioner --------------------------------------------------------------------------------------
+
 
 def diagonal_preconditioner(optimizer: torch.optim.Optimizer) -> dict[int, torch.Tensor]:
     """{id(parameter): P} with P = lr / (√v̂ + ε), the diagonal the optimizer's next step multiplies its
@@ -131,8 +150,10 @@ def diagonal_preconditioner(optimizer: torch.optim.Optimizer) -> dict[int, torch
                     v = v - state["grad_avg"].square()
             else:
                 what = ", ".join(sorted(state)) or "no state yet (before the first step)"
-                raise ValueError(f"{type(optimizer).__name__}: no diagonal second-moment preconditioner "
-                                 f"(exp_avg_sq or square_avg) for a parameter of shape {list(p.shape)}: {what}")
+                raise ValueError(
+                    f"{type(optimizer).__name__}: no diagonal second-moment preconditioner "
+                    f"(exp_avg_sq or square_avg) for a parameter of shape {list(p.shape)}: {what}"
+                )
             found[id(p)] = (float(group["lr"]) / (v.sqrt() + group["eps"])).detach()
     return found
 
@@ -155,8 +176,9 @@ def _precond_blocks(net: nn.Module, x, y, criterion, precond: dict[int, torch.Te
     return sq, torch.cat(parts)
 
 
-def b_precond_with_error(net: nn.Module, criterion, x: torch.Tensor, y: torch.Tensor,
-                         precond: dict[int, torch.Tensor], blocks: int = 32) -> dict[str, float]:
+def b_precond_with_error(
+    net: nn.Module, criterion, x: torch.Tensor, y: torch.Tensor, precond: dict[int, torch.Tensor], blocks: int = 32
+) -> dict[str, float]:
     """B_precond = tr(PΣ)/(GᵀPG) over all of (x, y) for the diagonal P ({id(parameter): tensor}), with its
     jackknife error. A net of linear layers only: per-example terms (B_small = 1) in `blocks` blocks, noise.py's
     estimator in the metric P; any other net: the two-batch estimator over `blocks` groups."""
@@ -166,46 +188,28 @@ def b_precond_with_error(net: nn.Module, criterion, x: torch.Tensor, y: torch.Te
         grads, m = group_gradients(net, criterion, x, y, min(blocks, len(x)))
         p = torch.cat([precond[id(t)].reshape(-1) for t in net.parameters() if t.requires_grad]).to(grads)
         found = two_batch_with_error((grads * p) @ grads.T, m)
-        return {"grad_p_grad": found["quad"], "trace_p_cov": found["trace"], "b_precond": found["ratio"],
-                "b_precond_se": found["se"]}
+        return {
+            "grad_p_grad": found["quad"],
+            "trace_p_cov": found["trace"],
+            "b_precond": found["ratio"],
+            "b_precond_se": found["se"],
+        }
     edges = torch.linspace(0, len(x), blocks + 1).round().long().tolist()
-    found = b_simple_with_error([_precond_blocks(net, x[a:b], y[a:b], criterion, precond)
-                                 for a, b in zip(edges, edges[1:]) if b > a])
-    return {"grad_p_grad": found["grad_sq"], "trace_p_cov": found["trace_cov"], "b_precond": found["b_simple"],
-            "b_precond_se": found["b_simple_se"]}
+    found = b_simple_with_error(
+        [_precond_blocks(net, x[a:b], y[a:b], criterion, precond) for a, b in zip(edges, edges[1:]) if b > a]
+    )
+    return {
+        "grad_p_grad": found["grad_sq"],
+        "trace_p_cov": found["trace_cov"],
+        "b_precond": found["b_simple"],
+        "b_precond_se": found["b_simple_se"],
+    }
 
 
 # -- the measurements at the target crossings ----------------------------------------------------------------
 
-class _AtTargets:
-    """At the first validation point where val/acc reaches each target (as NoiseAtTargets): measure() once
-    for all the targets crossed there, logged as <name>/<acc> and, at that step, <name>."""
 
-    def __init__(self, targets):
-        self.targets = sorted({float(t) for t in targets})
-        self.crossed: list[float] = []  # in the checkpoint
-
-    def state_dict(self) -> dict:
-        return {"crossed": list(self.crossed)}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.crossed = list(state["crossed"])
-
-    def __call__(self, point) -> dict[str, float]:
-        acc = point.latest.get(names.VAL_ACC)  # this point's: the loop logs it before it calls the measures
-        due = [t for t in self.targets if acc is not None and acc >= t and t not in self.crossed]
-        if not due:
-            return {}
-        with untouched(point.net, point.x_train.device):
-            found = self.measure(point)
-        out = dict(found)
-        for t in due:
-            self.crossed.append(t)
-            out |= {f"{name}/{t:g}": value for name, value in found.items()}
-        return out
-
-
-class HessianNoiseAtTargets(_AtTargets):
+class HessianNoiseAtTargets(AtTargets):
     """trainer.noise_hessian_at_targets: B_noise with its jackknife error at each target's first crossing.
     H on the first `subset` training examples (at most half), the gradients in `groups` groups of the rest.
     Costs a pass of forward and backward over the training set and `groups` Hessian-vector products on the
@@ -220,7 +224,7 @@ class HessianNoiseAtTargets(_AtTargets):
         return {B_NOISE: f["ratio"], B_NOISE_SE: f["se"], GRAD_H_GRAD: f["quad"], TRACE_H_COV: f["trace"]}
 
 
-class PreconditionedNoiseAtTargets(_AtTargets):
+class PreconditionedNoiseAtTargets(AtTargets):
     """trainer.noise_preconditioned_at_targets: B_precond with its jackknife error over the whole training set
     at each target's first crossing, P read from the optimizer's state at that point. Costs about one pass of
     forward and backward over the training set per crossing (as NoiseAtTargets)."""
@@ -230,7 +234,17 @@ class PreconditionedNoiseAtTargets(_AtTargets):
         self.blocks = blocks
 
     def measure(self, point) -> dict[str, float]:
-        f = b_precond_with_error(point.net, point.criterion, point.x_train, point.y_train,
-                                 diagonal_preconditioner(point.optimizer), self.blocks)
-        return {B_PRECOND: f["b_precond"], B_PRECOND_SE: f["b_precond_se"], GRAD_P_GRAD: f["grad_p_grad"],
-                TRACE_P_COV: f["trace_p_cov"]}
+        f = b_precond_with_error(
+            point.net,
+            point.criterion,
+            point.x_train,
+            point.y_train,
+            diagonal_preconditioner(point.optimizer),
+            self.blocks,
+        )
+        return {
+            B_PRECOND: f["b_precond"],
+            B_PRECOND_SE: f["b_precond_se"],
+            GRAD_P_GRAD: f["grad_p_grad"],
+            TRACE_P_COV: f["trace_p_cov"],
+        }

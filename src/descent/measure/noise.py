@@ -27,8 +27,10 @@ def linear_layers(net: nn.Module) -> list[nn.Linear]:
     covered = {id(p) for m in layers for p in m.parameters(recurse=False)}
     others = [name for name, p in net.named_parameters() if id(p) not in covered]
     if others:
-        raise ValueError(f"trainer.noise_scale: per-example gradient norms cover nn.Linear layers only; "
-                         f"{', '.join(others)} lie outside one")
+        raise ValueError(
+            f"trainer.noise_scale: per-example gradient norms cover nn.Linear layers only; "
+            f"{', '.join(others)} lie outside one"
+        )
     return layers
 
 
@@ -53,8 +55,9 @@ def _deltas(net: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn):
     return layers, [a.detach().reshape(n, -1) for a in inputs], [d.reshape(n, -1) for d in deltas]
 
 
-def per_example_grads(net: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                      loss_fn=F.cross_entropy) -> tuple[torch.Tensor, torch.Tensor]:
+def per_example_grads(
+    net: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn=F.cross_entropy
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(‖g_i‖² per example, ‖mean_i g_i‖²) of the loss (the training loss: cross-entropy), over every
     parameter of the net.
 
@@ -64,8 +67,9 @@ def per_example_grads(net: nn.Module, x: torch.Tensor, y: torch.Tensor,
     return sq, (total / len(x)).square().sum()
 
 
-def per_example_and_sum(net: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                        loss_fn=F.cross_entropy) -> tuple[torch.Tensor, torch.Tensor]:
+def per_example_and_sum(
+    net: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn=F.cross_entropy
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(‖g_i‖² per example, Σ_i g_i flattened over every parameter), float64."""
     layers, inputs, deltas = _deltas(net, x, y, loss_fn)
     n = len(x)
@@ -97,10 +101,10 @@ def b_simple_with_error(blocks: list[tuple[torch.Tensor, torch.Tensor]]) -> dict
     k = len(blocks)
     counts = torch.tensor([len(sq) for sq, _ in blocks], dtype=torch.float64)
     q = torch.stack([sq.sum() for sq, _ in blocks])  # Σ ‖g_i‖² per block
-    sums = torch.stack([s for _, s in blocks])        # Σ g_i per block (k x P)
+    sums = torch.stack([s for _, s in blocks])  # Σ g_i per block (k x P)
     total, n = sums.sum(0), float(counts.sum())
-    gram = sums @ total                               # S_k · S
-    norms = sums.square().sum(1)                      # ‖S_k‖²
+    gram = sums @ total  # S_k · S
+    norms = sums.square().sum(1)  # ‖S_k‖²
 
     def ratio(m, q_sum, s_sq):
         grad_sq, trace_cov = _unbiased(m, q_sum / m, s_sq / m**2)
@@ -108,19 +112,31 @@ def b_simple_with_error(blocks: list[tuple[torch.Tensor, torch.Tensor]]) -> dict
 
     s_sq = float(total.square().sum())
     grad_sq, trace_cov, full = ratio(n, float(q.sum()), s_sq)
-    leave = torch.tensor([ratio(n - float(counts[i]), float(q.sum() - q[i]),
-                                s_sq - 2 * float(gram[i]) + float(norms[i]))[2] for i in range(k)])
+    leave = torch.tensor(
+        [
+            ratio(n - float(counts[i]), float(q.sum() - q[i]), s_sq - 2 * float(gram[i]) + float(norms[i]))[2]
+            for i in range(k)
+        ]
+    )
     se = float(((k - 1) / k * (leave - leave.mean()).square().sum()).sqrt()) if k > 1 else float("nan")
-    return {"grad_sq": grad_sq, "trace_cov": trace_cov, "b_simple": full, "b_simple_se": se,
-            "b_simple_bias": float((k - 1) * (leave.mean() - full)), "probe": n}
+    return {
+        "grad_sq": grad_sq,
+        "trace_cov": trace_cov,
+        "b_simple": full,
+        "b_simple_se": se,
+        "b_simple_bias": float((k - 1) * (leave.mean() - full)),
+        "probe": n,
+    }
 
 
-def measure_with_error(net: nn.Module, x: torch.Tensor, y: torch.Tensor, blocks: int = 32,
-                       loss_fn=F.cross_entropy) -> dict[str, float]:
+def measure_with_error(
+    net: nn.Module, x: torch.Tensor, y: torch.Tensor, blocks: int = 32, loss_fn=F.cross_entropy
+) -> dict[str, float]:
     """b_simple_with_error over all of (x, y), in `blocks` contiguous blocks (one forward and backward each)."""
     edges = torch.linspace(0, len(x), blocks + 1).round().long().tolist()
-    return b_simple_with_error([per_example_and_sum(net, x[a:b], y[a:b], loss_fn) for a, b in zip(edges, edges[1:])
-                                if b > a])
+    return b_simple_with_error(
+        [per_example_and_sum(net, x[a:b], y[a:b], loss_fn) for a, b in zip(edges, edges[1:]) if b > a]
+    )
 
 
 @contextmanager
@@ -177,16 +193,15 @@ class NoiseScale:
         return {names.NOISE_GRAD_SQ: grad_sq, names.NOISE_TRACE_COV: trace_cov, names.NOISE_B_SIMPLE: b_simple}
 
 
-class NoiseAtTargets:
-    """B_simple with its error at the first validation point where val/acc reaches each target (trainer.
-    noise_at_targets): probe = the whole training set (|G|² from the mean gradient over every training example,
-    tr Σ from every example's gradient norm), in `blocks` blocks for the jackknife; one point's own estimate,
-    no average over the run. Logs noise/b_simple/<acc>, noise/b_simple_se/<acc>, noise/grad_sq/<acc>,
-    noise/trace_cov/<acc> (and at that step noise/b_simple, noise/b_simple_se). Costs about one pass of
-    forward and backward over the training set per target (outside progress/seconds, as every measure)."""
+class AtTargets:
+    """A measurement at the first validation point where val/acc reaches each target: measure() once for all the
+    targets crossed there, each of its metrics logged as <name>/<acc> and, at that step, the names in `at_step`
+    (None: all of them) without the suffix. Which targets were crossed is in the checkpoint."""
 
-    def __init__(self, targets, blocks: int = 32):
-        self.targets, self.blocks = sorted({float(t) for t in targets}), blocks
+    at_step: tuple[str, ...] | None = None
+
+    def __init__(self, targets):
+        self.targets = sorted({float(t) for t in targets})
         self.crossed: list[float] = []  # in the checkpoint
 
     def state_dict(self) -> dict:
@@ -195,15 +210,42 @@ class NoiseAtTargets:
     def load_state_dict(self, state: dict) -> None:
         self.crossed = list(state["crossed"])
 
+    def measure(self, point) -> dict[str, float]:
+        raise NotImplementedError
+
     def __call__(self, point) -> dict[str, float]:
         acc = point.latest.get(names.VAL_ACC)  # this point's: the loop logs it before it calls the measures
         due = [t for t in self.targets if acc is not None and acc >= t and t not in self.crossed]
         if not due:
             return {}
         with untouched(point.net, point.x_train.device):
-            found = measure_with_error(point.net, point.x_train, point.y_train, self.blocks, point.criterion)
-        out = {names.NOISE_B_SIMPLE: found["b_simple"], names.NOISE_B_SIMPLE_SE: found["b_simple_se"]}
+            found = self.measure(point)
+        out = {k: v for k, v in found.items() if self.at_step is None or k in self.at_step}
         for t in due:
             self.crossed.append(t)
-            out |= {names.noise_at_key(k, t): found[k] for k in ("b_simple", "b_simple_se", "grad_sq", "trace_cov")}
+            out |= {f"{k}/{t:g}": v for k, v in found.items()}
         return out
+
+
+class NoiseAtTargets(AtTargets):
+    """B_simple with its error at the first validation point where val/acc reaches each target (trainer.
+    noise_at_targets): probe = the whole training set (|G|² from the mean gradient over every training example,
+    tr Σ from every example's gradient norm), in `blocks` blocks for the jackknife; one point's own estimate,
+    no average over the run. Logs noise/b_simple/<acc>, noise/b_simple_se/<acc>, noise/grad_sq/<acc>,
+    noise/trace_cov/<acc> (and at that step noise/b_simple, noise/b_simple_se). Costs about one pass of
+    forward and backward over the training set per target (outside progress/seconds, as every measure)."""
+
+    at_step = (names.NOISE_B_SIMPLE, names.NOISE_B_SIMPLE_SE)
+
+    def __init__(self, targets, blocks: int = 32):
+        super().__init__(targets)
+        self.blocks = blocks
+
+    def measure(self, point) -> dict[str, float]:
+        found = measure_with_error(point.net, point.x_train, point.y_train, self.blocks, point.criterion)
+        return {
+            names.NOISE_B_SIMPLE: found["b_simple"],
+            names.NOISE_B_SIMPLE_SE: found["b_simple_se"],
+            names.NOISE_GRAD_SQ: found["grad_sq"],
+            names.NOISE_TRACE_COV: found["trace_cov"],
+        }

@@ -26,8 +26,12 @@ def hessian_vector_product(net, criterion, x, y, chunk: int = 2048):
     """
     params = [p for p in net.parameters() if p.requires_grad]
     n = len(x)
-    grads = [torch.autograd.grad(criterion(net(x[i : i + chunk]), y[i : i + chunk], reduction="sum") / n, params,
-                                 create_graph=True) for i in range(0, n, chunk)]
+    grads = [
+        torch.autograd.grad(
+            criterion(net(x[i : i + chunk]), y[i : i + chunk], reduction="sum") / n, params, create_graph=True
+        )
+        for i in range(0, n, chunk)
+    ]
 
     def hvp(v: np.ndarray) -> np.ndarray:
         flat = torch.as_tensor(np.ravel(v), dtype=params[0].dtype, device=params[0].device)
@@ -41,8 +45,7 @@ def hessian_vector_product(net, criterion, x, y, chunk: int = 2048):
     return hvp, sum(p.numel() for p in params)
 
 
-def lambda_max(net, criterion, x, y, tol: float = 1e-4, v0: np.ndarray | None = None, chunk: int = 2048,
-               ncv: int = 8):
+def lambda_max(net, criterion, x, y, tol: float = 1e-4, v0: np.ndarray | None = None, chunk: int = 2048, ncv: int = 8):
     """(λ_max, its eigenvector): the algebraically largest eigenvalue of the mean loss's Hessian over (x, y).
 
     v0 starts Lanczos (a previous eigenvector converges in fewer products); without it a fixed random

@@ -58,9 +58,15 @@ class MLP(nn.Sequential):
     loss: cross_entropy (the book's) or mse (descent.nets.mse); accuracy is the argmax of the scores
     either way."""
 
-    def __init__(self, shape: tuple[int, ...] | None = None, hidden: list[int] | int = (512,),
-                 classes: int | None = None, init: str = "keras", in_features: int | None = None,
-                 loss: str = "cross_entropy"):
+    def __init__(
+        self,
+        shape: tuple[int, ...] | None = None,
+        hidden: list[int] | int = (512,),
+        classes: int | None = None,
+        init: str = "keras",
+        in_features: int | None = None,
+        loss: str = "cross_entropy",
+    ):
         if loss not in LOSSES:
             raise ValueError(f"model.loss={loss!r}: allowed values are {', '.join(LOSSES)}")
         width = math.prod(shape) if shape is not None else in_features or DEFAULT.features
@@ -81,13 +87,21 @@ class ConvNet(nn.Sequential):
     2x2 max-pool between two convs. The flat rows are viewed as C x H x W images first (no copy): the
     data's shape (one grey channel for MNIST, 3 x 32 x 32 for CIFAR). side: without data only (older runs)."""
 
-    def __init__(self, shape: tuple[int, ...] | None = None, filters: list[int] = (32, 64, 128),
-                 classes: int | None = None, init: str = "keras", side: int | None = None):
+    def __init__(
+        self,
+        shape: tuple[int, ...] | None = None,
+        filters: list[int] = (32, 64, 128),
+        classes: int | None = None,
+        init: str = "keras",
+        side: int | None = None,
+    ):
         if shape is None:
             shape = (DEFAULT.shape[0], side, side) if side else DEFAULT.shape
         if len(shape) != 3:
-            raise SizeError(f"model=cnn needs images (N x H x W or N x C x H x W); the data are {describe(shape)}; "
-                            "allowed for features: model=mlp or model=linear")
+            raise SizeError(
+                f"model=cnn needs images (N x H x W or N x C x H x W); the data are {describe(shape)}; "
+                "allowed for features: model=mlp or model=linear"
+            )
         channels, height, width = shape
         layers, fit = [nn.Unflatten(1, tuple(shape))], 0
         for i, f in enumerate(filters):
@@ -98,8 +112,10 @@ class ConvNet(nn.Sequential):
             channels, height, width = f, height - 2, width - 2
             fit += min(height, width) >= 1
         if min(height, width) < 1:
-            raise SizeError(f"model.filters={list(filters)}: too many convolutions for {describe(shape)}: "
-                            f"{fit} fit (e.g. model.filters={list(filters)[:fit]})")
+            raise SizeError(
+                f"model.filters={list(filters)}: too many convolutions for {describe(shape)}: "
+                f"{fit} fit (e.g. model.filters={list(filters)[:fit]})"
+            )
         super().__init__(*layers, nn.Flatten(), nn.Linear(channels * height * width, classes or DEFAULT.classes))
         keras_init(self, init)
 
@@ -117,8 +133,13 @@ def build(model_cfg, datamodule=None) -> nn.Module:
     for key, value in expected.items():
         given = OmegaConf.select(model_cfg, key, default=None)
         if given is not None and given != value:
-            raise SizeError(f"model.{key}={given}: the data ({describe(shape)}, {sizes['classes']} classes) give "
-                            f"{value}; allowed: null (taken from the data) or {value}")
-    kwargs = {k: v for k, v in OmegaConf.to_container(model_cfg, resolve=True).items()
-              if k not in expected and k != "_target_"}
+            raise SizeError(
+                f"model.{key}={given}: the data ({describe(shape)}, {sizes['classes']} classes) give "
+                f"{value}; allowed: null (taken from the data) or {value}"
+            )
+    kwargs = {
+        k: v
+        for k, v in OmegaConf.to_container(model_cfg, resolve=True).items()
+        if k not in expected and k != "_target_"
+    }
     return cls(**kwargs, **sizes)  # called directly: a SizeError reaches train.py as it is

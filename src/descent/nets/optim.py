@@ -26,18 +26,24 @@ def split(named, groups: dict[str, list[str]], matrices_only: tuple[str, ...] = 
         owners = [g for g, patterns in groups.items() if any(fnmatchcase(name, pat) for pat in patterns)]
         if len(owners) != 1:
             named_by = " and ".join(f"{g}_params" for g in owners) or "none of them"
-            problems.append(f"{keys}: parameter {name} (shape {list(p.shape)}) is named by {named_by}; "
-                            "each parameter must be named by exactly one")
+            problems.append(
+                f"{keys}: parameter {name} (shape {list(p.shape)}) is named by {named_by}; "
+                "each parameter must be named by exactly one"
+            )
             continue
         if owners[0] in matrices_only and p.ndim != 2:
-            problems.append(f"{owners[0]}_params={list(groups[owners[0]])!r} names {name} (shape {list(p.shape)}): "
-                            f"{owners[0]} takes 2-D weight matrices only; name it in another group")
+            problems.append(
+                f"{owners[0]}_params={list(groups[owners[0]])!r} names {name} (shape {list(p.shape)}): "
+                f"{owners[0]} takes 2-D weight matrices only; name it in another group"
+            )
         found[owners[0]].append((name, p))
     for group, patterns in groups.items():
         for pat in patterns:
             if not any(fnmatchcase(name, pat) for name, _ in named):
-                problems.append(f"{group}_params={list(patterns)!r}: {pat!r} names no parameter of the model "
-                                f"(its parameters: {', '.join(name for name, _ in named)})")
+                problems.append(
+                    f"{group}_params={list(patterns)!r}: {pat!r} names no parameter of the model "
+                    f"(its parameters: {', '.join(name for name, _ in named)})"
+                )
     if problems:
         raise ValueError("\n".join(problems))
     return found
@@ -48,19 +54,40 @@ class MuonAdamW(torch.optim.Optimizer):
     hyperparameters) on those adamw_params names. Patterns are fnmatch patterns on the network's
     parameter names (`0.weight`, `*.bias`); the module hands over named parameters."""
 
-    def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True,
-                 weight_decay: float = 0.0, ns_steps: int = 5, eps: float = 1e-7, adjust_lr_fn: str | None = None,
-                 muon_params: list[str] = ("0.weight",), adamw_params: list[str] = ("2.weight", "*.bias"),
-                 adamw: dict | None = None, capturable: bool = False):
+    def __init__(
+        self,
+        params,
+        lr: float = 0.02,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        weight_decay: float = 0.0,
+        ns_steps: int = 5,
+        eps: float = 1e-7,
+        adjust_lr_fn: str | None = None,
+        muon_params: list[str] = ("0.weight",),
+        adamw_params: list[str] = ("2.weight", "*.bias"),
+        adamw: dict | None = None,
+        capturable: bool = False,
+    ):
         named = list(params)
         if named and not isinstance(named[0], tuple):
             raise TypeError("MuonAdamW picks parameters by name: pass net.named_parameters()")
         groups = split(named, {"muon": list(muon_params), "adamw": list(adamw_params)}, matrices_only=("muon",))
-        self.muon = torch.optim.Muon(groups["muon"], lr=lr, momentum=momentum, nesterov=nesterov,
-                                     weight_decay=weight_decay, ns_steps=ns_steps, eps=eps, adjust_lr_fn=adjust_lr_fn)
+        self.muon = torch.optim.Muon(
+            groups["muon"],
+            lr=lr,
+            momentum=momentum,
+            nesterov=nesterov,
+            weight_decay=weight_decay,
+            ns_steps=ns_steps,
+            eps=eps,
+            adjust_lr_fn=adjust_lr_fn,
+        )
         # Muon keeps no step count and has no capturable flag; AdamW's count goes on the device for a CUDA graph
         self.adamw = torch.optim.AdamW(groups["adamw"], **dict(adamw or {}), capturable=capturable)
-        self.defaults = self.muon.defaults  # no Optimizer.__init__: the two optimizers own the parameters, groups, state
+        self.defaults = (
+            self.muon.defaults
+        )  # no Optimizer.__init__: the two optimizers own the parameters, groups, state
         self._optimizer_step_pre_hooks, self._optimizer_step_post_hooks = {}, {}
 
     @property

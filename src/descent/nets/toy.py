@@ -46,10 +46,16 @@ class Loss:
 # the roots of f'(w) = w^3 - w - 1/4 (numpy.roots) and f''(w) = 3w^2 - 1 at the global one; Rosenbrock's
 # Hessian at (1, 1) is [[802, -400], [-400, 200]], whose largest eigenvalue is 501 + sqrt(301^2 + 400^2)
 LOSSES = {
-    "double_well": Loss(double_well, ("w",), {"global": (1.1071598716887687,), "local": (-0.8375654352833226,)},
-                        L=2.6774089444336724, box=((-2.3, 2.0),)),
-    "rosenbrock": Loss(rosenbrock, ("x", "y"), {"global": (1.0, 1.0)}, L=501 + math.hypot(301, 400),
-                       box=((-2.0, 2.0), (-1.0, 3.0))),
+    "double_well": Loss(
+        double_well,
+        ("w",),
+        {"global": (1.1071598716887687,), "local": (-0.8375654352833226,)},
+        L=2.6774089444336724,
+        box=((-2.3, 2.0),),
+    ),
+    "rosenbrock": Loss(
+        rosenbrock, ("x", "y"), {"global": (1.0, 1.0)}, L=501 + math.hypot(301, 400), box=((-2.0, 2.0), (-1.0, 3.0))
+    ),
 }
 
 

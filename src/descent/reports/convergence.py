@@ -17,7 +17,17 @@ from matplotlib.lines import Line2D
 from descent.console.terminal import shown
 from descent.reports import skeleton
 from descent.reports.search import make_search
-from descent.reports.skeleton import AXES, FINALS, LOG_X_RATIO, ReportError, Run, metric, plain_log_ticks, select_runs, table
+from descent.reports.skeleton import (
+    AXES,
+    FINALS,
+    LOG_X_RATIO,
+    ReportError,
+    Run,
+    metric,
+    plain_log_ticks,
+    select_runs,
+    table,
+)
 from descent.tracking import names
 from descent.tracking.store import log_table
 
@@ -26,14 +36,21 @@ TARGET_ACC = 0.97
 # config groups in the order of run names (rmsprop-mini-s0); a label starts with the ones that vary
 LABEL_GROUPS = ("optimizer", "batching", "model", "data")
 # params that differ between the seeds of one configuration, or that do not change what is trained
-NOT_CONFIG = {"seed", "resume", "data.root", "data.download", "trainer.progress_bar",
-              "trainer.checkpoint_every_seconds"}
+NOT_CONFIG = {
+    "seed",
+    "resume",
+    "data.root",
+    "data.download",
+    "trainer.progress_bar",
+    "trainer.checkpoint_every_seconds",
+}
 NOT_CONFIG_PREFIXES = ("logger.", "hydra.")
 __all__ = ["ReportError", "make_report", "select_runs"]  # src/compare.py and the sweep's driver use these here
 
 
 # ---------------------------------------------------------------------------------------------
 # configurations: the runs that differ only by seed
+
 
 @dataclass
 class Config:
@@ -48,8 +65,17 @@ class Config:
     def status(self) -> dict[str, int]:
         counts = {"finished": 0, "diverged": 0, "failed": 0, "killed": 0, "running": 0}
         for r in self.runs:
-            kind = ("diverged" if r.diverged else "finished" if r.status == "FINISHED" else
-                    "failed" if r.status == "FAILED" else "killed" if r.status == "KILLED" else "running")
+            kind = (
+                "diverged"
+                if r.diverged
+                else "finished"
+                if r.status == "FINISHED"
+                else "failed"
+                if r.status == "FAILED"
+                else "killed"
+                if r.status == "KILLED"
+                else "running"
+            )
             counts[kind] += 1
         return counts
 
@@ -102,6 +128,7 @@ def _label(values: dict[str, str | None], run: Run) -> str:
 # ---------------------------------------------------------------------------------------------
 # numbers: final metrics and time to target
 
+
 def mean_std(values: list[float]) -> tuple[float, float] | None:
     """Mean and sample std (ddof=1; nan for a single seed)."""
     if not values:
@@ -121,8 +148,13 @@ def time_to_target(run: Run, key: str, target: float) -> dict[str, float] | None
 
 def summarize(config: Config, target_key: str, target: float) -> dict:
     """One table row; final metrics over the seeds that finished, time to target over all seeds."""
-    row = {"configuration": config.label, **config.values, "seeds": len(config.runs), **config.status(),
-           "diverged_at_examples": " ".join(str(r.diverged_at) for r in config.runs if r.diverged and r.diverged_at)}
+    row = {
+        "configuration": config.label,
+        **config.values,
+        "seeds": len(config.runs),
+        **config.status(),
+        "diverged_at_examples": " ".join(str(r.diverged_at) for r in config.runs if r.diverged and r.diverged_at),
+    }
     for key in FINALS:
         finals = [v for r in config.finished if (v := r.final(key)) is not None]
         name = key.replace("/", "_")
@@ -138,6 +170,7 @@ def summarize(config: Config, target_key: str, target: float) -> dict:
 
 # ---------------------------------------------------------------------------------------------
 # the figure: loss (top) and accuracy (bottom) against epochs, updates and seconds
+
 
 def mean_curve(runs: list[Run], key: str, axis: str):
     """x, mean, min, max over the runs, on the steps they all reached (x: mean over runs)."""
@@ -192,8 +225,16 @@ def plot(configs: list[Config], source: str = "val", title: str = ""):
                         x_at = run.progress(axis, [run.diverged_at])[0]
                         if np.isfinite(x_at):
                             any_diverged = True
-                            ax.plot([x_at], [0.98], "x", color=color, ms=10, mew=2.5, clip_on=False,
-                                    transform=ax.get_xaxis_transform())
+                            ax.plot(
+                                [x_at],
+                                [0.98],
+                                "x",
+                                color=color,
+                                ms=10,
+                                mew=2.5,
+                                clip_on=False,
+                                transform=ax.get_xaxis_transform(),
+                            )
                             extents[axis].append(x_at)
         status = status_text(config.status(), len(config.runs))
         label = config.label + ("" if status == "ok" else f" ({status})")
@@ -210,15 +251,27 @@ def plot(configs: list[Config], source: str = "val", title: str = ""):
             if kind == "loss":
                 ax.set_yscale("log")  # losses span decades, and a diverging run's more so
                 plain_log_ticks(ax.yaxis)
-            ax.set_xlabel({"epochs": "epochs", "updates": "optimizer updates",
-                           "seconds": "training wall time (s)"}[axis] + (" (log scale)" if log_x else ""))
+            ax.set_xlabel(
+                {"epochs": "epochs", "updates": "optimizer updates", "seconds": "training wall time (s)"}[axis]
+                + (" (log scale)" if log_x else "")
+            )
             ax.set_ylabel(f"{source} {kind}" + ("" if source == "val" else " (no validation data)"))
             ax.grid(True, which="major", alpha=0.3)
     if any_unfinished:
         handles.append(Line2D([], [], color="gray", lw=1, ls="--", label="a seed that did not finish"))
     if any_diverged:
-        handles.append(Line2D([], [], color="gray", ls="", marker="x", ms=10, mew=2.5,
-                              label="diverged: at its last finite point, or on the top edge if it had none"))
+        handles.append(
+            Line2D(
+                [],
+                [],
+                color="gray",
+                ls="",
+                marker="x",
+                ms=10,
+                mew=2.5,
+                label="diverged: at its last finite point, or on the top edge if it had none",
+            )
+        )
     wide = max(len(h.get_label()) for h in handles) > 40
     fig.legend(handles=handles, loc="outside lower center", ncols=1 if wide else min(4, len(handles)), frameon=False)
     fig.suptitle(f"{title}\n{what}: line = mean over the seeds that finished, band = min–max over those seeds")
@@ -227,6 +280,7 @@ def plot(configs: list[Config], source: str = "val", title: str = ""):
 
 # ---------------------------------------------------------------------------------------------
 # the table: Markdown for people, CSV for programs
+
 
 def _num(x: float) -> str:  # epochs, updates, seconds
     return f"{x:.0f}" if abs(x) >= 1000 else f"{x:.4g}"
@@ -241,8 +295,15 @@ def _pm(mean, std, fmt=_num, fmt_std=lambda s: f"{s:.2g}") -> str:
 def markdown(rows: list[dict], header: str) -> str:
     target_key, target = rows[0]["target_metric"], rows[0]["target"]
     to = f"to {target_key.replace('/', ' ')} ≥ {target:g}"
-    cols = ["configuration", "seeds", "status", *[k.replace("/", " ") for k in FINALS],
-            f"epochs {to}", f"updates {to}", f"seconds {to}"]
+    cols = [
+        "configuration",
+        "seeds",
+        "status",
+        *[k.replace("/", " ") for k in FINALS],
+        f"epochs {to}",
+        f"updates {to}",
+        f"seconds {to}",
+    ]
     lines = []
     for row in rows:
         status = status_text(row, row["seeds"], row["diverged_at_examples"])
@@ -268,8 +329,13 @@ def markdown(rows: list[dict], header: str) -> str:
     return f"{header}\n\n" + table(cols, lines) + f"\n\n{notes}\n\n![convergence](convergence.png)\n"
 
 
-def make_report(tracking_uri: str | None = None, parent_run_id: str | None = None, experiment: str = "descent",
-                out_dir=None, target_acc: float = TARGET_ACC) -> dict:
+def make_report(
+    tracking_uri: str | None = None,
+    parent_run_id: str | None = None,
+    experiment: str = "descent",
+    out_dir=None,
+    target_acc: float = TARGET_ACC,
+) -> dict:
     """Write convergence.{png,md,csv} and, when the runs belong to a sweep, log them to its parent run
     under report/; for an Optuna study also search.{png,md}. Returns {"png", "md", "csv"[, "search_png",
     "search_md"]} -> path."""
@@ -286,8 +352,10 @@ def make_report(tracking_uri: str | None = None, parent_run_id: str | None = Non
     else:
         what, where = f"All runs of experiment `{experiment}` (no sweep found)", ""
     grouped = ", ".join(by) if by else "nothing varies"
-    header = (f"# Convergence report\n\n{what}{where}: {len(runs)} runs in {len(configs)} configurations "
-              f"(grouped by {grouped}); target {source}/acc ≥ {target_acc:g}.")
+    header = (
+        f"# Convergence report\n\n{what}{where}: {len(runs)} runs in {len(configs)} configurations "
+        f"(grouped by {grouped}); target {source}/acc ≥ {target_acc:g}."
+    )
 
     out = skeleton.folder(out_dir, parent)
     # the figure names the sweep and its run, never a folder: a title travels (docs, a report shared) where

@@ -20,7 +20,7 @@ def what_it_shows(x: np.ndarray, lam: np.ndarray, edge: float, diverged: bool) -
     or sharpening (or none) that stays below it. x: the updates of the measurements, λ_max at each."""
     if not len(lam) or not np.isfinite(edge):
         return "—"
-    late = np.median(lam[len(lam) // 2:]) / edge
+    late = np.median(lam[len(lam) // 2 :]) / edge
     if lam[0] > edge:
         if diverged:
             return "starts above 2/η and diverges"
@@ -32,12 +32,15 @@ def what_it_shows(x: np.ndarray, lam: np.ndarray, edge: float, diverged: bool) -
             return caught + f"; then hovers at the edge (2nd half at {late:.2f} × 2/η)"
         return caught + f"; then below the edge (2nd half at {late:.2f} × 2/η)"
     if (lam >= EDGE * edge).any():
-        return ("sharpens to 2/η and hovers there" if late >= EDGE else "sharpens to 2/η, then falls below it") + \
-            f" (2nd half at {late:.2f} × 2/η)"
+        return (
+            "sharpens to 2/η and hovers there" if late >= EDGE else "sharpens to 2/η, then falls below it"
+        ) + f" (2nd half at {late:.2f} × 2/η)"
     peak = int(np.argmax(lam))
     if lam[peak] > 1.05 * lam[0]:
-        return (f"sharpens {lam[peak] / lam[0]:.2f}× by update {int(x[peak])} but stays below 2/η (at most "
-                f"{lam[peak] / edge:.2f} ×), ends at {lam[-1] / edge:.2f} ×")
+        return (
+            f"sharpens {lam[peak] / lam[0]:.2f}× by update {int(x[peak])} but stays below 2/η (at most "
+            f"{lam[peak] / edge:.2f} ×), ends at {lam[-1] / edge:.2f} ×"
+        )
     return f"no sharpening: λ_max falls {lam[0]:.3g} → {lam[-1]:.3g}, below 2/η throughout ({lam[-1] / edge:.2f} × at the end)"
 
 
@@ -49,8 +52,10 @@ def edge_of_stability(runs: list[Run], title: str):
     rows = []
     for row, name in enumerate(losses):
         ax_l, ax_loss = axes[row]
-        chosen = sorted([r for r in runs if r.params.get("model.loss", "cross_entropy") == name],
-                        key=lambda r: r.number("optimizer.lr"))
+        chosen = sorted(
+            [r for r in runs if r.params.get("model.loss", "cross_entropy") == name],
+            key=lambda r: r.number("optimizer.lr"),
+        )
         for i, r in enumerate(chosen):
             color, lr = f"C{i}", r.number("optimizer.lr")
             x, lam = r.by_updates(names.SHARPNESS)
@@ -66,10 +71,22 @@ def edge_of_stability(runs: list[Run], title: str):
                 rises = f"{int((np.diff(late_loss) > 0).sum())} of {max(len(late_loss) - 1, 0)}"
                 reached = int(x[np.argmax(lam >= EDGE * edge)]) if (lam >= EDGE * edge).any() else None
                 peak = int(np.argmax(lam))
-                rows.append([name, f"{lr:g}", f"{edge:.3g}", f"{lam[0]:.3g}", f"{lam.max():.3g} (update {int(x[peak])})",
-                             f"{lam[-1]:.3g} (update {int(x[-1])})", f"{np.median(lam[len(lam) // 2:]) / edge:.2f}",
-                             "—" if reached is None else str(reached), f"{loss[-1]:.4g}" if len(loss) else "—", rises,
-                             what_it_shows(x, lam, edge, r.diverged), r.name])
+                rows.append(
+                    [
+                        name,
+                        f"{lr:g}",
+                        f"{edge:.3g}",
+                        f"{lam[0]:.3g}",
+                        f"{lam.max():.3g} (update {int(x[peak])})",
+                        f"{lam[-1]:.3g} (update {int(x[-1])})",
+                        f"{np.median(lam[len(lam) // 2 :]) / edge:.2f}",
+                        "—" if reached is None else str(reached),
+                        f"{loss[-1]:.4g}" if len(loss) else "—",
+                        rises,
+                        what_it_shows(x, lam, edge, r.diverged),
+                        r.name,
+                    ]
+                )
         ax_l.set_yscale("log")
         ax_l.set_xlabel("optimizer updates (full batch: one per epoch)")
         ax_l.set_ylabel("sharpness λ_max of the training loss's Hessian")
@@ -81,11 +98,26 @@ def edge_of_stability(runs: list[Run], title: str):
         ax_loss.set_title(f"{name}: training loss", fontsize=10)
         ax_loss.legend(fontsize=8)
     fig.suptitle(title)
-    text = ("Full-batch gradient descent on the MLP: the sharpness λ_max (Lanczos on Hessian-vector products, "
-            "descent/measure/sharpness.py) against its threshold 2/η; the first measurement is after update 1 (the "
-            f"first validation point). At the edge: λ_max ≥ {EDGE:g} × 2/η.\n\n"
-            + table(["loss", "lr", "2/η", "λ_max first", "λ_max max", "λ_max last", "median / (2/η), 2nd half",
-                      f"update λ_max first ≥ {EDGE:g} × 2/η", "final train loss",
-                      f"updates that raised the loss, after update {RISES_AFTER}", "what it shows", "run"], rows))
+    text = (
+        "Full-batch gradient descent on the MLP: the sharpness λ_max (Lanczos on Hessian-vector products, "
+        "descent/measure/sharpness.py) against its threshold 2/η; the first measurement is after update 1 (the "
+        f"first validation point). At the edge: λ_max ≥ {EDGE:g} × 2/η.\n\n"
+        + table(
+            [
+                "loss",
+                "lr",
+                "2/η",
+                "λ_max first",
+                "λ_max max",
+                "λ_max last",
+                "median / (2/η), 2nd half",
+                f"update λ_max first ≥ {EDGE:g} × 2/η",
+                "final train loss",
+                f"updates that raised the loss, after update {RISES_AFTER}",
+                "what it shows",
+                "run",
+            ],
+            rows,
+        )
+    )
     return fig, text
-

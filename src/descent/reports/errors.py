@@ -74,11 +74,21 @@ def analyse(probs: torch.Tensor, y: torch.Tensor, names: list[str]) -> dict:
     wrong = wrong[np.argsort(-confidence[wrong], kind="stable")]
     return {
         "matrix": matrix,
-        "per_class": {"class": labels, "label": names, "precision": precision.tolist(), "recall": recall.tolist(),
-                      "f1": f1.tolist(), "support": support.tolist(),
-                      "errors": (support - np.diag(matrix)).tolist()},
-        "wrong": {"index": wrong.tolist(), "true": [names[i] for i in true[wrong]],
-                  "predicted": [names[i] for i in pred[wrong]], "confidence": confidence[wrong].tolist()},
+        "per_class": {
+            "class": labels,
+            "label": names,
+            "precision": precision.tolist(),
+            "recall": recall.tolist(),
+            "f1": f1.tolist(),
+            "support": support.tolist(),
+            "errors": (support - np.diag(matrix)).tolist(),
+        },
+        "wrong": {
+            "index": wrong.tolist(),
+            "true": [names[i] for i in true[wrong]],
+            "predicted": [names[i] for i in pred[wrong]],
+            "confidence": confidence[wrong].tolist(),
+        },
     }
 
 
@@ -90,8 +100,12 @@ def confusion_figure(matrix: np.ndarray, names: list[str], title: str):
     size = min(max(4.5, 0.5 * k + 2), 20)
     fig, ax = plt.subplots(figsize=(size, size))
     ConfusionMatrixDisplay(matrix, display_labels=names).plot(
-        ax=ax, colorbar=False, values_format="d", include_values=k <= 30, xticks_rotation=45 if k > 10 or
-        max(map(len, names)) > 3 else "horizontal")
+        ax=ax,
+        colorbar=False,
+        values_format="d",
+        include_values=k <= 30,
+        xticks_rotation=45 if k > 10 or max(map(len, names)) > 3 else "horizontal",
+    )
     ax.set_title(title)
     fig.tight_layout()
     return fig
@@ -132,8 +146,14 @@ def misclassified_figure(x: torch.Tensor, wrong: dict, shape: tuple[int, ...], n
     ax.axis("off")
     for k, (i, true, pred, conf) in enumerate(zip(index, wrong["true"], wrong["predicted"], wrong["confidence"])):
         r, c = divmod(k, cols)
-        ax.text(pad + c * (w + pad) + w / 2, r * (h + top) + top - 1, f"#{i} true {true}\npredicted {pred} ({conf:.0%})",
-                ha="center", va="bottom", fontsize=7)
+        ax.text(
+            pad + c * (w + pad) + w / 2,
+            r * (h + top) + top - 1,
+            f"#{i} true {true}\npredicted {pred} ({conf:.0%})",
+            ha="center",
+            va="bottom",
+            fontsize=7,
+        )
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
     return fig
@@ -159,12 +179,16 @@ def log_errors(logger, logits: torch.Tensor, datamodule, data_name: str = "", gr
     fig = confusion_figure(found["matrix"], names, f"Confusion matrix, {what}")
     client.log_figure(run_id, fig, f"{DIR}/confusion_matrix.png")
     plt.close(fig)
-    fig = misclassified_figure(x, found["wrong"], image_shape(datamodule, x), grid,
-                               f"The {min(grid, errors)} most confident mistakes, {what}")
+    fig = misclassified_figure(
+        x, found["wrong"], image_shape(datamodule, x), grid, f"The {min(grid, errors)} most confident mistakes, {what}"
+    )
     client.log_figure(run_id, fig, f"{DIR}/misclassified.png")
     plt.close(fig)
     matrix = {"true": names} | {f"predicted {name}": found["matrix"][:, j].tolist() for j, name in enumerate(names)}
-    for table, name in ((matrix, "confusion_matrix"), (found["per_class"], "per_class"),
-                        (found["wrong"], "misclassified")):
+    for table, name in (
+        (matrix, "confusion_matrix"),
+        (found["per_class"], "per_class"),
+        (found["wrong"], "misclassified"),
+    ):
         store.log_table(client, run_id, table, f"{DIR}/{name}.json")
     return found

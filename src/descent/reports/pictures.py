@@ -32,8 +32,9 @@ def _start(run: Run) -> list[float]:
 def trajectory(start, columns) -> np.ndarray:
     """The start, then the point at each validation point: columns are the coordinates' logged values."""
     n = min(map(len, columns))
-    return np.concatenate([np.asarray(start, dtype=float).reshape(1, -1),
-                           np.stack([np.asarray(c[:n], dtype=float) for c in columns], 1)])
+    return np.concatenate(
+        [np.asarray(start, dtype=float).reshape(1, -1), np.stack([np.asarray(c[:n], dtype=float) for c in columns], 1)]
+    )
 
 
 def _path(run: Run) -> np.ndarray:
@@ -60,6 +61,7 @@ def _outcome(run: Run) -> tuple[str, str]:
 
 
 # -- the toy losses drawn: a curve or a surface, the minimum a point flows to, a run's trajectory ----------------
+
 
 def which_minimum(loss: str, point) -> str:
     """The minimum the gradient flow from `point` ends in (small plain steps, float64): 'global', 'local', or
@@ -122,18 +124,26 @@ def draw(ax, loss: str, paths: list[tuple[np.ndarray, str, str]], end_marker: st
 def log_trajectory(logger, net) -> None:
     """The run's artifact trajectory.png: its path on the curve or surface, from the record."""
     logger.wait_for_store()  # every point written first: the picture is drawn from the record
-    columns = [[m.value for m in sorted(logger.experiment.get_metric_history(logger.run_id, names.toy_key(c)),
-                                        key=lambda m: m.step)] for c in LOSSES[net.loss].coords]
+    columns = [
+        [
+            m.value
+            for m in sorted(logger.experiment.get_metric_history(logger.run_id, names.toy_key(c)), key=lambda m: m.step)
+        ]
+        for c in LOSSES[net.loss].coords
+    ]
     points = trajectory(net.start, columns)
     fig = Figure(figsize=(6, 4.5), layout="constrained")
     ax = fig.subplots()
     draw(ax, net.loss, [(points, "C0", None)])
-    ax.set_title(f"{logger.run_name}: {len(points) - 1} points from {net.start} to "
-                 f"{', '.join(f'{v:.4g}' for v in points[-1])}", fontsize=9)
+    ax.set_title(
+        f"{logger.run_name}: {len(points) - 1} points from {net.start} to {', '.join(f'{v:.4g}' for v in points[-1])}",
+        fontsize=9,
+    )
     logger.experiment.log_figure(logger.run_id, fig, "trajectory.png")
 
 
 # -- experiment=local_minima ----------------------------------------------------------------------------------
+
 
 def _arm(run: Run, base_lr: float) -> tuple[float, bool]:
     """(β, control): a momentum run's β, or, for plain SGD at base_lr / (1 - β), that β and True."""
@@ -169,8 +179,9 @@ def local_minima(runs: list[Run], title: str):
             paths = [(_path(r), colors[arm[0]], label(r)) for arm, r in sorted(first.items()) if arm[1] == control]
             draw(axes[row, col], "double_well", paths)
             what = f"plain SGD at lr {base_lr:g}/(1 - β)" if control else f"momentum β at lr {base_lr:g}"
-            axes[row, col].set_title(f"gradient noise std {noise:g}: {what} (seed {seeds[0]}; o start, * end)",
-                                     fontsize=10)
+            axes[row, col].set_title(
+                f"gradient noise std {noise:g}: {what} (seed {seeds[0]}; o start, * end)", fontsize=10
+            )
             if paths:
                 axes[row, col].legend(fontsize=7, loc="upper right")
         ax = axes[row, 2]
@@ -180,27 +191,51 @@ def local_minima(runs: list[Run], title: str):
             ax.plot(np.r_[0, x], np.r_[_start(r), w], color=colors[beta], lw=1, alpha=0.8, ls="--" if control else "-")
             where, words = _outcome(r)
             counts.setdefault((noise, control, beta, r.number("optimizer.lr")), []).append(where)
-            rows.append([f"{beta:g}", "plain SGD at lr/(1 - β)" if control else "momentum", r.params.get("optimizer.lr"),
-                         f"{noise:g}", r.params.get("seed", "0"), f"{w[-1]:.4f}" if len(w) else "—", words, r.name])
+            rows.append(
+                [
+                    f"{beta:g}",
+                    "plain SGD at lr/(1 - β)" if control else "momentum",
+                    r.params.get("optimizer.lr"),
+                    f"{noise:g}",
+                    r.params.get("seed", "0"),
+                    f"{w[-1]:.4f}" if len(w) else "—",
+                    words,
+                    r.name,
+                ]
+            )
         ax.axhline(-0.2696, color="0.5", ls=":", lw=1)
         ax.text(0, -0.2696, " barrier", va="bottom", fontsize=8, color="0.4")
         ax.set_xlabel("optimizer updates")
         ax.set_ylabel("w")
         ax.set_xscale("symlog", linthresh=10)
         ax.set_xlim(left=0)
-        ax.set_title(f"gradient noise std {noise:g}: w against updates, {len(seeds)} seed(s); solid momentum, "
-                     "dashed its control", fontsize=10)
+        ax.set_title(
+            f"gradient noise std {noise:g}: w against updates, {len(seeds)} seed(s); solid momentum, "
+            "dashed its control",
+            fontsize=10,
+        )
     fig.suptitle(title)
-    summary = [[f"{beta:g}", "plain SGD" if control else "momentum", f"{lr:.4g}", f"{noise:g}", str(len(ends)),
-                f"{ends.count('global')}/{len(ends)}", f"{ends.count('local')}/{len(ends)}",
-                f"{ends.count('diverged')}/{len(ends)}"]
-               for (noise, control, beta, lr), ends in sorted(counts.items())]
-    text = ("Which minimum each run of the double well ended in: the minimum its final point's gradient flow "
-            "reaches (descent.reports.pictures.which_minimum). A momentum run (β at lr η) and its control (plain SGD at "
-            "η/(1 - β), the step momentum reaches on a steady slope) share the row's β.\n\n"
-            + table(["β", "arm", "lr", "noise std", "runs", "global", "local", "diverged"], summary)
-            + "\n\nEach run:\n\n"
-            + table(["β", "arm", "lr", "noise std", "seed", "final w", "ended", "run"], rows))
+    summary = [
+        [
+            f"{beta:g}",
+            "plain SGD" if control else "momentum",
+            f"{lr:.4g}",
+            f"{noise:g}",
+            str(len(ends)),
+            f"{ends.count('global')}/{len(ends)}",
+            f"{ends.count('local')}/{len(ends)}",
+            f"{ends.count('diverged')}/{len(ends)}",
+        ]
+        for (noise, control, beta, lr), ends in sorted(counts.items())
+    ]
+    text = (
+        "Which minimum each run of the double well ended in: the minimum its final point's gradient flow "
+        "reaches (descent.reports.pictures.which_minimum). A momentum run (β at lr η) and its control (plain SGD at "
+        "η/(1 - β), the step momentum reaches on a steady slope) share the row's β.\n\n"
+        + table(["β", "arm", "lr", "noise std", "runs", "global", "local", "diverged"], summary)
+        + "\n\nEach run:\n\n"
+        + table(["β", "arm", "lr", "noise std", "seed", "final w", "ended", "run"], rows)
+    )
     return fig, text
 
 
@@ -246,20 +281,36 @@ def step_size(runs: list[Run], title: str):
             final = float(v[-1]) - f_star if len(v) and not r.diverged else np.nan
             reached = None if r.diverged else updates_to(r, f_star)
             finals.append((lr, final, reached, r.diverged, color))
-            rows.append([loss, f"{lr:.4g}", f"{lr / bound:.3g}",
-                         "diverged" if r.diverged else f"not in {budget}" if reached is None else str(reached),
-                         words, f"{final:.3g}" if np.isfinite(final) else "—", r.name])
+            rows.append(
+                [
+                    loss,
+                    f"{lr:.4g}",
+                    f"{lr / bound:.3g}",
+                    "diverged" if r.diverged else f"not in {budget}" if reached is None else str(reached),
+                    words,
+                    f"{final:.3g}" if np.isfinite(final) else "—",
+                    r.name,
+                ]
+            )
         # the order of the rates that converge: fewest updates to the tolerance first, then the lowest final loss
         ranked = sorted([f for f in finals if not f[3]], key=lambda f: (f[2] is None, f[2] or 0, f[1]))
-        orders.append(f"{loss}: " + " < ".join(
-            f"{lr / bound:.3g}" + (f" ({n})" if n is not None else f" (f - f* = {final:.2g})")
-            for lr, final, n, _, _ in ranked))
+        orders.append(
+            f"{loss}: "
+            + " < ".join(
+                f"{lr / bound:.3g}" + (f" ({n})" if n is not None else f" (f - f* = {final:.2g})")
+                for lr, final, n, _, _ in ranked
+            )
+        )
         draw(axes[row, 0], loss, paths, end_marker="*")
         axes[row, 0].legend(fontsize=7, loc="upper right")
         axes[row, 0].set_title(f"{loss}: paths from {_start(chosen[0])} (o start, * end)", fontsize=10)
         ax = axes[row, 1]
         ax.set_yscale("log")
-        first = [float(r.history[names.VAL_LOSS][1][0]) - f_star for r in chosen if len(r.history.get(names.VAL_LOSS, ((), ()))[1])]
+        first = [
+            float(r.history[names.VAL_LOSS][1][0]) - f_star
+            for r in chosen
+            if len(r.history.get(names.VAL_LOSS, ((), ()))[1])
+        ]
         ax.set_ylim(FLOOR / 2, 10 * max([v for v in first if np.isfinite(v)] + [1]))  # diverged runs go off the top
         ax.axhline(TOLERANCE, color="0.5", ls=":", lw=1)
         ax.set_xscale("symlog", linthresh=10)
@@ -275,8 +326,9 @@ def step_size(runs: list[Run], title: str):
                     ax.plot([lr], [0.97], "x", color=color, ms=10, mew=2.5, transform=ax.get_xaxis_transform())
                 continue
             if reached is None:
-                ax_n.plot([lr], [0.97], "^", color=color, ms=9, mfc="none", mew=1.5,
-                          transform=ax_n.get_xaxis_transform())
+                ax_n.plot(
+                    [lr], [0.97], "^", color=color, ms=9, mfc="none", mew=1.5, transform=ax_n.get_xaxis_transform()
+                )
             else:
                 ax_n.plot([lr], [reached], "o", color=color, ms=8)
                 ax_n.annotate(str(reached), (lr, reached), textcoords="offset points", xytext=(6, 4), fontsize=8)
@@ -284,8 +336,13 @@ def step_size(runs: list[Run], title: str):
         for ax in (ax_n, ax_f):
             ax.axvline(bound, color="k", ls="--", lw=1.2)
             ax.axvline(bound / 2, color="0.4", ls=":", lw=1.2)
-            ax.text(bound, 0.5, f" 2/L = {bound:.3g}\n (L = {surface.L:.4g}, the curvature\n at the global minimum)",
-                    transform=ax.get_xaxis_transform(), fontsize=8)
+            ax.text(
+                bound,
+                0.5,
+                f" 2/L = {bound:.3g}\n (L = {surface.L:.4g}, the curvature\n at the global minimum)",
+                transform=ax.get_xaxis_transform(),
+                fontsize=8,
+            )
             ax.text(bound / 2, 0.8, "1/L ", ha="right", transform=ax.get_xaxis_transform(), fontsize=8, color="0.3")
             ax.set_xscale("log")
             ax.set_yscale("log")
@@ -296,20 +353,28 @@ def step_size(runs: list[Run], title: str):
         ax_f.set_ylabel(f"final f(w) - f*, after {budget} updates")
         ax_f.set_title(f"{loss}: where each learning rate ends\n(x on top: diverged)", fontsize=10)
     fig.suptitle(title)
-    text = ("Plain gradient descent on each toy loss at learning rates around 2/L, L the largest curvature at "
-            "the global minimum (a quadratic with that curvature diverges above 2/L and converges fastest at 1/L, "
-            "where the contraction |1 - ηL| is 0).\n\n"
-            f"Updates to f(w) - f* < {TOLERANCE:g}: the first update after which val/loss (f(w) in float32, "
-            "logged at every update) is within the tolerance of the global minimum's f*.\n\n"
-            "Fastest first (lr / (2/L), then the updates to the tolerance, or the final f - f* where it was not "
-            "reached):\n\n" + "\n".join(f"- {o}" for o in orders) + "\n\n"
-            + table(["loss", "lr", "lr / (2/L)", f"updates to f - f* < {TOLERANCE:g}", "ended", "final f - f*",
-                      "run"], rows))
+    text = (
+        "Plain gradient descent on each toy loss at learning rates around 2/L, L the largest curvature at "
+        "the global minimum (a quadratic with that curvature diverges above 2/L and converges fastest at 1/L, "
+        "where the contraction |1 - ηL| is 0).\n\n"
+        f"Updates to f(w) - f* < {TOLERANCE:g}: the first update after which val/loss (f(w) in float32, "
+        "logged at every update) is within the tolerance of the global minimum's f*.\n\n"
+        "Fastest first (lr / (2/L), then the updates to the tolerance, or the final f - f* where it was not "
+        "reached):\n\n"
+        + "\n".join(f"- {o}" for o in orders)
+        + "\n\n"
+        + table(
+            ["loss", "lr", "lr / (2/L)", f"updates to f - f* < {TOLERANCE:g}", "ended", "final f - f*", "run"], rows
+        )
+    )
     return fig, text
 
 
-PICTURES = {"local_minima": (local_minima, TOY_METRICS), "step_size": (step_size, TOY_METRICS),
-            "edge_of_stability": (edge.edge_of_stability, edge.METRICS)}
+PICTURES = {
+    "local_minima": (local_minima, TOY_METRICS),
+    "step_size": (step_size, TOY_METRICS),
+    "edge_of_stability": (edge.edge_of_stability, edge.METRICS),
+}
 
 
 def make(name: str, tracking_uri: str, parent_run_id: str, out_dir: str | Path) -> dict[str, Path]:
@@ -322,6 +387,8 @@ def make(name: str, tracking_uri: str, parent_run_id: str, out_dir: str | Path) 
     parent, runs = select_runs(client, parent_run_id, metrics=metrics)
     title = f"{name}: sweep {parent.info.run_name} (run {parent.info.run_id}), {len(runs)} runs"
     fig, text = draw_it(runs, title)
-    paths = skeleton.write(skeleton.folder(out_dir, parent), name, fig, f"# {title}\n\n{text}\n\n![{name}]({name}.png)\n")
+    paths = skeleton.write(
+        skeleton.folder(out_dir, parent), name, fig, f"# {title}\n\n{text}\n\n![{name}]({name}.png)\n"
+    )
     skeleton.to_parent(client, parent.info.run_id, paths)
     return paths

@@ -48,10 +48,10 @@ class Run:
     lr: float
     seed: int
     status: str
-    updates: dict[float, float] = field(default_factory=dict)   # target acc -> updates at its first crossing
+    updates: dict[float, float] = field(default_factory=dict)  # target acc -> updates at its first crossing
     examples: dict[float, float] = field(default_factory=dict)  # ... examples actually trained on by then
-    val_every: int | None = None    # trainer.val_every_examples: how finely a crossing is resolved
-    reference: bool = False         # the reference trajectory (trainer.noise_at_targets): not a cell's trial
+    val_every: int | None = None  # trainer.val_every_examples: how finely a crossing is resolved
+    reference: bool = False  # the reference trajectory (trainer.noise_at_targets): not a cell's trial
     noise: dict[float, tuple[float, float]] = field(default_factory=dict)  # acc -> (B_simple, its error)
     scales: dict[tuple[str, float], tuple[float, float]] = field(default_factory=dict)  # (b_noise | b_precond,
     # acc) -> (value, its error)
@@ -87,20 +87,29 @@ def read_runs(client, parent_run_id: str) -> list[Run]:
     runs = []
     for r in found:
         p, m = r.data.params, r.data.metrics
-        run = Run(p.get("optimizer", "?"), batch_size_of(p), float(p.get("optimizer.lr", "nan")),
-                  _int(p.get("seed")) or 0, r.info.status, val_every=_int(p.get("trainer.val_every_examples")),
-                  reference=p.get("trainer.noise_at_targets") == "True")
+        run = Run(
+            p.get("optimizer", "?"),
+            batch_size_of(p),
+            float(p.get("optimizer.lr", "nan")),
+            _int(p.get("seed")) or 0,
+            r.info.status,
+            val_every=_int(p.get("trainer.val_every_examples")),
+            reference=p.get("trainer.noise_at_targets") == "True",
+        )
         for key, value in m.items():
             if key.startswith(UPDATES):
-                run.updates[float(key[len(UPDATES):])] = value
+                run.updates[float(key[len(UPDATES) :])] = value
             elif key.startswith(EXAMPLES):
-                run.examples[float(key[len(EXAMPLES):])] = value
+                run.examples[float(key[len(EXAMPLES) :])] = value
             elif key.startswith(B_SIMPLE):
-                acc = float(key[len(B_SIMPLE):])
+                acc = float(key[len(B_SIMPLE) :])
                 run.noise[acc] = (value, m.get(names.noise_at_key("b_simple_se", acc), float("nan")))
             elif key.count("/") == 2 and key.split("/")[1] in SCALES:
                 _, name, acc = key.split("/")
-                run.scales[name, float(acc)] = (value, m.get(names.noise_at_key(f"{name}_se", float(acc)), float("nan")))
+                run.scales[name, float(acc)] = (
+                    value,
+                    m.get(names.noise_at_key(f"{name}_se", float(acc)), float("nan")),
+                )
         acc = p.get("sweep.target_acc")  # runs recorded before several targets: their one target
         if names.TARGET_UPDATES in m and acc is not None and float(acc) not in run.updates:
             run.updates[float(acc)] = m[names.TARGET_UPDATES]
@@ -167,9 +176,16 @@ def point(runs: list[Run], acc: float) -> dict | None:
     every = [r.val_every for r in reached if r.val_every]
     b = runs[0].batch_size
     step = max(1.0, every[0] / b) if every else float("nan")  # updates between two checks of the target
-    return {"lr": lr, "seeds": sorted(at_rate), "reached": len(reached), "updates": s,
-            "s": float(np.median(s)), "e": float(np.median(e)), "resolution": step / float(np.median(s)),
-            "search_trials": sum(r.seed == first for r in runs)}
+    return {
+        "lr": lr,
+        "seeds": sorted(at_rate),
+        "reached": len(reached),
+        "updates": s,
+        "s": float(np.median(s)),
+        "e": float(np.median(e)),
+        "resolution": step / float(np.median(s)),
+        "search_trials": sum(r.seed == first for r in runs),
+    }
 
 
 def analyse(runs: list[Run], seed: int = 0, n_boot: int = BOOTSTRAP) -> tuple[list[dict], dict, dict]:
@@ -188,32 +204,50 @@ def analyse(runs: list[Run], seed: int = 0, n_boot: int = BOOTSTRAP) -> tuple[li
             seeds_s = {}
             for b in sorted(cells):
                 p = point(cells[b], acc)
-                rows.append({"optimizer": opt, "batch_size": b, "target": acc, "trials": len(cells[b]),
-                             "best_lr": p["lr"] if p else None, "seeds": len(p["seeds"]) if p else 0,
-                             "seeds_reached": p["reached"] if p else 0,
-                             "updates_to_target": p["s"] if p else None,
-                             "updates_by_seed": " ".join(f"{v:g}" for v in p["updates"]) if p else "",
-                             "examples_to_target": p["e"] if p else None,
-                             "resolution": p["resolution"] if p else None})
+                rows.append(
+                    {
+                        "optimizer": opt,
+                        "batch_size": b,
+                        "target": acc,
+                        "trials": len(cells[b]),
+                        "best_lr": p["lr"] if p else None,
+                        "seeds": len(p["seeds"]) if p else 0,
+                        "seeds_reached": p["reached"] if p else 0,
+                        "updates_to_target": p["s"] if p else None,
+                        "updates_by_seed": " ".join(f"{v:g}" for v in p["updates"]) if p else "",
+                        "examples_to_target": p["e"] if p else None,
+                        "resolution": p["resolution"] if p else None,
+                    }
+                )
                 if p:
                     seeds_s[b] = p["updates"]
-            s_min, e_min = fit(list(seeds_s), [float(np.median(v)) for v in seeds_s.values()]) if seeds_s else (
-                float("nan"),) * 2
+            s_min, e_min = (
+                fit(list(seeds_s), [float(np.median(v)) for v in seeds_s.values()]) if seeds_s else (float("nan"),) * 2
+            )
             boot = bootstrap(seeds_s, rng, n_boot) if len(seeds_s) >= 2 else np.full((1, 3), np.nan)
             (s_lo, s_hi, _), (e_lo, e_hi, _), (lo, hi, finite) = (interval(boot[:, i]) for i in range(3))
-            fits[opt, acc] = {"s_min": s_min, "e_min": e_min, "b_crit": b_crit(s_min, e_min),
-                              "b_crit_low": lo, "b_crit_high": hi, "s_min_low": s_lo, "s_min_high": s_hi,
-                              "e_min_low": e_lo, "e_min_high": e_hi, "bootstrap_finite": finite,
-                              "points": len(seeds_s), "seeds_per_point": max((len(v) for v in seeds_s.values()),
-                                                                             default=0)}
+            fits[opt, acc] = {
+                "s_min": s_min,
+                "e_min": e_min,
+                "b_crit": b_crit(s_min, e_min),
+                "b_crit_low": lo,
+                "b_crit_high": hi,
+                "s_min_low": s_lo,
+                "s_min_high": s_hi,
+                "e_min_low": e_lo,
+                "e_min_high": e_hi,
+                "bootstrap_finite": finite,
+                "points": len(seeds_s),
+                "seeds_per_point": max((len(v) for v in seeds_s.values()), default=0),
+            }
         for r in runs:
             if r.reference and r.optimizer == opt:
                 for acc, (value, se) in r.noise.items():
-                    noise[opt, acc] = {"b_simple": value, "b_simple_se": se, "batch_size": r.batch_size,
-                                       "lr": r.lr}
+                    noise[opt, acc] = {"b_simple": value, "b_simple_se": se, "batch_size": r.batch_size, "lr": r.lr}
                 for (name, acc), (value, se) in r.scales.items():
                     noise.setdefault((opt, acc), {"batch_size": r.batch_size, "lr": r.lr}).update(
-                        {name: value, f"{name}_se": se})
+                        {name: value, f"{name}_se": se}
+                    )
     return rows, fits, noise
 
 
@@ -237,11 +271,22 @@ def ratios(rows: list[dict], seed: int = 0, n_boot: int = BOOTSTRAP) -> list[dic
         if opt != pair[0] or other is None:
             continue
         a, m = (np.array([float(v) for v in x["updates_by_seed"].split()]) for x in (r, other))
-        boot = [np.median(a[rng.integers(0, len(a), len(a))]) / np.median(m[rng.integers(0, len(m), len(m))])
-                for _ in range(n_boot)]
+        boot = [
+            np.median(a[rng.integers(0, len(a), len(a))]) / np.median(m[rng.integers(0, len(m), len(m))])
+            for _ in range(n_boot)
+        ]
         lo, hi = np.percentile(boot, [2.5, 97.5])
-        out.append({"batch_size": b, "target": acc, "ratio": float(np.median(a) / np.median(m)), "low": float(lo),
-                    "high": float(hi), "seeds": (len(a), len(m)), "pair": pair})
+        out.append(
+            {
+                "batch_size": b,
+                "target": acc,
+                "ratio": float(np.median(a) / np.median(m)),
+                "low": float(lo),
+                "high": float(hi),
+                "seeds": (len(a), len(m)),
+                "pair": pair,
+            }
+        )
     return sorted(out, key=lambda x: (x["target"], x["batch_size"]))
 
 
@@ -270,8 +315,17 @@ def plot(rows: list[dict], fits: dict, noise: dict, title: str):
             spread = [[float(v) for v in r["updates_by_seed"].split()] for r in pts]
             lo, hi = np.array([min(v) for v in spread]), np.array([max(v) for v in spread])
             marker, alpha = MARKERS[j % len(MARKERS)], 0.35 + 0.65 * (j + 1) / len(accs)
-            ax_s.errorbar(b, s, yerr=[s - lo, hi - s], fmt=marker, color=color, alpha=alpha, ms=5, capsize=2,
-                          label=f"{opt} @ {acc:g}")
+            ax_s.errorbar(
+                b,
+                s,
+                yerr=[s - lo, hi - s],
+                fmt=marker,
+                color=color,
+                alpha=alpha,
+                ms=5,
+                capsize=2,
+                label=f"{opt} @ {acc:g}",
+            )
             ax_e.plot(s, e, marker, color=color, alpha=alpha, ms=5)
             if math.isfinite(f["s_min"]) and len(pts):
                 grid = np.geomspace(min(b.min(), 1), max(b.max(), 2), 200)
@@ -291,36 +345,71 @@ def plot(rows: list[dict], fits: dict, noise: dict, title: str):
             lo = np.array([f["b_crit_low"] for _, f in crit])
             hi = np.array([f["b_crit_high"] for _, f in crit])
             ok = np.isfinite(lo) & np.isfinite(hi)
-            ax_b.errorbar(x + 0.0008 * (i - len(opts) / 2), y, yerr=np.where(ok, [y - lo, hi - y], 0), fmt="o-",
-                          color=color, capsize=3, label=f"{opt}: B_crit (95 % bootstrap over seeds)")
+            ax_b.errorbar(
+                x + 0.0008 * (i - len(opts) / 2),
+                y,
+                yerr=np.where(ok, [y - lo, hi - y], 0),
+                fmt="o-",
+                color=color,
+                capsize=3,
+                label=f"{opt}: B_crit (95 % bootstrap over seeds)",
+            )
         for j, name in enumerate(SCALES):
             found = sorted((acc, v) for (o, acc), v in noise.items() if o == opt and name in v)
             if found:
                 x = np.array([a for a, _ in found]) + 0.0008 * (i - len(opts) / 2) + 0.0004 * (j + 2)
                 y, se = (np.array([v[k] for _, v in found]) for k in (name, name + "_se"))
-                ax_b.errorbar(x, y, yerr=1.96 * se, fmt="^:" if j == 0 else "v:", color=color, mfc="white",
-                              capsize=3, label=f"{opt}: {name.replace('b_', 'B_')} ± 1.96 se")
+                ax_b.errorbar(
+                    x,
+                    y,
+                    yerr=1.96 * se,
+                    fmt="^:" if j == 0 else "v:",
+                    color=color,
+                    mfc="white",
+                    capsize=3,
+                    label=f"{opt}: {name.replace('b_', 'B_')} ± 1.96 se",
+                )
         simple = sorted((acc, v) for (o, acc), v in noise.items() if o == opt and "b_simple" in v)
         if simple:
             x = np.array([a for a, _ in simple])
             y = np.array([v["b_simple"] for _, v in simple])
             se = np.array([v["b_simple_se"] for _, v in simple])
-            ax_b.errorbar(x + 0.0008 * (i - len(opts) / 2) + 0.0004, y, yerr=1.96 * se, fmt="s--", color=color,
-                          mfc="white", capsize=3, label=f"{opt}: B_simple ± 1.96 se (B = {simple[0][1]['batch_size']})")
+            ax_b.errorbar(
+                x + 0.0008 * (i - len(opts) / 2) + 0.0004,
+                y,
+                yerr=1.96 * se,
+                fmt="s--",
+                color=color,
+                mfc="white",
+                capsize=3,
+                label=f"{opt}: B_simple ± 1.96 se (B = {simple[0][1]['batch_size']})",
+            )
     for ax in (ax_s, ax_e, ax_lr):
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.grid(True, which="major", alpha=0.3)
     ax_b.set_yscale("log")
     ax_b.grid(True, which="major", alpha=0.3)
-    ax_s.set(xlabel="batch size B", ylabel="updates to target S (median over seeds; bars: their range)",
-             title="updates to each target: S_min + E_min/B (lines)")
-    ax_e.set(xlabel="updates to target S", ylabel="examples trained on to target E",
-             title="the trade-off (S/S_min − 1)(E/E_min − 1) = 1:\nexamples actually trained on")
-    ax_lr.set(xlabel="batch size B", ylabel="chosen learning rate (first seed)",
-              title="the rate chosen per cell (highest target); dotted: square-root rule")
-    ax_b.set(xlabel="target validation accuracy", ylabel="batch size",
-             title="B_crit = E_min/S_min per target;\nB_simple on the reference run (open squares)")
+    ax_s.set(
+        xlabel="batch size B",
+        ylabel="updates to target S (median over seeds; bars: their range)",
+        title="updates to each target: S_min + E_min/B (lines)",
+    )
+    ax_e.set(
+        xlabel="updates to target S",
+        ylabel="examples trained on to target E",
+        title="the trade-off (S/S_min − 1)(E/E_min − 1) = 1:\nexamples actually trained on",
+    )
+    ax_lr.set(
+        xlabel="batch size B",
+        ylabel="chosen learning rate (first seed)",
+        title="the rate chosen per cell (highest target); dotted: square-root rule",
+    )
+    ax_b.set(
+        xlabel="target validation accuracy",
+        ylabel="batch size",
+        title="B_crit = E_min/S_min per target;\nB_simple on the reference run (open squares)",
+    )
     for ax in (ax_s, ax_e, ax_lr, ax_b):
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
@@ -333,47 +422,82 @@ def _g(x) -> str:
 
 
 def markdown(rows: list[dict], fits: dict, noise: dict, header: str, n_boot: int = BOOTSTRAP) -> str:
-    lines = [header, "", "| optimizer | B | target | trials | chosen lr | seeds reached / run | updates to target "
-             "(median) | by seed | examples to target (median) | resolution |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        header,
+        "",
+        "| optimizer | B | target | trials | chosen lr | seeds reached / run | updates to target "
+        "(median) | by seed | examples to target (median) | resolution |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         resolution = "—" if r["resolution"] is None else f"{100 * r['resolution']:.2g} %"
-        lines.append(f"| {r['optimizer']} | {r['batch_size']} | {r['target']:g} | {r['trials']} | {_g(r['best_lr'])} | "
-                     f"{r['seeds_reached']}/{r['seeds']} | {_g(r['updates_to_target'])} | {r['updates_by_seed']} | "
-                     f"{_g(r['examples_to_target'])} | {resolution} |")
+        lines.append(
+            f"| {r['optimizer']} | {r['batch_size']} | {r['target']:g} | {r['trials']} | {_g(r['best_lr'])} | "
+            f"{r['seeds_reached']}/{r['seeds']} | {_g(r['updates_to_target'])} | {r['updates_by_seed']} | "
+            f"{_g(r['examples_to_target'])} | {resolution} |"
+        )
     coarse = [r for r in rows if r["resolution"] is not None and r["resolution"] > 0.02]
-    lines += ["", "Resolved to <= 2 % (updates between two checks of the target over S): "
-              + ("every cell." if not coarse else "all but " + ", ".join(
-                  f"{r['optimizer']} B {r['batch_size']} @ {r['target']:g} ({100 * r['resolution']:.2g} %)"
-                  for r in coarse) + ".")]
-    lines += ["", "| optimizer | target | points | seeds per point | S_min [95 %] | E_min [95 %] | B_crit = E_min/S_min "
-              "[95 % bootstrap over seeds] | B_simple ± se (reference run) | B_noise ± se | B_precond ± se |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "Resolved to <= 2 % (updates between two checks of the target over S): "
+        + (
+            "every cell."
+            if not coarse
+            else "all but "
+            + ", ".join(
+                f"{r['optimizer']} B {r['batch_size']} @ {r['target']:g} ({100 * r['resolution']:.2g} %)"
+                for r in coarse
+            )
+            + "."
+        ),
+    ]
+    lines += [
+        "",
+        "| optimizer | target | points | seeds per point | S_min [95 %] | E_min [95 %] | B_crit = E_min/S_min "
+        "[95 % bootstrap over seeds] | B_simple ± se (reference run) | B_noise ± se | B_precond ± se |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for (opt, acc), f in fits.items():
         n = noise.get((opt, acc), {})
-        simple, curved, precond = (f"{_g(n[k])} ± {_g(n[k + '_se'])}" if k in n else "—"
-                                   for k in ("b_simple", "b_noise", "b_precond"))
-        lines.append(f"| {opt} | {acc:g} | {f['points']} | {f['seeds_per_point']} | {_g(f['s_min'])} "
-                     f"[{_g(f['s_min_low'])}, {_g(f['s_min_high'])}] | {_g(f['e_min'])} [{_g(f['e_min_low'])}, "
-                     f"{_g(f['e_min_high'])}] | {_g(f['b_crit'])} [{_g(f['b_crit_low'])}, {_g(f['b_crit_high'])}] "
-                     f"({f['bootstrap_finite']} finite) | {simple} | {curved} | {precond} |")
+        simple, curved, precond = (
+            f"{_g(n[k])} ± {_g(n[k + '_se'])}" if k in n else "—" for k in ("b_simple", "b_noise", "b_precond")
+        )
+        lines.append(
+            f"| {opt} | {acc:g} | {f['points']} | {f['seeds_per_point']} | {_g(f['s_min'])} "
+            f"[{_g(f['s_min_low'])}, {_g(f['s_min_high'])}] | {_g(f['e_min'])} [{_g(f['e_min_low'])}, "
+            f"{_g(f['e_min_high'])}] | {_g(f['b_crit'])} [{_g(f['b_crit_low'])}, {_g(f['b_crit_high'])}] "
+            f"({f['bootstrap_finite']} finite) | {simple} | {curved} | {precond} |"
+        )
     if pairs := ratios(rows, n_boot=n_boot):
         a, m = pairs[0]["pair"]
-        lines += ["", f"| B | target | S_{a}/S_{m} = E_{a}/E_{m} [95 % bootstrap over seeds] | seeds ({a}, {m}) |",
-                  "|---|---|---|---|"]
-        lines += [f"| {p['batch_size']} | {p['target']:g} | {_g(p['ratio'])} [{_g(p['low'])}, {_g(p['high'])}] | "
-                  f"{p['seeds'][0]}, {p['seeds'][1]} |" for p in pairs]
+        lines += [
+            "",
+            f"| B | target | S_{a}/S_{m} = E_{a}/E_{m} [95 % bootstrap over seeds] | seeds ({a}, {m}) |",
+            "|---|---|---|---|",
+        ]
+        lines += [
+            f"| {p['batch_size']} | {p['target']:g} | {_g(p['ratio'])} [{_g(p['low'])}, {_g(p['high'])}] | "
+            f"{p['seeds'][0]}, {p['seeds'][1]} |"
+            for p in pairs
+        ]
         lines += ["", f"Above 1: {m} reached the target in fewer updates (and, at the same B, examples) than {a}."]
-    lines += ["", "A point: per optimizer, batch size and target, the learning rate with the fewest updates to the "
-              "target among the first seed's trials, then the median over the seeds run at that rate (the first "
-              "seed's run included). The fit: least squares on relative residuals of S(B) = S_min + E_min/B with "
-              f"S_min, E_min >= 0. Intervals: {n_boot} resamples of each cell's seeds with replacement, the medians "
-              "refitted, 2.5th to 97.5th percentiles (an interval over seeds at the chosen rates; the choice of the "
-              "rate itself is not resampled). Resolution: updates between two checks of the target over the updates "
-              "to it. B_simple = tr Σ/|G|² over the whole training set at the first validation point past each "
-              "target of the reference run (the reference cell's chosen rate), ± its delete-one-block jackknife "
-              "standard error over the training examples. B_noise = tr(HΣ)/(GᵀHG) and B_precond = tr(PΣ)/(GᵀPG) (P the "
-              "optimizer's diagonal preconditioner; Adam-type optimizers only) at the same points, ± their jackknife "
-              "standard errors (descent/measure/curvature_noise.py).", "", "![scaling](scaling.png)", ""]
+    lines += [
+        "",
+        "A point: per optimizer, batch size and target, the learning rate with the fewest updates to the "
+        "target among the first seed's trials, then the median over the seeds run at that rate (the first "
+        "seed's run included). The fit: least squares on relative residuals of S(B) = S_min + E_min/B with "
+        f"S_min, E_min >= 0. Intervals: {n_boot} resamples of each cell's seeds with replacement, the medians "
+        "refitted, 2.5th to 97.5th percentiles (an interval over seeds at the chosen rates; the choice of the "
+        "rate itself is not resampled). Resolution: updates between two checks of the target over the updates "
+        "to it. B_simple = tr Σ/|G|² over the whole training set at the first validation point past each "
+        "target of the reference run (the reference cell's chosen rate), ± its delete-one-block jackknife "
+        "standard error over the training examples. B_noise = tr(HΣ)/(GᵀHG) and B_precond = tr(PΣ)/(GᵀPG) (P the "
+        "optimizer's diagonal preconditioner; Adam-type optimizers only) at the same points, ± their jackknife "
+        "standard errors (descent/measure/curvature_noise.py).",
+        "",
+        "![scaling](scaling.png)",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -382,9 +506,13 @@ def csv_rows(rows: list[dict], fits: dict) -> list[dict]:
     return [r | {f"fit_{k}": v for k, v in fits.get((r["optimizer"], r["target"]), {}).items()} for r in rows]
 
 
-def make_scaling_report(tracking_uri: str | None = None, parent_run_id: str | None = None,
-                        out_dir: str | Path | None = None, experiment: str = "batch_scaling",
-                        more_parents: tuple[str, ...] = ()) -> dict:
+def make_scaling_report(
+    tracking_uri: str | None = None,
+    parent_run_id: str | None = None,
+    out_dir: str | Path | None = None,
+    experiment: str = "batch_scaling",
+    more_parents: tuple[str, ...] = (),
+) -> dict:
     """scaling.{png,md,csv} in out_dir (default: the sweep's folder) and under the parent's report/, the fit's
     numbers as the parent's metrics scaling.<what>.<optimizer>. more_parents: other sweeps whose trials join
     these (another study's parent: learning rates beyond a study's categorical grid need a study of their own).
@@ -410,24 +538,41 @@ def make_scaling_report(tracking_uri: str | None = None, parent_run_id: str | No
     what = f"sweep `{parent.info.run_name}` (run `{parent_run_id}`) {where}".strip()
     if more_parents:
         what += " with the trials of " + ", ".join(f"`{p}`" for p in more_parents)
-    header = (f"# Batch-size scaling report\n\n{what}: {len(trials)} runs, "
-              f"{len({(t.optimizer, t.batch_size) for t in trials})} (optimizer, batch size) cells; "
-              f"{sum(bool(t.updates) for t in trials)} reached a target.")
+    header = (
+        f"# Batch-size scaling report\n\n{what}: {len(trials)} runs, "
+        f"{len({(t.optimizer, t.batch_size) for t in trials})} (optimizer, batch size) cells; "
+        f"{sum(bool(t.updates) for t in trials)} reached a target."
+    )
     title = f"sweep {parent.info.run_name} (run {parent_run_id})" + (  # no folder in a figure: as convergence's
-        " with the trials of " + ", ".join(more_parents) if more_parents else "")
-    paths = skeleton.write(out, "scaling", plot(rows, fits, noise, title), markdown(rows, fits, noise, header),
-                           csv_rows(rows, fits), title)
+        " with the trials of " + ", ".join(more_parents) if more_parents else ""
+    )
+    paths = skeleton.write(
+        out, "scaling", plot(rows, fits, noise, title), markdown(rows, fits, noise, header), csv_rows(rows, fits), title
+    )
     top = {opt: max(acc for o, acc in fits if o == opt) for opt, _ in fits}
     for (opt, acc), f in fits.items():
-        values = dict(f) | ({k: v for k, v in noise[opt, acc].items() if k.startswith(("b_simple", *SCALES))}
-                            if (opt, acc) in noise else {})
-        for key in ("b_crit", "s_min", "e_min", "b_crit_low", "b_crit_high", "b_simple", "b_simple_se",
-                    *(k + e for k in SCALES for e in ("", "_se"))):
+        values = dict(f) | (
+            {k: v for k, v in noise[opt, acc].items() if k.startswith(("b_simple", *SCALES))}
+            if (opt, acc) in noise
+            else {}
+        )
+        for key in (
+            "b_crit",
+            "s_min",
+            "e_min",
+            "b_crit_low",
+            "b_crit_high",
+            "b_simple",
+            "b_simple_se",
+            *(k + e for k in SCALES for e in ("", "_se")),
+        ):
             if key in values and math.isfinite(values[key]):
                 client.log_metric(parent_run_id, names.scaling_key(key, opt, acc), values[key])
                 if acc == top[opt]:  # the highest target (where the runs stop) under the names without one
                     client.log_metric(parent_run_id, names.scaling_key(key, opt), values[key])
     skeleton.to_parent(client, parent_run_id, paths)
-    paths["summary"] = "; ".join(f"{opt} @ {acc:g}: B_crit {_g(f['b_crit'])} [{_g(f['b_crit_low'])}, "
-                                 f"{_g(f['b_crit_high'])}]" for (opt, acc), f in fits.items())
+    paths["summary"] = "; ".join(
+        f"{opt} @ {acc:g}: B_crit {_g(f['b_crit'])} [{_g(f['b_crit_low'])}, {_g(f['b_crit_high'])}]"
+        for (opt, acc), f in fits.items()
+    )
     return paths

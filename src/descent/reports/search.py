@@ -14,6 +14,7 @@ from matplotlib.ticker import MaxNLocator
 from descent.reports.skeleton import LOG_X_RATIO, Run, history, metric, plain_log_ticks, table, write
 from descent.tracking import names
 
+
 def search_rows(runs: list[Run], objective: str, params: list[str]) -> list[dict]:
     """One row per trial, by study (a grid's cells in order) then trial: its state, parameters, the objective's
     last value (a pruned trial's at its stop) and the training examples it spent."""
@@ -25,11 +26,17 @@ def search_rows(runs: list[Run], objective: str, params: list[str]) -> list[dict
         finite = np.isfinite(values)
         state = r.tags.get(names.TRIAL_STATE) or {"FINISHED": "COMPLETE", "RUNNING": "RUNNING"}.get(r.status, "FAIL")
         seen = [s[-1] for s, _ in r.history.values() if len(s)]  # its last point of any metric (steps = examples)
-        rows.append({"study": r.tags.get(names.STUDY, ""), "trial": int(r.tags[names.TRIAL]), "state": state,
-                     "run": r.name,
-                     **{p: r.params.get(p) for p in params},
-                     "objective": float(values[finite][-1]) if state != "FAIL" and finite.any() else None,
-                     "examples": int(max(seen)) if seen else None})
+        rows.append(
+            {
+                "study": r.tags.get(names.STUDY, ""),
+                "trial": int(r.tags[names.TRIAL]),
+                "state": state,
+                "run": r.name,
+                **{p: r.params.get(p) for p in params},
+                "objective": float(values[finite][-1]) if state != "FAIL" and finite.any() else None,
+                "examples": int(max(seen)) if seen else None,
+            }
+        )
     studies = list(dict.fromkeys(row["study"] for row in rows))  # a grid's cells (hydra.sweeper.grid) in order
     return sorted(rows, key=lambda row: (studies.index(row["study"]), row["trial"]))
 
@@ -76,15 +83,28 @@ def plot_search(rows: list[dict], objective: str, maximize: bool, params: list[s
     def fails(ax, x_of):
         for r in failed:
             if (x := x_of(r)) is not None:
-                ax.plot([x], [0.98], "x", color=color[r["study"]] if len(studies) > 1 else "C3", ms=9, mew=2,
-                        clip_on=False, transform=ax.get_xaxis_transform())
+                ax.plot(
+                    [x],
+                    [0.98],
+                    "x",
+                    color=color[r["study"]] if len(studies) > 1 else "C3",
+                    ms=9,
+                    mew=2,
+                    clip_on=False,
+                    transform=ax.get_xaxis_transform(),
+                )
 
     ax = axes[0]
     trial = lambda r: r["trial"]
     marks(ax, trial, complete), marks(ax, trial, pruned, hollow=True), fails(ax, trial)
     for st in studies:
         own = [(r["trial"], np.nan if b is None else b) for r, b in zip(rows, best) if r["study"] == st]
-        ax.step(*zip(*own), where="post", color="C1" if len(studies) == 1 else color[st], ls="-" if len(studies) == 1 else "--")
+        ax.step(
+            *zip(*own),
+            where="post",
+            color="C1" if len(studies) == 1 else color[st],
+            ls="-" if len(studies) == 1 else "--",
+        )
     ax.set_xlabel("trial" + (" (of its study)" if len(studies) > 1 else ""))
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel(objective)
@@ -92,7 +112,7 @@ def plot_search(rows: list[dict], objective: str, maximize: bool, params: list[s
 
     if space:
         ax = axes[1]
-        value = lambda p: (lambda r: (n[0] if (n := _numbers([r[p]])) is not None else r[p]))
+        value = lambda p: lambda r: n[0] if (n := _numbers([r[p]])) is not None else r[p]
         if len(params) == 1:
             marks(ax, value(params[0]), complete), marks(ax, value(params[0]), pruned, hollow=True)
             fails(ax, value(params[0]))
@@ -101,8 +121,13 @@ def plot_search(rows: list[dict], objective: str, maximize: bool, params: list[s
             points = complete + pruned
             x, y = (_numbers([r[p] for r in points]) for p in params)
             if x is not None and y is not None and points:
-                c = ax.scatter(x, y, c=[r["objective"] for r in points], cmap="viridis",
-                               edgecolors=["k" if r in complete else "none" for r in points])
+                c = ax.scatter(
+                    x,
+                    y,
+                    c=[r["objective"] for r in points],
+                    cmap="viridis",
+                    edgecolors=["k" if r in complete else "none" for r in points],
+                )
                 fig.colorbar(c, ax=ax, label=objective)
             for r in failed:
                 xy = [_numbers([r[p]]) for p in params]
@@ -118,20 +143,45 @@ def plot_search(rows: list[dict], objective: str, maximize: bool, params: list[s
             ax.set_xscale("log")
             plain_log_ticks(ax.xaxis)
         ax.set_xlabel(params[0])
-        ax.set_title("the objective against the searched parameters" if len(params) == 2 else
-                     "the objective against the searched parameter")
+        ax.set_title(
+            "the objective against the searched parameters"
+            if len(params) == 2
+            else "the objective against the searched parameter"
+        )
     if log_y:
         for a in axes[: 1 if len(params) == 2 else None]:
             a.set_yscale("log")
             plain_log_ticks(a.yaxis)
-    handles = [Line2D([], [], color="gray" if len(studies) > 1 else "C0", ls="", marker="o",
-                      label=f"complete ({len(complete)})"),
-               Line2D([], [], color="gray" if len(studies) > 1 else "C0", ls="", marker="o", mfc="none",
-                      label=f"pruned, at its stop ({len(pruned)})"),
-               Line2D([], [], color="gray" if len(studies) > 1 else "C3", ls="", marker="x", mew=2,
-                      label=f"failed or diverged ({len(failed)})"),
-               Line2D([], [], color="gray" if len(studies) > 1 else "C1", ls="--" if len(studies) > 1 else "-",
-                      label=f"best so far ({'max' if maximize else 'min'})")]
+    handles = [
+        Line2D(
+            [], [], color="gray" if len(studies) > 1 else "C0", ls="", marker="o", label=f"complete ({len(complete)})"
+        ),
+        Line2D(
+            [],
+            [],
+            color="gray" if len(studies) > 1 else "C0",
+            ls="",
+            marker="o",
+            mfc="none",
+            label=f"pruned, at its stop ({len(pruned)})",
+        ),
+        Line2D(
+            [],
+            [],
+            color="gray" if len(studies) > 1 else "C3",
+            ls="",
+            marker="x",
+            mew=2,
+            label=f"failed or diverged ({len(failed)})",
+        ),
+        Line2D(
+            [],
+            [],
+            color="gray" if len(studies) > 1 else "C1",
+            ls="--" if len(studies) > 1 else "-",
+            label=f"best so far ({'max' if maximize else 'min'})",
+        ),
+    ]
     if len(studies) > 1:  # the grid's cells
         handles += [Line2D([], [], color=color[st], lw=6, label=st) for st in studies]
     fig.legend(handles=handles, loc="outside lower center", ncols=4, frameon=False)
@@ -144,19 +194,39 @@ def search_markdown(rows: list[dict], objective: str, maximize: bool, params: li
     so_far = best_so_far(rows, maximize)
     best = {r["study"]: b for r, b in zip(rows, so_far)}  # the last row of each study holds its best
     grid = len(best) > 1
-    summary = ("each study's best in bold" if grid else "best " + (metric(best[rows[0]["study"]]) if rows and
-               best[rows[0]["study"]] is not None else "none: no trial completed"))
+    summary = (
+        "each study's best in bold"
+        if grid
+        else "best "
+        + (
+            metric(best[rows[0]["study"]])
+            if rows and best[rows[0]["study"]] is not None
+            else "none: no trial completed"
+        )
+    )
     cells = []
     for r in rows:
         value = metric(r["objective"]) if r["objective"] is not None else "–"
         if r["state"] == "COMPLETE" and r["objective"] == best[r["study"]]:
             value = f"**{value}**"
-        cells.append([r["study"]] * grid + [r["trial"], r["state"], *(r[p] for p in params), value,
-                                            r["examples"] if r["examples"] is not None else "–", r["run"]])
+        cells.append(
+            [r["study"]] * grid
+            + [
+                r["trial"],
+                r["state"],
+                *(r[p] for p in params),
+                value,
+                r["examples"] if r["examples"] is not None else "–",
+                r["run"],
+            ]
+        )
     header_row = ["study"] * grid + ["trial", "state", *params, objective, "examples", "run"]
-    return (f"{header}\n\nObjective `{objective}` ({'maximized' if maximize else 'minimized'}); {summary}"
-            f"; training examples spent, all trials: {sum(r['examples'] or 0 for r in rows):,}.\n\n"
-            + table(header_row, cells) + "\n")
+    return (
+        f"{header}\n\nObjective `{objective}` ({'maximized' if maximize else 'minimized'}); {summary}"
+        f"; training examples spent, all trials: {sum(r['examples'] or 0 for r in rows):,}.\n\n"
+        + table(header_row, cells)
+        + "\n"
+    )
 
 
 def make_search(client, parent, runs: list[Run], by: list[str], out, what: str) -> tuple[dict, list[dict]]:

@@ -42,7 +42,8 @@ class Run:
     def diverged(self) -> bool:
         # the tag from train.py; a non-finite loss in the history counts too (runs from before the tag)
         return self.tags.get(names.DIVERGED) == "true" or any(
-            not np.isfinite(v).all() for k, (_, v) in self.history.items() if k.endswith("/loss"))
+            not np.isfinite(v).all() for k, (_, v) in self.history.items() if k.endswith("/loss")
+        )
 
     @property
     def finished(self) -> bool:
@@ -97,8 +98,9 @@ def client(tracking_uri: str | None = None) -> MlflowClient:
 def search(client, experiment_ids: list[str], filter_string: str = "") -> list:
     runs, token = [], None
     while True:
-        page = client.search_runs(experiment_ids, filter_string, max_results=1000,
-                                  order_by=["attributes.start_time ASC"], page_token=token)
+        page = client.search_runs(
+            experiment_ids, filter_string, max_results=1000, order_by=["attributes.start_time ASC"], page_token=token
+        )
         runs.extend(page)
         token = page.token
         if not token:
@@ -124,8 +126,9 @@ def latest_sweep(client, experiment: str, experiment_id: str | None = None):
         if exp is None:
             return None
         experiment_id = exp.experiment_id
-    sweeps = client.search_runs([experiment_id], f"tags.`{names.SWEEP}` = 'true'",
-                                order_by=["attributes.start_time DESC"], max_results=1)
+    sweeps = client.search_runs(
+        [experiment_id], f"tags.`{names.SWEEP}` = 'true'", order_by=["attributes.start_time DESC"], max_results=1
+    )
     return sweeps[0] if sweeps else None
 
 
@@ -152,8 +155,14 @@ def select_runs(client, parent_run_id: str | None = None, experiment: str = "des
         raise ReportError(f"no runs to report in {where}")
     keys = set(FINALS) | set(AXES.values()) | set(metrics)
     runs = [
-        Run(r.info.run_id, r.info.run_name or r.info.run_id[:8], r.info.status, dict(r.data.params),
-            dict(r.data.tags), {k: history(client, r.info.run_id, k) for k in r.data.metrics if k in keys})
+        Run(
+            r.info.run_id,
+            r.info.run_name or r.info.run_id[:8],
+            r.info.status,
+            dict(r.data.params),
+            dict(r.data.tags),
+            {k: history(client, r.info.run_id, k) for k in r.data.metrics if k in keys},
+        )
         for r in found
     ]
     return parent, runs
@@ -172,8 +181,9 @@ def folder(out_dir: str | Path | None, parent) -> Path:
     return out
 
 
-def write(out: Path, name: str, fig=None, md: str | None = None, rows: list[dict] | None = None,
-          title: str | None = None) -> dict[str, Path]:
+def write(
+    out: Path, name: str, fig=None, md: str | None = None, rows: list[dict] | None = None, title: str | None = None
+) -> dict[str, Path]:
     """<name>.png (the figure, its Title in the PNG's metadata), <name>.md and <name>.csv (rows) in out: those
     given, as {"png", "md", "csv"} -> path."""
     paths = {}
@@ -196,8 +206,9 @@ def write_csv(rows: list[dict], path: Path) -> None:
         writer = csv.DictWriter(f, fields)
         writer.writeheader()
         for row in rows:
-            writer.writerow({k: "" if v is None or (isinstance(v, float) and np.isnan(v)) else v
-                             for k, v in row.items()})
+            writer.writerow(
+                {k: "" if v is None or (isinstance(v, float) and np.isnan(v)) else v for k, v in row.items()}
+            )
 
 
 def to_parent(client, run_id: str, paths: dict[str, Path]) -> None:
@@ -214,6 +225,7 @@ def table(header: list[str], rows: list[list]) -> str:
 
 def plain_log_ticks(axis) -> None:
     """Ticks as 0.5, 1, 2, 100 rather than 5×10^-1; minor ticks labelled on short axes only."""
+
     def minor(v, _):
         lo, hi = sorted(axis.get_view_interval())
         mantissa = round(v / 10 ** np.floor(np.log10(v)))

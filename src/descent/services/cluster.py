@@ -33,8 +33,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("command", choices=("start", "stop", "status"))
     parser.add_argument("--dir", help="state folder: config, logs, pids (default outputs/<engine>)")
     parser.add_argument("--port", type=int, help="ray: the head's GCS port (default 6379)")
-    parser.add_argument("--ports", type=int, nargs=2, metavar=("CTLD", "SLURMD"),
-                        help="slurm: slurmctld's and slurmd's ports (default 6817 6818)")
+    parser.add_argument(
+        "--ports",
+        type=int,
+        nargs=2,
+        metavar=("CTLD", "SLURMD"),
+        help="slurm: slurmctld's and slurmd's ports (default 6817 6818)",
+    )
     args = parser.parse_args(argv)
     if args.engine == "ray":
         cluster = Ray(args.dir or Ray.default_dir, port=args.port)

@@ -27,14 +27,16 @@ class ServiceError(RuntimeError):
 # ---------------------------------------------------------------------------------------------
 # installing
 
+
 def ensure_extra(extra: str, module: str) -> None:
     """pyproject.toml's optional extra, into this interpreter, when `module` does not import."""
     if importlib.util.find_spec(module) is not None:
         return
     reqs = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"][extra]
     print(f"installing the {extra} extra: {' '.join(reqs)}", flush=True)
-    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", *reqs],
-                   check=True)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", *reqs], check=True
+    )
 
 
 def ensure_apt(packages: list[str], missing: str) -> None:
@@ -49,6 +51,7 @@ def ensure_apt(packages: list[str], missing: str) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # ports, daemons, state files
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -65,8 +68,15 @@ def port_open(port: int) -> bool:
 def spawn(args: list[str], log: Path, env: dict | None = None, cwd: Path | None = None) -> int:
     """A daemon in the foreground of its own session (so stop can end it and its children as one group)."""
     with open(log, "ab") as out:
-        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=env, cwd=cwd, start_new_session=True)
+        proc = subprocess.Popen(
+            args,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            cwd=cwd,
+            start_new_session=True,
+        )
     return proc.pid
 
 
@@ -139,6 +149,7 @@ def wait_for(ready, what: str, logs: list[Path], pids: dict) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # the commands (python -m descent.services.server|cluster ...)
+
 
 def show_status(state: dict, up: bool) -> int:
     """`status`: one `key: value` line each; exit 0 when it runs, 3 when it does not (as LSB's init scripts)."""

@@ -13,8 +13,18 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 
-from descent.services.daemons import ServiceError, ensure_extra, free_port, port_open, read_state, running, spawn, \
-    stop_all, wait_for, write_state
+from descent.services.daemons import (
+    ServiceError,
+    ensure_extra,
+    free_port,
+    port_open,
+    read_state,
+    running,
+    spawn,
+    stop_all,
+    wait_for,
+    write_state,
+)
 
 # Ray on loopback only. Ray's C++ servers (GCS, raylet and its object manager, every worker's gRPC server) and its
 # agents listen on 127.0.0.1 exactly when their node's IP address is the string "127.0.0.1", and on 0.0.0.0
@@ -51,9 +61,11 @@ class RayLoopback(Callback):
         if host not in ("127.0.0.1", "localhost") or not port.isdigit():
             return
         if not port_open(int(port)):
-            print(f"hydra/launcher=ray: no Ray cluster answers at {address} (hydra.launcher.ray.init.address, "
-                  f"from RAY_ADDRESS); start one with `make ray`, or export RAY_ADDRESS=<host:port> of yours",
-                  file=sys.stderr)
+            print(
+                f"hydra/launcher=ray: no Ray cluster answers at {address} (hydra.launcher.ray.init.address, "
+                f"from RAY_ADDRESS); start one with `make ray`, or export RAY_ADDRESS=<host:port> of yours",
+                file=sys.stderr,
+            )
             sys.exit(2)
         [(key, value)] = LOOPBACK.items()
         os.environ.setdefault(key, value)  # a value of the user's own wins
@@ -79,8 +91,14 @@ class Ray:
 
     default_dir, default_port = Path("outputs/ray"), 6379
 
-    def __init__(self, dir: str | Path = default_dir, port: int | None = None, workers: int = 1,
-                 cpus_per_node: int = 1, object_store_mb: int = 100):
+    def __init__(
+        self,
+        dir: str | Path = default_dir,
+        port: int | None = None,
+        workers: int = 1,
+        cpus_per_node: int = 1,
+        object_store_mb: int = 100,
+    ):
         self.dir = Path(dir).resolve()
         self.port = port or read_state(self.dir).get("port") or self.default_port
         self.workers, self.cpus, self.store_mb = workers, cpus_per_node, object_store_mb
@@ -96,8 +114,13 @@ class Ray:
         return str(Path(sys.executable).with_name("ray"))
 
     def nodes_alive(self) -> int:
-        out = subprocess.run([self.ray(), "status", f"--address={self.address}"], capture_output=True, text=True,
-                             timeout=60, env={**os.environ, **LOOPBACK}).stdout
+        out = subprocess.run(
+            [self.ray(), "status", f"--address={self.address}"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, **LOOPBACK},
+        ).stdout
         active = out.split("Active:", 1)[-1].split("Pending:", 1)[0] if "Active:" in out else ""
         return sum(1 for line in active.splitlines() if "node_" in line)
 
@@ -119,13 +142,30 @@ class Ray:
         env.pop("RAY_ADDRESS", None)
 
         def node_args() -> list[str]:  # per node: fixed default ports that two nodes on one machine would share
-            return [f"--num-cpus={self.cpus}", "--num-gpus=0", f"--object-store-memory={self.store_mb * 2**20}",
-                    "--node-ip-address=127.0.0.1", "--disable-usage-stats", "--block",
-                    f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}"]
+            return [
+                f"--num-cpus={self.cpus}",
+                "--num-gpus=0",
+                f"--object-store-memory={self.store_mb * 2**20}",
+                "--node-ip-address=127.0.0.1",
+                "--disable-usage-stats",
+                "--block",
+                f"--dashboard-agent-listen-port={free_port()}",
+                f"--metrics-export-port={free_port()}",
+            ]
 
         state = {"address": self.address, "port": self.port, "temp_dir": str(tmp), "pids": {}}
-        head = [sys.executable, "-c", RAY_START, "start", "--head", f"--port={self.port}", f"--temp-dir={tmp}",
-                "--include-dashboard=false", f"--ray-client-server-port={free_port()}", *node_args()]
+        head = [
+            sys.executable,
+            "-c",
+            RAY_START,
+            "start",
+            "--head",
+            f"--port={self.port}",
+            f"--temp-dir={tmp}",
+            "--include-dashboard=false",
+            f"--ray-client-server-port={free_port()}",
+            *node_args(),
+        ]
         logs = [self.dir / "head.log"] + [self.dir / f"worker{i}.log" for i in range(self.workers)]
         for log in logs:
             log.unlink(missing_ok=True)
@@ -139,8 +179,9 @@ class Ray:
                 worker = [sys.executable, "-c", RAY_START, "start", f"--address={self.address}", *node_args()]
                 state["pids"][f"worker{i}"] = spawn(worker, logs[i + 1], env=env)
                 write_state(self.dir, state)
-            wait_for(lambda: all(self.node_up(log) for log in logs), f"{1 + self.workers} Ray nodes", logs,
-                     state["pids"])
+            wait_for(
+                lambda: all(self.node_up(log) for log in logs), f"{1 + self.workers} Ray nodes", logs, state["pids"]
+            )
         except BaseException:
             self.stop()
             raise
@@ -158,5 +199,9 @@ class Ray:
     def status(self) -> dict:
         state = read_state(self.dir)
         up = running(state)
-        return {"ray": "running" if up else "stopped", "address": self.address if up else None,
-                "nodes": self.nodes_alive() if up else 0, **{f"pid.{k}": v for k, v in state.get("pids", {}).items()}}
+        return {
+            "ray": "running" if up else "stopped",
+            "address": self.address if up else None,
+            "nodes": self.nodes_alive() if up else 0,
+            **{f"pid.{k}": v for k, v in state.get("pids", {}).items()},
+        }

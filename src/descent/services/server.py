@@ -46,10 +46,12 @@ class ServerError(ServiceError):
 # ---------------------------------------------------------------------------------------------
 # what it needs
 
+
 def pg_bin(name: str) -> str:
     """A PostgreSQL program: Debian keeps them in /usr/lib/postgresql/<version>/bin, off PATH."""
-    versions = sorted(Path("/usr/lib/postgresql").glob("*/bin"), key=lambda p: int(p.parent.name)
-                      if p.parent.name.isdigit() else 0)
+    versions = sorted(
+        Path("/usr/lib/postgresql").glob("*/bin"), key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0
+    )
     for d in reversed(versions):
         if (d / name).is_file():
             return str(d / name)
@@ -72,6 +74,7 @@ def ensure_postgresql() -> None:
 # ---------------------------------------------------------------------------------------------
 # PostgreSQL
 
+
 def _as_pg_user() -> dict:
     """subprocess kwargs that run a PostgreSQL program as a non-root user (initdb and postgres refuse root)."""
     if os.geteuid() != 0:
@@ -86,8 +89,9 @@ def _as_pg_user() -> dict:
 def _pg(dir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
     proc = subprocess.run(list(args), capture_output=True, text=True, cwd=dir, **_as_pg_user())
     if check and proc.returncode != 0:
-        raise ServerError(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}{proc.stderr}"
-                          f"\nlog: {dir / 'postgres.log'}")
+        raise ServerError(
+            f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}{proc.stderr}\nlog: {dir / 'postgres.log'}"
+        )
     return proc
 
 
@@ -104,8 +108,9 @@ def study_storage(dir: str | Path = DEFAULT_DIR) -> str:
 
 def pg_running(dir: Path) -> bool:
     data = dir / "postgres"
-    return (data / "PG_VERSION").is_file() and _pg(dir, pg_bin("pg_ctl"), "status", "-D", str(data),
-                                                   check=False).returncode == 0
+    return (data / "PG_VERSION").is_file() and _pg(
+        dir, pg_bin("pg_ctl"), "status", "-D", str(data), check=False
+    ).returncode == 0
 
 
 def start_postgres(dir: Path) -> None:
@@ -126,8 +131,20 @@ def start_postgres(dir: Path) -> None:
         opts = f"-c listen_addresses='' -c unix_socket_directories='{data}' -c port={PG_PORT}"
         _pg(dir, pg_bin("pg_ctl"), "start", "-D", str(data), "-l", str(log), "-w", "-t", "60", "-o", opts)
     for database in (DATABASE, STUDIES):
-        exists = _pg(dir, pg_bin("psql"), "-h", str(data), "-p", str(PG_PORT), "-U", USER, "-d", "postgres", "-tAc",
-                     f"SELECT 1 FROM pg_database WHERE datname = '{database}'").stdout.strip()
+        exists = _pg(
+            dir,
+            pg_bin("psql"),
+            "-h",
+            str(data),
+            "-p",
+            str(PG_PORT),
+            "-U",
+            USER,
+            "-d",
+            "postgres",
+            "-tAc",
+            f"SELECT 1 FROM pg_database WHERE datname = '{database}'",
+        ).stdout.strip()
         if exists != "1":
             _pg(dir, pg_bin("createdb"), "-h", str(data), "-p", str(PG_PORT), "-U", USER, database)
 
@@ -139,6 +156,7 @@ def stop_postgres(dir: Path) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # MLflow
+
 
 def _state(dir: Path) -> dict:
     path = dir / "server.json"
@@ -176,16 +194,36 @@ def start_mlflow(dir: Path, port: int, workers: int = WORKERS) -> str:
         raise ServerError(f"port {port} already answers as an MLflow server that is not {dir}'s; use --port")
     artifacts = (dir / "artifacts").resolve()
     artifacts.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-           "--workers", str(workers), "--backend-store-uri", backend_uri(dir),
-           "--artifacts-destination", str(artifacts)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        str(workers),
+        "--backend-store-uri",
+        backend_uri(dir),
+        "--artifacts-destination",
+        str(artifacts),
+    ]
     # without the job-execution workers: with them the server takes ~2.8 GB of RAM
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     env.pop("MLFLOW_TRACKING_URI", None)
     with open(dir / "mlflow.log", "ab") as log:
         # its own session: stop() ends the server and its workers as one process group
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                cwd=dir, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            cwd=dir,
+            start_new_session=True,
+        )
     (dir / "mlflow.pid").write_text(str(proc.pid))
     (dir / "server.json").write_text(json.dumps({"port": port, "uri": uri}))
     deadline = time.monotonic() + START_TIMEOUT
@@ -207,6 +245,7 @@ def stop_mlflow(dir: Path) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # the commands
+
 
 def start(dir: str | Path = DEFAULT_DIR, port: int | None = None, workers: int = WORKERS) -> str:
     """Start what is not running (PostgreSQL, then MLflow); returns the tracking URI."""
@@ -241,18 +280,28 @@ def status(dir: str | Path = DEFAULT_DIR) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m descent.services.server", description=__doc__.split("\n\n")[0])
     parser.add_argument("command", choices=("start", "stop", "status"))
-    parser.add_argument("--dir", default=os.environ.get("DESCENT_TRACKING_DIR", str(DEFAULT_DIR)),
-                        help="state folder: database, artifacts, logs (default %(default)s)")
-    parser.add_argument("--port", type=int, default=None,
-                        help=f"MLflow's port on 127.0.0.1 (default: the last one used, else {DEFAULT_PORT})")
+    parser.add_argument(
+        "--dir",
+        default=os.environ.get("DESCENT_TRACKING_DIR", str(DEFAULT_DIR)),
+        help="state folder: database, artifacts, logs (default %(default)s)",
+    )
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=None,
+        help=f"MLflow's port on 127.0.0.1 (default: the last one used, else {DEFAULT_PORT})",
+    )
     parser.add_argument("--workers", type=int, default=WORKERS, help="MLflow server worker processes")
     args = parser.parse_args(argv)
+
     def command() -> int | None:
         if args.command == "start":
             already = mlflow_pid(Path(args.dir)) is not None
             uri = start(args.dir, args.port, args.workers)
-            print(f"MLflow tracking server {'already running' if already else 'started'} at {uri} "
-                  f"(PostgreSQL and artifacts in {Path(args.dir).resolve()})")
+            print(
+                f"MLflow tracking server {'already running' if already else 'started'} at {uri} "
+                f"(PostgreSQL and artifacts in {Path(args.dir).resolve()})"
+            )
             print(f"export MLFLOW_TRACKING_URI={uri}")
             print(f"Optuna studies in its PostgreSQL: \"hydra.sweeper.storage='{study_storage(args.dir)}'\"")
         elif args.command == "stop":
@@ -263,6 +312,7 @@ def main(argv: list[str] | None = None) -> int:
             return show_status(state, state["healthy"])
 
     return run_command(command)
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -9,8 +9,18 @@ import socket
 import subprocess
 from pathlib import Path
 
-from descent.services.daemons import ServiceError, ensure_apt, ensure_extra, port_open, read_state, running, spawn, \
-    stop_all, wait_for, write_state
+from descent.services.daemons import (
+    ServiceError,
+    ensure_apt,
+    ensure_extra,
+    port_open,
+    read_state,
+    running,
+    spawn,
+    stop_all,
+    wait_for,
+    write_state,
+)
 
 SLURM_CONF = """\
 # written by python -m descent.services.cluster slurm start: a one-node cluster on 127.0.0.1, no systemd, no cgroups
@@ -88,8 +98,13 @@ class Slurm:
         return {"SLURM_CONF": str(self.conf), "PATH": f"{self.dir / 'bin'}:{os.environ['PATH']}"}
 
     def node_state(self) -> str:
-        out = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], capture_output=True, text=True, timeout=30,
-                             env={**os.environ, **self.env()})
+        out = subprocess.run(
+            ["sinfo", "-h", "-N", "-o", "%T"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env={**os.environ, **self.env()},
+        )
         return out.stdout.strip() if out.returncode == 0 else ""
 
     def start(self) -> str:
@@ -116,15 +131,30 @@ class Slurm:
             key.write_bytes(os.urandom(1024))
         key.chmod(0o400)
         mem_mb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2**20
-        self.conf.write_text(SLURM_CONF.format(
-            host=socket.gethostname().split(".")[0], ctld_port=self.ctld_port, slurmd_port=self.slurmd_port,
-            dir=self.dir, cpus=os.cpu_count(), mem_mb=mem_mb * 3 // 4))  # a quarter left to the rest
+        self.conf.write_text(
+            SLURM_CONF.format(
+                host=socket.gethostname().split(".")[0],
+                ctld_port=self.ctld_port,
+                slurmd_port=self.slurmd_port,
+                dir=self.dir,
+                cpus=os.cpu_count(),
+                mem_mb=mem_mb * 3 // 4,
+            )
+        )  # a quarter left to the rest
         env = {**os.environ, **self.env()}
         state = {"conf": str(self.conf), "ctld_port": self.ctld_port, "slurmd_port": self.slurmd_port, "pids": {}}
         logs = [munge / "munged.log", self.dir / "slurmctld.log", self.dir / "slurmd.log"]
         daemons = {
-            "munged": ["munged", "--foreground", "--force", f"--key-file={key}", f"--socket={munge}/munge.socket",
-                       f"--pid-file={munge}/munged.pid", f"--log-file={logs[0]}", f"--seed-file={munge}/munged.seed"],
+            "munged": [
+                "munged",
+                "--foreground",
+                "--force",
+                f"--key-file={key}",
+                f"--socket={munge}/munge.socket",
+                f"--pid-file={munge}/munged.pid",
+                f"--log-file={logs[0]}",
+                f"--seed-file={munge}/munged.seed",
+            ],
             "slurmctld": ["slurmctld", "-D", "-i", "-f", str(self.conf)],  # -i: start even on damaged saved state
             "slurmd": ["slurmd", "-D", "-N", "localhost", "-f", str(self.conf)],
         }
@@ -134,8 +164,12 @@ class Slurm:
                 write_state(self.dir, state)
                 if name == "munged":
                     wait_for(lambda: (munge / "munge.socket").exists(), "munged", logs, state["pids"])
-            wait_for(lambda: self.node_state() == "idle", "the SLURM node (sinfo: idle)",
-                     logs + [self.dir / f"{n}.out" for n in daemons], state["pids"])
+            wait_for(
+                lambda: self.node_state() == "idle",
+                "the SLURM node (sinfo: idle)",
+                logs + [self.dir / f"{n}.out" for n in daemons],
+                state["pids"],
+            )
         except BaseException:
             self.stop()
             raise
@@ -147,6 +181,9 @@ class Slurm:
     def status(self) -> dict:
         state = read_state(self.dir)
         up = running(state)
-        return {"slurm": "running" if up else "stopped", "SLURM_CONF": str(self.conf) if up else None,
-                "node": self.node_state() if up else None,
-                **{f"pid.{k}": v for k, v in state.get("pids", {}).items()}}
+        return {
+            "slurm": "running" if up else "stopped",
+            "SLURM_CONF": str(self.conf) if up else None,
+            "node": self.node_state() if up else None,
+            **{f"pid.{k}": v for k, v in state.get("pids", {}).items()},
+        }

@@ -26,11 +26,15 @@ from descent.tracking import names, store
 
 log = logging.getLogger(__name__)
 
+
 class MLflowSweep(Callback):
-    def __init__(self, target_acc: float = 0.97, report: bool = True, pictures: str | None = None,
-                 scaling: bool = False):
+    def __init__(
+        self, target_acc: float = 0.97, report: bool = True, pictures: str | None = None, scaling: bool = False
+    ):
         self.target_acc, self.report = target_acc, report
-        self.pictures = pictures  # a figure of descent/reports/pictures.py drawn beside the report (the chapter's presets)
+        self.pictures = (
+            pictures  # a figure of descent/reports/pictures.py drawn beside the report (the chapter's presets)
+        )
         self.scaling = scaling  # the batch-size scaling report (descent/reports/scaling.py: experiment=batch_scaling)
         self.client = self.run_id = None
 
@@ -92,20 +96,27 @@ class MLflowSweep(Callback):
         grid = sweeper.get("grid")
         self.studies = grid_studies(str(sweeper.study_name), grid)  # [(name, the grid's overrides)]: one without
         grid_tag = {names.STUDY_GRID: json.dumps(OmegaConf.to_container(grid))} if grid else {}
-        return grid_tag | {names.STUDY: str(sweeper.study_name), names.STUDY_STORAGE: shown_storage(self.storage),
-                           names.STUDY_SAMPLER: str(sweeper.sampler._target_).rsplit(".", 1)[-1],
-                           names.STUDY_SAMPLER_SEED: str(sweeper.sampler.get("seed")),
-                           names.STUDY_PRUNER: str(pruner._target_).rsplit(".", 1)[-1] if pruner else "none",
-                           names.STUDY_DIRECTION: str(sweeper.direction),
-                           names.STUDY_OBJECTIVE: str(config.sweep.objective), names.STUDY_N_TRIALS: str(sweeper.n_trials)}
+        return grid_tag | {
+            names.STUDY: str(sweeper.study_name),
+            names.STUDY_STORAGE: shown_storage(self.storage),
+            names.STUDY_SAMPLER: str(sweeper.sampler._target_).rsplit(".", 1)[-1],
+            names.STUDY_SAMPLER_SEED: str(sweeper.sampler.get("seed")),
+            names.STUDY_PRUNER: str(pruner._target_).rsplit(".", 1)[-1] if pruner else "none",
+            names.STUDY_DIRECTION: str(sweeper.direction),
+            names.STUDY_OBJECTIVE: str(config.sweep.objective),
+            names.STUDY_N_TRIALS: str(sweeper.n_trials),
+        }
 
     def _study_parent(self, experiment_id: str):
         """The parent run of this study from an earlier command (same study name and storage), if any."""
         quote = lambda v: v.replace("'", "\\'")
         runs = self.client.search_runs(
-            [experiment_id], f"tags.`{names.STUDY}` = '{quote(self.study[names.STUDY])}' and "
-                             f"tags.`{names.STUDY_STORAGE}` = '{quote(self.study[names.STUDY_STORAGE])}'",
-            order_by=["attributes.start_time DESC"], max_results=1)
+            [experiment_id],
+            f"tags.`{names.STUDY}` = '{quote(self.study[names.STUDY])}' and "
+            f"tags.`{names.STUDY_STORAGE}` = '{quote(self.study[names.STUDY_STORAGE])}'",
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+        )
         return runs[0] if runs else None
 
     def _record_study(self) -> bool:
@@ -124,29 +135,44 @@ class MLflowSweep(Callback):
             trials += found
             completed += done
             if cell:  # a grid's study: its best under a tag named by its values (optuna.best.sgd-16)
-                best = min(done, key=lambda t: t.value) if study.direction.name == "MINIMIZE" and done else (
-                    max(done, key=lambda t: t.value) if done else None)
+                best = (
+                    min(done, key=lambda t: t.value)
+                    if study.direction.name == "MINIMIZE" and done
+                    else (max(done, key=lambda t: t.value) if done else None)
+                )
                 tags[names.STUDY_BEST + name.removeprefix(str(self.study[names.STUDY]) + "-")] = json.dumps(
-                    {"trial": best.number, "value": best.value, "params": best.params} if best else None)
+                    {"trial": best.number, "value": best.value, "params": best.params} if best else None
+                )
                 if not done:
-                    log.warning("the study %s has no completed trial (%s): no best trial there", name,
-                                ", ".join(sorted({t.state.name for t in found})) or "no trials")
+                    log.warning(
+                        "the study %s has no completed trial (%s): no best trial there",
+                        name,
+                        ", ".join(sorted({t.state.name for t in found})) or "no trials",
+                    )
             elif done:
                 best = study.best_trial
-                tags |= {names.STUDY_BEST_TRIAL: str(best.number), names.STUDY_BEST_VALUE: repr(best.value),
-                         names.STUDY_BEST_PARAMS: json.dumps(best.params)}
+                tags |= {
+                    names.STUDY_BEST_TRIAL: str(best.number),
+                    names.STUDY_BEST_VALUE: repr(best.value),
+                    names.STUDY_BEST_PARAMS: json.dumps(best.params),
+                }
                 self.client.log_metric(self.run_id, names.OPTUNA_BEST_VALUE, best.value, step=len(found))
             else:
                 tags |= {names.STUDY_BEST_TRIAL: "none"}
         states = [t.state.name for t in trials]
-        tags |= {names.STUDY_TRIALS: str(len(trials))} | {f"{names.STUDY_TRIALS}.{s}": str(states.count(s))
-                                                        for s in dict.fromkeys(states)}
+        tags |= {names.STUDY_TRIALS: str(len(trials))} | {
+            f"{names.STUDY_TRIALS}.{s}": str(states.count(s)) for s in dict.fromkeys(states)
+        }
         for key, value in tags.items():
             self.client.set_tag(self.run_id, key, value[:5000])
         if not completed:
             counts = ", ".join(f"{states.count(s)} {s}" for s in dict.fromkeys(states))
-            log.error("the study %s has no completed trial (%s): no best trial; each trial's run says why "
-                      "(diverged, failed, pruned, missed its target)", self.study[names.STUDY], counts)
+            log.error(
+                "the study %s has no completed trial (%s): no best trial; each trial's run says why "
+                "(diverged, failed, pruned, missed its target)",
+                self.study[names.STUDY],
+                counts,
+            )
         return bool(completed)
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
@@ -164,39 +190,70 @@ class MLflowSweep(Callback):
             try:
                 from descent.reports.convergence import make_report  # mlflow, matplotlib: the sweep's end only
 
-                paths = make_report(self.uri, parent_run_id=self.run_id, out_dir=self.sweep_dir,
-                                    target_acc=self.target_acc)
+                paths = make_report(
+                    self.uri, parent_run_id=self.run_id, out_dir=self.sweep_dir, target_acc=self.target_acc
+                )
                 headlines += [headline(paths[k].read_text()) for k in ("md", "search_md") if k in paths]
-                log.info("%s\nconvergence report: %s (table), %s, %s", headlines[0],
-                         *(shown(paths[k]) for k in ("md", "png", "csv")))
+                log.info(
+                    "%s\nconvergence report: %s (table), %s, %s",
+                    headlines[0],
+                    *(shown(paths[k]) for k in ("md", "png", "csv")),
+                )
                 if "search_md" in paths:  # an Optuna study: its trials, the best in bold
-                    log.info("%s\nthe search: %s (table), %s", headlines[1],
-                             *(shown(paths[k]) for k in ("search_md", "search_png")))
-                log.info("the sweep's MLflow run %s; to look at it: %s", self.run_id,
-                         how_to_look(self.uri, os.getcwd(), self.experiment_id, self.run_id))
+                    log.info(
+                        "%s\nthe search: %s (table), %s",
+                        headlines[1],
+                        *(shown(paths[k]) for k in ("search_md", "search_png")),
+                    )
+                log.info(
+                    "the sweep's MLflow run %s; to look at it: %s",
+                    self.run_id,
+                    how_to_look(self.uri, os.getcwd(), self.experiment_id, self.run_id),
+                )
             except Exception as e:  # the runs are recorded: a failed report must not lose them
-                log.error("the convergence report failed (%s: %s); rerun it with python src/compare.py --parent %s",
-                          type(e).__name__, e, self.run_id)
+                log.error(
+                    "the convergence report failed (%s: %s); rerun it with python src/compare.py --parent %s",
+                    type(e).__name__,
+                    e,
+                    self.run_id,
+                )
         if self.pictures:
             try:
                 from descent.reports import pictures  # torch, matplotlib: the sweep's end only
 
                 paths = pictures.make(self.pictures, self.uri, self.run_id, self.sweep_dir)
-                log.info("%s\n%s: %s, %s", paths["md"].read_text().split("\n\n![")[0], self.pictures,
-                         *(shown(paths[k]) for k in ("md", "png")))
+                log.info(
+                    "%s\n%s: %s, %s",
+                    paths["md"].read_text().split("\n\n![")[0],
+                    self.pictures,
+                    *(shown(paths[k]) for k in ("md", "png")),
+                )
             except Exception as e:  # as the report's
-                log.error("the %s figure failed (%s: %s); rerun it with python src/compare.py --parent %s "
-                          "--pictures %s", self.pictures, type(e).__name__, e, self.run_id, self.pictures)
+                log.error(
+                    "the %s figure failed (%s: %s); rerun it with python src/compare.py --parent %s --pictures %s",
+                    self.pictures,
+                    type(e).__name__,
+                    e,
+                    self.run_id,
+                    self.pictures,
+                )
         if self.scaling:
             try:
                 from descent.reports.scaling import make_scaling_report  # as the report's
 
                 paths = make_scaling_report(self.uri, self.run_id, self.sweep_dir)
-                log.info("%s\nscaling report: %s (table), %s, %s", paths["summary"],
-                         *(shown(paths[k]) for k in ("md", "png", "csv")))
+                log.info(
+                    "%s\nscaling report: %s (table), %s, %s",
+                    paths["summary"],
+                    *(shown(paths[k]) for k in ("md", "png", "csv")),
+                )
             except Exception as e:
-                log.error("the scaling report failed (%s: %s); rerun it with python src/compare.py --scaling "
-                          "--parent %s", type(e).__name__, e, self.run_id)
+                log.error(
+                    "the scaling report failed (%s: %s); rerun it with python src/compare.py --scaling --parent %s",
+                    type(e).__name__,
+                    e,
+                    self.run_id,
+                )
         try:
             self._record_best(config, headlines)
         except Exception as e:  # as the report's: the runs are recorded
@@ -217,8 +274,11 @@ class MLflowSweep(Callback):
         """At the end: the best child (by sweep.objective) named on the parent, its model aliased `best` when
         registered (logger.register_model), and the report's tables added to the parent's description."""
         objective = str(OmegaConf.select(config, "sweep.objective", default=names.VAL_LOSS))
-        direction = str(OmegaConf.select(config, "hydra.sweeper.direction", default=None)
-                        if self.study else OBJECTIVES.get(objective, "minimize"))
+        direction = str(
+            OmegaConf.select(config, "hydra.sweeper.direction", default=None)
+            if self.study
+            else OBJECTIVES.get(objective, "minimize")
+        )
         best = best_child(self.client, self.run_id, objective, direction)
         note = self.note
         if best is not None:
@@ -229,12 +289,19 @@ class MLflowSweep(Callback):
             if name:
                 version = alias_best(self.client, str(name), best)
                 if version is None:
-                    log.warning("the best run %s has no version of registered model %s: no alias `best`",
-                                best.info.run_id, name)
+                    log.warning(
+                        "the best run %s has no version of registered model %s: no alias `best`", best.info.run_id, name
+                    )
                 else:
                     note += f"; its model: `models:/{name}@best` (version {version})"
-                    log.info("the sweep's best run %s (%s %.4g): models:/%s@best is its model (version %s)",
-                             best.info.run_name, objective, value, name, version)
+                    log.info(
+                        "the sweep's best run %s (%s %.4g): models:/%s@best is its model (version %s)",
+                        best.info.run_name,
+                        objective,
+                        value,
+                        name,
+                        version,
+                    )
             note += "."
         if headlines:
             note += "\n\n" + "\n\n".join(headlines)
@@ -253,12 +320,16 @@ class MLflowSweep(Callback):
         try:
             experiment_id = self.client.get_run(self.run_id).info.experiment_id
             orphans = self.client.search_runs(
-                [experiment_id], f"tags.`{names.PARENT}` = '{self.run_id}' and attributes.status = 'RUNNING'")
+                [experiment_id], f"tags.`{names.PARENT}` = '{self.run_id}' and attributes.status = 'RUNNING'"
+            )
             for run in orphans:
                 self.client.set_tag(run.info.run_id, names.ENDED_BY, "sweep")
                 self.client.set_terminated(run.info.run_id, "FAILED")
-                log.error("run %s (%s) was still RUNNING when its sweep ended (its job died without a word): "
-                          "marked FAILED", run.info.run_id, run.info.run_name)
+                log.error(
+                    "run %s (%s) was still RUNNING when its sweep ended (its job died without a word): marked FAILED",
+                    run.info.run_id,
+                    run.info.run_name,
+                )
         except Exception as e:  # the store is away: the sweep's own end must still be recorded if it can
             log.error("could not check the sweep's runs for jobs that died (%s: %s)", type(e).__name__, e)
 
@@ -319,11 +390,16 @@ def headline(md: str) -> str:
 def best_child(client, parent_id: str, objective: str, direction: str):
     """The sweep's finished child with the best objective (its last value, what train.py returned), or None."""
     experiment_id = client.get_run(parent_id).info.experiment_id
-    children = client.search_runs([experiment_id], f"tags.`{names.PARENT}` = '{parent_id}' and "
-                                                   "attributes.status = 'FINISHED'", max_results=50000)
-    scored = [(r.data.metrics[objective], r) for r in children
-              if objective in r.data.metrics and r.data.metrics[objective] == r.data.metrics[objective]
-              and r.data.tags.get(names.TRIAL_STATE, "COMPLETE") == "COMPLETE"]
+    children = client.search_runs(
+        [experiment_id], f"tags.`{names.PARENT}` = '{parent_id}' and attributes.status = 'FINISHED'", max_results=50000
+    )
+    scored = [
+        (r.data.metrics[objective], r)
+        for r in children
+        if objective in r.data.metrics
+        and r.data.metrics[objective] == r.data.metrics[objective]
+        and r.data.tags.get(names.TRIAL_STATE, "COMPLETE") == "COMPLETE"
+    ]
     if not scored:
         return None
     pick = max if direction == "maximize" else min
@@ -338,4 +414,3 @@ def alias_best(client, name: str, run) -> str | None:
     version = max(versions, key=lambda v: int(v.version)).version
     client.set_registered_model_alias(name, "best", version)
     return version
-

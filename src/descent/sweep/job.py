@@ -50,8 +50,9 @@ def optuna_trial(sweeper, launch_dir: str):
 
     quiet_optuna()
     pruner = instantiate(sweeper.pruner) if sweeper.get("pruner") else None
-    study = optuna.load_study(study_name=sweeper.study_name, pruner=pruner,
-                              storage=store.tracking_uri(sweeper.storage, launch_dir))
+    study = optuna.load_study(
+        study_name=sweeper.study_name, pruner=pruner, storage=store.tracking_uri(sweeper.storage, launch_dir)
+    )
     trial_id = study._storage.get_trial_id_from_study_id_trial_number(study._study_id, sweeper.trial)
     return optuna.trial.Trial(study, trial_id)
 
@@ -86,8 +87,7 @@ class Target:
     (hydra.sweeper.n_jobs, a cluster) bound each other as they finish. A trial the study marks as a
     measurement (user attribute descent.prune false: descent/sweep/protocol.py's seed re-runs) is never pruned."""
 
-    def __init__(self, module, target_acc: float, trial=None, objective: str = names.TARGET_UPDATES,
-                 targets=()):
+    def __init__(self, module, target_acc: float, trial=None, objective: str = names.TARGET_UPDATES, targets=()):
         self.module, self.target_acc, self.reached = module, target_acc, False
         self.trial, self.objective = trial, objective
         self.accs = sorted({float(a) for a in targets if float(a) <= target_acc} | {float(target_acc)})
@@ -116,16 +116,23 @@ class Target:
                             self.trial.set_user_attr(names.target_key(k, t), v)
         if acc is not None and acc >= self.target_acc:
             self.reached = True
-            m.record({names.TARGET_UPDATES: m.updates, names.TARGET_EXAMPLES: examples,
-                           names.TARGET_SECONDS: m.train_seconds})
+            m.record(
+                {
+                    names.TARGET_UPDATES: m.updates,
+                    names.TARGET_EXAMPLES: examples,
+                    names.TARGET_SECONDS: m.train_seconds,
+                }
+            )
             m.trainer.should_stop = True
             return
         what = self.objective.split("/")[1]
         spent = m.updates if what == "updates" else examples
         if self.prunes and spent >= (bound := self.best(what)):
-            raise Pruned(f"trial {self.trial.number} pruned at {examples} examples: {spent} {what} without "
-                         f"val/acc >= {self.open_targets()[0]:g}, and the study's best trials reached each target "
-                         f"not yet reached in at most {bound:.0f}")
+            raise Pruned(
+                f"trial {self.trial.number} pruned at {examples} examples: {spent} {what} without "
+                f"val/acc >= {self.open_targets()[0]:g}, and the study's best trials reached each target "
+                f"not yet reached in at most {bound:.0f}"
+            )
 
     def open_targets(self) -> list[float]:
         return [t for t in self.accs if t not in self.crossed]
@@ -166,7 +173,8 @@ def job_tags(cfg: DictConfig, launch_dir: str, hc) -> dict[str, str]:
         key, _, value = override.partition("=")
         values[key.lstrip("+~")] = value
     mine = " ".join(f"{k}={values[k]}" for k in (k.lstrip("+~") for k in keys) if k in values)
-    note = (f"Job {hc.job.num} of the sweep {parent.info.run_name}: {mine or 'no swept key set'} "
-            "(the rest as the sweep's command, on the parent run).")
+    note = (
+        f"Job {hc.job.num} of the sweep {parent.info.run_name}: {mine or 'no swept key set'} "
+        "(the rest as the sweep's command, on the parent run)."
+    )
     return {names.PARENT: parent_id, names.NOTE: note}
-

@@ -40,7 +40,7 @@ UPDATES = TARGET_UPDATES + "/"  # + the target: descent.tracking.names.target_ke
 def targets_of(trials) -> list[str]:
     """The target keys any trial recorded (target/updates/0.95, ...), highest target first."""
     keys = {k for t in trials for k in t.user_attrs if k.startswith(UPDATES)}
-    return sorted(keys, key=lambda k: -float(k[len(UPDATES):]))
+    return sorted(keys, key=lambda k: -float(k[len(UPDATES) :]))
 
 
 def same(a: float, b: float) -> bool:
@@ -49,16 +49,25 @@ def same(a: float, b: float) -> bool:
 
 def best_rate(trials, key: str, lr_param: str) -> float | None:
     """The rate of the finished trial that reached `key` in the fewest updates (a tie: the smaller rate)."""
-    reached = [(t.user_attrs[key], t.params[lr_param]) for t in trials
-               if key in t.user_attrs and lr_param in t.params]
+    reached = [(t.user_attrs[key], t.params[lr_param]) for t in trials if key in t.user_attrs and lr_param in t.params]
     return min(reached)[1] if reached else None
 
 
 class Protocol(BaseSampler):
-    def __init__(self, lr_param: str = "optimizer.lr", seed_param: str = "seed", start: dict | float | None = None,
-                 coarse: float = 4.0, fine: float = math.sqrt(2), max_search: int = 16, warm: str | None = None,
-                 warm_power: float = 0.5, reference: dict | None = None,
-                 reference_param: str = "trainer.noise_at_targets", seed: int | None = None):
+    def __init__(
+        self,
+        lr_param: str = "optimizer.lr",
+        seed_param: str = "seed",
+        start: dict | float | None = None,
+        coarse: float = 4.0,
+        fine: float = math.sqrt(2),
+        max_search: int = 16,
+        warm: str | None = None,
+        warm_power: float = 0.5,
+        reference: dict | None = None,
+        reference_param: str = "trainer.noise_at_targets",
+        seed: int | None = None,
+    ):
         self.lr_param, self.seed_param = lr_param, seed_param
         self.start = dict(start) if hasattr(start, "items") else start  # a DictConfig from hydra's instantiate
         self.coarse, self.fine, self.max_search = coarse, fine, max_search
@@ -90,9 +99,11 @@ class Protocol(BaseSampler):
             return plan["seed"]
         if param_name == self.reference_param:
             return plan["role"] == "reference"
-        raise ValueError(f"the protocol sampler sets {self.lr_param}, {self.seed_param} and {self.reference_param} "
-                         f"only; {param_name} "
-                         f"belongs in hydra.sweeper.grid or on the command line")
+        raise ValueError(
+            f"the protocol sampler sets {self.lr_param}, {self.seed_param} and {self.reference_param} "
+            f"only; {param_name} "
+            f"belongs in hydra.sweeper.grid or on the command line"
+        )
 
     # -- the protocol -----------------------------------------------------------------------------------------
 
@@ -132,11 +143,17 @@ class Protocol(BaseSampler):
         mine, best = float(cell[self.warm]), None
         for other in study._storage.get_all_studies():
             theirs = other.user_attrs.get(CELL, {})
-            if other.study_name == study.study_name or set(theirs) != set(cell) or any(
-                    str(theirs[k]) != str(cell[k]) for k in cell if k != self.warm):
+            if (
+                other.study_name == study.study_name
+                or set(theirs) != set(cell)
+                or any(str(theirs[k]) != str(cell[k]) for k in cell if k != self.warm)
+            ):
                 continue
-            trials = [t for t in study._storage.get_all_trials(other._study_id, deepcopy=False)
-                      if t.state.is_finished() and t.user_attrs.get(ROLE, "search") == "search"]
+            trials = [
+                t
+                for t in study._storage.get_all_trials(other._study_id, deepcopy=False)
+                if t.state.is_finished() and t.user_attrs.get(ROLE, "search") == "search"
+            ]
             keys = targets_of(trials)
             rate = best_rate(trials, keys[0], self.lr_param) if keys else None
             distance = abs(math.log(float(theirs[self.warm]) / mine))
@@ -147,8 +164,9 @@ class Protocol(BaseSampler):
     def plan(self, study, space=None, exclude: int | None = None) -> dict | None:
         """The next trial's {lr, seed, role}, or None when the cell is done (or waits on running trials)."""
         space = space if space is not None else self._space(study)
-        trials = [t for t in study.get_trials(deepcopy=False)
-                  if t.number != exclude and not t.user_attrs.get(INTERRUPTED)]
+        trials = [
+            t for t in study.get_trials(deepcopy=False) if t.number != exclude and not t.user_attrs.get(INTERRUPTED)
+        ]
         seeds = self.seeds(space)
         low, high = self.bounds(space)
         search = [t for t in trials if t.user_attrs.get(ROLE, "search") == "search" and self.lr_param in t.params]
@@ -165,7 +183,7 @@ class Protocol(BaseSampler):
             up, down = max(tried) * self.coarse, min(tried) / self.coarse
             above = sum(x > tried[0] * (1 + 1e-9) for x in tried)  # steps taken each way from the start:
             below = sum(x < tried[0] * (1 - 1e-9) for x in tried)  # alternate, up first
-            for lr in ((up, down) if above <= below else (down, up)):
+            for lr in (up, down) if above <= below else (down, up):
                 if untried(lr):
                     return search_plan(lr)
             return None
@@ -186,15 +204,21 @@ class Protocol(BaseSampler):
                     return search_plan(lr)
         if len(done) < len(search):
             return None  # a running trial may still move a best
-        measured = {(t.params[self.lr_param], t.params.get(self.seed_param, seeds[0])) for t in trials
-                    if t.user_attrs.get(ROLE) == "seed" and self.lr_param in t.params}
+        measured = {
+            (t.params[self.lr_param], t.params.get(self.seed_param, seeds[0]))
+            for t in trials
+            if t.user_attrs.get(ROLE) == "seed" and self.lr_param in t.params
+        }
         for lr in sorted(set(chosen), key=chosen.index):
             for s in seeds[1:]:
                 if not any(same(lr, x) and s == y for x, y in measured):
                     return {"lr": lr, "seed": s, "role": "seed"}
         cell = {k: str(v) for k, v in study.user_attrs.get(CELL, {}).items()}
-        if self.reference and all(cell.get(k) == str(v) for k, v in self.reference.items()) and not any(
-                t.user_attrs.get(ROLE) == "reference" for t in trials):
+        if (
+            self.reference
+            and all(cell.get(k) == str(v) for k, v in self.reference.items())
+            and not any(t.user_attrs.get(ROLE) == "reference" for t in trials)
+        ):
             # the reference trajectory: the first seed at the rate chosen for the highest target, run again with
             # the noise scale measured at each target (it trains exactly as the search's run did)
             return {"lr": chosen[0], "seed": seeds[0], "role": "reference"}
@@ -206,7 +230,11 @@ class Protocol(BaseSampler):
 
     def chosen(self, study) -> dict[str, float]:
         """target key -> the rate chosen for it (on the first seed)."""
-        done = [t for t in study.get_trials(deepcopy=False) if t.state.is_finished()
-                and t.user_attrs.get(ROLE, "search") == "search" and not t.user_attrs.get(INTERRUPTED)]
+        done = [
+            t
+            for t in study.get_trials(deepcopy=False)
+            if t.state.is_finished()
+            and t.user_attrs.get(ROLE, "search") == "search"
+            and not t.user_attrs.get(INTERRUPTED)
+        ]
         return {key: best_rate(done, key, self.lr_param) for key in targets_of(done)}
-

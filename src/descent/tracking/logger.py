@@ -63,8 +63,16 @@ class Logger(MLFlowLogger):
     machine.
     """
 
-    def __init__(self, experiment_name: str, run_name: str, tracking_uri: str, *args, outage_seconds: float = 300,
-                 upload_checkpoints: bool = True, **kwargs):
+    def __init__(
+        self,
+        experiment_name: str,
+        run_name: str,
+        tracking_uri: str,
+        *args,
+        outage_seconds: float = 300,
+        upload_checkpoints: bool = True,
+        **kwargs,
+    ):
         super().__init__(experiment_name, run_name, tracking_uri, *args, **kwargs)
         # what it was made with, public (Lightning's own copies are private)
         self.experiment_name, self.run_name, self.tracking_uri = experiment_name, run_name, tracking_uri
@@ -101,8 +109,9 @@ class Logger(MLFlowLogger):
         with self.lock:
             self.pending[:0] = missing
         if missing:
-            log.info("%d metric points of the checkpoint were not in the store yet; they are written first",
-                     len(missing))
+            log.info(
+                "%d metric points of the checkpoint were not in the store yet; they are written first", len(missing)
+            )
 
     @property
     def away(self) -> bool:
@@ -114,9 +123,14 @@ class Logger(MLFlowLogger):
     def _went_away(self, what: str) -> bool:
         if not self.away:
             self.away_since = time.monotonic()
-            log.warning("the tracking server %s does not answer (%s); training goes on, %d metric points wait "
-                        "for it (up to logger.outage_seconds=%g s)", self.tracking_uri, what, len(self.pending),
-                        self.outage_seconds)
+            log.warning(
+                "the tracking server %s does not answer (%s); training goes on, %d metric points wait "
+                "for it (up to logger.outage_seconds=%g s)",
+                self.tracking_uri,
+                what,
+                len(self.pending),
+                self.outage_seconds,
+            )
         return False
 
     def flush(self) -> bool:
@@ -144,8 +158,10 @@ class Logger(MLFlowLogger):
             with self.lock:
                 self.pending = [m for m in self.pending if m.step > self.sent.get(m.key, -1)]
         if self.away:
-            log.warning("the tracking server is back after %.0f s; the waiting metric points are written",
-                        time.monotonic() - self.away_since)
+            log.warning(
+                "the tracking server is back after %.0f s; the waiting metric points are written",
+                time.monotonic() - self.away_since,
+            )
             self.away_since = None
         return True
 
@@ -203,7 +219,8 @@ class Logger(MLFlowLogger):
             f"the tracking server {self.tracking_uri} has not answered for {time.monotonic() - self.away_since:.0f} s "
             f"(logger.outage_seconds={self.outage_seconds:g}): stopped with the checkpoint {checkpoint or '(none)'}"
             f"{where}. Nothing is lost: when the server is back (make server), continue on this machine with: "
-            f"python src/train.py resume={self.run_id}")
+            f"python src/train.py resume={self.run_id}"
+        )
 
     def save(self) -> None:
         pass  # lightning calls this after every training batch; we write with checkpoints instead
@@ -310,8 +327,9 @@ def run_name(choices: dict[str, str], seed: int) -> str:
     return f"{choices.get('optimizer', 'opt')}-{choices.get('batching', 'batch')}-s{seed}"
 
 
-def make_logger(cfg: DictConfig, choices: dict[str, str], launch_dir: str, tags: dict[str, str],
-                run_id: str | None = None) -> Logger:
+def make_logger(
+    cfg: DictConfig, choices: dict[str, str], launch_dir: str, tags: dict[str, str], run_id: str | None = None
+) -> Logger:
     """A new run, or (run_id given) the run being resumed."""
     tags = {k: v for k, v in tags.items() if v is not None}
     if store.is_server(cfg.logger.tracking_uri):

@@ -8,13 +8,13 @@ No import here beyond the standard library: the reports and the sweep's driver r
 from __future__ import annotations
 
 # --- metrics of a run (step = examples seen) ---------------------------------------------------------------------
-TRAIN_LOSS, TRAIN_ACC = "train/loss", "train/acc"      # means over the examples since the last log point
-VAL_LOSS, VAL_ACC = "val/loss", "val/acc"              # on the held-out examples (data.val_size)
-TEST_LOSS, TEST_ACC = "test/loss", "test/acc"          # once, at the end
-EPOCH = "progress/epoch"                                # fractional epochs
-UPDATES = "progress/updates"                            # optimizer updates so far
-SECONDS = "progress/seconds"                            # training wall time so far (checks and logging excluded)
-EVALUATIONS = "progress/evaluations"                    # the batches' loss and gradient evaluated (a closure: as often as it asks)
+TRAIN_LOSS, TRAIN_ACC = "train/loss", "train/acc"  # means over the examples since the last log point
+VAL_LOSS, VAL_ACC = "val/loss", "val/acc"  # on the held-out examples (data.val_size)
+TEST_LOSS, TEST_ACC = "test/loss", "test/acc"  # once, at the end
+EPOCH = "progress/epoch"  # fractional epochs
+UPDATES = "progress/updates"  # optimizer updates so far
+SECONDS = "progress/seconds"  # training wall time so far (checks and logging excluded)
+EVALUATIONS = "progress/evaluations"  # the batches' loss and gradient evaluated (a closure: as often as it asks)
 TRAIN, VAL, TEST, SYSTEM = "train/", "val/", "test/", "system/"  # prefixes (SYSTEM: MLflow's system metrics)
 
 # the best value so far, logged when it improves: best/val_loss, best/val_acc, best/train_loss
@@ -41,9 +41,9 @@ NOISE_B_SIMPLE, NOISE_B_SIMPLE_SE = "noise/b_simple", "noise/b_simple_se"  # tr(
 
 # B_noise = tr(HΣ)/(GᵀHG) and the preconditioned scale tr(PΣ)/(GᵀPG) at the target crossings (measure/curvature_noise.py)
 B_NOISE, B_NOISE_SE = "noise/b_noise", "noise/b_noise_se"
-GRAD_H_GRAD, TRACE_H_COV = "noise/grad_h_grad", "noise/trace_h_cov"      # Gᵀ H G and tr(H Σ)
+GRAD_H_GRAD, TRACE_H_COV = "noise/grad_h_grad", "noise/trace_h_cov"  # Gᵀ H G and tr(H Σ)
 B_PRECOND, B_PRECOND_SE = "noise/b_precond", "noise/b_precond_se"
-GRAD_P_GRAD, TRACE_P_COV = "noise/grad_p_grad", "noise/trace_p_cov"      # Gᵀ P G and tr(P Σ)
+GRAD_P_GRAD, TRACE_P_COV = "noise/grad_p_grad", "noise/trace_p_cov"  # Gᵀ P G and tr(P Σ)
 
 
 def noise_at_key(what: str, acc: float) -> str:
@@ -64,7 +64,7 @@ def toy_key(coordinate: str) -> str:
 
 
 # --- metrics of a sweep's parent run -------------------------------------------------------------------------------
-OPTUNA_BEST_VALUE = "optuna/best_value"           # a study's best objective (step = trials so far)
+OPTUNA_BEST_VALUE = "optuna/best_value"  # a study's best objective (step = trials so far)
 
 
 def scaling_key(what: str, optimizer: str, acc: float | None = None) -> str:
@@ -73,22 +73,22 @@ def scaling_key(what: str, optimizer: str, acc: float | None = None) -> str:
 
 
 # --- tags ----------------------------------------------------------------------------------------------------------
-PARENT = "mlflow.parentRunId"                     # a sweep's child names its parent run
-NOTE = "mlflow.note.content"                      # a run's description on its page
+PARENT = "mlflow.parentRunId"  # a sweep's child names its parent run
+NOTE = "mlflow.note.content"  # a run's description on its page
 KIND, KIND_VALUE = "mlflow.experimentKind", "custom_model_development"  # the UI opens on the runs table
 GIT_COMMIT = "mlflow.source.git.commit"
-SWEEP = "descent.sweep"                           # "true" on a sweep's parent run
-SWEEP_DIR = "hydra.sweep.dir"                     # the sweep's folder, on the parent and each child
-SWEEP_KEY = "descent.sweep.key"                   # what a parent run is found by when the driver restarts
-SWEEP_VARIES = "descent.sweep.varies"             # on the parent: the keys its jobs differ in
-SWEEP_BEST = "descent.sweep.best_run"             # on the parent: the best child's run id
-ENDED_BY = "descent.ended_by"                     # "sweep": a child the sweep's end closed
-LR_SOURCE = "lr.source"                           # a preset's rate for a data/model it has no searched rate for
-RESUME_OVERRIDES = "resume.overrides"             # a resumed run's overrides that differ from the first run's
-STUDY = "optuna.study"                            # a study's name on its runs
-JOB_NUM = "hydra.job.num"                         # a sweep's child: its job number (the report's order)
-OUTPUT_DIR = "hydra.output_dir"                   # a run's output folder on the machine that ran it
-DIVERGED = "diverged"                             # "true" on a run whose loss became non-finite
+SWEEP = "descent.sweep"  # "true" on a sweep's parent run
+SWEEP_DIR = "hydra.sweep.dir"  # the sweep's folder, on the parent and each child
+SWEEP_KEY = "descent.sweep.key"  # what a parent run is found by when the driver restarts
+SWEEP_VARIES = "descent.sweep.varies"  # on the parent: the keys its jobs differ in
+SWEEP_BEST = "descent.sweep.best_run"  # on the parent: the best child's run id
+ENDED_BY = "descent.ended_by"  # "sweep": a child the sweep's end closed
+LR_SOURCE = "lr.source"  # a preset's rate for a data/model it has no searched rate for
+RESUME_OVERRIDES = "resume.overrides"  # a resumed run's overrides that differ from the first run's
+STUDY = "optuna.study"  # a study's name on its runs
+JOB_NUM = "hydra.job.num"  # a sweep's child: its job number (the report's order)
+OUTPUT_DIR = "hydra.output_dir"  # a run's output folder on the machine that ran it
+DIVERGED = "diverged"  # "true" on a run whose loss became non-finite
 DIVERGED_EXAMPLES, DIVERGED_UPDATES = "diverged.examples", "diverged.updates"  # where it did
 # an Optuna study: on its trials' runs
 TRIAL, TRIAL_STATE, TRIAL_PRUNED = "optuna.trial", "optuna.state", "optuna.pruned"
@@ -98,11 +98,11 @@ STUDY_OBJECTIVE, STUDY_DIRECTION = "optuna.objective", "optuna.direction"
 STUDY_SAMPLER, STUDY_SAMPLER_SEED, STUDY_PRUNER = "optuna.sampler", "optuna.sampler.seed", "optuna.pruner"
 STUDY_N_TRIALS, STUDY_TRIALS = "optuna.n_trials", "optuna.trials"  # asked for; run (optuna.trials.COMPLETE: by state)
 STUDY_BEST_TRIAL, STUDY_BEST_VALUE, STUDY_BEST_PARAMS = "optuna.best_trial", "optuna.best_value", "optuna.best_params"
-STUDY_BEST = "optuna.best."                       # a grid's study: optuna.best.<its cell>
+STUDY_BEST = "optuna.best."  # a grid's study: optuna.best.<its cell>
 
 # --- Optuna study and trial attributes (the batch-size protocol, descent/sweep/protocol.py) -----------------------
 ROLE, PRUNE, CELL = "descent.role", "descent.prune", "descent.cell"
-INTERRUPTED = "descent.interrupted"               # a trial whose command died under it: run again
+INTERRUPTED = "descent.interrupted"  # a trial whose command died under it: run again
 
 # --- params a run records beside its config ---------------------------------------------------------------------
-TRAIN_EXAMPLES = "data.train_examples"            # the training examples after the split (batching=full's batch)
+TRAIN_EXAMPLES = "data.train_examples"  # the training examples after the split (batching=full's batch)

@@ -57,9 +57,12 @@ def datasets(datamodule, name: str) -> dict[str, mlflow.data.Dataset]:
         with warnings.catch_warnings():  # MLflow registers two equal "local" source classes and says so
             warnings.filterwarnings("ignore", "The specified dataset source can be interpreted in multiple ways")
             found[context] = mlflow.data.from_numpy(
-                x.detach().cpu().numpy(), targets=y.detach().cpu().numpy(),
+                x.detach().cpu().numpy(),
+                targets=y.detach().cpu().numpy(),
                 source=datamodule.split_source(context),  # a toy's: its code
-                name=f"{name} ({context}, {shape})", digest=digest(x, y))
+                name=f"{name} ({context}, {shape})",
+                digest=digest(x, y),
+            )
     return found
 
 
@@ -69,17 +72,30 @@ def log_datasets(logger, datamodule, name: str) -> dict[str, str]:
     from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
     found = datasets(datamodule, name)
-    inputs = [DatasetInput(ds._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])
-              for context, ds in found.items()]
+    inputs = [
+        DatasetInput(ds._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])
+        for context, ds in found.items()
+    ]
     # parallel jobs log the same dataset to one experiment: MLflow looks it up, then inserts it, so one of two
     # jobs can lose the insert (UNIQUE constraint, rolled back); its retry finds the other's row and links it
-    retry(logger.experiment.log_inputs, logger.run_id, datasets=inputs,
-          races=("UNIQUE constraint failed: datasets", "duplicate key value violates unique constraint"))
+    retry(
+        logger.experiment.log_inputs,
+        logger.run_id,
+        datasets=inputs,
+        races=("UNIQUE constraint failed: datasets", "duplicate key value violates unique constraint"),
+    )
     return {context: ds.digest for context, ds in found.items()}
 
 
-def log_model(logger, net: torch.nn.Module, x_example: torch.Tensor, step: int, register_as: str | None = None,
-              shape: tuple[int, ...] | None = None, classes: int | None = None):
+def log_model(
+    logger,
+    net: torch.nn.Module,
+    x_example: torch.Tensor,
+    step: int,
+    register_as: str | None = None,
+    shape: tuple[int, ...] | None = None,
+    classes: int | None = None,
+):
     """The trained network as an MLflow Model: the data's features as float32 rows -> one score per class
     (logits); signature and input example from the data (shape: one example's, for the metadata's words).
 
@@ -98,8 +114,10 @@ def log_model(logger, net: torch.nn.Module, x_example: torch.Tensor, step: int, 
     signature = infer_signature(example, scores)  # tensors (-1, features) float32 -> (-1, classes) float32
     features, classes = example.shape[1], classes or scores.shape[1]
     if shape is not None and len(shape) == 3:
-        words = (f"{features} float32 values in [0, 1], a {'x'.join(map(str, shape))} image (channels, height, "
-                 "width) row by row")
+        words = (
+            f"{features} float32 values in [0, 1], a {'x'.join(map(str, shape))} image (channels, height, "
+            "width) row by row"
+        )
     else:
         words = f"{features} float32 features, as in the training data"
     logger.flush()  # metric points first: the model links the run's metrics at its step
@@ -108,12 +126,19 @@ def log_model(logger, net: torch.nn.Module, x_example: torch.Tensor, step: int, 
     mlflow.set_tracking_uri(logger.tracking_uri)
     mlflow.set_experiment(experiment_id=logger.experiment_id)
     return mlflow.pytorch.log_model(
-        net, name="model", signature=signature, input_example=example, step=step, run_id=logger.run_id,
+        net,
+        name="model",
+        signature=signature,
+        input_example=example,
+        step=step,
+        run_id=logger.run_id,
         registered_model_name=register_as,
         # given, not inferred: inferring loads the model in a subprocess (seconds)
         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"],
-        metadata={"input": words,
-                  "output": f"{classes} class scores (logits); argmax is the class label 0..{classes - 1}"},
+        metadata={
+            "input": words,
+            "output": f"{classes} class scores (logits); argmax is the class label 0..{classes - 1}",
+        },
     )
 
 
@@ -128,8 +153,13 @@ class SystemMetrics:
     def __init__(self, run_id: str, tracking_uri: str, sampling_interval: float = 10, resume: bool = False):
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-        self.monitor = SystemMetricsMonitor(run_id, sampling_interval=sampling_interval, samples_before_logging=1,
-                                            resume_logging=resume, tracking_uri=tracking_uri)
+        self.monitor = SystemMetricsMonitor(
+            run_id,
+            sampling_interval=sampling_interval,
+            samples_before_logging=1,
+            resume_logging=resume,
+            tracking_uri=tracking_uri,
+        )
 
     def start(self) -> "SystemMetrics":
         self.started = time.monotonic()
@@ -156,13 +186,22 @@ class Record(pl.Callback):
     fails, diverges or is stopped gets no model, and its system metrics end where it ended.
     """
 
-    def __init__(self, logger, data_name: str, log_model: bool = True, register_model: str | None = None,
-                 system_metrics: bool = True, resumed: bool = False, sampling_interval: float = 10,
-                 log_errors: bool = False):
+    def __init__(
+        self,
+        logger,
+        data_name: str,
+        log_model: bool = True,
+        register_model: str | None = None,
+        system_metrics: bool = True,
+        resumed: bool = False,
+        sampling_interval: float = 10,
+        log_errors: bool = False,
+    ):
         self.logger, self.data_name, self.log_errors = logger, data_name, log_errors
         self.log_model, self.register_model = log_model, register_model
-        self.machine = SystemMetrics(logger.run_id, logger.tracking_uri, sampling_interval, resumed) \
-            if system_metrics else None
+        self.machine = (
+            SystemMetrics(logger.run_id, logger.tracking_uri, sampling_interval, resumed) if system_metrics else None
+        )
 
     def on_fit_start(self, trainer, pl_module) -> None:
         if self.machine:
@@ -176,16 +215,19 @@ class Record(pl.Callback):
             tic = time.perf_counter()
             try:
                 errors.log_errors(self.logger, torch.cat(pl_module.test_logits), trainer.datamodule, self.data_name)
-                log.debug("confusion matrix, per-class table and misclassified images logged in %.2f s",
-                          time.perf_counter() - tic)
+                log.debug(
+                    "confusion matrix, per-class table and misclassified images logged in %.2f s",
+                    time.perf_counter() - tic,
+                )
             except Exception as e:  # the run's record (model, status) matters more than these pictures
                 log.warning("what the model gets wrong was not recorded (%s: %s)", type(e).__name__, e)
         # registering needs the model; a toy loss's point (descent/nets/toy.py) is no network to serve
         if (self.log_model or self.register_model) and pl_module.classifies:
             tic = time.perf_counter()
             dm = trainer.datamodule
-            log_model(self.logger, pl_module.net, dm.x_test, pl_module.examples, self.register_model, dm.shape,
-                      dm.classes)
+            log_model(
+                self.logger, pl_module.net, dm.x_test, pl_module.examples, self.register_model, dm.shape, dm.classes
+            )
             log.debug("model logged in %.1f s: runs:/%s/model", time.perf_counter() - tic, self.logger.run_id)
         self.finish()
 
@@ -202,8 +244,17 @@ class Record(pl.Callback):
 def callbacks(cfg, hc, logger, choices: dict[str, str], resumed: bool) -> list[pl.Callback]:
     """What src/train.py adds to its Trainer from this module and descent/console/progress.py."""
     name = choices.get("data") or str(cfg.data.name).lower()  # the config group's option: "mnist"
-    found = [Record(logger, name, cfg.logger.log_model, cfg.logger.register_model, cfg.logger.system_metrics,
-                    resumed, log_errors=OmegaConf.select(cfg, "logger.log_errors", default=False))]
+    found = [
+        Record(
+            logger,
+            name,
+            cfg.logger.log_model,
+            cfg.logger.register_model,
+            cfg.logger.system_metrics,
+            resumed,
+            log_errors=OmegaConf.select(cfg, "logger.log_errors", default=False),
+        )
+    ]
     if cfg.trainer.progress_bar:  # lightning refuses a bar among the callbacks when it is switched off
         found.append(ExamplesProgressBar.for_job(hc, logger.run_name))
     return found

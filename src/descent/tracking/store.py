@@ -27,7 +27,7 @@ def tracking_uri(uri: str, launch_dir: str | Path) -> str:
     """A relative sqlite path is relative to the launch directory, where `mlflow ui` opens it."""
     prefix = "sqlite:///"
     if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
-        return prefix + str((Path(launch_dir) / uri[len(prefix):]).resolve())
+        return prefix + str((Path(launch_dir) / uri[len(prefix) :]).resolve())
     return uri
 
 
@@ -60,7 +60,7 @@ def reachable(uri: str, timeout: float = 2) -> bool:
 def check_store(uri: str) -> None:
     """Fail before training, with a clear message, when the tracking store cannot be reached or written."""
     if uri.startswith("sqlite:///"):
-        path = Path(uri[len("sqlite:///"):])
+        path = Path(uri[len("sqlite:///") :])
         target = path if path.exists() else path.parent
         if not target.exists():
             raise ConfigError(f"logger.tracking_uri={uri!r}: the folder {path.parent} does not exist")
@@ -70,8 +70,9 @@ def check_store(uri: str) -> None:
         try:
             health(uri, timeout=5)
         except (urllib.error.URLError, OSError) as e:
-            raise ConfigError(f"logger.tracking_uri={uri!r}: the MLflow server does not answer ({e}); "
-                              "start one with `make server`") from None
+            raise ConfigError(
+                f"logger.tracking_uri={uri!r}: the MLflow server does not answer ({e}); start one with `make server`"
+            ) from None
 
 
 def retry(fn, *args, attempts: int = 8, races: tuple[str, ...] = (), **kwargs):
@@ -105,8 +106,10 @@ def experiment_id(client, name: str) -> str:
             retry(client.set_experiment_tag, exp.experiment_id, names.KIND, names.KIND_VALUE)
         return exp.experiment_id
     if exp is not None:
-        raise RuntimeError(f"logger.experiment_name={name!r} names a deleted MLflow experiment; "
-                           "restore it (mlflow experiments restore) or choose another name")
+        raise RuntimeError(
+            f"logger.experiment_name={name!r} names a deleted MLflow experiment; "
+            "restore it (mlflow experiments restore) or choose another name"
+        )
     try:
         return client.create_experiment(name, tags={names.KIND: names.KIND_VALUE})
     except Exception:  # another process created it first
@@ -126,9 +129,12 @@ def find_parent(client, experiment_name: str, sweep_key: str) -> str | None:
     if exp is None:
         return None
     key = sweep_key.replace("'", "\\'")
-    runs = client.search_runs([exp.experiment_id],
-                              f"tags.`{names.SWEEP_KEY}` = '{key}' and attributes.status = 'RUNNING'",
-                              order_by=["attributes.start_time DESC"], max_results=1)
+    runs = client.search_runs(
+        [exp.experiment_id],
+        f"tags.`{names.SWEEP_KEY}` = '{key}' and attributes.status = 'RUNNING'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
     return runs[0].info.run_id if runs else None
 
 
@@ -153,7 +159,9 @@ def find_resume(target: str, uri: str, out_dir: str | Path, check=None):
     if path.is_dir():
         id_file = path / "mlflow_run_id"
         if not id_file.is_file():
-            raise ConfigError(f"resume={target!r}: {path.resolve()} is not a descent run folder (no mlflow_run_id file)")
+            raise ConfigError(
+                f"resume={target!r}: {path.resolve()} is not a descent run folder (no mlflow_run_id file)"
+            )
         target = id_file.read_text().strip()
     try:
         run = client.get_run(target)
@@ -177,8 +185,9 @@ def find_resume(target: str, uri: str, out_dir: str | Path, check=None):
             client.download_artifacts(run_id, CHECKPOINT, str((out / CHECKPOINT).parent))  # the file lands there
         except Exception as e:
             why = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise ConfigError(f"resume={str(path)!r}: no checkpoint in {local} on this machine, "
-                              f"nor in the run's artifacts ({why})") from None
+            raise ConfigError(
+                f"resume={str(path)!r}: no checkpoint in {local} on this machine, nor in the run's artifacts ({why})"
+            ) from None
     return run_id, out, config, choices
 
 
@@ -191,6 +200,7 @@ def log_table(client, run_id: str, data, artifact_file: str) -> None:
     if any(f.path == artifact_file for f in client.list_artifacts(run_id, folder)):
         from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
-        get_artifact_repository(client.get_run(run_id).info.artifact_uri,
-                                tracking_uri=client.tracking_uri).delete_artifacts(artifact_file)
+        get_artifact_repository(
+            client.get_run(run_id).info.artifact_uri, tracking_uri=client.tracking_uri
+        ).delete_artifacts(artifact_file)
     client.log_table(run_id, data, artifact_file)
