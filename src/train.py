@@ -50,7 +50,7 @@ def main(cfg: DictConfig) -> float | None:
         log.error("invalid config, nothing was run:\n%s", e)
         sys.exit(2)
 
-    from descent import pipeline  # Lightning, MLflow: 28 s measured under load; --help and refused input skip them
+    from descent import pipeline  # Lightning, MLflow: tens of seconds under load; --help and refused input skip them
 
     resumed = pipeline.Resumed(run_id, out_dir, choices, changed) if cfg.resume else None
     try:

@@ -177,11 +177,12 @@ def test_only_the_values_checked_are_resolved():
         validate(compose_job("experiment=optimizers", hydra_config=False))
 
 
-# the toy losses and their gradient oracle come in pairs (descent/nets/toy.py)
+# the toy losses and their gradient oracle come in pairs (descent/nets/toy.py); an option that needs a model
 PARTNER = {
     ("data", "toy"): "model=double_well",
     ("model", "double_well"): "data=toy",
     ("model", "rosenbrock"): "data=toy",
+    ("optimizer", "muon_mlp2"): "model.hidden=[512,512]",  # Muon on the hidden-to-hidden matrix: two hidden layers
 }
 
 

@@ -153,7 +153,8 @@ def val_examples(val_size: int | float, n_train: int) -> int:
     return val_size if isinstance(val_size, int) else int(round(val_size * n_train))
 
 
-def at_most(n: int, name) -> int:
-    """data.limit_train in a preset that trains on a subset: n examples, or all of a known smaller training set."""
+def at_most(n: int, name, val_size: int | float = 0) -> int:
+    """data.limit_train in a preset that trains on a subset: n examples, or all of a known smaller training set
+    (less the val_size examples held out of it)."""
     known = facts(str(name)) if name is not None else None
-    return min(int(n), known.n_train) if known else int(n)
+    return min(int(n), known.n_train - val_examples(val_size, known.n_train)) if known else int(n)
