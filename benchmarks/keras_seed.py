@@ -19,7 +19,7 @@ import torch  # noqa: E402
 from descent.data import ensure_data, epoch_permutation, load_split  # noqa: E402
 from descent.nets import MLP  # noqa: E402
 
-from bench import Others, rss_mib  # noqa: E402  (benchmarks/ is this script's folder, first on sys.path)
+from bench_worker import Others, rss_mib  # noqa: E402  (benchmarks/ is this script's folder, first on sys.path)
 
 
 class EpochTimer(keras.callbacks.Callback):

@@ -187,7 +187,8 @@ def test_tiny_batch_scaling_study_runs_the_protocol_end_to_end_and_goes_on_where
 
 
 def test_the_report_sets_b_noise_and_b_precond_beside_b_simple_and_adamw_against_muon_per_batch_size():
-    from descent.reports.scaling import markdown, ratios
+    from descent.reports.scaling import ratios
+    from descent.reports.scaling_render import markdown
 
     # adamw needs 2x muon's updates at B = 64 on every seed, the same at B = 512; the reference runs measured
     # B_simple, B_noise and (adamw only) B_precond at 0.9
