@@ -1,10 +1,10 @@
 """The table of dataset facts: what each named dataset holds (sizes, shape, classes) and where it comes from.
 
-The one place these numbers live: config.py checks data.val_size and data.limit_train against them,
+The one place these numbers live: descent/config/ checks data.val_size and data.limit_train against them,
 engine/threads.py and reports/scaling.py take the training-set size from them where a run's record lacks it,
 descent/data/ checks the files it reads against them, and docs/reference/datasets.md prints them. A user's own
 arrays (data=npz) are not here: their facts come from the file (descent/data/files.py, NpzDataModule). Imports nothing
-heavy (config.py reads it before torch starts).
+heavy (descent/config/ reads it before torch starts).
 """
 
 from __future__ import annotations

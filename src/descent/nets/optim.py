@@ -17,7 +17,7 @@ import torch
 def split(named, groups: dict[str, list[str]], matrices_only: tuple[str, ...] = ()) -> dict[str, list]:
     """(name, parameter) pairs into the groups whose fnmatch patterns name them: every parameter in
     exactly one group, every pattern naming something, the groups in matrices_only holding 2-D tensors
-    only. Raises ValueError listing every problem at once (config.py shows them before anything runs)."""
+    only. Raises ValueError listing every problem at once (descent/config/ shows them before anything runs)."""
     named = list(named)
     found = {group: [] for group in groups}
     problems = []
