@@ -1,4 +1,4 @@
-"""How many intra-op threads a run uses, and how OpenMP's idle threads wait (DESIGN.md, "Threads").
+"""How many intra-op threads a run uses, and how OpenMP's idle threads wait (docs/internals/speed.md, "Threads").
 
 Measured on 2 cores (docs/internals/speed.md): torch's default, one thread per core with OpenMP's threads
 spinning while they wait, collapses 4-9x as soon as another process holds a core (every parallel op
