@@ -289,8 +289,8 @@ def lightning_fit(
     return module, dm
 
 
-def measured_fit(mnist_root, net, optimizer, measures):
-    """`net` trained with `optimizer` (a partial) on 1500 MNIST examples for 2 epochs, validated (and measured by
+def measured_fit(mnist_root, make_net, optimizer, measures):
+    """`make_net()` (made after the seed is set) trained with `optimizer` (a partial) on 1500 MNIST examples for 2 epochs, validated (and measured by
     `measures`) every 300 examples; the module and everything the training state holds after it: the weights,
     the optimizer's buffers and the global RNG's next draw (a measurement must leave all of them as they were)."""
     from descent.data import MNISTDataModule
@@ -298,7 +298,7 @@ def measured_fit(mnist_root, net, optimizer, measures):
 
     pl.seed_everything(0, verbose=False)
     dm = MNISTDataModule(root=str(mnist_root), download=False, val_size=500, limit_train=1500, batch_size=50, seed=0)
-    module = Classifier(net, optimizer=optimizer, val_every_examples=300)
+    module = Classifier(make_net(), optimizer=optimizer, val_every_examples=300)
     module.measures += measures
     lightning_fit(module, dm, epochs=2)
     state = [*module.net.parameters(), *(v for s in module.opt.state.values() for v in s.values())]

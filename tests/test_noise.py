@@ -52,7 +52,7 @@ def _fit(mnist_root, measures):
     """Momentum SGD on 1500 examples for 2 epochs, validated (and measured) every 300 examples."""
     from functools import partial
 
-    return measured_fit(mnist_root, MLP(), partial(torch.optim.SGD, lr=0.1, momentum=0.9), measures)
+    return measured_fit(mnist_root, MLP, partial(torch.optim.SGD, lr=0.1, momentum=0.9), measures)
 
 
 def test_measuring_the_noise_scale_leaves_the_run_unchanged(mnist_root):

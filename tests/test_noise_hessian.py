@@ -178,7 +178,7 @@ def _fit(mnist_root, measures):
 
     from descent.nets import MLP
 
-    return measured_fit(mnist_root, MLP(hidden=[64, 64]), partial(torch.optim.Adam, lr=0.003), measures)
+    return measured_fit(mnist_root, partial(MLP, hidden=[64, 64]), partial(torch.optim.Adam, lr=0.003), measures)
 
 
 def test_measuring_b_noise_and_b_precond_leaves_the_run_unchanged(mnist_root):
