@@ -26,7 +26,16 @@ import sys
 import time
 from pathlib import Path
 
-from descent.services.daemons import ServiceError, ensure_apt, ensure_extra, kill_group, run_command, show_status
+from descent.services.daemons import (
+    ServiceError,
+    alive,
+    ensure_apt,
+    ensure_extra,
+    kill_group,
+    run_command,
+    show_status,
+    spawn,
+)
 from descent.tracking.store import reachable
 
 DEFAULT_DIR = Path("outputs/tracking")
@@ -213,23 +222,13 @@ def start_mlflow(dir: Path, port: int, workers: int = WORKERS) -> str:
     # without the job-execution workers: with them the server takes ~2.8 GB of RAM
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     env.pop("MLFLOW_TRACKING_URI", None)
-    with open(dir / "mlflow.log", "ab") as log:
-        # its own session: stop() ends the server and its workers as one process group
-        proc = subprocess.Popen(
-            cmd,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=env,
-            cwd=dir,
-            start_new_session=True,
-        )
-    (dir / "mlflow.pid").write_text(str(proc.pid))
+    pid = spawn(cmd, dir / "mlflow.log", env=env, cwd=dir)  # its own session: stop() ends it and its workers
+    (dir / "mlflow.pid").write_text(str(pid))
     (dir / "server.json").write_text(json.dumps({"port": port, "uri": uri}))
     deadline = time.monotonic() + START_TIMEOUT
     while not reachable(uri):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            kill_group(proc.pid)
+        if not alive(pid) or time.monotonic() > deadline:
+            kill_group(pid)
             tail = (dir / "mlflow.log").read_text(errors="replace")[-3000:]
             raise ServerError(f"the MLflow server did not come up on {uri}; {dir / 'mlflow.log'} ends with:\n{tail}")
         time.sleep(0.5)
