@@ -86,6 +86,10 @@ SECTION_RULES = {
         "accelerator": STRING,
         "log_every_examples": integer(1),
         "val_every_examples": nullable(integer(1), "at epoch ends only"),
+        "val_every_share": nullable(
+            (lambda v: is_number(v) and 0 < v < 1, "a number in (0, 1)"),
+            "a fixed gap",
+        ),
         "cuda_graphs": (lambda v: v is True or v is False or v == "auto", "auto, true or false"),
         "checkpoint_every_seconds": POSITIVE,
         "threads": nullable(integer(1), "chosen from the batch size and the CPUs granted: descent/engine/threads.py"),

@@ -18,7 +18,7 @@ from torch import nn
 
 from descent import nets
 from descent.data import epoch_permutation
-from descent.engine import graphs, state, steps
+from descent.engine import cadence, graphs, state, steps
 from descent.engine.best import Best
 from descent.engine.lightning_private import count_updates
 from descent.engine.steps import segments
@@ -59,6 +59,7 @@ class Classifier(pl.LightningModule):
         optimizer: partial,
         log_every_examples: int = 1200,
         val_every_examples: int | None = None,
+        val_every_share: float | None = None,
         compile_optimizer: bool = False,
         flush_denormal: bool = True,
         cuda_graphs: bool | str = "auto",
@@ -67,7 +68,7 @@ class Classifier(pl.LightningModule):
         self.save_hyperparameters(ignore=["net", "optimizer"], logger=False)
         self.automatic_optimization = False
         self.net, self.make_optimizer = net, optimizer
-        self.log_every, self.val_every = log_every_examples, val_every_examples
+        self.log_every, self.val_every, self.val_share = log_every_examples, val_every_examples, val_every_share
         self.compile_optimizer, self.flush_denormal = compile_optimizer, flush_denormal
         self.cuda_graphs = cuda_graphs  # "auto", True or False: see descent/engine/graphs.py
         self.step = None  # how a piece of a chunk trains (descent/engine/steps.py): chosen at fit start
@@ -103,6 +104,7 @@ class Classifier(pl.LightningModule):
             optimizer=instantiate(cfg.optimizer),
             log_every_examples=cfg.trainer.log_every_examples,
             val_every_examples=cfg.trainer.val_every_examples,
+            val_every_share=cfg.trainer.get("val_every_share"),
             compile_optimizer=cfg.trainer.compile_optimizer,
             flush_denormal=cfg.trainer.flush_denormal,
             cuda_graphs=cfg.trainer.cuda_graphs,
@@ -189,7 +191,7 @@ class Classifier(pl.LightningModule):
         """Find the next example (reconciling a resumed position with lightning's epoch) and the next log points."""
         self.epoch_pos = self.epoch_offset
         self.next_log = (self.examples // self.log_every + 1) * self.log_every
-        self.next_val = (self.examples // self.val_every + 1) * self.val_every if self.val_every else math.inf
+        self.next_val = cadence.next_point(self.examples, self.val_every, self.val_share)
         self.tic = time.perf_counter()
         epoch = self.current_epoch
         if not state.at_epoch(self.offset_epoch, self.epoch_offset, epoch, self.n_train, self.trainer.ckpt_path):
@@ -311,8 +313,7 @@ class Classifier(pl.LightningModule):
             self.record(measure(point))
         self.last_val_step = self.examples
         self.tic = time.perf_counter()
-        while self.next_val <= self.examples:
-            self.next_val += self.val_every
+        self.next_val = cadence.next_point(self.examples, self.val_every, self.val_share)
         for hook in self.val_hooks:
             hook(self.examples, metrics)
 

@@ -30,6 +30,7 @@ from scipy.optimize import nnls
 
 from descent.console.terminal import shown
 from descent.data.datasets import TABLE, val_examples
+from descent.engine import cadence
 from descent.reports import skeleton
 from descent.reports.skeleton import ReportError
 from descent.tracking import names
@@ -49,6 +50,7 @@ class Run:
     updates: dict[float, float] = field(default_factory=dict)  # target acc -> updates at its first crossing
     examples: dict[float, float] = field(default_factory=dict)  # ... examples actually trained on by then
     val_every: int | None = None  # trainer.val_every_examples: how finely a crossing is resolved
+    val_share: float | None = None  # trainer.val_every_share: the gap grown to this share of the examples seen
     reference: bool = False  # the reference trajectory (trainer.noise_at_targets): not a cell's trial
     noise: dict[float, tuple[float, float]] = field(default_factory=dict)  # acc -> (B_simple, its error)
     scales: dict[tuple[str, float], tuple[float, float]] = field(default_factory=dict)  # (b_noise | b_precond,
@@ -80,6 +82,13 @@ def _int(value) -> int | None:
         return None
 
 
+def _float(value) -> float | None:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
 def read_runs(client, parent_run_id: str) -> list[Run]:
     found = skeleton.children(client, client.get_run(parent_run_id))
     runs = []
@@ -92,6 +101,7 @@ def read_runs(client, parent_run_id: str) -> list[Run]:
             _int(p.get("seed")) or 0,
             r.info.status,
             val_every=_int(p.get("trainer.val_every_examples")),
+            val_share=_float(p.get("trainer.val_every_share")),
             reference=p.get("trainer.noise_at_targets") == "True",
         )
         for key, value in m.items():
@@ -171,9 +181,10 @@ def point(runs: list[Run], acc: float) -> dict | None:
     reached = [r for r in at_rate.values() if acc in r.updates]
     s = [r.updates[acc] for r in reached]
     e = [r.examples.get(acc, float("nan")) for r in reached]
-    every = [r.val_every for r in reached if r.val_every]
+    every = [(r.val_every, r.val_share) for r in reached if r.val_every]
     b = runs[0].batch_size
-    step = max(1.0, every[0] / b) if every else float("nan")  # updates between two checks of the target
+    # updates between the two checks of the target around the crossing (the gap there, at least one update)
+    step = max(1.0, cadence.gap(float(np.median(s)) * b, *every[0]) / b) if every else float("nan")
     return {
         "lr": lr,
         "seeds": sorted(at_rate),
