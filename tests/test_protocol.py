@@ -15,8 +15,9 @@ LR = optuna.distributions.FloatDistribution(1e-5, 10.0, log=True)
 SEEDS = optuna.distributions.CategoricalDistribution([0, 1, 2])
 
 
-def run_cell(updates, start=0.01, **kw):
-    """Every trial the protocol asks for, in order: (lr, seed, role); updates(lr, seed) -> {target acc: S}."""
+def run_cell(updates, start=0.01, stops=None, **kw):
+    """Every trial the protocol asks for, in order: (lr, seed, role); updates(lr, seed) -> {target acc: S}. A run
+    told where to stop (descent.stop, in `stops` when given) records no target above it, as the job does."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     sampler = Protocol(start=start, **kw)
     sampler.space = {"optimizer.lr": LR, "seed": SEEDS}
@@ -29,8 +30,12 @@ def run_cell(updates, start=0.01, **kw):
             trial.suggest_float("optimizer.lr", 1e-5, 10.0, log=True),
             trial.suggest_categorical("seed", [0, 1, 2]),
         )
-        asked.append((lr, seed, study._storage.get_trial(trial._trial_id).user_attrs["descent.role"]))
-        reached = updates(lr, seed)
+        attrs = study._storage.get_trial(trial._trial_id).user_attrs
+        asked.append((lr, seed, attrs["descent.role"]))
+        stop = attrs.get("descent.stop", math.inf)
+        reached = {acc: s for acc, s in updates(lr, seed).items() if acc <= stop}
+        if stops is not None:
+            stops.append(stop)
         for acc, s in reached.items():
             trial.set_user_attr(target_key("updates", acc), s)
         study.tell(
@@ -91,6 +96,23 @@ def test_the_seed_re_measure_uses_the_chosen_rate_of_each_target():
     assert [role for *_, role in asked][-4:] == ["seed"] * 4  # after the search, nothing else
     first = next(i for i, (*_, role) in enumerate(asked) if role == "seed")
     assert all(role == "seed" for *_, role in asked[first:])
+
+
+def test_a_seed_run_stops_at_the_highest_target_its_rate_was_chosen_for():
+    # 0.95 and 0.96 are fastest at 0.1, 0.98 at 0.4: the seed runs at 0.1 need not go on to 0.98
+    def three(lr, seed):
+        return {
+            0.95: round(50 * (1 + math.log(lr / 0.1) ** 2)),
+            0.96: round(80 * (1 + math.log(lr / 0.1) ** 2)),
+            0.98: round(200 * (1 + math.log(lr / 0.4) ** 2)),
+        }
+
+    stops = []
+    asked, chosen = run_cell(three, start=0.1, stops=stops)
+    roles = [(round(lr, 9), role, stop) for (lr, _, role), stop in zip(asked, stops)]
+    assert {stop for _, role, stop in roles if role == "search"} == {math.inf}  # on to the highest target
+    assert [(lr, stop) for lr, role, stop in roles if role == "seed"] == [(0.4, 0.98)] * 2 + [(0.1, 0.96)] * 2
+    assert chosen[target_key("updates", 0.96)] == pytest.approx(0.1)
 
 
 def test_a_cell_where_no_rate_reaches_a_target_gives_up_within_its_cap():

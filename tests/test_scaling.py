@@ -116,6 +116,21 @@ def test_tiny_batch_scaling_study_runs_the_protocol_end_to_end_and_goes_on_where
             (lr, 1) for lr in sorted(chosen)
         ]
         assert all(t.state.name != "PRUNED" for t in measured)
+        for t in measured:  # a seed run stops at the highest target its rate was chosen for, and says so
+            lr = t.params["optimizer.lr"]
+            stop = max(
+                acc
+                for acc, k in zip((0.5, 0.6), keys)
+                if min((u.user_attrs[k], u.params["optimizer.lr"]) for u in search if k in u.user_attrs)[1] == lr
+            )
+            assert t.user_attrs.get("descent.stop", 0.6) == stop
+            [r] = [
+                r
+                for r in children
+                if r.data.tags.get("optuna.trial") == str(t.number) and r.data.tags["optuna.study"] == name
+            ]
+            assert float(r.data.params["sweep.target_acc"]) == stop
+            assert all(float(k.rsplit("/", 1)[1]) <= stop for k in r.data.metrics if k.startswith("target/updates/"))
         reference = [t for t in trials if role(t) == "reference"]
         assert len(reference) == (name.endswith("-50"))
     for r in children:  # each target's first crossing, once; a run that reached the highest stopped there

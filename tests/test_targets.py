@@ -101,3 +101,21 @@ def test_a_target_above_the_one_the_run_stops_at_is_refused_before_anything_runs
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "sweep.targets=[0.95, 0.99]: each must be <= sweep.target_acc=0.97" in proc.stdout + proc.stderr
     assert MlflowClient(store).search_runs([e.experiment_id for e in MlflowClient(store).search_experiments()]) == []
+
+
+def test_a_trial_the_study_tells_to_stop_earlier_says_so_in_its_config():
+    import optuna
+    from omegaconf import OmegaConf
+
+    from descent.sweep.job import stop_where_the_study_says
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study()
+    seed_run, search = study.ask(), study.ask()
+    seed_run.set_user_attr("descent.stop", 0.96)  # what the protocol tells a seed run of a rate chosen for 0.96
+    search.set_user_attr("descent.stop", 0.99)  # a stop above the run's highest target changes nothing
+    for trial, expected in ((seed_run, 0.96), (search, 0.98), (None, 0.98)):
+        cfg = OmegaConf.create({"sweep": {"target_acc": 0.98, "targets": [0.95, 0.96, 0.97]}})
+        OmegaConf.set_struct(cfg, True)
+        stop_where_the_study_says(cfg, trial)
+        assert cfg.sweep.target_acc == expected

@@ -36,7 +36,7 @@ from descent.engine.loop import Classifier, Diverged
 from descent.engine.state import ResumeError, SafetyCheckpoints
 from descent.nets import SizeError, toy
 from descent.reports import pictures
-from descent.sweep.job import Pruned, Pruning, Target, job_tags, optuna_trial
+from descent.sweep.job import Pruned, Pruning, Target, job_tags, optuna_trial, stop_where_the_study_says
 from descent.tracking import logger as tracking
 from descent.tracking import names, record
 from descent.tracking.store import GROUPS
@@ -187,6 +187,7 @@ def build(cfg: DictConfig, hc: DictConfig, resumed: Resumed | None = None, callb
     threads.apply(cfg, hc, n_train)  # torch's intra-op threads: trainer.threads or descent/engine/threads.py's
     run.module.measures += measure.from_config(cfg, run.module.net)  # sharpness, noise scale, a toy's trace
     run.trial = optuna_trial(hc.sweeper, run.launch_dir) if run.multirun else None
+    stop_where_the_study_says(cfg, run.trial)
     run.module.val_hooks += _sweep_hooks(run)
     run.logger = _logger(run, n_train)
     run.checkpoint = ModelCheckpoint(

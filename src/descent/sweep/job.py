@@ -8,6 +8,7 @@ The sweep's driver (descent/sweep/driver.py) imports this module at Hydra's star
 from __future__ import annotations
 
 import json
+import math
 import re
 
 from omegaconf import DictConfig, OmegaConf
@@ -55,6 +56,14 @@ def optuna_trial(sweeper, launch_dir: str):
     )
     trial_id = study._storage.get_trial_id_from_study_id_trial_number(study._study_id, sweeper.trial)
     return optuna.trial.Trial(study, trial_id)
+
+
+def stop_where_the_study_says(cfg: DictConfig, trial) -> None:
+    """A study's protocol may end a trial below sweep.target_acc (descent.stop: a seed run at the highest target
+    its rate was chosen for, descent/sweep/protocol.py): the run's config, and so its record, says where it stops."""
+    stop = trial.user_attrs.get(names.STOP) if trial is not None else None
+    if stop is not None and stop < OmegaConf.select(cfg, "sweep.target_acc", default=math.inf):
+        OmegaConf.update(cfg, "sweep.target_acc", float(stop), force_add=True)
 
 
 class Pruning:

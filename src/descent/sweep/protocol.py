@@ -20,6 +20,10 @@ the same command proposes the next rate, or nothing once the cell is done (the s
    the highest target once more, with `reference_param` (trainer.noise_at_targets) true: B_simple measured
    at each target crossing along that trajectory, to set beside B_crit.
 
+Where the runs stop: a search trial and the reference go on to the highest target (sweep.target_acc); a seed run
+stops at the highest target its rate was chosen for (user attribute descent.stop, which the job makes its
+sweep.target_acc: a rate chosen for 0.95 alone is not run on to 0.98, which at that rate may take the budget).
+
 Any optimizer, any cell: nothing here knows what is trained. `start` gives the first rate per value of the
 cell (e.g. per optimizer); `warm` starts a cell from the rate its neighbour along that key chose (the last
 batch size done), scaled by (B/B')^warm_power.
@@ -32,7 +36,7 @@ import math
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.samplers import BaseSampler
 
-from descent.tracking.names import CELL, INTERRUPTED, PRUNE, ROLE, TARGET_UPDATES
+from descent.tracking.names import CELL, INTERRUPTED, PRUNE, ROLE, STOP, TARGET_UPDATES
 
 UPDATES = TARGET_UPDATES + "/"  # + the target: descent.tracking.names.target_key("updates", acc)
 
@@ -92,6 +96,8 @@ class Protocol(BaseSampler):
             self._planned[trial._trial_id] = plan
             study._storage.set_trial_user_attr(trial._trial_id, ROLE, plan["role"])
             study._storage.set_trial_user_attr(trial._trial_id, PRUNE, plan["role"] == "search")
+            if "stop" in plan:
+                study._storage.set_trial_user_attr(trial._trial_id, STOP, plan["stop"])
         plan = self._planned[trial._trial_id]
         if param_name == self.lr_param:
             return plan["lr"]
@@ -212,7 +218,8 @@ class Protocol(BaseSampler):
         for lr in sorted(set(chosen), key=chosen.index):
             for s in seeds[1:]:
                 if not any(same(lr, x) and s == y for x, y in measured):
-                    return {"lr": lr, "seed": s, "role": "seed"}
+                    stop = max(float(k[len(UPDATES) :]) for k, b in zip(keys, chosen) if same(b, lr))
+                    return {"lr": lr, "seed": s, "role": "seed", "stop": stop}
         cell = {k: str(v) for k, v in study.user_attrs.get(CELL, {}).items()}
         if (
             self.reference

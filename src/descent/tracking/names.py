@@ -102,6 +102,7 @@ STUDY_BEST = "optuna.best."  # a grid's study: optuna.best.<its cell>
 
 # --- Optuna study and trial attributes (the batch-size protocol, descent/sweep/protocol.py) -----------------------
 ROLE, PRUNE, CELL = "descent.role", "descent.prune", "descent.cell"
+STOP = "descent.stop"  # a trial's highest target (a seed run's: the highest its rate was chosen for)
 INTERRUPTED = "descent.interrupted"  # a trial whose command died under it: run again
 
 # --- params a run records beside its config ---------------------------------------------------------------------
