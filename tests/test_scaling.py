@@ -292,3 +292,37 @@ def test_the_reference_runs_noise_scales_are_read_from_the_store(store):
     [run] = read_runs(client, parent)
     assert run.reference and run.noise == {0.9: (300, 20)}
     assert run.scales == {("b_noise", 0.9): (120, 15), ("b_precond", 0.9): (700, 50)}
+
+
+def test_a_study_at_one_batch_size_ranks_the_optimizers_per_target_and_fits_nothing():
+    from descent.reports.scaling import Run, analyse
+    from descent.reports.scaling_render import markdown, plot, ranking
+
+    # muon's seeds all beat adam's; adam's and sgd's ranges overlap at 0.97 (sgd's fastest seed 390 < adam's 440)
+    runs = []
+    for opt, seeds in (("sgd", (600, 390, 700)), ("adam", (400, 440, 360)), ("muon_mlp2", (250, 275, 225))):
+        for seed, s in enumerate(seeds):
+            runs.append(
+                Run(opt, 128, 0.01, seed, "FINISHED", {0.97: s}, {0.97: 128 * s}, val_every=512, val_share=0.02)
+            )
+    rows, fits, noise = analyse(runs, n_boot=20)
+    ranked = [(q["optimizer"], q["s"], q["separated"]) for q in ranking(rows)]
+    assert ranked == [("muon_mlp2", 250, True), ("adam", 400, False), ("sgd", 600, None)]
+    text = markdown(rows, fits, noise, "# t", n_boot=20)
+    assert "| 0.97 | 1 | muon_mlp2 | 0.01 | 250 | [225, 275] (3 seeds) | 1.00 | yes |" in text
+    assert "| 0.97 | 2 | adam | 0.01 | 400 | [360, 440] (3 seeds) | 1.60 | no |" in text
+    assert "S_min [95 %]" not in text and "S(B) is not fitted" in text
+    assert len(plot(rows, fits, noise, "t").axes) == 1  # updates per target and optimizer, not the four S(B) panels
+
+
+def test_the_resolution_is_the_gap_between_checks_at_the_crossing():
+    from descent.reports.scaling import Run, point
+
+    def resolution(s, b, share):
+        runs = [Run("sgd", b, 0.01, 0, "FINISHED", {0.97: s}, {0.97: s * b}, val_every=512, val_share=share)]
+        return point(runs, 0.97)["resolution"]
+
+    assert resolution(15000, 1, 0.02) == pytest.approx(512 / 15000)  # the fixed gap below 25600 examples: 3.4 %
+    assert resolution(100000, 1, 0.02) == pytest.approx(0.02)  # then 2 % of the examples seen
+    assert resolution(100000, 1, None) == pytest.approx(512 / 100000)  # a fixed gap throughout
+    assert resolution(50, 16384, 0.02) == pytest.approx(1 / 50)  # at least one update
