@@ -13,7 +13,7 @@ How it measures (the same on every row):
   (the first iterations in a process are several times slower here), then timed epochs; the set runs
   `--rounds` times with the contender order reversed each round, and the table gives medians over
   all timed epochs. --quick runs the torch jobs in one process per wait policy and load instead (faster,
-  memory less clean).
+  memory less clean), and reads the start-up row from the seed row's train.py run (one process fewer).
 - same model (descent.nets.MLP, or the row's conf/model option; keras init, seed 0), same data order
   (descent.data.epoch_permutation), same hyperparameters (conf/optimizer/*.yaml); flush-denormal on for
   descent and the plain loop.
@@ -59,7 +59,7 @@ import time
 from pathlib import Path
 
 from bench_regimes import ROOT, Row, regimes
-from bench_report import contention, machine, overheads, table
+from bench_report import STARTUP, contention, machine, overheads, table
 from bench_runs import checkpoint_costs, competitor, first_update_seconds, run_jobs, run_keras, run_whole, wait_quiet
 from bench_worker import worker
 
@@ -187,7 +187,14 @@ def main(argv: list[str] | None = None) -> None:
             rows[reg.key, name].add(result)
 
         firsts = walls = []
-        if only is None or "startup" in only:
+        startup = STARTUP
+        whole = rows.get(("seed", "train.py"))
+        if args.quick and whole and (only is None or "startup" in only):  # the seed row's train.py run, read again
+            firsts, walls = whole.extra["first_update"], whole.extra["command_seconds"]
+            if None in firsts:
+                sys.exit("src/train.py did not log 'first update ... s after the process started'")
+            startup = f"the seed row's train.py run ({whole.regime.limit} examples, {whole.regime.epochs} epochs)"
+        elif only is None or "startup" in only:
             print("start-up: src/train.py", file=sys.stderr, flush=True)
             firsts, walls = first_update_seconds(1 if args.quick else 3, args.data, tmp, env)
         checkpoints = []  # --quick (the suite's smoke test) runs them only when asked: a server and 4+ runs
@@ -207,7 +214,7 @@ def main(argv: list[str] | None = None) -> None:
         *contention(rows),
         *table(rows, regs),
         "",
-        *overheads(rows, firsts, walls),
+        *overheads(rows, firsts, walls, startup),
         *checkpoints,
         "Times: descent = Classifier.train_seconds per epoch in src/train.py's own build (lightning's per-chunk "
         "overhead included; 'lightning wall' = epoch start to epoch start, from a Callback); train.py = the whole "

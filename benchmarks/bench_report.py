@@ -142,7 +142,12 @@ def table(rows: dict[tuple[str, str], Row], regs: list[Regime]) -> list[str]:
     return lines
 
 
-def overheads(rows: dict[tuple[str, str], Row], firsts: list[float], walls: list[float]) -> list[str]:
+STARTUP = "`src/train.py trainer.max_epochs=1 data.limit_train=1024`"  # the start-up row's runs (first_update_seconds)
+
+
+def overheads(
+    rows: dict[tuple[str, str], Row], firsts: list[float], walls: list[float], startup: str = STARTUP
+) -> list[str]:
     lines = ["| overhead | median | values | notes |", "|---|---|---|---|"]
     if ("seed", "descent") in rows:
         run = rows["seed", "descent"]
@@ -172,7 +177,7 @@ def overheads(rows: dict[tuple[str, str], Row], firsts: list[float], walls: list
         lines.append(
             f"| start-up to first update, s | {statistics.median(firsts):.2f} s | "
             + ", ".join(f"{s:.2f}" for s in firsts)
-            + " | `src/train.py trainer.max_epochs=1 data.limit_train=1024` (descent's own log line); whole command "
+            + f" | {startup} (descent's own log line); whole command "
             f"{statistics.median(walls):.1f} s; the first run creates the sqlite store |"
         )
     return lines + [""] if len(lines) > 2 else []

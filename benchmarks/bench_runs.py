@@ -143,6 +143,10 @@ def run_whole(job: dict, tmp: Path, env: dict) -> None:
                 "peak_rss_mib": cpu.ru_maxrss / 1024,
                 "base_rss_mib": float("nan"),
                 "test_acc": client.get_run(run_id).data.metrics[names.TEST_ACC],
+                # the start-up row of --quick reads these (one train.py process fewer): descent's own log line
+                # and the whole command's seconds
+                "first_update": float(match.group(1)) if (match := FIRST_UPDATE.search(output)) else None,
+                "command_seconds": wall,
             }
         )
     )
