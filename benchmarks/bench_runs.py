@@ -37,13 +37,13 @@ def run_checked(args: list[str], env: dict, timeout: float, what: str, cwd: Path
     return proc
 
 
-@contextlib.contextmanager
 def train_py(data: str, run_dir: Path, *overrides: str) -> list[str]:
     """`python src/train.py` as a user types it, on the data cache `data`, its run folder `run_dir`: the overrides
     after those two."""
     return [sys.executable, str(ROOT / "src" / "train.py"), f"data.root={data}", f"hydra.run.dir={run_dir}", *overrides]
 
 
+@contextlib.contextmanager
 def competitor(busy: bool):
     """One other CPU-bound process beside the busy-* rows' jobs, started before the job, killed after it."""
     proc = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if busy else None
