@@ -34,146 +34,102 @@ class Regime:
 
 def regimes(quick: bool, keras: bool, gpu: bool = False) -> list[Regime]:
     seed = ("plain", "descent", "train.py", "descent-compiled", "descent-bare") + (("keras",) if keras else ())
-    online_n = 100 if quick else 2000
+    n, online_n = (2048, 100) if quick else (None, 2000)  # training examples: the whole set, the online rows'
+    short, long = (3, 3) if quick else (4, 5)  # epochs (warm-up included) of the online and busy rows, the others
     # issue 11's targets on an H200, as ratios to the plain loop it measured there (0.734 s/epoch seed,
     # 0.99 ms/update online); full batch: <= 1.5x plain
-    graph, gpu_n = ("plain", "descent", "descent-eager", "bare-graph"), 500 if quick else 10000
-    gpus = (
-        [
-            Regime(
-                "gpu-seed",
-                "rmsprop, batch 128, CUDA; H200 target 0.10 s/epoch",
-                "rmsprop",
-                "mini",
-                2048 if quick else None,
-                3 if quick else 6,
-                graph,
-                0.136,
-                "cuda",
-            ),
-            Regime(
-                "gpu-online-sgd",
-                f"sgd lr 0.01, batch 1, first {gpu_n}, CUDA; H200 target 0.07 ms/update",
-                "sgd",
-                "online",
-                gpu_n,
-                3 if quick else 4,
-                graph,
-                0.071,
-                "cuda",
-            ),
-            Regime(
-                "gpu-full-batch",
-                "sgd lr 0.01, batch = all, CUDA",
-                "sgd",
-                "full",
-                2048 if quick else None,
-                3 if quick else 6,
-                graph,
-                1.5,
-                "cuda",
-            ),
-        ]
-        if gpu
-        else []
-    )
+    graph = ("plain", "descent", "descent-eager", "bare-graph")
+    gpu_n, gpu_epochs = (500, 3) if quick else (10000, 6)
+    gpus = [
+        Regime(
+            "gpu-seed",
+            "rmsprop, batch 128, CUDA; H200 target 0.10 s/epoch",
+            "rmsprop",
+            "mini",
+            n,
+            gpu_epochs,
+            graph,
+            0.136,
+            "cuda",
+        ),
+        Regime(
+            "gpu-online-sgd",
+            f"sgd lr 0.01, batch 1, first {gpu_n}, CUDA; H200 target 0.07 ms/update",
+            "sgd",
+            "online",
+            gpu_n,
+            short,
+            graph,
+            0.071,
+            "cuda",
+        ),
+        Regime("gpu-full-batch", "sgd lr 0.01, batch = all, CUDA", "sgd", "full", n, gpu_epochs, graph, 1.5, "cuda"),
+    ]
     threads = ("plain", "descent", "plain-2t", "descent-2t")  # issue 20: the thread policy against 2 threads
-    return (
-        gpus
-        + [
-            Regime(
-                "seed",
-                "rmsprop, batch 128",
-                "rmsprop",
-                "mini",
-                2048 if quick else None,
-                3 if quick else 5,
-                seed + threads[2:],
-                0.8,
-            ),
-            Regime(
-                "online-sgd",
-                f"sgd lr 0.01, batch 1, first {online_n}",
-                "sgd",
-                "online",
-                online_n,
-                3 if quick else 4,
-                threads,
-                1.0,
-            ),
-            Regime(
-                "online-rmsprop",
-                f"rmsprop, batch 1, first {online_n}",
-                "rmsprop",
-                "online",
-                online_n,
-                3 if quick else 4,
-                ("plain", "descent", "descent-compiled"),
-                1.0,
-            ),
-            Regime(
-                "full-batch",
-                "sgd lr 0.01, batch = all",
-                "sgd",
-                "full",
-                2048 if quick else None,
-                3 if quick else 5,
-                ("plain", "descent"),
-                1.1,
-            ),
-            # one other CPU-bound process beside each job; targets: <= BUSY x the same row quiet
-            Regime(
-                "busy-seed",
-                "rmsprop, batch 128, one core taken",
-                "rmsprop",
-                "mini",
-                2048 if quick else 30000,
-                3 if quick else 4,
-                threads,
-                0.8,
-                busy=True,
-            ),
-            Regime(
-                "busy-online-sgd",
-                f"sgd lr 0.01, batch 1, first {online_n}, one core taken",
-                "sgd",
-                "online",
-                online_n,
-                3 if quick else 4,
-                threads,
-                1.0,
-                busy=True,
-            ),
-        ]
-        + (
-            []
-            if quick
-            else [  # issue 19's other networks (not in --quick: the suite's smoke test stays as it was)
-                Regime(
-                    "cnn",
-                    "the book's convnet, rmsprop, batch 128, first 6000",
-                    "rmsprop",
-                    "mini",
-                    6000,
-                    3,
-                    ("plain", "descent"),
-                    1.05,
-                    model="cnn",
-                ),
-                Regime(
-                    "linear-online",
-                    "softmax regression, sgd lr 0.01, batch 1, first 2000",
-                    "sgd",
-                    "online",
-                    2000,
-                    4,
-                    ("plain", "descent"),
-                    1.05,
-                    model="linear",
-                ),
-            ]
-        )
-    )
+    cpu = [
+        Regime("seed", "rmsprop, batch 128", "rmsprop", "mini", n, long, seed + threads[2:], 0.8),
+        Regime("online-sgd", f"sgd lr 0.01, batch 1, first {online_n}", "sgd", "online", online_n, short, threads, 1.0),
+        Regime(
+            "online-rmsprop",
+            f"rmsprop, batch 1, first {online_n}",
+            "rmsprop",
+            "online",
+            online_n,
+            short,
+            ("plain", "descent", "descent-compiled"),
+            1.0,
+        ),
+        Regime("full-batch", "sgd lr 0.01, batch = all", "sgd", "full", n, long, ("plain", "descent"), 1.1),
+        # one other CPU-bound process beside each job; targets: <= BUSY x the same row quiet
+        Regime(
+            "busy-seed",
+            "rmsprop, batch 128, one core taken",
+            "rmsprop",
+            "mini",
+            2048 if quick else 30000,
+            short,
+            threads,
+            0.8,
+            busy=True,
+        ),
+        Regime(
+            "busy-online-sgd",
+            f"sgd lr 0.01, batch 1, first {online_n}, one core taken",
+            "sgd",
+            "online",
+            online_n,
+            short,
+            threads,
+            1.0,
+            busy=True,
+        ),
+    ]
+    # issue 19's other networks (not in --quick: the suite's smoke test stays as it was)
+    networks = [
+        Regime(
+            "cnn",
+            "the book's convnet, rmsprop, batch 128, first 6000",
+            "rmsprop",
+            "mini",
+            6000,
+            3,
+            ("plain", "descent"),
+            1.05,
+            model="cnn",
+        ),
+        Regime(
+            "linear-online",
+            "softmax regression, sgd lr 0.01, batch 1, first 2000",
+            "sgd",
+            "online",
+            2000,
+            4,
+            ("plain", "descent"),
+            1.05,
+            model="linear",
+        ),
+    ]
+    return (gpus if gpu else []) + cpu + ([] if quick else networks)
 
 
 @dataclass

@@ -37,6 +37,12 @@ def run_checked(args: list[str], env: dict, timeout: float, what: str, cwd: Path
     return proc
 
 
+def train_py(data: str, run_dir: Path, *overrides: str) -> list[str]:
+    """`python src/train.py` as a user types it, on the data cache `data`, its run folder `run_dir`: the overrides
+    after those two."""
+    return [sys.executable, str(ROOT / "src" / "train.py"), f"data.root={data}", f"hydra.run.dir={run_dir}", *overrides]
+
+
 @contextlib.contextmanager
 def competitor(busy: bool):
     """One other CPU-bound process beside the busy-* rows' jobs, started before the job, killed after it."""
@@ -96,20 +102,18 @@ def run_whole(job: dict, tmp: Path, env: dict) -> None:
     from descent.tracking import names
 
     run_dir = Path(job["result"]).with_suffix("")
-    args = [
-        sys.executable,
-        str(ROOT / "src" / "train.py"),
+    args = train_py(
+        job["data"],
+        run_dir,
         f"optimizer={job['optimizer']}",
         f"batching={job['batching']}",
         f"model={job['model']}",
         f"seed={SEED}",
-        f"data.root={job['data']}",
         f"data.limit_train={job['limit'] or 'null'}",
         f"trainer.max_epochs={job['epochs']}",
         "logger.experiment_name=bench-train.py",
-        f"hydra.run.dir={run_dir}",
         *UNTIMED,
-    ]
+    )
     busy, tic = Others(), time.perf_counter()
     proc = subprocess.Popen(
         args,
@@ -159,16 +163,14 @@ def first_update_seconds(runs: int, data: str, tmp: Path, env: dict) -> tuple[li
     (tmp / "startup").mkdir(exist_ok=True)
     for i in range(runs):
         run_dir = tmp / "startup" / f"run{i}"
-        args = [
-            sys.executable,
-            str(ROOT / "src" / "train.py"),
+        args = train_py(
+            data,
+            run_dir,
             "trainer.max_epochs=1",
             "data.limit_train=1024",
             "trainer.progress_bar=false",
             "logger.log_checkpoint=false",
-            f"data.root={data}",
-            f"hydra.run.dir={run_dir}",
-        ]
+        )
         tic = time.perf_counter()
         proc = run_checked(args, run_env, 600, "src/train.py", tmp / "startup")
         walls.append(time.perf_counter() - tic)
@@ -209,17 +211,15 @@ def checkpoint_costs(rounds: int, data: str, tmp: Path, env: dict, quick: bool) 
                 for upload in (True, False) if rnd % 2 == 0 else (False, True):
                     print(f"checkpoints: {name}, log_checkpoint={upload}", file=sys.stderr, flush=True)
                     run_dir = tmp / "checkpoints" / f"{name}-{upload}-{rnd}"
-                    args = [
-                        sys.executable,
-                        str(ROOT / "src" / "train.py"),
+                    args = train_py(
+                        data,
+                        run_dir,
                         f"trainer.max_epochs={epochs}",
                         f"data.limit_train={limit or 'null'}",
                         f"logger.log_checkpoint={str(upload).lower()}",
                         "logger.log_model=false",
-                        f"data.root={data}",
-                        f"hydra.run.dir={run_dir}",
                         f"logger.experiment_name=bench-checkpoints-{name}",
-                    ]
+                    )
                     run_checked(args, {**env, "MLFLOW_TRACKING_URI": uri}, 900, "src/train.py", tmp / "checkpoints")
                     run_id = (run_dir / "mlflow_run_id").read_text().strip()
                     seconds[upload].append(MlflowClient(uri).get_run(run_id).data.metrics["progress/seconds"] / epochs)

@@ -47,6 +47,17 @@ def sqlite_store(folder: Path) -> str:
     return f"sqlite:///{folder / 'mlflow.db'}"
 
 
+def sweep_of(uri: str, experiment: str = "descent"):
+    """(client, the experiment's one sweep parent run (tag descent.sweep), all the experiment's runs, the parent
+    among them), as MlflowClient reads them: fails unless there is exactly one sweep."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    [parent] = [r for r in runs if r.data.tags.get("descent.sweep") == "true"]
+    return client, parent, runs
+
+
 @pytest.fixture
 def store(tmp_path) -> str:
     return sqlite_store(tmp_path)
@@ -98,6 +109,16 @@ DEVIATIONS = {
 }
 
 
+# a small study's jobs, shared by test_study.py and test_cluster.py: 2 epochs of 2000 examples, logged every 500,
+# validated every 1000 on 1000, no checkpoint artifact
+SMALL_STUDY = [
+    "data.limit_train=2000",
+    "data.val_size=1000",
+    "trainer.max_epochs=2",
+    "trainer.log_every_examples=500",
+    "trainer.val_every_examples=1000",
+    "logger.log_checkpoint=false",
+]
 ROOTLESS = ("digits", "npz")  # data options without files under data.root
 
 
@@ -116,6 +137,11 @@ def command(
         f"hydra.sweep.dir={cwd}/outputs/sweep",
         *overrides,
     ]
+
+
+def compare(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    """`python src/compare.py <args>` in a subprocess, as typed; keyword arguments go to subprocess.run."""
+    return subprocess.run([sys.executable, str(ROOT / "src" / "compare.py"), *args], **kwargs)
 
 
 def output_of(e: subprocess.TimeoutExpired) -> str:
@@ -145,6 +171,28 @@ def train(
             f"train.py exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-4000:]}"
         )
     return proc
+
+
+def train_exits(code: int, *overrides: str, cwd: Path, store: str, **kwargs) -> str:
+    """Run src/train.py as train() does, for a run that must exit with `code`; returns all it wrote (stdout, then
+    stderr), whose tail the failure shows when the exit status is another."""
+    proc = train(*overrides, cwd=cwd, store=store, check=False, **kwargs)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == code, out[-3000:]
+    return out
+
+
+def start(cwd: Path, store: str, *overrides: str) -> subprocess.Popen:
+    """Start src/train.py as train() runs it, without waiting: stdout and stderr on one text pipe, for tests that
+    read its lines (wait_for), signal it or stop its store while it trains."""
+    return subprocess.Popen(
+        command(*overrides, cwd=cwd),
+        cwd=cwd,
+        env={**os.environ, "MLFLOW_TRACKING_URI": store},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def wait_for(proc, text, timeout=120):
@@ -287,6 +335,16 @@ def lightning_fit(
     )
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt, **fit_kw)
     return module, dm
+
+
+def plain_fit(net, make_optimizer, dm, *, batch_size: int, epochs: int, seed: int) -> int:
+    """The plain PyTorch loop (descent.engine.reference.plain_train) on a DataModule's training tensors, with an
+    optimizer made for `net` by `make_optimizer` (a partial composed from conf/): what a fast path must match.
+    Returns its number of updates."""
+    from descent.engine.reference import plain_train
+
+    optimizer = make_optimizer(net.parameters())
+    return plain_train(net, optimizer, dm.x_train, dm.y_train, batch_size=batch_size, epochs=epochs, seed=seed)
 
 
 def measured_fit(mnist_root, make_net, optimizer, measures):

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import hydra.core.utils
 
+from descent.tracking import checkpoint_io
 from descent.tracking import logger as tracking
 from descent.engine.loop import Classifier
 
@@ -30,7 +31,7 @@ kill_stage, _, kill_examples = env.get("DESCENT_KILL_AT", ":-1").partition(":")
 sigint_after_job = int(env.get("DESCENT_SIGINT_AFTER_JOB", "-1"))
 
 training_step = Classifier.training_step
-save_checkpoint = tracking.UploadCheckpoints.save_checkpoint
+save_checkpoint = checkpoint_io.UploadCheckpoints.save_checkpoint
 checkpoint_written, upload = tracking.Logger.checkpoint_written, tracking.Logger.upload
 
 
@@ -77,7 +78,7 @@ def interrupted_run_job(*args, config, **kwargs):
 run_job = hydra.core.utils.run_job
 hydra.core.utils.run_job = interrupted_run_job
 Classifier.training_step = stopping_training_step
-tracking.UploadCheckpoints.save_checkpoint = killing_save_checkpoint
+checkpoint_io.UploadCheckpoints.save_checkpoint = killing_save_checkpoint
 tracking.Logger.checkpoint_written, tracking.Logger.upload = killing_checkpoint_written, killing_upload
 train_py = Path(__file__).resolve().parents[1] / "src" / "train.py"
 sys.argv[0] = str(train_py)

@@ -19,6 +19,23 @@ from conftest import DATA, ROOT, sqlite_store
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
+# the edge_of_stability preset on 128 examples, its sharpness measured on 64 of them
+EDGE = (
+    "experiment=edge_of_stability",
+    f"data.root={DATA}",
+    "logger.log_model=false",
+    "data.limit_train=128",
+    "trainer.sharpness_subset=64",
+)
+
+
+def with_final_weights(net, run):
+    """`net` holding a run's final weights, from its last checkpoint."""
+    ckpt = torch.load(Path(run.data.tags["hydra.output_dir"]) / "checkpoints" / "last.ckpt", weights_only=False)
+    net.load_state_dict({k.removeprefix("net."): v for k, v in ckpt["state_dict"].items()})
+    return net
+
+
 def multirun(tmp_path, monkeypatch, *overrides):
     """`python src/train.py -m <overrides>` in this process, on a store of its own; returns (client, parent,
     children by job number)."""
@@ -188,12 +205,8 @@ def test_edge_of_stability_logs_sharpness_without_changing_the_training(tmp_path
     client, parent, children = multirun(
         tmp_path,
         monkeypatch,
-        "experiment=edge_of_stability",
-        f"data.root={DATA}",
-        "logger.log_model=false",
-        "data.limit_train=128",
+        *EDGE,
         "trainer.max_epochs=4",
-        "trainer.sharpness_subset=64",
         "optimizer.lr=0.5",
         "model.loss=cross_entropy",
         "trainer.sharpness_every=2,null",
@@ -210,9 +223,7 @@ def test_edge_of_stability_logs_sharpness_without_changing_the_training(tmp_path
     from descent.nets import MLP
     import torch.nn.functional as F
 
-    net = MLP()
-    ckpt = torch.load(Path(measured.data.tags["hydra.output_dir"]) / "checkpoints" / "last.ckpt", weights_only=False)
-    net.load_state_dict({k.removeprefix("net."): v for k, v in ckpt["state_dict"].items()})
+    net = with_final_weights(MLP(), measured)
     x, y = load_split(DATA, train=True)
     expected, _ = lambda_max(net, F.cross_entropy, x[:64], y[:64])
     assert measured.data.metrics["sharpness/lambda_max"] == pytest.approx(expected, rel=1e-3)
@@ -238,12 +249,8 @@ def test_model_loss_mse_trains_and_measures_the_sharpness_of_the_squared_error(t
     client, parent, [run] = multirun(
         tmp_path,
         monkeypatch,
-        "experiment=edge_of_stability",
-        f"data.root={DATA}",
-        "logger.log_model=false",
-        "data.limit_train=128",
+        *EDGE,
         "trainer.max_epochs=3",
-        "trainer.sharpness_subset=64",
         "optimizer.lr=0.01",
         "model.loss=mse",
         "trainer.sharpness_every=1",
@@ -251,9 +258,7 @@ def test_model_loss_mse_trains_and_measures_the_sharpness_of_the_squared_error(t
     assert run.data.params["model.loss"] == "mse" and "train/acc" in run.data.metrics  # accuracy of the scores
     assert values(client, run, "sharpness/threshold") == pytest.approx([200.0] * 3)  # updates 1, 2, 3
     x, y = load_split(DATA, train=True)
-    net = MLP(loss="mse")
-    ckpt = torch.load(Path(run.data.tags["hydra.output_dir"]) / "checkpoints" / "last.ckpt", weights_only=False)
-    net.load_state_dict({k.removeprefix("net."): v for k, v in ckpt["state_dict"].items()})
+    net = with_final_weights(MLP(loss="mse"), run)
     # the loss half the squared error against one-hot targets, and its Hessian the one measured
     out = net(x[:128]).detach()
     assert float(mse(out, y[:128])) == pytest.approx(

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from conftest import train
+from conftest import SMALL_STUDY, sweep_of, train
 from descent.services.daemons import free_port, read_state
 from descent.services.ray_cluster import Ray
 from descent.services.slurm_cluster import Slurm
@@ -25,12 +25,7 @@ STUDY = [
     "experiment=gd_vs_sgd",
     "batching=full,mini",
     "seed=0",
-    "data.limit_train=2000",
-    "data.val_size=1000",
-    "trainer.max_epochs=2",
-    "trainer.log_every_examples=500",
-    "trainer.val_every_examples=1000",
-    "logger.log_checkpoint=false",
+    *SMALL_STUDY,
     "logger.system_metrics=false",
 ]
 
@@ -58,15 +53,13 @@ def slurm_cluster(tmp_path_factory):
 
 
 def sweep_runs(uri: str, experiment: str):
-    client = MlflowClient(uri)
-    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
-    parents = [r for r in runs if r.data.tags.get("descent.sweep") == "true"]
-    children = [r for r in runs if r.data.tags.get("descent.sweep") != "true"]
-    return client, parents, children
+    """(client, the one sweep parent, the experiment's other runs)."""
+    client, parent, runs = sweep_of(uri, experiment)
+    return client, parent, [r for r in runs if r is not parent]
 
 
 def check_study(uri: str, experiment: str, tmp_path: Path) -> None:
-    client, [parent], children = sweep_runs(uri, experiment)
+    client, parent, children = sweep_runs(uri, experiment)
     assert parent.info.status == "FINISHED"
     assert sorted(r.info.run_name for r in children) == ["sgd-full-s0", "sgd-mini-s0"]
     for run in children:
@@ -201,6 +194,6 @@ def test_a_job_killed_on_slurm_ends_failed_not_running(tmp_path, tracking_server
     job.send_signal(signal.SIGKILL)
     driver.join(timeout=400)
     assert not driver.is_alive() and done["proc"].returncode != 0
-    client, [parent], [child] = sweep_runs(tracking_server, "killed")
+    client, parent, [child] = sweep_runs(tracking_server, "killed")
     assert child.info.status == "FAILED" and child.data.tags["descent.ended_by"] == "sweep"
     assert parent.info.status == "KILLED"

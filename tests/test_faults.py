@@ -1,6 +1,5 @@
 """Faults lose nothing: signals, SIGKILL, divergence, with real subprocesses and real sqlite stores."""
 
-import os
 import signal
 import subprocess
 import time
@@ -9,7 +8,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from conftest import command, train, wait_for, sqlite_store
+from conftest import sqlite_store, start, sweep_of, train, wait_for
 
 # long enough to be interrupted mid-epoch: online SGD, 2 epochs of 8000 examples, chunks of 1024
 # (a stop request is served at the next chunk boundary)
@@ -23,17 +22,6 @@ LONG = [
     "data.val_size=1000",
     "logger.log_checkpoint=false",
 ]
-
-
-def start(cwd, store, *overrides):
-    return subprocess.Popen(
-        command(*overrides, cwd=cwd),
-        cwd=cwd,
-        env={**os.environ, "MLFLOW_TRACKING_URI": store},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
 
 
 def only_run(store):
@@ -154,9 +142,7 @@ def test_a_diverged_job_does_not_stop_the_sweep(tmp_path, store, mnist_root):
         store=store,
         multirun=True,
     )
-    client = MlflowClient(store)
-    runs = client.search_runs([client.get_experiment_by_name("descent").experiment_id])
-    [parent] = [r for r in runs if r.data.tags.get("descent.sweep") == "true"]
+    _, parent, runs = sweep_of(store)
     children = {r.data.params["optimizer.lr"]: r for r in runs if r is not parent}
     assert children["1e+20"].info.status == "FAILED" and children["1e+20"].data.tags["diverged"] == "true"
     assert children["0.01"].info.status == "FINISHED" and "test/acc" in children["0.01"].data.metrics

@@ -13,13 +13,12 @@ from mlflow import MlflowClient
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-from conftest import ROOT, Stop, StopAfterChunks, lightning_fit, train
+from conftest import ROOT, Stop, StopAfterChunks, lightning_fit, plain_fit, train
 from descent.engine import graphs
 from descent.config import ConfigError, validate
 from descent.data import IDXDataModule
 from descent.engine.loop import Classifier, Diverged
 from descent.nets import MLP
-from descent.engine.reference import plain_train
 
 N, EPOCHS, SEED = 600, 2, 7
 OPTIMIZERS = ("sgd", "sgd_momentum", "nesterov", "rmsprop", "adam")
@@ -68,9 +67,7 @@ def plain(dm, opt_name, batching, device="cpu"):
     net = MLP().to(device)
     initial = copy.deepcopy(net)
     bs = BATCHES[batching] or N
-    plain_train(
-        net, optimizer(opt_name)(net.parameters()), dm.x_train, dm.y_train, batch_size=bs, epochs=EPOCHS, seed=SEED
-    )
+    plain_fit(net, optimizer(opt_name), dm, batch_size=bs, epochs=EPOCHS, seed=SEED)
     return net, initial
 
 

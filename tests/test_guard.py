@@ -8,10 +8,9 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-from conftest import ROOT
+from conftest import ROOT, plain_fit
 from descent.data import IDXDataModule
 from descent.engine.loop import Classifier, segments
-from descent.engine.reference import plain_train
 
 N, EPOCHS, SEED = 600, 2, 7
 
@@ -50,15 +49,7 @@ def test_fast_path_matches_plain_loop(mnist_root, opt_name, batch_size, compiled
     trainer.fit(module, datamodule=dm)
 
     bs = batch_size or N
-    updates = plain_train(
-        reference,
-        optimizer(opt_name)(reference.parameters()),
-        dm.x_train,
-        dm.y_train,
-        batch_size=bs,
-        epochs=EPOCHS,
-        seed=SEED,
-    )
+    updates = plain_fit(reference, optimizer(opt_name), dm, batch_size=bs, epochs=EPOCHS, seed=SEED)
     assert module.updates == updates == EPOCHS * -(-N // bs)
     for p, q, p0 in zip(net.parameters(), reference.parameters(), initial.parameters()):
         assert not torch.allclose(q, p0, atol=1e-4)  # training moved the weights

@@ -11,7 +11,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import open_dict
 
-from conftest import DATA, ROOT, Stop, StopAfterChunks, lightning_fit, train
+from conftest import DATA, ROOT, Stop, StopAfterChunks, lightning_fit, plain_fit, train
 from descent.data import datasets
 from descent.services import debian
 from descent.engine import threads
@@ -19,7 +19,6 @@ from descent.config import ConfigError, validate
 from descent.data.idx import DATASETS, IDXDataModule, IDXSet, check_raw, ensure_data, gunzip_raw, load_split
 from descent.data.memory import DataError
 from descent.engine.loop import Classifier
-from descent.engine.reference import plain_train
 
 CONF = ROOT / "conf"
 MODELS = ["cnn", "linear", "mlp"]  # the networks; model=double_well, rosenbrock are toy losses (tests/test_toy.py)
@@ -234,15 +233,7 @@ def test_each_network_matches_the_plain_loop(mnist_root, fashion_root, model, op
     initial = copy.deepcopy(reference)
     n = SIZES[batching]
     bs = BATCHES[batching] or n
-    updates = plain_train(
-        reference,
-        optimizer(opt_name)(reference.parameters()),
-        dm.x_train,
-        dm.y_train,
-        batch_size=bs,
-        epochs=EPOCHS,
-        seed=SEED,
-    )
+    updates = plain_fit(reference, optimizer(opt_name), dm, batch_size=bs, epochs=EPOCHS, seed=SEED)
     assert module.updates == updates == EPOCHS * -(-n // bs)
     assert not torch.allclose(next(reference.parameters()), next(initial.parameters()), atol=1e-5)
     for p, q in zip(module.net.parameters(), reference.parameters()):
@@ -259,15 +250,7 @@ def test_each_network_is_captured_and_matches_the_plain_loop_on_cuda(mnist_root,
     torch.manual_seed(0)
     reference = net_of(model).to(dm.x_train.device)
     n = SIZES[batching]
-    plain_train(
-        reference,
-        optimizer("adam")(reference.parameters()),
-        dm.x_train,
-        dm.y_train,
-        batch_size=BATCHES[batching] or n,
-        epochs=EPOCHS,
-        seed=SEED,
-    )
+    plain_fit(reference, optimizer("adam"), dm, batch_size=BATCHES[batching] or n, epochs=EPOCHS, seed=SEED)
     for p, q in zip(module.net.parameters(), reference.parameters()):  # GPU sums need not add up in one order
         torch.testing.assert_close(p, q, rtol=1e-3, atol=1e-4)
 

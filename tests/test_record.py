@@ -180,7 +180,7 @@ def test_a_presets_sweep_states_its_question_and_what_it_varies(preset):
     from hydra import compose, initialize_config_dir
 
     from conftest import ROOT
-    from descent.sweep.driver import parent_note, swept_keys
+    from descent.sweep.notes import parent_note, swept_keys
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=[f"experiment={preset}"], return_hydra_config=True)

@@ -6,8 +6,6 @@ import csv
 import importlib.util
 import math
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +13,7 @@ import pytest
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 
+from conftest import compare
 from descent.reports import convergence as report
 from descent.tracking.store import resolve_uri
 
@@ -86,6 +85,14 @@ def log_run(
 
 
 MINI = dict(batch_size=100, train_steps=[500 * i for i in range(1, 13)], val_steps=[1100, 2200, 3000, 4400, 6000])
+OLD_ACC = [0.9, 0.95, 0.97, 0.98, 0.99]  # the old sweep's run and the runs outside any sweep
+
+
+def log_mini(client, exp_id, parent_id, optimizer, seed, *, start, seconds, val_acc):
+    """One minibatch child run (batch 100, 12 train points, 5 val points) through log_run."""
+    return log_run(
+        client, exp_id, parent_id, optimizer, "mini", seed, start=start, seconds=seconds, val_acc=val_acc, **MINI
+    )
 
 
 @pytest.fixture(scope="module")
@@ -98,18 +105,7 @@ def store(tmp_path_factory):
     t0 = 1_700_000_000_000
 
     old = client.create_run(exp, start_time=t0, tags={"descent.sweep": "true"}, run_name="old sweep").info.run_id
-    log_run(
-        client,
-        exp,
-        old,
-        "rmsprop",
-        "mini",
-        0,
-        start=t0 + 1,
-        seconds=[0.1 * i for i in range(1, 13)],
-        val_acc=[0.9, 0.95, 0.97, 0.98, 0.99],
-        **MINI,
-    )
+    log_mini(client, exp, old, "rmsprop", 0, start=t0 + 1, seconds=[0.1 * i for i in range(1, 13)], val_acc=OLD_ACC)
     client.set_terminated(old)
 
     t1 = t0 + 3_600_000
@@ -118,68 +114,17 @@ def store(tmp_path_factory):
         exp, start_time=t1, run_name="sweep", tags={"descent.sweep": "true", "hydra.sweep.dir": str(sweep_dir)}
     ).info.run_id
     i = np.arange(1, 13)
-    # sgd-mini: seed 0 reaches 0.97 at 2200 examples, seed 1 at 3000, seed 2 never
-    log_run(
-        client,
-        exp,
-        parent,
-        "sgd",
-        "mini",
-        0,
-        start=t1 + 1,
-        seconds=list(0.3 * i + 0.01 * i**2),
-        val_acc=[0.90, 0.975, 0.98, 0.985, 0.99],
-        **MINI,
-    )
-    log_run(
-        client,
-        exp,
-        parent,
-        "sgd",
-        "mini",
-        1,
-        start=t1 + 2,
-        seconds=list(0.35 * i),
-        val_acc=[0.92, 0.96, 0.971, 0.98, 0.985],
-        **MINI,
-    )
-    log_run(
-        client,
-        exp,
-        parent,
-        "sgd",
-        "mini",
-        2,
-        start=t1 + 3,
-        seconds=list(0.32 * i),
-        val_acc=[0.85, 0.90, 0.93, 0.95, 0.96],
-        **MINI,
-    )
-    # adam-mini: both seeds reach it at the first val point, 1100 examples
-    log_run(
-        client,
-        exp,
-        parent,
-        "adam",
-        "mini",
-        0,
-        start=t1 + 4,
-        seconds=list(0.5 * i),
-        val_acc=[0.975, 0.98, 0.985, 0.99, 0.99],
-        **MINI,
-    )
-    log_run(
-        client,
-        exp,
-        parent,
-        "adam",
-        "mini",
-        1,
-        start=t1 + 5,
-        seconds=list(0.6 * i),
-        val_acc=[0.972, 0.98, 0.985, 0.99, 0.991],
-        **MINI,
-    )
+    mini = [  # (optimizer, seed, progress/seconds, val/acc)
+        # sgd-mini: seed 0 reaches 0.97 at 2200 examples, seed 1 at 3000, seed 2 never
+        ("sgd", 0, 0.3 * i + 0.01 * i**2, [0.90, 0.975, 0.98, 0.985, 0.99]),
+        ("sgd", 1, 0.35 * i, [0.92, 0.96, 0.971, 0.98, 0.985]),
+        ("sgd", 2, 0.32 * i, [0.85, 0.90, 0.93, 0.95, 0.96]),
+        # adam-mini: both seeds reach it at the first val point, 1100 examples
+        ("adam", 0, 0.5 * i, [0.975, 0.98, 0.985, 0.99, 0.99]),
+        ("adam", 1, 0.6 * i, [0.972, 0.98, 0.985, 0.99, 0.991]),
+    ]
+    for k, (optimizer, seed, seconds, val_acc) in enumerate(mini, start=1):
+        log_mini(client, exp, parent, optimizer, seed, start=t1 + k, seconds=list(seconds), val_acc=val_acc)
     # sgd-full: one update per epoch; seed 0 diverges in the second epoch, seed 1 never reaches 0.97
     full = dict(batch_size=N_TRAIN, train_steps=[3000, 6000], seconds=[0.2, 0.4])
     log_run(
@@ -231,18 +176,7 @@ def store(tmp_path_factory):
 
     plain = client.create_experiment("plain", artifact_location=str(root / "mlruns-plain"))
     for k, opt in enumerate(("sgd", "adam")):
-        log_run(
-            client,
-            plain,
-            None,
-            opt,
-            "mini",
-            0,
-            start=t0 + k,
-            seconds=list(0.1 * i),
-            val_acc=[0.9, 0.95, 0.97, 0.98, 0.99],
-            **MINI,
-        )
+        log_mini(client, plain, None, opt, 0, start=t0 + k, seconds=list(0.1 * i), val_acc=OLD_ACC)
     return {"uri": uri, "root": root, "parent": parent, "old": old, "sweep_dir": sweep_dir}
 
 
@@ -416,17 +350,13 @@ def test_cli(store, tmp_path, capsys):
     # the default store is ./mlflow.db, as for train.py: run from the store's folder without the env var
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     out = tmp_path / "report"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "src" / "compare.py"),
-            "--parent",
-            store["parent"],
-            "--out",
-            str(out),
-            "--target-acc",
-            "0.99",
-        ],
+    proc = compare(
+        "--parent",
+        store["parent"],
+        "--out",
+        str(out),
+        "--target-acc",
+        "0.99",
         cwd=store["root"],
         env=env,
         capture_output=True,
@@ -439,8 +369,8 @@ def test_cli(store, tmp_path, capsys):
     assert read_csv(out / "convergence.csv")["adam-mini"]["reached"] == "2"  # 0.99 at 4400 and 4400 examples
 
     spec = importlib.util.spec_from_file_location("compare", ROOT / "src" / "compare.py")
-    compare = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(compare)
-    assert compare.main(["--tracking-uri", store["uri"], "--experiment", "nope", "--out", str(tmp_path)]) == 2
-    assert compare.main(["--tracking-uri", store["uri"], "--parent", "0" * 32, "--out", str(tmp_path)]) == 2
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    assert cli.main(["--tracking-uri", store["uri"], "--experiment", "nope", "--out", str(tmp_path)]) == 2
+    assert cli.main(["--tracking-uri", store["uri"], "--parent", "0" * 32, "--out", str(tmp_path)]) == 2
     assert "no run '000" in capsys.readouterr().err

@@ -19,7 +19,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from conftest import ROOT, command, output_of, terminal, train, sqlite_store
+from conftest import ROOT, command, output_of, sqlite_store, sweep_of, terminal, train
 
 SMALL = [
     "data.limit_train=1000",
@@ -209,9 +209,7 @@ def test_ctrl_c_between_the_jobs_of_a_sweep_stops_the_sweep_at_once(tmp_path, mn
     out = proc.stdout + proc.stderr
     assert proc.returncode in (-signal.SIGINT, 128 + signal.SIGINT), out[-3000:]  # what a shell reports for Ctrl-C
     assert "KeyboardInterrupt" in out
-    client = MlflowClient(store)
-    runs = client.search_runs([client.get_experiment_by_name("descent").experiment_id])
-    [parent] = [r for r in runs if r.data.tags.get("descent.sweep") == "true"]
+    client, parent, runs = sweep_of(store)
     children = [r for r in runs if r is not parent]
     assert [r.data.params["seed"] for r in children] == ["0"], "job #1 never started"
     assert children[0].info.status == "FINISHED"

@@ -6,15 +6,12 @@ Hydra, real optuna storage, real MLflow store; 600 examples."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import numpy as np
 import optuna
 import pytest
 from mlflow import MlflowClient
 
-from conftest import ROOT, train
+from conftest import compare, train
 from descent.reports.scaling import Run, analyse, b_crit, bootstrap, fit
 from descent.tracking.names import target_key
 
@@ -164,40 +161,10 @@ def test_tiny_batch_scaling_study_runs_the_protocol_end_to_end_and_goes_on_where
     assert len(client.search_runs([exp.experiment_id])) == len(runs)
     # `compare.py --scaling --with RUN_ID` joins another sweep's runs (here the same sweep's again: twice as many)
     joined = tmp_path / "joined"
-    subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "src/compare.py"),
-            "--scaling",
-            "--parent",
-            parent.info.run_id,
-            "--with",
-            parent.info.run_id,
-            "--out",
-            str(joined),
-            "--tracking-uri",
-            store,
-        ],
-        check=True,
-    )
+    scaling = ("--scaling", "--parent", parent.info.run_id, "--out", str(joined), "--tracking-uri", store)
+    compare(*scaling, "--with", parent.info.run_id, check=True)
     assert f"{2 * len(children)} runs, 2 (optimizer, batch size) cells" in (joined / "scaling.md").read_text()
-    bad = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "src/compare.py"),
-            "--scaling",
-            "--parent",
-            parent.info.run_id,
-            "--with",
-            "0" * 32,
-            "--out",
-            str(joined),
-            "--tracking-uri",
-            store,
-        ],
-        capture_output=True,
-        text=True,
-    )
+    bad = compare(*scaling, "--with", "0" * 32, capture_output=True, text=True)
     assert bad.returncode == 2 and f"--with {'0' * 32}: no such sweep run" in bad.stderr, bad.stderr[-2000:]
 
 
@@ -215,30 +182,14 @@ def test_the_report_sets_b_noise_and_b_precond_beside_b_simple_and_adamw_against
                 runs.append(
                     Run(opt, b, 0.001, seed, "FINISHED", {0.9: s * factor * jitter}, {0.9: s * factor * jitter * b})
                 )
-    ref = Run(
-        "adamw",
-        64,
-        0.001,
-        0,
-        "FINISHED",
-        {0.9: 200},
-        {0.9: 12800},
-        reference=True,
-        noise={0.9: (300.0, 20.0)},
-        scales={("b_noise", 0.9): (120.0, 15.0), ("b_precond", 0.9): (700.0, 50.0)},
-    )
-    ref_m = Run(
-        "muon_mlp2",
-        64,
-        0.001,
-        0,
-        "FINISHED",
-        {0.9: 100},
-        {0.9: 6400},
-        reference=True,
-        noise={0.9: (280.0, 20.0)},
-        scales={("b_noise", 0.9): (110.0, 14.0)},
-    )
+
+    def reference(opt, updates, b_simple, **scales):  # the reference run at B = 64, which reached 0.9
+        crossing = {0.9: updates}, {0.9: updates * 64}  # updates and examples at 0.9
+        scales = {(name, 0.9): value for name, value in scales.items()}
+        return Run(opt, 64, 0.001, 0, "FINISHED", *crossing, reference=True, noise={0.9: b_simple}, scales=scales)
+
+    ref = reference("adamw", 200, (300.0, 20.0), b_noise=(120.0, 15.0), b_precond=(700.0, 50.0))
+    ref_m = reference("muon_mlp2", 100, (280.0, 20.0), b_noise=(110.0, 14.0))
     rows, fits, noise = analyse(runs + [ref, ref_m], n_boot=50)
     assert noise["adamw", 0.9] | {} == {
         "b_simple": 300.0,

@@ -18,7 +18,7 @@ import optuna
 import torch
 from mlflow import MlflowClient
 
-from conftest import ROOT, command, train, wait_for
+from conftest import compare, start, sweep_of, train, wait_for
 from descent.services import server
 from descent.tracking.store import reachable
 
@@ -36,17 +36,6 @@ LONG = [
 
 
 OUTAGE = [*LONG, "trainer.max_epochs=8"]  # long enough that the outage begins and ends while it trains
-
-
-def start(cwd, uri, *overrides):
-    return subprocess.Popen(
-        command(*overrides, cwd=cwd),
-        cwd=cwd,
-        env={**os.environ, "MLFLOW_TRACKING_URI": uri},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
 
 
 def finish(proc, timeout=300) -> str:
@@ -151,9 +140,7 @@ def test_a_parallel_study_in_the_servers_postgresql_nests_its_trials_under_one_p
         store=tracking_server,
         multirun=True,
     )
-    client = MlflowClient(tracking_server)
-    runs = client.search_runs([client.get_experiment_by_name("server_sweep").experiment_id])
-    [parent] = [r for r in runs if r.data.tags.get("descent.sweep") == "true"]
+    client, parent, runs = sweep_of(tracking_server, "server_sweep")
     children = {
         int(r.data.tags["optuna.trial"]): r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
     }
@@ -173,17 +160,13 @@ def test_a_parallel_study_in_the_servers_postgresql_nests_its_trials_under_one_p
     report = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
     assert {"report/convergence.png", "report/convergence.csv", "report/search.png", "report/search.md"} <= report
     # the report tool reads the server too
-    out = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "src" / "compare.py"),
-            "--tracking-uri",
-            tracking_server,
-            "--parent",
-            parent.info.run_id,
-            "--out",
-            str(tmp_path / "report"),
-        ],
+    out = compare(
+        "--tracking-uri",
+        tracking_server,
+        "--parent",
+        parent.info.run_id,
+        "--out",
+        str(tmp_path / "report"),
         capture_output=True,
         text=True,
         timeout=120,

@@ -4,26 +4,14 @@ import csv
 from pathlib import Path
 
 import pytest
-from mlflow import MlflowClient
 
-from conftest import train
+from conftest import SMALL_STUDY, sweep_of, train
 
-TINY = [
-    "optimizer=sgd",
-    "data.limit_train=2000",
-    "data.val_size=1000",
-    "trainer.max_epochs=2",
-    "trainer.log_every_examples=500",
-    "trainer.val_every_examples=1000",
-    "logger.log_checkpoint=false",
-    "logger.experiment_name=tiny",
-]
+TINY = ["optimizer=sgd", *SMALL_STUDY, "logger.experiment_name=tiny"]
 
 
 def study(store):
-    client = MlflowClient(store)
-    runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
-    [parent] = [r for r in runs if r.data.tags.get("descent.sweep") == "true"]
+    client, parent, runs = sweep_of(store, "tiny")
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     return client, parent, children
 

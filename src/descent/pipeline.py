@@ -37,8 +37,8 @@ from descent.engine.state import ResumeError, SafetyCheckpoints
 from descent.nets import SizeError, toy
 from descent.reports import pictures
 from descent.sweep.job import Pruned, Pruning, Target, job_tags, optuna_trial, stop_where_the_study_says
+from descent.tracking import checkpoint_io, names, record
 from descent.tracking import logger as tracking
-from descent.tracking import names, record
 from descent.tracking.store import GROUPS
 
 log = logging.getLogger("descent")
@@ -195,7 +195,7 @@ def build(cfg: DictConfig, hc: DictConfig, resumed: Resumed | None = None, callb
     )  # one last.ckpt, also across resumes
     run.callbacks = [*_callbacks(run), *callbacks]
     # checkpoints written off the training thread; then their metric points, then the upload to the run's artifacts
-    run.plugins = [tracking.CheckpointWriter(run.logger)]
+    run.plugins = [checkpoint_io.CheckpointWriter(run.logger)]
     run.trainer = pl.Trainer(
         max_epochs=cfg.trainer.max_epochs,
         max_steps=OmegaConf.select(cfg, "trainer.max_updates", default=None) or -1,  # optimizer updates (the loop's)
@@ -284,7 +284,7 @@ def _callbacks(run: Run) -> list[pl.Callback]:
         LambdaCallback(on_fit_start=start_line),  # the line saying what runs (descent/console/terminal.py)
         run.checkpoint,
         SafetyCheckpoints(run.checkpoint, cfg.trainer.checkpoint_every_seconds),
-        tracking.StoreWatch(logger, run.checkpoint),  # a tracking server away: wait, or stop past a bound
+        checkpoint_io.StoreWatch(logger, run.checkpoint),  # a tracking server away: wait, or stop past a bound
         # datasets, system metrics, the model after the test; the progress bar in examples
         *record.callbacks(cfg, run.hc, logger, run.choices, resumed=run.resumed is not None),
     ]

@@ -9,12 +9,14 @@ import importlib
 # (measured: omegaconf 0.07 s, omegaconf and hydra 0.14 s to import, best of 5 on a quiet core)
 PUBLIC = {
     "ConfigError": "rules",
+    "exit_2_if_refused": "rules",
     "validate": "checks",
     "lr_not_searched": "checks",
     "LR_TAG": "checks",
     "OBJECTIVES": "schema",
     "validate_sweep": "sweeps",
     "resume_config": "resume",
+    "resume_run": "resume",
     "RESUME_MAY_CHANGE": "resume",
     "register": "resolvers",
 }

@@ -1,11 +1,19 @@
-"""The resume policy: what `resume=<run> key=value` may change (how a run goes on, never what it computes)."""
+"""The resume policy: what `resume=<run> key=value` may change (how a run goes on, never what it computes), and the
+run to resume, found in the store with that policy applied."""
 
 from __future__ import annotations
+
+import logging
+from functools import partial
+from pathlib import Path
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
 from descent.config.rules import ConfigError, is_int, show
+from descent.tracking import store
+
+log = logging.getLogger("descent")  # the entry point's logger: the line is src/train.py's
 
 # What `resume=<run> key=value` may change: how the run is carried on, shown and recorded, never what it
 # computes. Resumed with any of these, the run's numbers are those of the same run left alone (its data
@@ -103,3 +111,21 @@ def resume_config(
             "or start a new run"
         )
     return merged, changed
+
+
+def resume_run(cfg: DictConfig, hc: DictConfig, uri: str) -> tuple[DictConfig, tuple]:
+    """resume=: continue a run from its last checkpoint, with its own config, into the same MLflow run (the
+    checkpoint comes from the run's artifacts when this machine lacks its output folder); the command line may
+    change how it goes on (more epochs, what is recorded), not what it measures (resume_config). Returns the
+    config to run and (run id, output folder, group choices, {key: (recorded, given)} changed)."""
+    check = partial(resume_config, cfg, dict(hc.runtime.choices), list(hc.overrides.task))
+    run_id, out_dir, (cfg, changed), choices = store.find_resume(
+        str(cfg.resume), uri, Path(hc.runtime.output_dir), check
+    )
+    log.info(
+        "resuming MLflow run %s from %s%s",
+        run_id,
+        out_dir / "checkpoints" / "last.ckpt",
+        "".join(f"; {k}: {a} -> {b}" for k, (a, b) in changed.items()),
+    )
+    return cfg, (run_id, out_dir, choices, changed)

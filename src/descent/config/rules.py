@@ -2,11 +2,28 @@
 
 from __future__ import annotations
 
+import logging
 import math
+import os
+import sys
+from contextlib import contextmanager
 
 
 class ConfigError(ValueError):
     """The config asks for something we refuse; one problem per line."""
+
+
+@contextmanager
+def exit_2_if_refused():
+    """A ConfigError raised inside ends the process before anything runs: its problems logged (on the entry
+    point's logger), exit status 2. With HYDRA_FULL_ERROR=1 it is raised instead, with its traceback."""
+    try:
+        yield
+    except ConfigError as e:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        logging.getLogger("descent").error("invalid config, nothing was run:\n%s", e)
+        sys.exit(2)
 
 
 def is_int(v) -> bool:

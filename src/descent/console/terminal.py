@@ -155,6 +155,14 @@ def closing(logger, metrics: dict[str, float], uri: str, launch_dir: str | Path,
     )
 
 
+def quiet_mlflow_prints(verbose) -> None:
+    """Unless hydra.verbose: no MLflow bar as it downloads a checkpoint, no "View run" lines (the closing block
+    names the run)."""
+    if not verbose:
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+
+
 def quiet_third_parties() -> None:
     """Before MLflow is imported: its loggers go through Hydra's handlers (the screen filtered, the log file
     complete) instead of a stderr handler of its own; warnings become log records, filtered alike."""

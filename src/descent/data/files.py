@@ -66,19 +66,8 @@ class TorchvisionDataModule(InMemoryDataModule):
     descent/data/datasets.py's table): the files under data.root in torchvision's layout, else torchvision's download
     where the internet answers. Images are held as N x C*H*W rows in [0, 1], channels first."""
 
-    def __init__(
-        self,
-        root: str = "data",
-        name: str = "CIFAR10",
-        download: bool = True,
-        val_size: int | float = 0,
-        limit_train: int | None = None,
-        batch_size: int | None = 128,
-        chunk_size: int = 8192,
-        seed: int = 0,
-        drop_last: bool = False,
-    ):
-        super().__init__(val_size, limit_train, batch_size, chunk_size, seed, drop_last)
+    def __init__(self, root: str = "data", name: str = "CIFAR10", download: bool = True, **common):
+        super().__init__(**common)
         self.root, self.name, self.download = Path(root), name, download
         self.title = name.lower()  # the MLflow datasets' name: cifar10 (train, 50000×3072)
         self.folder = self.root
@@ -296,17 +285,8 @@ def read_npz(path: str | Path) -> tuple[dict[str, tuple[torch.Tensor, torch.Tens
 class NpzDataModule(InMemoryDataModule):
     """A user's arrays from a NumPy .npz (data.path): see read_npz and docs/how-to/your-own-data.md."""
 
-    def __init__(
-        self,
-        path: str = "data.npz",
-        val_size: int | float = 0,
-        limit_train: int | None = None,
-        batch_size: int | None = 128,
-        chunk_size: int = 8192,
-        seed: int = 0,
-        drop_last: bool = False,
-    ):
-        super().__init__(val_size, limit_train, batch_size, chunk_size, seed, drop_last)
+    def __init__(self, path: str = "data.npz", **common):
+        super().__init__(**common)
         self.path = Path(path)
         self.title = self.path.stem  # the MLflow datasets' name: mydata (train, 1000×64)
 

@@ -300,19 +300,8 @@ def load_split(root: str | Path, train: bool, name: str = "MNIST") -> tuple[torc
 class IDXDataModule(InMemoryDataModule):
     """One IDX dataset (data.name: MNIST, FashionMNIST)."""
 
-    def __init__(
-        self,
-        root: str = "data",
-        name: str = "MNIST",
-        download: bool = True,
-        val_size: int | float = 0,
-        limit_train: int | None = None,
-        batch_size: int | None = 128,
-        chunk_size: int = 8192,
-        seed: int = 0,
-        drop_last: bool = False,
-    ):
-        super().__init__(val_size, limit_train, batch_size, chunk_size, seed, drop_last)
+    def __init__(self, root: str = "data", name: str = "MNIST", download: bool = True, **common):
+        super().__init__(**common)
         self.root, self.name, self.download = Path(root), name, download
 
     def read(self):

@@ -3,6 +3,7 @@ epoch's permutation, the chunks of whole updates lightning is handed (EpochChunk
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 from typing import Callable
@@ -90,7 +91,21 @@ class InMemoryDataModule(pl.LightningDataModule):
     Subclasses read() their splits (CPU tensors, the shape of one example, where they came from); load()
     checks them and splits off validation once, before any MLflow run exists (train.py calls it first,
     so a bad file is refused with nothing recorded); setup() moves them to the device lightning chose.
+    A subclass's __init__ takes its own parameters and `**common` (this __init__'s), which it hands on.
     """
+
+    def __init_subclass__(cls, **kwargs):
+        # a subclass's `**common` stands for this class's parameters: its signature names them one by one
+        # (keyword-only), so the config checks (descent/config/schema.py) know each key of data.* and its default
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is None:
+            return
+        own = list(inspect.signature(init).parameters.values())
+        if not own or own[-1].kind is not inspect.Parameter.VAR_KEYWORD:
+            return
+        common = list(inspect.signature(InMemoryDataModule.__init__).parameters.values())[1:]
+        init.__signature__ = inspect.Signature(own[:-1] + [p.replace(kind=p.KEYWORD_ONLY) for p in common])
 
     def __init__(
         self,

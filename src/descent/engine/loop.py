@@ -86,7 +86,7 @@ class Classifier(pl.LightningModule):
         self.resumed: dict | None = None  # the descent part of the checkpoint being resumed
         self.best = Best()  # best/val_loss, best/val_acc (best/train_loss without validation): descent/engine/best.py
         self.val_hooks: list = []  # called with (examples, {"val/loss": .., "val/acc": ..}) at each validation
-        # point, after it is logged; an Optuna trial's pruner listens here (descent/sweep/driver.py, Pruning)
+        # point, after it is logged; an Optuna trial's pruner listens here (descent/sweep/job.py, Pruning)
         self.measures: list = []  # measurements of the optimisation (descent/measure/): each is called with a
         # descent.measure.Point at every validation point and returns {metric: value}, logged at step = examples
         # seen; they read the weights and never change them (nor the gradients, the optimizer or the random state)

@@ -58,7 +58,7 @@ def save(module, checkpoint: dict) -> None:
         "window": module.window.state(),
         "grads": None if all(g is None for g in grads) else grads,
         "data": data_signature(module.datamodule),
-        # the metric points not yet in the store: written once this file is on disk (descent/tracking/logger.py)
+        # the metric points not yet in the store: written once this file is on disk (descent/tracking/checkpoint_io.py)
         "points": [p for logger in module.loggers for p in getattr(logger, "unsent", list)()],
         "measures": _states(module.measures),
         "best": module.best.state_dict(),

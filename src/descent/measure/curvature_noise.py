@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from descent.measure.sharpness import hessian_vector_product
-from descent.measure.noise import AtTargets, _deltas, b_simple_with_error, linear_layers
+from descent.measure.noise import AtTargets, _deltas, b_simple_with_error, jackknife, linear_layers
 
 # the metric names, logged at each target's first crossing as <name>/<acc> (and at that step as <name>)
 from descent.tracking.names import (
@@ -75,16 +75,8 @@ def two_batch_with_error(q: torch.Tensor, m: int) -> dict[str, float]:
     off = (total - 2 * rows + d - (trace_q - d)) / ((k - 1) * (k - 2))
     sub_trace = m * ((trace_q - d) / (k - 1) - off)
     leave = torch.where(off > 0, sub_trace / off, torch.full_like(off, float("nan")))
-    se = float(((k - 1) / k * (leave - leave.mean()).square().sum()).sqrt())
-    return {
-        "quad": quad,
-        "trace": trace,
-        "ratio": full,
-        "se": se,
-        "bias": float((k - 1) * (leave.mean() - full)),
-        "groups": k,
-        "group_size": m,
-    }
+    se, bias = jackknife(leave, full)
+    return {"quad": quad, "trace": trace, "ratio": full, "se": se, "bias": bias, "groups": k, "group_size": m}
 
 
 def group_gradients(

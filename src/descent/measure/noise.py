@@ -94,6 +94,14 @@ def _unbiased(n: int, small: float, big: float) -> tuple[float, float]:
     return (n * big - small) / (n - 1), (small - big) / (1 - 1 / n)
 
 
+def jackknife(leave: torch.Tensor, full: float) -> tuple[float, float]:
+    """The delete-one-group jackknife's standard error and bias of the estimate `full`, from its values with each of
+    k groups left out in turn (the error nan for k = 1)."""
+    k = len(leave)
+    se = float(((k - 1) / k * (leave - leave.mean()).square().sum()).sqrt()) if k > 1 else float("nan")
+    return se, float((k - 1) * (leave.mean() - full))
+
+
 def b_simple_with_error(blocks: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
     """B_simple = tr Σ / |G|² over every example of `blocks` [(‖g_i‖² of the block, Σ g_i of the block)], with
     its delete-one-block jackknife standard error (Quenouille-Tukey: the probe's own sampling error; the ratio's
@@ -118,13 +126,13 @@ def b_simple_with_error(blocks: list[tuple[torch.Tensor, torch.Tensor]]) -> dict
             for i in range(k)
         ]
     )
-    se = float(((k - 1) / k * (leave - leave.mean()).square().sum()).sqrt()) if k > 1 else float("nan")
+    se, bias = jackknife(leave, full)
     return {
         "grad_sq": grad_sq,
         "trace_cov": trace_cov,
         "b_simple": full,
         "b_simple_se": se,
-        "b_simple_bias": float((k - 1) * (leave.mean() - full)),
+        "b_simple_bias": bias,
         "probe": n,
     }
 

@@ -173,26 +173,33 @@ def plot(rows: list[dict], fits: dict, noise: dict, title: str):
         ax.grid(True, which="major", alpha=0.3)
     ax_b.set_yscale("log")
     ax_b.grid(True, which="major", alpha=0.3)
-    ax_s.set(
-        xlabel="batch size B",
-        ylabel="updates to target S (median over seeds; bars: their range)",
-        title="updates to each target: S_min + E_min/B (lines)",
-    )
-    ax_e.set(
-        xlabel="updates to target S",
-        ylabel="examples trained on to target E",
-        title="the trade-off (S/S_min − 1)(E/E_min − 1) = 1:\nexamples actually trained on",
-    )
-    ax_lr.set(
-        xlabel="batch size B",
-        ylabel="chosen learning rate (first seed)",
-        title="the rate chosen per cell (highest target); dotted: square-root rule",
-    )
-    ax_b.set(
-        xlabel="target validation accuracy",
-        ylabel="batch size",
-        title="B_crit = E_min/S_min per target;\nB_simple on the reference run (open squares)",
-    )
+    for ax, xlabel, ylabel, heading in (  # each panel's axis labels and title
+        (
+            ax_s,
+            "batch size B",
+            "updates to target S (median over seeds; bars: their range)",
+            "updates to each target: S_min + E_min/B (lines)",
+        ),
+        (
+            ax_e,
+            "updates to target S",
+            "examples trained on to target E",
+            "the trade-off (S/S_min − 1)(E/E_min − 1) = 1:\nexamples actually trained on",
+        ),
+        (
+            ax_lr,
+            "batch size B",
+            "chosen learning rate (first seed)",
+            "the rate chosen per cell (highest target); dotted: square-root rule",
+        ),
+        (
+            ax_b,
+            "target validation accuracy",
+            "batch size",
+            "B_crit = E_min/S_min per target;\nB_simple on the reference run (open squares)",
+        ),
+    ):
+        ax.set(xlabel=xlabel, ylabel=ylabel, title=heading)
     for ax in (ax_s, ax_e, ax_lr, ax_b):
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)

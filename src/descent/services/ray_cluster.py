@@ -13,18 +13,7 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 
-from descent.services.daemons import (
-    ServiceError,
-    ensure_extra,
-    free_port,
-    port_open,
-    read_state,
-    running,
-    spawn,
-    stop_all,
-    wait_for,
-    write_state,
-)
+from descent.services import daemons
 
 # Ray on loopback only. Ray's C++ servers (GCS, raylet and its object manager, every worker's gRPC server) and its
 # agents listen on 127.0.0.1 exactly when their node's IP address is the string "127.0.0.1", and on 0.0.0.0
@@ -60,7 +49,7 @@ class RayLoopback(Callback):
         host, _, port = address.rpartition(":")
         if host not in ("127.0.0.1", "localhost") or not port.isdigit():
             return
-        if not port_open(int(port)):
+        if not daemons.port_open(int(port)):
             print(
                 f"hydra/launcher=ray: no Ray cluster answers at {address} (hydra.launcher.ray.init.address, "
                 f"from RAY_ADDRESS); start one with `make ray`, or export RAY_ADDRESS=<host:port> of yours",
@@ -100,7 +89,7 @@ class Ray:
         object_store_mb: int = 100,
     ):
         self.dir = Path(dir).resolve()
-        self.port = port or read_state(self.dir).get("port") or self.default_port
+        self.port = port or daemons.read_state(self.dir).get("port") or self.default_port
         self.workers, self.cpus, self.store_mb = workers, cpus_per_node, object_store_mb
 
     @property
@@ -131,11 +120,11 @@ class Ray:
 
     def start(self) -> str:
         self.dir.mkdir(parents=True, exist_ok=True)
-        if running(read_state(self.dir)):
+        if daemons.running(daemons.read_state(self.dir)):
             return self.address
-        if port_open(self.port):
-            raise ServiceError(f"port {self.port} is taken (another Ray head?); choose another with --port")
-        ensure_extra("ray", "hydra_plugins.hydra_ray_launcher")
+        if daemons.port_open(self.port):
+            raise daemons.ServiceError(f"port {self.port} is taken (another Ray head?); choose another with --port")
+        daemons.ensure_extra("ray", "hydra_plugins.hydra_ray_launcher")
         # Ray's sockets live in its temp dir, and a unix socket path has at most 107 bytes: keep it short
         tmp = Path(f"/tmp/descent-ray-{self.port}")
         env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", **LOOPBACK}
@@ -149,8 +138,8 @@ class Ray:
                 "--node-ip-address=127.0.0.1",
                 "--disable-usage-stats",
                 "--block",
-                f"--dashboard-agent-listen-port={free_port()}",
-                f"--metrics-export-port={free_port()}",
+                f"--dashboard-agent-listen-port={daemons.free_port()}",
+                f"--metrics-export-port={daemons.free_port()}",
             ]
 
         state = {"address": self.address, "port": self.port, "temp_dir": str(tmp), "pids": {}}
@@ -163,7 +152,7 @@ class Ray:
             f"--port={self.port}",
             f"--temp-dir={tmp}",
             "--include-dashboard=false",
-            f"--ray-client-server-port={free_port()}",
+            f"--ray-client-server-port={daemons.free_port()}",
             *node_args(),
         ]
         logs = [self.dir / "head.log"] + [self.dir / f"worker{i}.log" for i in range(self.workers)]
@@ -171,15 +160,15 @@ class Ray:
             log.unlink(missing_ok=True)
         # the nodes' jobs start in this folder (Ray's workers inherit it): started from the project folder,
         # as the make target does, relative paths (data/, outputs/) mean there what they mean to the driver
-        state["pids"]["head"] = spawn(head, logs[0], env=env)
-        write_state(self.dir, state)
+        state["pids"]["head"] = daemons.spawn(head, logs[0], env=env)
+        daemons.write_state(self.dir, state)
         try:
-            wait_for(lambda: self.node_up(logs[0]), f"the Ray head on {self.address}", logs, state["pids"])
+            daemons.wait_for(lambda: self.node_up(logs[0]), f"the Ray head on {self.address}", logs, state["pids"])
             for i in range(self.workers):
                 worker = [sys.executable, "-c", RAY_START, "start", f"--address={self.address}", *node_args()]
-                state["pids"][f"worker{i}"] = spawn(worker, logs[i + 1], env=env)
-                write_state(self.dir, state)
-            wait_for(
+                state["pids"][f"worker{i}"] = daemons.spawn(worker, logs[i + 1], env=env)
+                daemons.write_state(self.dir, state)
+            daemons.wait_for(
                 lambda: all(self.node_up(log) for log in logs), f"{1 + self.workers} Ray nodes", logs, state["pids"]
             )
         except BaseException:
@@ -191,14 +180,14 @@ class Ray:
         # a Ray node keeps nothing worth a clean shutdown (its temp dir goes next), and part of the head's
         # process group outlives SIGTERM: SIGKILL after 3 s, not the 20 s the stateful daemons get
         # (measured: the head's group took 22 s to stop, the 20 s grace and the SIGKILL after it)
-        stop_all(self.dir, grace=3)
-        tmp = read_state(self.dir).get("temp_dir")
+        daemons.stop_all(self.dir, grace=3)
+        tmp = daemons.read_state(self.dir).get("temp_dir")
         if tmp and Path(tmp).is_dir():
             shutil.rmtree(tmp, ignore_errors=True)
 
     def status(self) -> dict:
-        state = read_state(self.dir)
-        up = running(state)
+        state = daemons.read_state(self.dir)
+        up = daemons.running(state)
         return {
             "ray": "running" if up else "stopped",
             "address": self.address if up else None,

@@ -9,18 +9,7 @@ import socket
 import subprocess
 from pathlib import Path
 
-from descent.services.daemons import (
-    ServiceError,
-    ensure_apt,
-    ensure_extra,
-    port_open,
-    read_state,
-    running,
-    spawn,
-    stop_all,
-    wait_for,
-    write_state,
-)
+from descent.services import daemons
 
 SLURM_CONF = """\
 # written by python -m descent.services.cluster slurm start: a one-node cluster on 127.0.0.1, no systemd, no cgroups
@@ -89,7 +78,7 @@ class Slurm:
 
     def __init__(self, dir: str | Path = default_dir, ctld_port: int | None = None, slurmd_port: int | None = None):
         self.dir = Path(dir).resolve()
-        state = read_state(self.dir)
+        state = daemons.read_state(self.dir)
         self.ctld_port = ctld_port or state.get("ctld_port") or 6817
         self.slurmd_port = slurmd_port or state.get("slurmd_port") or 6818
         self.conf = self.dir / "slurm.conf"
@@ -109,17 +98,17 @@ class Slurm:
 
     def start(self) -> str:
         self.dir.mkdir(parents=True, exist_ok=True)
-        if running(read_state(self.dir)):
+        if daemons.running(daemons.read_state(self.dir)):
             return str(self.conf)
         if os.geteuid() != 0:
-            raise ServiceError("the single-node SLURM runs its daemons as root: run this as root")
+            raise daemons.ServiceError("the single-node SLURM runs its daemons as root: run this as root")
         for port in (self.ctld_port, self.slurmd_port):
-            if port_open(port):
-                raise ServiceError(f"port {port} is taken (another SLURM?); choose others with --ports")
+            if daemons.port_open(port):
+                raise daemons.ServiceError(f"port {port} is taken (another SLURM?); choose others with --ports")
         programs = ["slurmctld", "slurmd", "munged", "sbatch"]
         if not all(shutil.which(p) for p in programs):
-            ensure_apt(["slurm-wlm", "munge"], f"{', '.join(programs)} not found")
-        ensure_extra("slurm", "hydra_plugins.hydra_submitit_launcher")
+            daemons.ensure_apt(["slurm-wlm", "munge"], f"{', '.join(programs)} not found")
+        daemons.ensure_extra("slurm", "hydra_plugins.hydra_submitit_launcher")
         for sub in ("munge", "ctld", "spool", "bin"):
             (self.dir / sub).mkdir(parents=True, exist_ok=True)
         (self.dir / "bin" / "sacct").write_text(SACCT)
@@ -144,7 +133,7 @@ class Slurm:
         env = {**os.environ, **self.env()}
         state = {"conf": str(self.conf), "ctld_port": self.ctld_port, "slurmd_port": self.slurmd_port, "pids": {}}
         logs = [munge / "munged.log", self.dir / "slurmctld.log", self.dir / "slurmd.log"]
-        daemons = {
+        commands = {
             "munged": [
                 "munged",
                 "--foreground",
@@ -159,15 +148,15 @@ class Slurm:
             "slurmd": ["slurmd", "-D", "-N", "localhost", "-f", str(self.conf)],
         }
         try:
-            for name, args in daemons.items():
-                state["pids"][name] = spawn(args, self.dir / f"{name}.out", env=env, cwd=self.dir)
-                write_state(self.dir, state)
+            for name, args in commands.items():
+                state["pids"][name] = daemons.spawn(args, self.dir / f"{name}.out", env=env, cwd=self.dir)
+                daemons.write_state(self.dir, state)
                 if name == "munged":
-                    wait_for(lambda: (munge / "munge.socket").exists(), "munged", logs, state["pids"])
-            wait_for(
+                    daemons.wait_for(lambda: (munge / "munge.socket").exists(), "munged", logs, state["pids"])
+            daemons.wait_for(
                 lambda: self.node_state() == "idle",
                 "the SLURM node (sinfo: idle)",
-                logs + [self.dir / f"{n}.out" for n in daemons],
+                logs + [self.dir / f"{n}.out" for n in commands],
                 state["pids"],
             )
         except BaseException:
@@ -176,11 +165,11 @@ class Slurm:
         return str(self.conf)
 
     def stop(self) -> None:
-        stop_all(self.dir)
+        daemons.stop_all(self.dir)
 
     def status(self) -> dict:
-        state = read_state(self.dir)
-        up = running(state)
+        state = daemons.read_state(self.dir)
+        up = daemons.running(state)
         return {
             "slurm": "running" if up else "stopped",
             "SLURM_CONF": str(self.conf) if up else None,
