@@ -12,8 +12,8 @@ ROOT = Path(__file__).resolve().parents[1]
 HERE = Path(__file__).resolve().parent
 SEED = 0
 CONTENDED = 0.2  # other processes' median share of the cores above which a row's timing is flagged
-BUSY = 1.3  # issue 20: a busy-* row's median <= this x the same contender's quiet median
-TODAY = 0.75  # issue 20: online SGD at the thread policy <= this x at 2 threads (descent-2t)
+BUSY = 1.3  # the target: a busy-* row's median <= this x the same contender's quiet median
+TODAY = 0.75  # the target: online SGD at the thread policy <= this x at 2 threads (descent-2t)
 FIRST_UPDATE = re.compile(r"first update ([0-9.]+) s after the process started")
 
 
@@ -36,7 +36,7 @@ def regimes(quick: bool, keras: bool, gpu: bool = False) -> list[Regime]:
     seed = ("plain", "descent", "train.py", "descent-compiled", "descent-bare") + (("keras",) if keras else ())
     n, online_n = (2048, 100) if quick else (None, 2000)  # training examples: the whole set, the online rows'
     short, long = (3, 3) if quick else (4, 5)  # epochs (warm-up included) of the online and busy rows, the others
-    # issue 11's targets on an H200, as ratios to the plain loop it measured there (0.734 s/epoch seed,
+    # the GPU targets on an H200, as ratios to the plain loop it measured there (0.734 s/epoch seed,
     # 0.99 ms/update online); full batch: <= 1.5x plain
     graph = ("plain", "descent", "descent-eager", "bare-graph")
     gpu_n, gpu_epochs = (500, 3) if quick else (10000, 6)
@@ -65,7 +65,7 @@ def regimes(quick: bool, keras: bool, gpu: bool = False) -> list[Regime]:
         ),
         Regime("gpu-full-batch", "sgd lr 0.01, batch = all, CUDA", "sgd", "full", n, gpu_epochs, graph, 1.5, "cuda"),
     ]
-    threads = ("plain", "descent", "plain-2t", "descent-2t")  # issue 20: the thread policy against 2 threads
+    threads = ("plain", "descent", "plain-2t", "descent-2t")  # the thread policy against 2 threads
     cpu = [
         Regime("seed", "rmsprop, batch 128", "rmsprop", "mini", n, long, seed + threads[2:], 0.8),
         Regime("online-sgd", f"sgd lr 0.01, batch 1, first {online_n}", "sgd", "online", online_n, short, threads, 1.0),
@@ -104,7 +104,7 @@ def regimes(quick: bool, keras: bool, gpu: bool = False) -> list[Regime]:
             busy=True,
         ),
     ]
-    # issue 19's other networks (not in --quick: the suite's smoke test stays as it was)
+    # the other networks (not in --quick: the suite's smoke test stays as it was)
     networks = [
         Regime(
             "cnn",

@@ -98,13 +98,13 @@ def table(rows: dict[tuple[str, str], Row], regs: list[Regime]) -> list[str]:
             target = ""
             quiet = rows.get((reg.key.removeprefix("busy-"), name))
             today = rows.get((reg.key, name + "-2t"))
-            if reg.busy and quiet:  # issue 20: one core taken costs <= BUSY x
+            if reg.busy and quiet:  # the target: one core taken costs <= BUSY x
                 target = verdict(per_update / statistics.median(quiet.ms_per_update), BUSY, "quiet")
             elif name in ("descent", "train.py", "descent-compiled"):
                 target = verdict(ratio, reg.target, "plain")
                 if reg.key == "seed" and keras:
                     target += "; " + verdict(vs_keras, 0.5, "Keras")
-            if not reg.busy and reg.batching == "online" and today:  # issue 20: the policy's one thread vs 2
+            if not reg.busy and reg.batching == "online" and today:  # the target: the policy's one thread vs 2
                 target += ("; " if target else "") + verdict(
                     per_update / statistics.median(today.ms_per_update), TODAY, "2 threads"
                 )

@@ -182,7 +182,7 @@ def first_update_seconds(runs: int, data: str, tmp: Path, env: dict) -> tuple[li
     return firsts, walls
 
 
-CHECKPOINT_TARGET = 1.03  # issue 20: the seed run with checkpoints uploaded <= this x the same run without
+CHECKPOINT_TARGET = 1.03  # the target: the seed run with checkpoints uploaded <= this x the same run without
 
 
 def checkpoint_costs(rounds: int, data: str, tmp: Path, env: dict, quick: bool) -> list[str]:

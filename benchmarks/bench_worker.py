@@ -172,7 +172,7 @@ def run_plain(job: dict, cfg) -> dict:
 
 
 def run_bare_graph(job: dict, cfg) -> dict:
-    """Issue 11's "whole step in one CUDA graph": capture per batch shape, replay per update, nothing else."""
+    """The "whole step in one CUDA graph" floor: capture per batch shape, replay per update, nothing else."""
     import torch
     import torch.nn.functional as F
     from hydra.utils import instantiate

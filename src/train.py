@@ -25,7 +25,7 @@ def main(cfg: DictConfig) -> float | None:
         if cfg.resume:  # the run's own config and checkpoint; the command line may change how it goes on
             cfg, found = resume_run(cfg, hc, uri)
 
-    from descent import pipeline  # Lightning, MLflow: tens of seconds under load; --help and refused input skip them
+    from descent import pipeline  # MLflow's run machinery and the Trainer: --help and refused input skip them
 
     resumed = pipeline.Resumed(*found) if cfg.resume else None
     try:

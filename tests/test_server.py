@@ -128,7 +128,9 @@ def test_a_parallel_study_in_the_servers_postgresql_nests_its_trials_under_one_p
         "hydra/sweeper=optuna",
         "hydra.sweeper.n_trials=2",
         "hydra.sweeper.n_jobs=2",
-        f"hydra.sweeper.storage='{storage}'",  # quoted for Hydra: the URL holds = and & "optimizer.lr=tag(log,interval(0.01,0.5))", "optimizer=sgd",
+        f"hydra.sweeper.storage='{storage}'",  # quoted for Hydra: the URL holds = and &
+        "optimizer.lr=tag(log,interval(0.01,0.5))",
+        "optimizer=sgd",
         "data.limit_train=2000",
         "data.val_size=1000",
         "trainer.max_epochs=2",
