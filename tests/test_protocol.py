@@ -15,13 +15,15 @@ LR = optuna.distributions.FloatDistribution(1e-5, 10.0, log=True)
 SEEDS = optuna.distributions.CategoricalDistribution([0, 1, 2])
 
 
-def run_cell(updates, start=0.01, stops=None, **kw):
+def run_cell(updates, start=0.01, stops=None, storage=None, cell=None, **kw):
     """Every trial the protocol asks for, in order: (lr, seed, role); updates(lr, seed) -> {target acc: S}. A run
     told where to stop (descent.stop, in `stops` when given) records no target above it, as the job does."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     sampler = Protocol(start=start, **kw)
     sampler.space = {"optimizer.lr": LR, "seed": SEEDS}
-    study = optuna.create_study(sampler=sampler)
+    study = optuna.create_study(sampler=sampler, storage=storage, study_name=cell and "-".join(map(str, cell.values())))
+    if cell:  # a cell of a grid, beside the other cells in one storage (the warm start reads theirs)
+        study.set_user_attr("descent.cell", cell)
     asked = []
     while not sampler.finished(study):
         assert len(asked) < 60, asked
@@ -154,3 +156,28 @@ def test_a_trial_interrupted_with_its_command_is_proposed_again():
     study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
     again = study.ask()
     assert again.suggest_float("optimizer.lr", 1e-5, 10.0, log=True) == first
+
+
+def test_a_warm_started_cell_whose_first_rate_misses_looks_down_first():
+    # B = 64 chooses 0.1; B = 256 starts from 0.1 x √4 = 0.2, where (as for SGD past its critical batch size) it
+    # diverges: a rate scaled up from a neighbour that misses is too high, so the next step is down
+    storage = optuna.storages.InMemoryStorage()
+    run_cell(
+        bowl(0.1),
+        start=0.1,
+        storage=storage,
+        cell={"optimizer": "sgd", "data.batch_size": "64"},
+        warm="data.batch_size",
+    )
+    asked, chosen = run_cell(
+        bowl(0.05, reach=3),
+        start=0.1,
+        storage=storage,
+        cell={"optimizer": "sgd", "data.batch_size": "256"},
+        warm="data.batch_size",
+    )
+    search = [lr for lr, _, role in asked if role == "search"]
+    assert search[:2] == pytest.approx([0.2, 0.05])  # the warm start, then down by 4 (not up to 0.8)
+    assert chosen[target_key("updates", 0.97)] == pytest.approx(0.05)
+    cold, _ = run_cell(bowl(2e-4, reach=3), start=0.01)
+    assert [lr for lr, _, role in cold if role == "search"][:2] == pytest.approx([0.01, 0.04])  # a cold start: up

@@ -183,13 +183,16 @@ class Protocol(BaseSampler):
         if not search:
             return search_plan(self.first_rate(study, low, high))
         keys = targets_of(done)
-        if not keys:  # no rate reached any target yet: outward from what was tried, up first
+        if not keys:  # no rate reached any target yet: outward from what was tried, alternating; up first from
+            # a cold start, down first from a warm one (a neighbour's rate scaled up by (B/B')^warm_power that
+            # misses is too high: past the critical batch size the best rate stops growing with B)
             if len(search) >= self.max_search or len(done) < len(search):
                 return None
             up, down = max(tried) * self.coarse, min(tried) / self.coarse
-            above = sum(x > tried[0] * (1 + 1e-9) for x in tried)  # steps taken each way from the start:
-            below = sum(x < tried[0] * (1 - 1e-9) for x in tried)  # alternate, up first
-            for lr in (up, down) if above <= below else (down, up):
+            above = sum(x > tried[0] * (1 + 1e-9) for x in tried)  # steps taken each way from the start
+            below = sum(x < tried[0] * (1 - 1e-9) for x in tried)
+            up_first = above <= below if not (self.warm and self._warm_start(study) is not None) else above < below
+            for lr in (up, down) if up_first else (down, up):
                 if untried(lr):
                     return search_plan(lr)
             return None
