@@ -277,3 +277,22 @@ def test_the_resolution_is_the_gap_between_checks_at_the_crossing():
     assert resolution(100000, 1, 0.02) == pytest.approx(0.02)  # then 2 % of the examples seen
     assert resolution(100000, 1, None) == pytest.approx(512 / 100000)  # a fixed gap throughout
     assert resolution(50, 16384, 0.02) == pytest.approx(1 / 50)  # at least one update
+
+
+def test_a_cell_on_fewer_seeds_than_the_others_is_shown_but_left_out_of_the_fit():
+    from descent.reports.scaling import Run, analyse
+    from descent.reports.scaling_render import markdown
+
+    # S = 100 + 10000/B on 3 seeds at B = 64 and 512; B = 4096 has one search trial so far, far off the curve
+    runs = [
+        Run("sgd", b, 0.1, seed, "FINISHED", {0.97: 100 + 10000 / b}, {0.97: (100 + 10000 / b) * b})
+        for b in (64, 512)
+        for seed in range(3)
+    ]
+    runs.append(Run("sgd", 4096, 0.1, 0, "FINISHED", {0.97: 900.0}, {0.97: 900.0 * 4096}))
+    rows, fits, _ = analyse(runs, n_boot=20)
+    assert {r["batch_size"]: r["in_fit"] for r in rows} == {64: True, 512: True, 4096: False}
+    assert fits["sgd", 0.97]["points"] == 2
+    assert fits["sgd", 0.97]["s_min"] == pytest.approx(100) and fits["sgd", 0.97]["e_min"] == pytest.approx(10000)
+    assert "Left out of the fit (measured on fewer seeds" in markdown(rows, fits, {}, "# t", n_boot=20)
+    assert "sgd B 4096 @ 0.97" in markdown(rows, fits, {}, "# t", n_boot=20)

@@ -211,8 +211,12 @@ def analyse(runs: list[Run], seed: int = 0, n_boot: int = BOOTSTRAP) -> tuple[li
         accs = sorted({a for r in mine for a in r.updates})
         for acc in accs:
             seeds_s = {}
-            for b in sorted(cells):
-                p = point(cells[b], acc)
+            points = {b: point(cells[b], acc) for b in sorted(cells)}
+            # a cell measured on fewer seeds than the others (its protocol has not finished: the search still
+            # running, or seeds still to come) is shown but left out of the fit
+            full = max((len(p["seeds"]) for p in points.values() if p), default=0)
+            for b, p in points.items():
+                in_fit = bool(p) and len(p["seeds"]) == full and p["reached"] == full
                 rows.append(
                     {
                         "optimizer": opt,
@@ -226,9 +230,10 @@ def analyse(runs: list[Run], seed: int = 0, n_boot: int = BOOTSTRAP) -> tuple[li
                         "updates_by_seed": " ".join(f"{v:g}" for v in p["updates"]) if p else "",
                         "examples_to_target": p["e"] if p else None,
                         "resolution": p["resolution"] if p else None,
+                        "in_fit": in_fit,
                     }
                 )
-                if p:
+                if in_fit:
                     seeds_s[b] = p["updates"]
             s_min, e_min = (
                 fit(list(seeds_s), [float(np.median(v)) for v in seeds_s.values()]) if seeds_s else (float("nan"),) * 2

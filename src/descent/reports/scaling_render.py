@@ -222,6 +222,12 @@ def markdown(rows: list[dict], fits: dict, noise: dict, header: str, n_boot: int
             f"{r['seeds_reached']}/{r['seeds']} | {_g(r['updates_to_target'])} | {r['updates_by_seed']} | "
             f"{_g(r['examples_to_target'])} | {resolution} |"
         )
+    if left := [r for r in rows if r["updates_to_target"] and not r.get("in_fit", True)]:
+        lines += [
+            "",
+            "Left out of the fit (measured on fewer seeds than the other cells: the cell's protocol has not "
+            "finished): " + ", ".join(f"{r['optimizer']} B {r['batch_size']} @ {r['target']:g}" for r in left) + ".",
+        ]
     coarse = [r for r in rows if r["resolution"] is not None and r["resolution"] > 0.02]
     lines += [
         "",
