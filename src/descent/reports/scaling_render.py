@@ -4,6 +4,7 @@ ratios compute."""
 from __future__ import annotations
 
 import math
+import textwrap
 
 import numpy as np
 from matplotlib import colormaps
@@ -72,7 +73,7 @@ def plot_one_batch_size(rows: list[dict], title: str):
         title=f"updates to each target at B = {batch}, each optimizer at the rate chosen for it",
     )
     ax.legend(fontsize=8)
-    fig.suptitle(title)
+    fig.suptitle(textwrap.fill(title, 150))
     return fig
 
 
@@ -98,18 +99,22 @@ def plot(rows: list[dict], fits: dict, noise: dict, title: str):
             spread = [[float(v) for v in r["updates_by_seed"].split()] for r in pts]
             lo, hi = np.array([min(v) for v in spread]), np.array([max(v) for v in spread])
             marker, alpha = MARKERS[j % len(MARKERS)], 0.35 + 0.65 * (j + 1) / len(accs)
-            ax_s.errorbar(
-                b,
-                s,
-                yerr=[s - lo, hi - s],
-                fmt=marker,
-                color=color,
-                alpha=alpha,
-                ms=5,
-                capsize=2,
-                label=f"{opt} @ {acc:g}",
-            )
-            ax_e.plot(s, e, marker, color=color, alpha=alpha, ms=5)
+            fitted = np.array([r.get("in_fit", True) for r in pts], bool)
+            for keep, face, label in ((fitted, color, f"{opt} @ {acc:g}"), (~fitted, "white", None)):
+                if keep.any():  # open markers: cells left out of the fit (fewer seeds: not finished)
+                    ax_s.errorbar(
+                        b[keep],
+                        s[keep],
+                        yerr=[(s - lo)[keep], (hi - s)[keep]],
+                        fmt=marker,
+                        color=color,
+                        mfc=face,
+                        alpha=alpha,
+                        ms=5,
+                        capsize=2,
+                        label=label,
+                    )
+                    ax_e.plot(s[keep], e[keep], marker, color=color, mfc=face, alpha=alpha, ms=5)
             if math.isfinite(f["s_min"]) and len(pts):
                 grid = np.geomspace(min(b.min(), 1), max(b.max(), 2), 200)
                 fit_s = f["s_min"] + f["e_min"] / grid
@@ -178,7 +183,7 @@ def plot(rows: list[dict], fits: dict, noise: dict, title: str):
             ax_s,
             "batch size B",
             "updates to target S (median over seeds; bars: their range)",
-            "updates to each target: S_min + E_min/B (lines)",
+            "updates to each target: S_min + E_min/B (lines);\nopen markers: cells left out of the fit",
         ),
         (
             ax_e,
@@ -196,14 +201,14 @@ def plot(rows: list[dict], fits: dict, noise: dict, title: str):
             ax_b,
             "target validation accuracy",
             "batch size",
-            "B_crit = E_min/S_min per target;\nB_simple on the reference run (open squares)",
+            "B_crit = E_min/S_min per target;\nB_simple, B_noise on the reference run (open markers)",
         ),
     ):
         ax.set(xlabel=xlabel, ylabel=ylabel, title=heading)
     for ax in (ax_s, ax_e, ax_lr, ax_b):
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
-    fig.suptitle(title)
+    fig.suptitle(textwrap.fill(title, 150))
     return fig
 
 
