@@ -130,6 +130,11 @@ def same(a: float, b: float) -> bool:
     return abs(math.log(a) - math.log(b)) < 1e-6 if a > 0 and b > 0 else a == b
 
 
+def by_seed(row: dict) -> list[float]:
+    """A row's updates to its target, one per seed that reached it (the table's "by seed" column)."""
+    return [float(v) for v in row["updates_by_seed"].split()]
+
+
 def fit(batch_sizes, updates) -> tuple[float, float]:
     """(S_min, E_min) of S(B) = S_min + E_min/B: least squares on relative residuals (S spans decades: each
     point counts by its ratio to the fit, not its absolute updates), both >= 0 (NNLS). NaN for < 2 sizes."""
@@ -284,7 +289,7 @@ def ratios(rows: list[dict], seed: int = 0, n_boot: int = BOOTSTRAP) -> list[dic
         other = by.get((pair[1], b, acc))
         if opt != pair[0] or other is None:
             continue
-        a, m = (np.array([float(v) for v in x["updates_by_seed"].split()]) for x in (r, other))
+        a, m = (np.array(by_seed(x)) for x in (r, other))
         boot = [
             np.median(a[rng.integers(0, len(a), len(a))]) / np.median(m[rng.integers(0, len(m), len(m))])
             for _ in range(n_boot)

@@ -10,7 +10,7 @@ import numpy as np
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 
-from descent.reports.scaling import BOOTSTRAP, SCALES, _g, ratios
+from descent.reports.scaling import BOOTSTRAP, SCALES, _g, by_seed, ratios
 
 
 MARKERS = "osD^vP*X"
@@ -29,9 +29,9 @@ def ranking(rows: list[dict]) -> list[dict]:
         found = [r for r in rows if r["target"] == acc and r["updates_to_target"]]
         found.sort(key=lambda r: r["updates_to_target"])
         for k, r in enumerate(found):
-            seeds = [float(v) for v in r["updates_by_seed"].split()]
+            seeds = by_seed(r)
             after = found[k + 1] if k + 1 < len(found) else None
-            below = after is not None and max(seeds) < min(float(v) for v in after["updates_by_seed"].split())
+            below = after is not None and max(seeds) < min(by_seed(after))
             out.append(
                 {
                     "target": acc,
@@ -61,7 +61,7 @@ def plot_one_batch_size(rows: list[dict], title: str):
             continue
         x = np.array([a for a, _ in pts]) + 0.0006 * (i - len(opts) / 2)
         s = np.array([r["updates_to_target"] for _, r in pts], float)
-        spread = [[float(v) for v in r["updates_by_seed"].split()] for _, r in pts]
+        spread = [by_seed(r) for _, r in pts]
         lo, hi = np.array([min(v) for v in spread]), np.array([max(v) for v in spread])
         ax.errorbar(x, s, yerr=[s - lo, hi - s], fmt="o-", color=palette(i % 10), capsize=3, label=opt)
     ax.set_yscale("log")
@@ -96,7 +96,7 @@ def plot(rows: list[dict], fits: dict, noise: dict, title: str):
             b = np.array([r["batch_size"] for r in pts], float)
             s = np.array([r["updates_to_target"] for r in pts], float)
             e = np.array([r["examples_to_target"] for r in pts], float)
-            spread = [[float(v) for v in r["updates_by_seed"].split()] for r in pts]
+            spread = [by_seed(r) for r in pts]
             lo, hi = np.array([min(v) for v in spread]), np.array([max(v) for v in spread])
             marker, alpha = MARKERS[j % len(MARKERS)], 0.35 + 0.65 * (j + 1) / len(accs)
             fitted = np.array([r.get("in_fit", True) for r in pts], bool)
@@ -248,7 +248,8 @@ def markdown(rows: list[dict], fits: dict, noise: dict, header: str, n_boot: int
             + "."
         ),
     ]
-    if one_batch_size(rows):
+    single = one_batch_size(rows)  # optimizers side by side: a ranking instead of the fit's table
+    if single:
         lines += [
             "",
             "| target | rank | optimizer | chosen lr | updates (median) | seeds' range | × the first | "
@@ -267,17 +268,14 @@ def markdown(rows: list[dict], fits: dict, noise: dict, header: str, n_boot: int
             "a median is claimed: two optimizers are told apart only where every seed of one is faster than every "
             'seed of the other ("range below the next\'s").',
         ]
-    lines += (
-        []
-        if one_batch_size(rows)
-        else [
+    else:
+        lines += [
             "",
             "| optimizer | target | points | seeds per point | S_min [95 %] | E_min [95 %] | B_crit = E_min/S_min "
             "[95 % bootstrap over seeds] | B_simple ± se (reference run) | B_noise ± se | B_precond ± se |",
             "|---|---|---|---|---|---|---|---|---|---|",
         ]
-    )
-    for (opt, acc), f in {} if one_batch_size(rows) else fits.items():
+    for (opt, acc), f in {} if single else fits.items():
         n = noise.get((opt, acc), {})
         simple, curved, precond = (
             f"{_g(n[k])} ± {_g(n[k + '_se'])}" if k in n else "—" for k in ("b_simple", "b_noise", "b_precond")
