@@ -8,7 +8,7 @@ import sys
 import pytest
 from hydra import compose, initialize_config_dir
 
-from conftest import ROOT
+from conftest import ROOT, command
 from descent.engine import threads
 
 
@@ -99,3 +99,21 @@ def test_train_py_imports_descent_before_torch():
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", str(threads.SPIN_COUNT)]
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="a second intra-op thread needs a second CPU")
+def test_every_intra_op_thread_of_a_run_flushes_subnormals(tmp_path, store):
+    """trainer.flush_denormal (on by default) reaches all of torch's threads, not only the one that set it: the
+    flag is set before the data's first parallel op starts OpenMP's pool, whose threads copy it when they start.
+    tests/subnormals_at_fit.py probes them as a real run's fit starts, at 2 threads."""
+    args = [*command("trainer.max_updates=4", "trainer.threads=2", cwd=tmp_path, script="tests/subnormals_at_fit.py")]
+    proc = subprocess.run(
+        args,
+        cwd=tmp_path,
+        env={**os.environ, "MLFLOW_TRACKING_URI": store},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "subnormal results: 0 of 16777216 on 2 threads" in proc.stdout, proc.stdout[-2000:]

@@ -32,7 +32,7 @@ from descent.console import terminal
 from descent.data import DataError
 from descent.engine import threads
 from descent.engine.lightning_private import stop_at_next_chunk
-from descent.engine.loop import Classifier, Diverged
+from descent.engine.loop import Classifier, Diverged, flush_subnormals
 from descent.engine.state import ResumeError, SafetyCheckpoints
 from descent.nets import SizeError, toy
 from descent.reports import pictures
@@ -179,6 +179,8 @@ def build(cfg: DictConfig, hc: DictConfig, resumed: Resumed | None = None, callb
     The data is read and the network sized before any MLflow run exists (DataError, SizeError)."""
     out_dir = resumed.out_dir if resumed else Path(hc.runtime.output_dir)
     choices = resumed.choices if resumed else {g: hc.runtime.choices[g] for g in GROUPS if g in hc.runtime.choices}
+    if cfg.trainer.flush_denormal:  # before the data's first parallel op starts torch's threads (they copy it)
+        flush_subnormals()
     pl.seed_everything(cfg.seed, verbose=False)
     data = instantiate(cfg.data, seed=cfg.seed)
     data.load()
