@@ -37,7 +37,7 @@ How it measures (the same on every row):
   growth over the resident set after imports (torch + lightning alone hold ~900 MiB here).
 - threads: plain, descent and their variants run at descent's thread policy (descent/engine/threads.py: the
   intra-op threads it chooses for the regime's batch size on this machine, GOMP_SPINCOUNT=1000);
-  plain-2t and descent-2t at 2 intra-op threads with OpenMP's default wait policy (torch's default on
+  plain-2t, descent-2t and train.py-2t at 2 intra-op threads with OpenMP's default wait policy (torch's default on
   a 2-core machine, and descent's before the policy); Keras as a user gets it. The table names each row's.
 - busy-* rows run the same jobs while one other CPU-bound process (`python -c 'while True: pass'`,
   started before the job and killed after it) holds a core: a parallel sweep, a second user, CI.
@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> None:
                 "threads": 2 if name.endswith("-2t") else args.threads or "policy",
                 "wait_policy": None if name.endswith("-2t") else str(SPIN_COUNT),
             }
-            if name in ("keras", "train.py"):  # a process of its own, also with --quick
+            if name in ("keras", "train.py", "train.py-2t"):  # a process of its own, also with --quick
                 print(f"round {rnd + 1}/{rounds}: {reg.key} / {name}", file=sys.stderr, flush=True)
                 with competitor(reg.busy):
                     (run_keras if name == "keras" else run_whole)(job, tmp, env)

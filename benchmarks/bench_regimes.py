@@ -67,7 +67,7 @@ def regimes(quick: bool, keras: bool, gpu: bool = False) -> list[Regime]:
     ]
     threads = ("plain", "descent", "plain-2t", "descent-2t")  # the thread policy against 2 threads
     cpu = [
-        Regime("seed", "rmsprop, batch 128", "rmsprop", "mini", n, long, seed + threads[2:], 0.8),
+        Regime("seed", "rmsprop, batch 128", "rmsprop", "mini", n, long, seed + threads[2:] + ("train.py-2t",), 0.8),
         Regime("online-sgd", f"sgd lr 0.01, batch 1, first {online_n}", "sgd", "online", online_n, short, threads, 1.0),
         Regime(
             "online-rmsprop",

@@ -99,9 +99,14 @@ def run_whole(job: dict, tmp: Path, env: dict) -> None:
 
     from mlflow import MlflowClient
 
+    from descent.engine.threads import LIBGOMP_SPIN
     from descent.tracking import names
 
     run_dir = Path(job["result"]).with_suffix("")
+    env = {k: v for k, v in env.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    two = []
+    if job["threads"] != "policy":  # -2t: 2 threads, libgomp's own spin (descent keeps a GOMP_SPINCOUNT it finds)
+        env["GOMP_SPINCOUNT"], two = str(LIBGOMP_SPIN), [f"trainer.threads={job['threads']}"]
     args = train_py(
         job["data"],
         run_dir,
@@ -113,6 +118,7 @@ def run_whole(job: dict, tmp: Path, env: dict) -> None:
         f"trainer.max_epochs={job['epochs']}",
         "logger.experiment_name=bench-train.py",
         *UNTIMED,
+        *two,
     )
     busy, tic = Others(), time.perf_counter()
     proc = subprocess.Popen(
@@ -138,6 +144,7 @@ def run_whole(job: dict, tmp: Path, env: dict) -> None:
     ends = [0] + sorted(step for step, epoch in history[names.EPOCH].items() if epoch == int(epoch) and epoch > 0)
     at = {k: [history[k].get(step, 0.0) for step in ends] for k in (names.SECONDS, names.UPDATES)}
     others = max(0.0, share - child / wall / os.cpu_count())
+    params = client.get_run(run_id).data.params  # the threads and OpenMP wait the run itself reported
     Path(job["result"]).write_text(
         json.dumps(
             {
@@ -147,6 +154,8 @@ def run_whole(job: dict, tmp: Path, env: dict) -> None:
                 "peak_rss_mib": cpu.ru_maxrss / 1024,
                 "base_rss_mib": float("nan"),
                 "test_acc": client.get_run(run_id).data.metrics[names.TEST_ACC],
+                "threads": int(params["torch.threads"]),
+                "wait_policy": params["omp.wait_policy"],
                 # the start-up row of --quick reads these (one train.py process fewer): descent's own log line
                 # and the whole command's seconds
                 "first_update": float(match.group(1)) if (match := FIRST_UPDATE.search(output)) else None,
