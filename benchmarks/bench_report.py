@@ -37,8 +37,8 @@ def machine(info: dict) -> list[str]:
         f"{platform.system()} {platform.release()}; Python {platform.python_version()}",
         f"- torch {info.get('torch', '?')}, intra-op threads per row (column threads: count and OpenMP's wait), "
         f"{info.get('interop_threads', '?')} inter-op"
-        + "; flush-denormal on for descent and the plain loop, set as descent sets it (after the data is loaded;"
-        " torch's flag is per thread, so it reaches the main thread only)"
+        + "; flush-denormal on for descent and the plain loop, set as descent sets it (before the data is loaded:"
+        " torch's flag is per thread, and OpenMP's threads copy it when they start)"
         + (
             f"; keras {info['keras']} (torch backend, flush-denormal off: as a user gets it)"
             if "keras" in info

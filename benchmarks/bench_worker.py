@@ -51,14 +51,6 @@ def reset_peak_rss() -> bool:
         return False
 
 
-def flush_denormal() -> None:
-    import numpy as np
-    import torch
-
-    np.finfo(np.float32), np.finfo(np.float64)  # as Classifier.on_fit_start: numpy caches its limits first
-    torch.set_flush_denormal(True)
-
-
 def over_budget(job: dict, start: float) -> bool:
     """The job has used its share of the run's time (checked after warm-up + 1 timed epoch)."""
     return bool(job.get("budget")) and time.perf_counter() - start > job["budget"]
@@ -132,7 +124,9 @@ def run_plain(job: dict, cfg) -> dict:
 
     import descent.engine.reference as reference
     from descent.data import ensure_data, epoch_permutation, load_split
+    from descent.engine.loop import flush_subnormals
 
+    flush_subnormals()  # as pipeline.build: before anything can start torch's threads
     ensure_data(cfg.data.root, download=False)
     device = torch.device(job.get("device", "cpu"))
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -145,7 +139,6 @@ def run_plain(job: dict, cfg) -> dict:
     # torch's default implementation (on CPU the for-loop one): drop the config's `fused: true`
     hyper = {k: v for k, v in OmegaConf.to_container(cfg.optimizer).items() if k not in ("fused", "foreach")}
     optimizer = instantiate(hyper)(net.parameters())
-    flush_denormal()
 
     seconds, updates, others = [], [], []
     start = time.perf_counter()
