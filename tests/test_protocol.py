@@ -181,3 +181,27 @@ def test_a_warm_started_cell_whose_first_rate_misses_looks_down_first():
     assert chosen[target_key("updates", 0.97)] == pytest.approx(0.05)
     cold, _ = run_cell(bowl(2e-4, reach=3), start=0.01)
     assert [lr for lr, _, role in cold if role == "search"][:2] == pytest.approx([0.01, 0.04])  # a cold start: up
+
+
+def test_a_search_trial_is_bounded_by_twice_the_updates_of_the_next_smaller_batch_size():
+    # B = 64 reaches 0.97 in 100 updates at best (bowl: 100 x (1 + 0.01 seed)); B = 256's search trials may spend
+    # 2 x 100 there, its seed runs are not bounded; B = 16, with no smaller cell, has no bound, nor does a cell
+    # of another optimizer
+    storage = optuna.storages.InMemoryStorage()
+    grid = lambda opt, b: {"optimizer": opt, "data.batch_size": b}
+    kw = dict(start=0.1, storage=storage, warm="data.batch_size", neighbour_bound=2.0)
+    run_cell(bowl(0.1), cell=grid("sgd", "64"), **kw)
+    for b in ("256", "16"):
+        run_cell(bowl(0.05), cell=grid("sgd", b), **kw)
+    run_cell(bowl(0.05), cell=grid("adam", "256"), **kw)
+    bounds = {
+        name: [(t.user_attrs["descent.role"], t.user_attrs.get("descent.bound")) for t in study_trials(storage, name)]
+        for name in ("sgd-256", "sgd-16", "adam-256")
+    }
+    assert all(b == {"0.97": 200.0} for role, b in bounds["sgd-256"] if role == "search"), bounds["sgd-256"]
+    assert all(b is None for role, b in bounds["sgd-256"] if role != "search")
+    assert all(b is None for _, b in bounds["sgd-16"] + bounds["adam-256"])
+
+
+def study_trials(storage, name):
+    return optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)

@@ -119,3 +119,35 @@ def test_a_trial_the_study_tells_to_stop_earlier_says_so_in_its_config():
         OmegaConf.set_struct(cfg, True)
         stop_where_the_study_says(cfg, trial)
         assert cfg.sweep.target_acc == expected
+
+
+def test_a_search_trial_may_spend_the_fewer_of_the_studys_best_and_its_own_bound():
+    """descent.bound (the protocol's bound from the next smaller batch size) caps what a search trial may spend on
+    a target it has not reached, beside the study's best there; the largest over the open targets decides."""
+    import optuna
+
+    from descent.sweep.job import Target
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study()
+    done = study.ask()
+    done.set_user_attr("target/updates/0.97", 300)
+    done.set_user_attr("target/updates/0.98", 900)
+    study.tell(done, 900)
+    trial = study.ask()
+    target = Target(None, 0.98, trial, targets=[0.97])
+    assert target.best("updates") == 900  # no bound: the study's best at the highest open target
+    trial.set_user_attr("descent.bound", {"0.97": 200.0, "0.98": 500.0})
+    target = Target(None, 0.98, trial, targets=[0.97])
+    assert target.best("updates") == 500  # min(300, 200) at 0.97, min(900, 500) at 0.98: the larger
+    target.crossed = [0.97]  # 0.97 reached: 0.98 alone is open
+    assert target.best("updates") == 500
+    trial.set_user_attr("descent.bound", {"0.97": 200.0, "0.98": 100.0})
+    target = Target(None, 0.98, trial, targets=[0.97])
+    assert target.best("updates") == 200  # max(min(300, 200), min(900, 100))
+    target.crossed = [0.97]
+    assert target.best("updates") == 100
+    assert target.best("examples") == 900  # the bound is in updates: examples go by the study's (its value) alone
+    alone = optuna.create_study().ask()
+    alone.set_user_attr("descent.bound", {"0.98": 40.0})
+    assert Target(None, 0.98, alone, targets=[0.97]).best("updates") == float("inf")  # 0.97: nothing bounds it

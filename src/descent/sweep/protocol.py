@@ -24,6 +24,13 @@ Where the runs stop: a search trial and the reference go on to the highest targe
 stops at the highest target its rate was chosen for (user attribute descent.stop, which the job makes its
 sweep.target_acc: a rate chosen for 0.95 alone is not run on to 0.98, which at that rate may take the budget).
 
+4. The bound from the smaller neighbour (`neighbour_bound`, e.g. 2): a search trial is pruned once it has spent
+   that many times the fewest updates any run of the nearest smaller cell along `warm` took to every target it
+   has not reached (user attribute descent.bound, read by the job's Target). With a good rate a larger batch
+   needs no more updates than a smaller one (S(B) = S_min + E_min/B falls with B), so a rate that has not got
+   there by then is not the cell's best; past the critical batch size, where a warm start's rate diverges or
+   stalls, this ends it in a few hundred updates instead of the whole budget.
+
 Any optimizer, any cell: nothing here knows what is trained. `start` gives the first rate per value of the
 cell (e.g. per optimizer); `warm` starts a cell from the rate its neighbour along that key chose (the last
 batch size done), scaled by (B/B')^warm_power.
@@ -36,7 +43,7 @@ import math
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.samplers import BaseSampler
 
-from descent.tracking.names import CELL, INTERRUPTED, PRUNE, ROLE, STOP, TARGET_UPDATES
+from descent.tracking.names import BOUND, CELL, INTERRUPTED, PRUNE, ROLE, STOP, TARGET_UPDATES
 
 UPDATES = TARGET_UPDATES + "/"  # + the target: descent.tracking.names.target_key("updates", acc)
 
@@ -68,6 +75,7 @@ class Protocol(BaseSampler):
         max_search: int = 16,
         warm: str | None = None,
         warm_power: float = 0.5,
+        neighbour_bound: float | None = None,
         reference: dict | None = None,
         reference_param: str = "trainer.noise_at_targets",
         seed: int | None = None,
@@ -75,7 +83,7 @@ class Protocol(BaseSampler):
         self.lr_param, self.seed_param = lr_param, seed_param
         self.start = dict(start) if hasattr(start, "items") else start  # a DictConfig from hydra's instantiate
         self.coarse, self.fine, self.max_search = coarse, fine, max_search
-        self.warm, self.warm_power = warm, warm_power
+        self.warm, self.warm_power, self.neighbour_bound = warm, warm_power, neighbour_bound
         self.reference, self.reference_param = dict(reference or {}), reference_param
         self._planned: dict[int, dict] = {}  # trial id -> its params (each param is asked for separately)
         self.space: dict = {}  # the search space's distributions: the sweeper hands them over before asking
@@ -98,6 +106,8 @@ class Protocol(BaseSampler):
             study._storage.set_trial_user_attr(trial._trial_id, PRUNE, plan["role"] == "search")
             if "stop" in plan:
                 study._storage.set_trial_user_attr(trial._trial_id, STOP, plan["stop"])
+            if plan["role"] == "search" and (bound := self.bound(study)):
+                study._storage.set_trial_user_attr(trial._trial_id, BOUND, bound)
         plan = self._planned[trial._trial_id]
         if param_name == self.lr_param:
             return plan["lr"]
@@ -141,12 +151,11 @@ class Protocol(BaseSampler):
             start = next((start[v] for v in map(str, cell.values()) if v in start), start.get("default"))
         return float(start) if start is not None else math.sqrt(low * high)
 
-    def _warm_start(self, study) -> float | None:
-        """The rate the nearest finished neighbour along `warm` chose for its highest target, scaled."""
+    def _neighbours(self, study):
+        """(my value along `warm`, theirs, their finished trials) for every other cell that differs only there."""
         cell = study.user_attrs.get(CELL)
         if not cell or self.warm not in cell:
-            return None
-        mine, best = float(cell[self.warm]), None
+            return
         for other in study._storage.get_all_studies():
             theirs = other.user_attrs.get(CELL, {})
             if (
@@ -156,16 +165,34 @@ class Protocol(BaseSampler):
             ):
                 continue
             trials = [
-                t
-                for t in study._storage.get_all_trials(other._study_id, deepcopy=False)
-                if t.state.is_finished() and t.user_attrs.get(ROLE, "search") == "search"
+                t for t in study._storage.get_all_trials(other._study_id, deepcopy=False) if t.state.is_finished()
             ]
+            yield float(cell[self.warm]), float(theirs[self.warm]), trials
+
+    def _warm_start(self, study) -> float | None:
+        """The rate the nearest finished neighbour along `warm` chose for its highest target, scaled."""
+        best = None
+        for mine, theirs, trials in self._neighbours(study):
+            trials = [t for t in trials if t.user_attrs.get(ROLE, "search") == "search"]
             keys = targets_of(trials)
             rate = best_rate(trials, keys[0], self.lr_param) if keys else None
-            distance = abs(math.log(float(theirs[self.warm]) / mine))
+            distance = abs(math.log(theirs / mine))
             if rate is not None and (best is None or distance < best[0]):
-                best = (distance, rate * (mine / float(theirs[self.warm])) ** self.warm_power)
+                best = (distance, rate * (mine / theirs) ** self.warm_power)
         return best[1] if best else None
+
+    def bound(self, study) -> dict[str, float]:
+        """{target: neighbour_bound x the fewest updates any run of the nearest smaller cell took to it}."""
+        if not self.neighbour_bound:
+            return {}
+        smaller = [(theirs, trials) for mine, theirs, trials in self._neighbours(study) if theirs < mine]
+        for _, trials in sorted(smaller, key=lambda c: -c[0]):  # the nearest that reached a target
+            if keys := targets_of(trials):
+                return {
+                    k[len(UPDATES) :]: self.neighbour_bound * min(t.user_attrs[k] for t in trials if k in t.user_attrs)
+                    for k in keys
+                }
+        return {}
 
     def plan(self, study, space=None, exclude: int | None = None) -> dict | None:
         """The next trial's {lr, seed, role}, or None when the cell is done (or waits on running trials)."""
