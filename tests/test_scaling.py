@@ -6,6 +6,8 @@ Hydra, real optuna storage, real MLflow store; 600 examples."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import optuna
 import pytest
@@ -303,3 +305,20 @@ def test_a_cell_on_fewer_seeds_than_the_others_is_shown_but_left_out_of_the_fit(
     assert fits["sgd", 0.97]["s_min"] == pytest.approx(100) and fits["sgd", 0.97]["e_min"] == pytest.approx(10000)
     assert "Left out of the fit (measured on fewer seeds" in markdown(rows, fits, {}, "# t", n_boot=20)
     assert "sgd B 4096 @ 0.97" in markdown(rows, fits, {}, "# t", n_boot=20)
+
+
+def test_the_rate_rule_recovers_its_scale_from_rates_on_the_protocols_lattice():
+    # rates drawn from ε(B) = 1.2 / (1 + 200/B), each rounded to the protocol's √2 lattice as a chosen rate is
+    from descent.reports import rate_rule
+
+    sizes = [1, 4, 16, 64, 128, 256, 1024, 4096]
+    lattice = lambda x: math.sqrt(2) ** round(math.log(x, math.sqrt(2)))
+    rates = [lattice(1.2 / (1 + 200 / b)) for b in sizes]
+    right, wrong = rate_rule.fit(sizes, rates, scale=200.0), rate_rule.fit(sizes, rates, scale=2000.0)
+    assert right["b_fit_low"] <= 200 <= right["b_fit_high"] and 100 < right["b_fit"] < 400
+    assert right["miss_fit"] <= math.sqrt(2) and right["miss_scale"] <= math.sqrt(2)
+    assert wrong["miss_scale"] > 2  # a scale 10x off misses the small-B rates by far more than a lattice step
+    assert 0.6 < right["eps_max"] < 2.4
+    # a rate that stops growing at B = 64 (as plain SGD's does here) puts the scale near 64, not above
+    flat = [min(r, 0.5) for r in [b / 128 for b in sizes]]
+    assert rate_rule.fit(sizes, flat)["b_fit"] < 128

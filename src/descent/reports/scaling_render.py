@@ -10,6 +10,7 @@ import numpy as np
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 
+from descent.reports import rate_rule
 from descent.reports.scaling import BOOTSTRAP, SCALES, _g, by_seed, ratios
 
 
@@ -286,6 +287,34 @@ def markdown(rows: list[dict], fits: dict, noise: dict, header: str, n_boot: int
             f"{_g(f['e_min_high'])}] | {_g(f['b_crit'])} [{_g(f['b_crit_low'])}, {_g(f['b_crit_high'])}] "
             f"({f['bootstrap_finite']} finite) | {simple} | {curved} | {precond} |"
         )
+    if rule := [] if single else rate_rule.rules(rows, fits, noise):
+        lines += [
+            "",
+            "The chosen rate against McCandlish et al.'s rule ε(B) = ε_max / (1 + B_ε/B):",
+            "",
+            "| optimizer | target | batch sizes | ε_max | B_ε fitted [range within ×√2 of every chosen rate] | "
+            "worst miss of the fit | B_ε = the measured scale | its ε_max | its worst miss | B_crit |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for q in rule:
+            measured = (
+                f"{q['scale_name']} {_g(q['scale'])} | {_g(q['eps_max_scale'])} | ×{q['miss_scale']:.2f}"
+                if "scale" in q
+                else "— | — | —"
+            )
+            lines.append(
+                f"| {q['optimizer']} | {q['target']:g} | {q['points']} | {_g(q['eps_max'])} | {_g(q['b_fit'])} "
+                f"[{_g(q['b_fit_low'])}, {_g(q['b_fit_high'])}] | ×{q['miss_fit']:.2f} | {measured} | "
+                f"{_g(q['b_crit'])} |"
+            )
+        lines += [
+            "",
+            "The rates are the first seed's choices on the protocol's √2 lattice, so a curve within ×√2 of each "
+            "fits as well as they can tell; the range is every B_ε for which it does (—: none does; 0 or inf: "
+            "open at that end of a scan from the smallest B / 100 to the largest B x 100). The measured scale is "
+            "the reference run's B_noise at that target (else B_simple), with ε_max refitted (descent/reports/"
+            "rate_rule.py).",
+        ]
     if pairs := ratios(rows, n_boot=n_boot):
         a, m = pairs[0]["pair"]
         lines += [
