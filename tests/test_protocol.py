@@ -183,22 +183,27 @@ def test_a_warm_started_cell_whose_first_rate_misses_looks_down_first():
     assert [lr for lr, _, role in cold if role == "search"][:2] == pytest.approx([0.01, 0.04])  # a cold start: up
 
 
-def test_a_search_trial_is_bounded_by_twice_the_updates_of_the_next_smaller_batch_size():
-    # B = 64 reaches 0.97 in 100 updates at best (bowl: 100 x (1 + 0.01 seed)); B = 256's search trials may spend
-    # 2 x 100 there, its seed runs are not bounded; B = 16, with no smaller cell, has no bound, nor does a cell
-    # of another optimizer
+def test_a_search_trial_gets_a_deadline_at_the_lowest_target_from_the_next_smaller_batch_size():
+    # B = 64 reaches 0.95 in 50 updates at best (half its bowl's 0.97 count); B = 256's search trials get 4 x 50
+    # at 0.95 and nothing at 0.97 (to the highest target a larger batch may need more updates), its seed runs
+    # none; B = 16, with no smaller cell, gets none, nor does a cell of another optimizer
     storage = optuna.storages.InMemoryStorage()
     grid = lambda opt, b: {"optimizer": opt, "data.batch_size": b}
-    kw = dict(start=0.1, storage=storage, warm="data.batch_size", neighbour_bound=2.0)
-    run_cell(bowl(0.1), cell=grid("sgd", "64"), **kw)
+    kw = dict(start=0.1, storage=storage, warm="data.batch_size", neighbour_bound=4.0)
+
+    def two(best):
+        one = bowl(best)
+        return lambda lr, seed: {acc: s / f for acc, f in ((0.95, 2), (0.97, 1)) for s in one(lr, seed).values()}
+
+    run_cell(two(0.1), cell=grid("sgd", "64"), **kw)
     for b in ("256", "16"):
-        run_cell(bowl(0.05), cell=grid("sgd", b), **kw)
-    run_cell(bowl(0.05), cell=grid("adam", "256"), **kw)
+        run_cell(two(0.05), cell=grid("sgd", b), **kw)
+    run_cell(two(0.05), cell=grid("adam", "256"), **kw)
     bounds = {
         name: [(t.user_attrs["descent.role"], t.user_attrs.get("descent.bound")) for t in study_trials(storage, name)]
         for name in ("sgd-256", "sgd-16", "adam-256")
     }
-    assert all(b == {"0.97": 200.0} for role, b in bounds["sgd-256"] if role == "search"), bounds["sgd-256"]
+    assert all(b == {"0.95": 200.0} for role, b in bounds["sgd-256"] if role == "search"), bounds["sgd-256"]
     assert all(b is None for role, b in bounds["sgd-256"] if role != "search")
     assert all(b is None for _, b in bounds["sgd-16"] + bounds["adam-256"])
 

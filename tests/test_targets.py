@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 from functools import partial
 
+import pytest
 import torch
 from mlflow import MlflowClient
 
@@ -121,33 +122,34 @@ def test_a_trial_the_study_tells_to_stop_earlier_says_so_in_its_config():
         assert cfg.sweep.target_acc == expected
 
 
-def test_a_search_trial_may_spend_the_fewer_of_the_studys_best_and_its_own_bound():
-    """descent.bound (the protocol's bound from the next smaller batch size) caps what a search trial may spend on
-    a target it has not reached, beside the study's best there; the largest over the open targets decides."""
+def test_a_search_trial_that_misses_its_deadline_is_pruned_and_a_measurement_never_is():
+    """descent.bound (the protocol's deadline from the next smaller batch size) prunes a search trial that has not
+    reached that target after so many updates; a reached target's deadline no longer counts, and a seed run
+    (descent.prune false) is never pruned. The module is a stand-in with the attributes the hook reads."""
+    from types import SimpleNamespace
+
     import optuna
 
-    from descent.sweep.job import Target
+    from descent.sweep.job import Pruned, Target
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study()
-    done = study.ask()
-    done.set_user_attr("target/updates/0.97", 300)
-    done.set_user_attr("target/updates/0.98", 900)
-    study.tell(done, 900)
-    trial = study.ask()
-    target = Target(None, 0.98, trial, targets=[0.97])
-    assert target.best("updates") == 900  # no bound: the study's best at the highest open target
-    trial.set_user_attr("descent.bound", {"0.97": 200.0, "0.98": 500.0})
-    target = Target(None, 0.98, trial, targets=[0.97])
-    assert target.best("updates") == 500  # min(300, 200) at 0.97, min(900, 500) at 0.98: the larger
-    target.crossed = [0.97]  # 0.97 reached: 0.98 alone is open
-    assert target.best("updates") == 500
-    trial.set_user_attr("descent.bound", {"0.97": 200.0, "0.98": 100.0})
-    target = Target(None, 0.98, trial, targets=[0.97])
-    assert target.best("updates") == 200  # max(min(300, 200), min(900, 100))
-    target.crossed = [0.97]
-    assert target.best("updates") == 100
-    assert target.best("examples") == 900  # the bound is in updates: examples go by the study's (its value) alone
-    alone = optuna.create_study().ask()
-    alone.set_user_attr("descent.bound", {"0.98": 40.0})
-    assert Target(None, 0.98, alone, targets=[0.97]).best("updates") == float("inf")  # 0.97: nothing bounds it
+    module = SimpleNamespace(updates=0, train_seconds=0.0, record=lambda metrics: None)
+    search = study.ask()
+    search.set_user_attr("descent.bound", {"0.95": 200.0})
+    target = Target(module, 0.98, search, targets=[0.95, 0.97])
+    assert target.deadlines() == [(0.95, 200.0)]
+    module.updates = 199
+    target(199 * 128, {"val/acc": 0.9})  # before its deadline: goes on
+    module.updates = 200
+    with pytest.raises(Pruned, match="200 updates without val/acc >= 0.95, its deadline"):
+        target(200 * 128, {"val/acc": 0.9})
+    reached = Target(module, 0.98, search, targets=[0.95, 0.97])
+    reached(200 * 128, {"val/acc": 0.955})  # reached 0.95 at that point: no deadline is left
+    assert reached.deadlines() == [] and reached.crossed == [0.95]
+    module.updates = 10**6
+    reached(10**6 * 128, {"val/acc": 0.96})  # no study best yet at 0.97 or 0.98: nothing prunes it
+    seed_run = study.ask()
+    seed_run.set_user_attr("descent.prune", False)
+    seed_run.set_user_attr("descent.bound", {"0.95": 200.0})
+    Target(module, 0.98, seed_run, targets=[0.95, 0.97])(10**6 * 128, {"val/acc": 0.9})

@@ -92,8 +92,9 @@ class Target:
     In a study (`trial` given) each crossing is also the trial's user attribute (target/updates/0.97: the
     study's sampler and later trials read it), and a run is pruned once it can no longer win any target it
     has not reached: it has spent as many updates (examples) as the study's best trial took to each of them
-    (Shallue et al. 2019), or the trial's own bound there (user attribute descent.bound, in updates: the
-    protocol's bound from the next smaller batch size). The bests are read at each validation point, so trials running side by side
+    (Shallue et al. 2019); or once it has spent its deadline for a target without reaching it (user attribute
+    descent.bound, {target: updates}: the protocol's deadline from the next smaller batch size). The bests are
+    read at each validation point, so trials running side by side
     (hydra.sweeper.n_jobs, a cluster) bound each other as they finish. A trial the study marks as a
     measurement (user attribute descent.prune false: descent/sweep/protocol.py's seed re-runs) is never pruned."""
 
@@ -140,9 +141,20 @@ class Target:
         if self.prunes and spent >= (bound := self.best(what)):
             raise Pruned(
                 f"trial {self.trial.number} pruned at {examples} examples: {spent} {what} without "
-                f"val/acc >= {self.open_targets()[0]:g}, and the study's best trials (or the bound from the "
-                f"smaller batch size) reached each target not yet reached in at most {bound:.0f}"
+                f"val/acc >= {self.open_targets()[0]:g}, and the study's best trials reached each target "
+                f"not yet reached in at most {bound:.0f}"
             )
+        if self.prunes and (late := [(t, cap) for t, cap in self.deadlines() if m.updates >= cap]):
+            t, cap = late[0]
+            raise Pruned(
+                f"trial {self.trial.number} pruned at {examples} examples: {m.updates} updates without val/acc >= "
+                f"{t:g}, its deadline from the next smaller batch size ({cap:.0f} updates)"
+            )
+
+    def deadlines(self) -> list[tuple[float, float]]:
+        """(target, updates) for each target not yet reached that the study gave this trial a deadline for."""
+        given = self.trial.user_attrs.get(names.BOUND, {})
+        return [(t, float(given[k])) for t in self.open_targets() for k in given if float(k) == t]
 
     def open_targets(self) -> list[float]:
         return [t for t in self.accs if t not in self.crossed]
@@ -151,14 +163,12 @@ class Target:
         """The most the run may still spend: the largest, over the targets it has not reached, of the study's
         fewest updates (examples) to that target so far (any trial's crossing, pruned or not; inf before any)."""
         found = self.trial.study.get_trials(deepcopy=False)
-        mine = self.trial.user_attrs.get(names.BOUND, {}) if what == "updates" else {}
         bounds = []
         for t in self.open_targets():
             key = names.target_key(what, t)
             done = [tr.user_attrs[key] for tr in found if key in tr.user_attrs and tr.number != self.trial.number]
             if t == self.target_acc:  # trials recorded before per-target attributes: their objective value
                 done += [tr.value for tr in found if tr.state.name == "COMPLETE" and key not in tr.user_attrs]
-            done += [v for k, v in mine.items() if float(k) == t]
             bounds.append(min(done, default=float("inf")))
         return max(bounds, default=float("inf"))
 

@@ -104,7 +104,7 @@ STUDY_BEST = "optuna.best."  # a grid's study: optuna.best.<its cell>
 ROLE, PRUNE, CELL = "descent.role", "descent.prune", "descent.cell"
 STOP = "descent.stop"  # a trial's highest target (a seed run's: the highest its rate was chosen for)
 INTERRUPTED = "descent.interrupted"  # a trial whose command died under it: run again
-BOUND = "descent.bound"  # a search trial's most updates per target ({"0.97": n}): from the next smaller cell
+BOUND = "descent.bound"  # a search trial's deadline ({"0.95": updates}): from the next smaller cell
 
 # --- params a run records beside its config ---------------------------------------------------------------------
 TRAIN_EXAMPLES = "data.train_examples"  # the training examples after the split (batching=full's batch)

@@ -145,8 +145,8 @@ class ProtocolSamplerConfig(SamplerConfig):
     max_search: int = 16  # search trials per cell at most (then the cell measures what it found)
     warm: Optional[str] = None  # a grid key (data.batch_size): start from the rate the nearest cell along it chose
     warm_power: float = 0.5  # ... times (B / B')^warm_power (0.5: the square-root rule)
-    # a search trial is pruned once it has spent this many times the fewest updates the nearest smaller cell along
-    # `warm` took to each target it has not reached (a larger batch needs no more updates at a good rate); None: off
+    # a search trial that has not reached the lowest target after this many times the fewest updates the nearest
+    # smaller cell along `warm` took to it is pruned (a rate that diverged or stalls); None: off
     neighbour_bound: Optional[float] = None
     # grid values of the cell that also runs the reference trajectory ({data.batch_size: 128}): the first seed at
     # the chosen rate once more with reference_param true
