@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
     gpu = not args.no_gpu and _has_cuda()
     regs = [r for r in regimes(args.quick, keras, gpu) if only is None or r.key in only]
     rows = {(r.key, c): Row(r, c) for r in regs for c in r.contenders}
-    info: dict = {"load_start": open("/proc/loadavg").read().split()[0]}
+    info: dict = {}  # what the workers report of the machine (torch, threads, GPU); other work: each row's others' CPU
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(p for p in [str(ROOT / "src"), os.environ.get("PYTHONPATH")] if p),
@@ -200,7 +200,6 @@ def main(argv: list[str] | None = None) -> None:
         checkpoints = []  # --quick (the suite's smoke test) runs them only when asked: a server and 4+ runs
         if (only is None and not args.quick) or (only is not None and "checkpoints" in only):
             checkpoints = checkpoint_costs(rounds, args.data, tmp, env, args.quick)
-    info["load_end"] = open("/proc/loadavg").read().split()[0]
 
     command = "python benchmarks/bench.py" + "".join(" " + shlex.quote(a) for a in (argv or sys.argv[1:]))
     report = [

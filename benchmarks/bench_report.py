@@ -44,7 +44,6 @@ def machine(info: dict) -> list[str]:
             if "keras" in info
             else "; Keras not run (--no-keras, or not installed: pip install -e '.[bench]')"
         ),
-        f"- load average at start / end: {info['load_start']} / {info['load_end']} (another user shares this machine)",
     ] + ([f"- GPU: {info['gpu']} (gpu-* rows)"] if info.get("gpu") else [])
 
 
