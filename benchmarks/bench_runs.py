@@ -144,7 +144,7 @@ def run_whole(job: dict, tmp: Path, env: dict) -> None:
     ends = [0] + sorted(step for step, epoch in history[names.EPOCH].items() if epoch == int(epoch) and epoch > 0)
     at = {k: [history[k].get(step, 0.0) for step in ends] for k in (names.SECONDS, names.UPDATES)}
     others = max(0.0, share - child / wall / os.cpu_count())
-    params = client.get_run(run_id).data.params  # the threads and OpenMP wait the run itself reported
+    record = client.get_run(run_id).data  # its test accuracy, and the threads and OpenMP wait it reported
     Path(job["result"]).write_text(
         json.dumps(
             {
@@ -153,9 +153,9 @@ def run_whole(job: dict, tmp: Path, env: dict) -> None:
                 "others": [others] * (len(ends) - 1),
                 "peak_rss_mib": cpu.ru_maxrss / 1024,
                 "base_rss_mib": float("nan"),
-                "test_acc": client.get_run(run_id).data.metrics[names.TEST_ACC],
-                "threads": int(params["torch.threads"]),
-                "wait_policy": params["omp.wait_policy"],
+                "test_acc": record.metrics[names.TEST_ACC],
+                "threads": int(record.params["torch.threads"]),
+                "wait_policy": record.params["omp.wait_policy"],
                 # the start-up row of --quick reads these (one train.py process fewer): descent's own log line
                 # and the whole command's seconds
                 "first_update": float(match.group(1)) if (match := FIRST_UPDATE.search(output)) else None,

@@ -32,10 +32,10 @@ def fit(batch_sizes, rates, scale: float | None = None) -> dict:
     """The rule fitted to the chosen rates (one per batch size); with `scale`, also the curve at B_ε = scale."""
     b, eps = np.asarray(batch_sizes, float), np.asarray(rates, float)
     grid = np.geomspace(b.min() / SPAN, b.max() * SPAN, GRID)
-    worst = np.array([np.abs(_eps_max(b, eps, s)[1]).max() for s in grid])
-    sse = np.array([np.square(_eps_max(b, eps, s)[1]).sum() for s in grid])
-    best = int(np.argmin(sse))
-    eps_max, residuals = _eps_max(b, eps, float(grid[best]))
+    fits = [_eps_max(b, eps, float(s)) for s in grid]
+    worst = np.array([np.abs(r).max() for _, r in fits])
+    best = int(np.argmin([np.square(r).sum() for _, r in fits]))
+    eps_max, residuals = fits[best]
     inside = np.flatnonzero(worst <= math.log(STEP) + 1e-12)
     low = high = float("nan")
     if inside.size:  # open-ended where the allowed range reaches the edge of the scan

@@ -29,8 +29,9 @@ sweep.target_acc: a rate chosen for 0.95 alone is not run on to 0.98, which at t
    to it is pruned (user attribute descent.bound, {target: updates}, read by the job's Target). To a low target
    a larger batch needs about as many updates as a smaller one or fewer (S(B) = S_min + E_min/B); a rate that is
    4x slower there diverged or stalls, as a warm start's rate does past the critical batch size, and would
-   otherwise run the whole budget. Only the lowest target: to the highest (val/acc 0.98) plain SGD took 2.5x
-   the updates at B = 4096 that it took at 1024, so a deadline there would prune the cell's best.
+   otherwise run the whole budget. Only the lowest target: to the highest (val/acc 0.98) plain SGD took 2.9x
+   the updates at B = 4096 that it took at 1024 (3264 against 1142), so a deadline there would prune the
+   cell's best.
 
 Any optimizer, any cell: nothing here knows what is trained. `start` gives the first rate per value of the
 cell (e.g. per optimizer); `warm` starts a cell from the rate its neighbour along that key chose (the last
