@@ -53,6 +53,15 @@ def main(argv: list[str] | None = None) -> int:
         "learning rates for the same cells; repeatable",
     )
     parser.add_argument(
+        "--trials",
+        metavar="CSV",
+        action="append",
+        default=[],
+        help="with --scaling: also the trials in this scaling_trials.csv (which every scaling report writes: "
+        "every trial's cell, rate, seed and crossings); without --parent, a report of these files alone, "
+        "no MLflow store needed; repeatable",
+    )
+    parser.add_argument(
         "--tracking-uri",
         metavar="URI",
         help="MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)",
@@ -62,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--pictures needs --parent RUN_ID (the sweep's run)")
     if args.more and not args.scaling:
         parser.error("--with joins another sweep's trials to a --scaling report only")
+    if args.trials and not args.scaling:
+        parser.error("--trials joins saved trials to a --scaling report only")
 
     from descent.reports import (
         convergence as report,
@@ -71,7 +82,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.scaling:
             from descent.reports.scaling import make_scaling_report
 
-            paths = make_scaling_report(args.tracking_uri, args.parent, args.out, args.experiment, tuple(args.more))
+            paths = make_scaling_report(
+                args.tracking_uri, args.parent, args.out, args.experiment, tuple(args.more), tuple(args.trials)
+            )
             paths.pop("summary")
         else:
             paths = report.make_report(args.tracking_uri, args.parent, args.experiment, args.out, args.target_acc)

@@ -7,13 +7,16 @@ Hydra, real optuna storage, real MLflow store; 600 examples."""
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import optuna
 import pytest
 from mlflow import MlflowClient
 
-from conftest import compare, train
+from conftest import ROOT, compare, train
 from descent.reports.scaling import Run, analyse, b_crit, bootstrap, fit
 from descent.tracking.names import target_key
 
@@ -168,6 +171,22 @@ def test_tiny_batch_scaling_study_runs_the_protocol_end_to_end_and_goes_on_where
     again = train(*PROTOCOL, cwd=tmp_path, store=store, multirun=True)
     assert (again.stdout + again.stderr).count("its sampler has nothing left to run") == 2
     assert len(client.search_runs([exp.experiment_id])) == len(runs)
+    # ... and in another folder (another machine) from the study's exported file: the protocol reads the same
+    # trials there, so it has nothing left to run either
+    moved, saved = tmp_path / "moved", tmp_path / "study.jsonl"
+    moved.mkdir()
+    transfer = [sys.executable, "-m", "descent.sweep.transfer"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    subprocess.run([*transfer, "export", str(tmp_path / "optuna.db"), str(saved)], check=True, env=env)
+    subprocess.run([*transfer, "import", str(saved), str(moved / "optuna.db")], check=True, env=env)
+    there = train(*PROTOCOL, cwd=moved, store=store, multirun=True)
+    assert (there.stdout + there.stderr).count("its sampler has nothing left to run") == 2
+    new = [r for r in client.search_runs([exp.experiment_id]) if r.info.run_id not in {x.info.run_id for x in runs}]
+    assert [r.data.tags.get("descent.sweep") for r in new] == ["true"]  # its parent, no trial
+    clash = subprocess.run(
+        [*transfer, "import", str(saved), str(moved / "optuna.db")], capture_output=True, text=True, env=env
+    )
+    assert clash.returncode == 2 and "already in the destination" in clash.stderr
     # `compare.py --scaling --with RUN_ID` joins another sweep's runs (here the same sweep's again: twice as many)
     joined = tmp_path / "joined"
     scaling = ("--scaling", "--parent", parent.info.run_id, "--out", str(joined), "--tracking-uri", store)
@@ -175,6 +194,13 @@ def test_tiny_batch_scaling_study_runs_the_protocol_end_to_end_and_goes_on_where
     assert f"{2 * len(children)} runs, 2 (optimizer, batch size) cells" in (joined / "scaling.md").read_text()
     bad = compare(*scaling, "--with", "0" * 32, capture_output=True, text=True)
     assert bad.returncode == 2 and f"--with {'0' * 32}: no such sweep run" in bad.stderr, bad.stderr[-2000:]
+    # the report's scaling_trials.csv redraws it with no store: the same table, the same fits
+    saved = tmp_path / "outputs" / "sweep" / "scaling_trials.csv"
+    assert "report/scaling_trials.csv" in artifacts
+    alone = tmp_path / "alone"
+    compare("--scaling", "--trials", str(saved), "--out", str(alone), "--tracking-uri", "file:///nowhere", check=True)
+    assert (alone / "scaling.csv").read_text() == (tmp_path / "outputs" / "sweep" / "scaling.csv").read_text()
+    assert f"{len(children)} runs, 2 (optimizer, batch size) cells" in (alone / "scaling.md").read_text()
 
 
 def test_the_report_sets_b_noise_and_b_precond_beside_b_simple_and_adamw_against_muon_per_batch_size():
@@ -322,3 +348,29 @@ def test_the_rate_rule_recovers_its_scale_from_rates_on_the_protocols_lattice():
     # a rate that stops growing at B = 64 (as plain SGD's does here) puts the scale near 64, not above
     flat = [min(r, 0.5) for r in [b / 128 for b in sizes]]
     assert rate_rule.fit(sizes, flat)["b_fit"] < 128
+
+
+def test_saved_trials_read_back_as_they_were_and_a_bad_file_names_its_line_and_column(tmp_path):
+    from descent.reports.scaling import ReportError, read_trials, trial_rows
+    from descent.reports.skeleton import write_csv
+
+    runs = [
+        Run("sgd", 64, 0.03, 0, "FINISHED", {0.95: 410.0, 0.98: 1203.0}, {0.95: 26240.0, 0.98: 76992.0}, 256, 0.02),
+        Run("sgd", 64, 0.0424, 1, "FAILED", {}, {}, 256, 0.02),  # pruned: no crossing
+        Run(
+            "adam", 128, 0.001, 0, "FINISHED", {0.95: 90.0}, {0.95: 11520.0}, 256, 0.02, reference=True,
+            noise={0.95: (310.5, 21.25)}, scales={("b_noise", 0.95): (120.0, 15.5), ("b_precond", 0.95): (700.0, 50.0)},
+        ),
+    ]  # fmt: skip
+    path = tmp_path / "scaling_trials.csv"
+    write_csv(trial_rows(runs), path)
+    back = read_trials(path)
+    assert back[1].updates == {} and back[1].lr == 0.0424
+    assert back == runs
+    text = path.read_text().replace("26240.0", "many", 1)
+    path.write_text(text)
+    with pytest.raises(ReportError, match=r"line 2: examples@0.95='many' is not a number"):
+        read_trials(path)
+    path.write_text("optimizer,lr\nsgd,0.1\n")
+    with pytest.raises(ReportError, match="no column batch_size, seed, status"):
+        read_trials(path)

@@ -20,6 +20,7 @@ per B and target S_adamw/S_muon, which at one B is also E_adamw/E_muon (E = S B)
 
 from __future__ import annotations
 
+import csv
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,6 +129,84 @@ def read_runs(client, parent_run_id: str) -> list[Run]:
 
 def same(a: float, b: float) -> bool:
     return abs(math.log(a) - math.log(b)) < 1e-6 if a > 0 and b > 0 else a == b
+
+
+TRIAL_FIELDS = ("optimizer", "batch_size", "lr", "seed", "status", "reference", "val_every", "val_share")
+
+
+def trial_rows(runs: list[Run]) -> list[dict]:
+    """Every trial as one flat row (scaling_trials.csv): its cell, rate, seed and state, then per target
+    updates@<acc>, examples@<acc> and the reference run's b_simple@<acc>, b_simple_se@<acc>, b_noise@<acc>, ...
+    What the report is computed from: read_trials() reads it back, so a study's report can be redrawn, or joined
+    to another store's trials, without the MLflow store it ran in."""
+    rows = []
+    for r in runs:
+        row = {k: getattr(r, k) for k in TRIAL_FIELDS}
+        for acc in sorted(r.updates):
+            row[f"updates@{acc:g}"] = r.updates[acc]
+            row[f"examples@{acc:g}"] = r.examples.get(acc)
+        for acc, (value, se) in sorted(r.noise.items()):
+            row[f"b_simple@{acc:g}"], row[f"b_simple_se@{acc:g}"] = value, se
+        for (name, acc), (value, se) in sorted(r.scales.items()):
+            row[f"{name}@{acc:g}"], row[f"{name}_se@{acc:g}"] = value, se
+        rows.append(row)
+    return rows
+
+
+def read_trials(path: str | Path) -> list[Run]:
+    """The trials of a scaling_trials.csv (trial_rows). A missing file, a missing column or a value that is not
+    a number: ReportError naming the file, the row and the column."""
+    path = Path(path)
+    try:
+        with open(path, newline="") as f:
+            table = list(csv.DictReader(f))
+    except OSError as e:
+        raise ReportError(f"--trials {shown(path)}: {e.strerror}") from None
+    missing = [k for k in TRIAL_FIELDS if table and k not in table[0]] or ([] if table else ["(every row)"])
+    if missing:
+        raise ReportError(
+            f"--trials {shown(path)}: no column {', '.join(missing)}; a scaling_trials.csv (written by "
+            "compare.py --scaling) has " + ", ".join(TRIAL_FIELDS) + " and per target updates@<acc>, examples@<acc>"
+        )
+    runs = []
+    for line, row in enumerate(table, start=2):
+
+        def number(key, kind=float):
+            value = row[key]
+            if value in ("", None):
+                return float("nan") if kind is float else None
+            try:
+                return kind(float(value)) if kind is int else kind(value)
+            except ValueError:
+                raise ReportError(f"--trials {shown(path)}, line {line}: {key}={value!r} is not a number") from None
+
+        run = Run(
+            row["optimizer"],
+            number("batch_size", int),
+            number("lr"),
+            number("seed", int) or 0,
+            row["status"],
+            val_every=number("val_every", int),
+            val_share=number("val_share"),
+            reference=row["reference"] == "True",
+        )
+        for key in row:
+            if "@" not in key or row[key] in ("", None):
+                continue
+            what, acc = key.split("@", 1)
+            try:
+                acc = float(acc)
+            except ValueError:
+                raise ReportError(f"--trials {shown(path)}: column {key!r} has no target after @") from None
+            if what == "updates":
+                run.updates[acc] = number(key)
+                run.examples[acc] = number(f"examples@{acc:g}") if f"examples@{acc:g}" in row else float("nan")
+            elif what == "b_simple":
+                run.noise[acc] = (number(key), number(f"b_simple_se@{acc:g}"))
+            elif what in SCALES:
+                run.scales[what, acc] = (number(key), number(f"{what}_se@{acc:g}"))
+        runs.append(run)
+    return runs
 
 
 def by_seed(row: dict) -> list[float]:
@@ -319,45 +398,71 @@ def make_scaling_report(
     out_dir: str | Path | None = None,
     experiment: str = "batch_scaling",
     more_parents: tuple[str, ...] = (),
+    trial_files: tuple[str | Path, ...] = (),
 ) -> dict:
-    """scaling.{png,md,csv} in out_dir (default: the sweep's folder) and under the parent's report/, the fit's
-    numbers as the parent's metrics scaling.<what>.<optimizer>. more_parents: other sweeps whose trials join
-    these (another study's parent: learning rates beyond a study's categorical grid need a study of their own).
+    """scaling.{png,md,csv} and scaling_trials.csv (every trial, trial_rows) in out_dir (default: the sweep's
+    folder) and under the parent's report/, the fit's numbers as the parent's metrics scaling.<what>.<optimizer>.
+    more_parents: other sweeps whose trials join these (another study's parent: learning rates beyond a study's
+    categorical grid need a study of their own). trial_files: scaling_trials.csv files whose trials join these;
+    with no parent_run_id the report is of those files alone (no store is opened, nothing logged).
     Returns the paths and a summary line."""
-    client = skeleton.client(tracking_uri)
-    if parent_run_id is None:
-        latest = skeleton.latest_sweep(client, experiment)
-        if latest is None:
-            raise ReportError(f"no sweep in experiment {experiment!r} of {client.tracking_uri}")
-        parent_run_id = latest.info.run_id
-    parent = client.get_run(parent_run_id)
-    trials = read_runs(client, parent_run_id)
+    trials, sources = [], []
+    for path in trial_files:
+        trials += read_trials(path)
+        sources.append(shown(Path(path)))
+    client = parent = None
+    if parent_run_id is not None or not trial_files:
+        client = skeleton.client(tracking_uri)
+        if parent_run_id is None:
+            latest = skeleton.latest_sweep(client, experiment)
+            if latest is None:
+                raise ReportError(f"no sweep in experiment {experiment!r} of {client.tracking_uri}")
+            parent_run_id = latest.info.run_id
+        parent = client.get_run(parent_run_id)
+        trials = read_runs(client, parent_run_id) + trials
     for other in more_parents:
+        if client is None:
+            raise ReportError("--with joins another sweep's trials to a --parent's: give --parent RUN_ID")
         try:
             trials += read_runs(client, other)
         except MlflowException as e:
             raise ReportError(f"--with {other}: no such sweep run in {client.tracking_uri} ({e.error_code})") from None
     if not trials:
-        raise ReportError(f"no runs under sweep run {parent_run_id}")
+        raise ReportError(
+            f"no runs under sweep run {parent_run_id}" if parent else "no trials in " + ", ".join(sources)
+        )
     from descent.reports.scaling_render import csv_rows, markdown, plot  # (it imports this module)
 
     rows, fits, noise = analyse(trials)
     out = skeleton.folder(out_dir, parent)
-    where = shown(skeleton.sweep_dir(parent)) if skeleton.sweep_dir(parent) else ""
-    what = f"sweep `{parent.info.run_name}` (run `{parent_run_id}`) {where}".strip()
+    what, title = [], []
+    if parent is not None:
+        where = shown(skeleton.sweep_dir(parent)) if skeleton.sweep_dir(parent) else ""
+        what.append(f"sweep `{parent.info.run_name}` (run `{parent_run_id}`) {where}".strip())
+        title.append(f"sweep {parent.info.run_name} (run {parent_run_id})")  # no folder in a figure
     if more_parents:
-        what += " with the trials of " + ", ".join(f"`{p}`" for p in more_parents)
+        what.append("the trials of " + ", ".join(f"`{p}`" for p in more_parents))
+        title.append("the trials of " + ", ".join(more_parents))
+    if sources:
+        what.append("the trials in " + ", ".join(f"`{p}`" for p in sources))
+        title.append("the trials in " + ", ".join(Path(p).name for p in sources))
     header = (
-        f"# Batch-size scaling report\n\n{what}: {len(trials)} runs, "
+        f"# Batch-size scaling report\n\n{' with '.join(what)}: {len(trials)} runs, "
         f"{len({(t.optimizer, t.batch_size) for t in trials})} (optimizer, batch size) cells; "
         f"{sum(bool(t.updates) for t in trials)} reached a target."
     )
-    title = f"sweep {parent.info.run_name} (run {parent_run_id})" + (  # no folder in a figure: as convergence's
-        " with the trials of " + ", ".join(more_parents) if more_parents else ""
-    )
+    title = " with ".join(title)
     paths = skeleton.write(
         out, "scaling", plot(rows, fits, noise, title), markdown(rows, fits, noise, header), csv_rows(rows, fits), title
     )
+    paths["trials"] = out / "scaling_trials.csv"
+    skeleton.write_csv(trial_rows(trials), paths["trials"])
+    summary = "; ".join(
+        f"{opt} @ {acc:g}: B_crit {_g(f['b_crit'])} [{_g(f['b_crit_low'])}, {_g(f['b_crit_high'])}]"
+        for (opt, acc), f in fits.items()
+    )
+    if client is None:
+        return paths | {"summary": summary}
     top = {opt: max(acc for o, acc in fits if o == opt) for opt, _ in fits}
     for (opt, acc), f in fits.items():
         values = dict(f) | (
@@ -380,8 +485,4 @@ def make_scaling_report(
                 if acc == top[opt]:  # the highest target (where the runs stop) under the names without one
                     client.log_metric(parent_run_id, names.scaling_key(key, opt), values[key])
     skeleton.to_parent(client, parent_run_id, paths)
-    paths["summary"] = "; ".join(
-        f"{opt} @ {acc:g}: B_crit {_g(f['b_crit'])} [{_g(f['b_crit_low'])}, {_g(f['b_crit_high'])}]"
-        for (opt, acc), f in fits.items()
-    )
-    return paths
+    return paths | {"summary": summary}
