@@ -280,8 +280,9 @@ def test_the_reference_runs_noise_scales_are_read_from_the_store(store):
     assert run.scales == {("b_noise", 0.9): (120, 15), ("b_precond", 0.9): (700, 50)}
 
 
-def test_a_study_at_one_batch_size_ranks_the_optimizers_per_target_and_fits_nothing():
-    from descent.reports.scaling import Run, analyse
+def test_a_study_at_one_batch_size_ranks_the_optimizers_per_target_and_fits_nothing(tmp_path):
+    from descent.reports.scaling import Run, analyse, make_scaling_report, trial_rows
+    from descent.reports.skeleton import write_csv
     from descent.reports.scaling_render import markdown, plot, ranking
 
     # muon's seeds all beat adam's; adam's and sgd's ranges overlap at 0.97 (sgd's fastest seed 390 < adam's 440)
@@ -299,6 +300,9 @@ def test_a_study_at_one_batch_size_ranks_the_optimizers_per_target_and_fits_noth
     assert "| 0.97 | 2 | adam | 0.01 | 400 | [360, 440] (3 seeds) | 1.60 | no |" in text
     assert "S_min [95 %]" not in text and "S(B) is not fitted" in text
     assert len(plot(rows, fits, noise, "t").axes) == 1  # updates per target and optimizer, not the four S(B) panels
+    write_csv(trial_rows(runs), tmp_path / "trials.csv")  # the sweep's closing line: no "B_crit nan [nan, nan]"
+    summary = make_scaling_report(out_dir=tmp_path / "report", trial_files=(tmp_path / "trials.csv",))["summary"]
+    assert summary.startswith("no B_crit: no optimizer has a target reached on every seed at two batch sizes")
 
 
 def test_the_resolution_is_the_gap_between_checks_at_the_crossing():

@@ -457,9 +457,13 @@ def make_scaling_report(
     )
     paths["trials"] = out / "scaling_trials.csv"
     skeleton.write_csv(trial_rows(trials), paths["trials"])
-    summary = "; ".join(
-        f"{opt} @ {acc:g}: B_crit {_g(f['b_crit'])} [{_g(f['b_crit_low'])}, {_g(f['b_crit_high'])}]"
-        for (opt, acc), f in fits.items()
+    summary = (
+        "; ".join(
+            f"{opt} @ {acc:g}: B_crit {_g(f['b_crit'])} [{_g(f['b_crit_low'])}, {_g(f['b_crit_high'])}]"
+            for (opt, acc), f in fits.items()
+            if f["points"] >= 2  # a fit needs two batch sizes
+        )
+        or "no B_crit: no optimizer has a target reached on every seed at two batch sizes (the table ranks them)"
     )
     if client is None:
         return paths | {"summary": summary}

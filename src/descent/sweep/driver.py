@@ -242,9 +242,9 @@ class MLflowSweep(Callback):
 
                 paths = make_scaling_report(self.uri, self.run_id, self.sweep_dir)
                 log.info(
-                    "%s\nscaling report: %s (table), %s, %s",
+                    "%s\nscaling report: %s (table), %s, %s, %s (every trial)",
                     paths["summary"],
-                    *(shown(paths[k]) for k in ("md", "png", "csv")),
+                    *(shown(paths[k]) for k in ("md", "png", "csv", "trials")),
                 )
             except Exception as e:
                 log.error(
