@@ -8,7 +8,7 @@ import sys
 from conftest import ROOT
 from descent.engine.threads import SPIN_COUNT
 
-THREADS = {"plain", "descent", "plain-2t", "descent-2t"}  # the thread policy's rows and 2 threads (issue 20)
+THREADS = {"plain", "descent", "plain-2t", "descent-2t"}  # the thread policy's rows and 2 threads
 CONTENDERS = {
     # train.py: the whole command, at the policy and (-2t) at 2 threads with libgomp's spin
     "seed": {"train.py", "train.py-2t", "descent-compiled", "descent-bare"} | THREADS,

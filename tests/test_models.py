@@ -1,4 +1,4 @@
-"""Every dataset with every network (issue 19): they compose and validate, Fashion-MNIST's cache is built and
+"""Every dataset with every network: they compose and validate, Fashion-MNIST's cache is built and
 repaired from Debian's package, and each network performs the plain loop's updates in each regime."""
 
 import copy

@@ -30,7 +30,7 @@ SMALL = [
 ]
 REGIMES = {  # examples per chunk: 250 (online, full batch: 4 chunks per update), 256 (mini: 2 batches)
     # the first chunk, an epoch's last, a middle one; and the run's last in one regime: no training is left
-    # after that stop, so nothing of it depends on the regime (suite time, issue 15)
+    # after that stop, so nothing of it depends on the regime (suite time)
     "online": (["batching=online", "optimizer=sgd", "optimizer.lr=0.01"], [250, 1000, 1500]),
     "mini": (["batching=mini", "data.chunk_size=256", "optimizer=rmsprop"], [256, 1000, 1512, 2000]),
     "full": (["batching=full", "optimizer=sgd_momentum", "optimizer.lr=0.5"], [250, 1000, 1500]),

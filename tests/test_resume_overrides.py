@@ -1,5 +1,5 @@
 """`resume=<run> key=value`: more epochs extend a run into the same MLflow run; overrides that would change
-what the run measures are refused before anything runs (issue 15, item 3).
+what the run measures are refused before anything runs.
 
 One FINISHED 1-epoch run (module fixture) serves both tests: the refusals leave it as they find it, and
 the extension works from whatever state it is in, so their order does not matter.

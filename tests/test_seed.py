@@ -1,4 +1,4 @@
-"""The shipped seed run as a user types it, and a stop inside an epoch at the default chunk size (issue 22).
+"""The shipped seed run as a user types it, and a stop inside an epoch at the default chunk size.
 
 `python src/train.py` in the project's root, on a terminal, with nothing changed but where it records
 (the store and the output folder): the book's run, full data, 5 epochs, model logging, system metrics.

@@ -1,4 +1,4 @@
-"""What `python src/train.py` shows on a terminal (issue 23): the start line, the examples bar, the closing
+"""What `python src/train.py` shows on a terminal: the start line, the examples bar, the closing
 block with the run id, and none of the third-party chatter; the same per job of a sweep, then its report.
 
 The entry point runs as shipped (progress bar, model logging, system metrics) on a real pseudo-terminal
@@ -15,7 +15,7 @@ from mlflow import MlflowClient
 
 from conftest import command, terminal
 
-# what each of these lines looked like before (issue 23); none may reach the screen
+# what each of these lines looked like before; none may reach the screen
 NOISE = [
     "Creating initial MLflow database tables",
     "Updating database tables",
