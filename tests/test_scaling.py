@@ -378,3 +378,6 @@ def test_saved_trials_read_back_as_they_were_and_a_bad_file_names_its_line_and_c
     path.write_text("optimizer,lr\nsgd,0.1\n")
     with pytest.raises(ReportError, match="no column batch_size, seed, status"):
         read_trials(path)
+    path.write_text("")
+    with pytest.raises(ReportError, match="no trials in it"):
+        read_trials(path)

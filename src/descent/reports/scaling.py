@@ -162,7 +162,9 @@ def read_trials(path: str | Path) -> list[Run]:
             table = list(csv.DictReader(f))
     except OSError as e:
         raise ReportError(f"--trials {shown(path)}: {e.strerror}") from None
-    missing = [k for k in TRIAL_FIELDS if table and k not in table[0]] or ([] if table else ["(every row)"])
+    if not table:
+        raise ReportError(f"--trials {shown(path)}: no trials in it (a header at most)")
+    missing = [k for k in TRIAL_FIELDS if k not in table[0]]
     if missing:
         raise ReportError(
             f"--trials {shown(path)}: no column {', '.join(missing)}; a scaling_trials.csv (written by "
