@@ -144,6 +144,11 @@ def compare(*args: str, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(ROOT / "src" / "compare.py"), *args], **kwargs)
 
 
+def transfer(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    """`python -m descent.sweep.transfer <args>` in a subprocess, as typed; keyword arguments go to subprocess.run."""
+    return subprocess.run([sys.executable, "-m", "descent.sweep.transfer", *args], **kwargs)
+
+
 def output_of(e: subprocess.TimeoutExpired) -> str:
     text = lambda b: b.decode(errors="replace") if isinstance(b, bytes) else (b or "")
     return f"--- stdout\n{text(e.stdout)[-4000:]}\n--- stderr\n{text(e.stderr)[-4000:]}"

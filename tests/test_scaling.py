@@ -7,16 +7,13 @@ Hydra, real optuna storage, real MLflow store; 600 examples."""
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
 
 import numpy as np
 import optuna
 import pytest
 from mlflow import MlflowClient
 
-from conftest import ROOT, compare, train
+from conftest import compare, train, transfer
 from descent.reports.scaling import Run, analyse, b_crit, bootstrap, fit
 from descent.tracking.names import target_key
 
@@ -175,17 +172,13 @@ def test_tiny_batch_scaling_study_runs_the_protocol_end_to_end_and_goes_on_where
     # trials there, so it has nothing left to run either
     moved, saved = tmp_path / "moved", tmp_path / "study.jsonl"
     moved.mkdir()
-    transfer = [sys.executable, "-m", "descent.sweep.transfer"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    subprocess.run([*transfer, "export", str(tmp_path / "optuna.db"), str(saved)], check=True, env=env)
-    subprocess.run([*transfer, "import", str(saved), str(moved / "optuna.db")], check=True, env=env)
+    transfer("export", str(tmp_path / "optuna.db"), str(saved), check=True)
+    transfer("import", str(saved), str(moved / "optuna.db"), check=True)
     there = train(*PROTOCOL, cwd=moved, store=store, multirun=True)
     assert (there.stdout + there.stderr).count("its sampler has nothing left to run") == 2
     new = [r for r in client.search_runs([exp.experiment_id]) if r.info.run_id not in {x.info.run_id for x in runs}]
     assert [r.data.tags.get("descent.sweep") for r in new] == ["true"]  # its parent, no trial
-    clash = subprocess.run(
-        [*transfer, "import", str(saved), str(moved / "optuna.db")], capture_output=True, text=True, env=env
-    )
+    clash = transfer("import", str(saved), str(moved / "optuna.db"), capture_output=True, text=True)
     assert clash.returncode == 2 and "already in the destination" in clash.stderr
     # `compare.py --scaling --with RUN_ID` joins another sweep's runs (here the same sweep's again: twice as many)
     joined = tmp_path / "joined"

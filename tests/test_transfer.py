@@ -4,26 +4,15 @@ and writes nothing. The end-to-end batch-size study (tests/test_scaling.py) goes
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import optuna
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState, create_trial
 
-from conftest import ROOT
-
-ENV = {"PYTHONPATH": str(ROOT / "src")}
+from conftest import transfer as run_transfer
 
 
-def transfer(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "descent.sweep.transfer", *args],
-        capture_output=True,
-        text=True,
-        env={**os.environ, **ENV},
-    )
+def transfer(*args: str):
+    return run_transfer(*args, capture_output=True, text=True)
 
 
 def trials_of(url: str, name: str) -> list[tuple]:
